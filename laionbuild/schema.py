@@ -1,0 +1,139 @@
+"""Column names, pyarrow schemas and the row hash shared by every stage.
+
+Rows travel between stages as *batches*: ``dict[str, numpy.ndarray]`` with one
+entry per column, all of the same length (Ray Data's ``numpy`` batch format).
+
+The published shards (``OUTPUT/{en,multi,nolang}/*.parquet``) carry the
+LAION-5B columns first (``URL``, ``TEXT``, ``WIDTH``, ``HEIGHT``,
+``similarity``, ``LANGUAGE``, ``hash``) and then our own extras.
+
+``hash`` is computed exactly as LAION-5B's metadata did::
+
+    mmh3.hash64((URL + TEXT).encode("utf-8"), signed=True)[0]
+
+and :func:`pair_hash` is the only implementation in the package.
+"""
+
+from __future__ import annotations
+
+import mmh3
+import numpy as np
+import pyarrow as pa
+
+SUBSETS = ("en", "multi", "nolang")
+
+#: ``LANGUAGE`` value of rows routed to ``nolang`` (ISO 639-2 "undetermined")
+NOLANG_CODE = "und"
+
+# candidate columns, produced by stages.candidates
+URL = "url"
+ALT_TEXT = "alt_text"
+PAGE_URL = "page_url"
+WARC_PATH = "warc_path"
+WARC_RECORD_ID = "warc_record_id"
+WARC_OFFSET = "warc_offset"
+HASH = "hash"
+# language routing, produced by stages.langid
+SUBSET = "subset"
+LANGUAGE = "language"
+LANGUAGE_SCORE = "language_score"
+NOLANG_REASON = "nolang_reason"
+# fetch / resize, produced by stages.fetch + stages.resize
+STATUS = "status"
+ERROR_MESSAGE = "error_message"
+WIDTH = "width"
+HEIGHT = "height"
+IMAGE = "image"  # uint8 [S, S, 3], zeros when the fetch failed
+IMAGE_BYTES = "image_bytes"  # encoded resized image, only with output.save_images
+# clip scoring
+SIMILARITY = "similarity"
+NSFW = "NSFW"
+# every stage: "" while the row is alive, else why it was dropped
+DROP_REASON = "drop_reason"
+
+STATUS_SUCCESS = "success"
+
+CANDIDATE_SCHEMA = pa.schema(
+    [
+        pa.field(URL, pa.string()),
+        pa.field(ALT_TEXT, pa.string()),
+        pa.field(PAGE_URL, pa.string()),
+        pa.field(WARC_PATH, pa.string()),
+        pa.field(WARC_RECORD_ID, pa.string()),
+        pa.field(WARC_OFFSET, pa.int64()),
+        pa.field(HASH, pa.int64()),
+    ]
+)
+
+ROUTED_SCHEMA = CANDIDATE_SCHEMA.append(pa.field(SUBSET, pa.string())) \
+    .append(pa.field(LANGUAGE, pa.string())) \
+    .append(pa.field(LANGUAGE_SCORE, pa.float32())) \
+    .append(pa.field(NOLANG_REASON, pa.string()))
+
+#: schema of the published shards; LAION-5B's columns first
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("URL", pa.string()),
+        pa.field("TEXT", pa.string()),
+        pa.field("WIDTH", pa.int32()),
+        pa.field("HEIGHT", pa.int32()),
+        pa.field("similarity", pa.float32()),
+        pa.field("LANGUAGE", pa.string()),
+        pa.field("hash", pa.int64()),
+        pa.field("language_score", pa.float32()),
+        pa.field("page_url", pa.string()),
+        pa.field("warc_path", pa.string()),
+        pa.field("warc_record_id", pa.string()),
+        pa.field("warc_offset", pa.int64()),
+        pa.field("key", pa.string()),
+    ]
+)
+
+#: internal column -> published column
+OUTPUT_COLUMNS = {
+    URL: "URL",
+    ALT_TEXT: "TEXT",
+    WIDTH: "WIDTH",
+    HEIGHT: "HEIGHT",
+    SIMILARITY: "similarity",
+    LANGUAGE: "LANGUAGE",
+    HASH: "hash",
+    LANGUAGE_SCORE: "language_score",
+    PAGE_URL: "page_url",
+    WARC_PATH: "warc_path",
+    WARC_RECORD_ID: "warc_record_id",
+    WARC_OFFSET: "warc_offset",
+}
+
+
+def pair_hash(url: str, text: str) -> int:
+    """LAION-5B's ``hash`` column: signed 64-bit murmur3 of URL + TEXT."""
+    return mmh3.hash64((url + text).encode("utf-8"), signed=True)[0]
+
+
+def pair_hashes(urls, texts) -> np.ndarray:
+    return np.fromiter((pair_hash(u, t) for u, t in zip(urls, texts)), dtype=np.int64, count=len(urls))
+
+
+def row_key(warc_path: str, warc_offset: int, url: str) -> str:
+    """Stable per-row key (names saved images and embedding rows)."""
+    h = mmh3.hash64(f"{warc_path}|{warc_offset}|{url}".encode("utf-8"), signed=False)[0]
+    return f"{h:016x}"
+
+
+def batch_len(batch: dict) -> int:
+    for value in batch.values():
+        return len(value)
+    return 0
+
+
+def rows_to_batch(rows: list[dict], schema: pa.Schema) -> dict[str, np.ndarray]:
+    """Turn a list of row dicts into a numpy batch with the columns of ``schema``."""
+    out: dict[str, np.ndarray] = {}
+    for fld in schema:
+        values = [r.get(fld.name) for r in rows]
+        if pa.types.is_string(fld.type):
+            out[fld.name] = np.array(["" if v is None else v for v in values], dtype=object)
+        else:
+            out[fld.name] = np.array(values, dtype=fld.type.to_pandas_dtype())
+    return out

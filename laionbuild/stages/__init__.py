@@ -1,0 +1,1 @@
+"""Pure per-record / per-batch stage functions. Nothing here imports Ray."""
