@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import json
@@ -237,7 +238,7 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
             raise ConfigError(f"{source}: '{where}' must be a list, got {value!r}")
         item_tp = args[0] if args else Any
         return tuple(_coerce(v, item_tp, f"{where}[{i}]", source) for i, v in enumerate(value))
-    if origin in (Mapping, dict, typing.Mapping) or tp in (dict, Mapping):
+    if origin in (collections.abc.Mapping, dict) or tp in (dict, Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{source}: '{where}' must be a mapping, got {value!r}")
         key_tp, val_tp = args if args else (Any, Any)
@@ -278,12 +279,30 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
             f"{source}: unknown key '{key}' (allowed under '{prefix or '<top>'}': "
             f"{', '.join(sorted(names))})"
         )
+    defaults = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         where = f"{prefix}.{name}" if prefix else name
+        value = _merge_mapping_default(defaults[name], value)
         kwargs[name] = _coerce(value, hints[name], where, source)
     obj = cls(**kwargs)
     return obj
+
+
+def _merge_mapping_default(fld: dataclasses.Field, value: Any) -> Any:
+    """A mapping given for a field whose default is a mapping updates the default per key."""
+    if not isinstance(value, Mapping) or fld.default_factory is dataclasses.MISSING:  # type: ignore[misc]
+        return value
+    default = fld.default_factory()  # type: ignore[misc]
+    if not isinstance(default, Mapping) or dataclasses.is_dataclass(default):
+        return value
+    merged = dict(_plain(default))
+    for key, item in value.items():
+        if isinstance(item, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = {**merged[key], **item}
+        else:
+            merged[key] = item
+    return merged
 
 
 def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
