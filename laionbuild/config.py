@@ -58,6 +58,8 @@ class ExtractConfig:
 
     #: ``warcio`` or ``fastwarc``
     reader: str = "warcio"
+    #: HTTP ``Content-Type`` mime types of the ``response`` records that are parsed
+    html_mime_types: tuple[str, ...] = ("text/html", "application/xhtml+xml")
     #: ``<img>`` attributes read for the image URL, in order; LAION used ``src`` only
     url_attributes: tuple[str, ...] = ("src",)
     #: also consider the first candidate of ``srcset`` when no URL attribute matched
@@ -109,6 +111,10 @@ class FetchConfig:
     per_host_concurrency: int = 4
     #: honour ``X-Robots-Tag: noai`` / ``noimageai``
     honour_opt_out: bool = True
+    #: ``X-Robots-Tag`` directives (for all agents or for our user-agent token) that opt an image out
+    opt_out_directives: tuple[str, ...] = ("noai", "noimageai")
+    #: reuse connections to the same vetted address (HTTP keep-alive)
+    keep_alive: bool = True
     #: addresses or networks (CIDR) that may be fetched although they are loopback or
     #: private; only tests and the demo use it
     allow_addresses: tuple[str, ...] = ()
@@ -128,6 +134,10 @@ class ResizeConfig:
     mode: str = "center_crop"
     #: use reduced-size JPEG decoding (PIL draft mode)
     fast_decode: bool = True
+    #: format of the kept resized images (``jpeg``, ``png`` or ``webp``; img2dataset's default is jpg)
+    encode_format: str = "jpeg"
+    #: JPEG / WEBP quality of the kept resized images (img2dataset's default: 95)
+    encode_quality: int = 95
 
 
 @dataclass(frozen=True)
@@ -164,8 +174,9 @@ class ClipConfig:
     #: number of scoring actors
     actors: int = 1
     num_gpus_per_actor: float = 1.0
-    #: CPUs reserved per actor when running on CPU
-    num_cpus_per_actor: float = 1.0
+    #: CPUs reserved per actor when running on CPU (fractional, so the CPU stages
+    #: of a small machine are not starved)
+    num_cpus_per_actor: float = 0.5
     save_embeddings: bool = False
     #: LAION's inline NSFW tag from text prompts (UNLIKELY / UNSURE / NSFW)
     nsfw_tag: bool = False
@@ -190,12 +201,20 @@ class RayConfig:
     address: str = ""
     #: CPUs for a local Ray instance (0 = all)
     num_cpus: int = 0
-    #: CPUs per extraction task
-    extract_num_cpus: float = 1.0
-    #: CPUs per fetch task
-    fetch_num_cpus: float = 1.0
-    #: language-id actors
+    #: CPUs reserved per extraction task. Reservations are logical: the defaults
+    #: (0.5 + 0.25 + 0.5 + 0.5 CLIP on CPU + 0.25) fit a 2-core machine; a
+    #: cluster config raises them with the number of actors.
+    extract_num_cpus: float = 0.5
+    #: language-id actors and the CPUs each reserves
     langid_actors: int = 1
+    langid_num_cpus: float = 0.25
+    #: download actors (each runs ``fetch.threads`` downloads at once) and their CPUs
+    fetch_actors: int = 1
+    fetch_num_cpus: float = 0.5
+    #: CPUs reserved per shard-writing task
+    write_num_cpus: float = 0.25
+    #: rows per shard-writing task
+    write_batch_size: int = 8192
 
 
 @dataclass(frozen=True)

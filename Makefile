@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:
+#   make demo   # install into .venv, then run the embedded demo end to end
+#   make test   # install into .venv, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch with a torchvision that imports beside it (open_clip needs both)
+TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH_PKGS)
+	$(BIN)/python -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/laionbuild demo --output demo-output
+
+test: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+
+# GPU tests too (on a machine with CUDA)
+test-all: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf demo-output .pytest_cache build *.egg-info

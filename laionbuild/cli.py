@@ -1,0 +1,198 @@
+"""Command line: ``laionbuild run | extract | report | demo``.
+
+Exit status: 0 a clean run; 1 the run finished but some input files failed
+(they are listed in ``stats.json``); 2 a problem found before any work started
+(bad config, missing input, missing model file), printed as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .errors import LaionBuildError
+
+log = logging.getLogger("laionbuild")
+
+EPILOG = """\
+configuration:
+  Every setting lives in a YAML file (see configs/laion5b.yaml for the faithful
+  LAION-5B settings, configs/smoke.yaml for the tiny demo). Any value can be
+  overridden with --set dotted.key=value, values parsed as YAML scalars, e.g.
+    --set clip.thresholds.en=0.3 --set fetch.timeout_s=5 --set ray.fetch_actors=8
+  Unknown keys are rejected.
+
+cluster:
+  With RAY_ADDRESS set (or --address / ray.address), the run joins that Ray
+  cluster; otherwise a local Ray instance is started.
+
+exit status:
+  0 clean run, 1 some input files failed (listed in OUTPUT/stats.json),
+  2 bad config, missing input or missing model file (nothing was run).
+"""
+
+
+def _common(p: argparse.ArgumentParser, *, config_required: bool) -> None:
+    p.add_argument("--config", "-c", required=config_required, metavar="FILE",
+                   help="YAML config file" + ("" if config_required else " (default: built-in defaults)"))
+    p.add_argument("--output", "-o", metavar="DIR", help="output folder or URL (overrides run.output)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value by its dotted path; repeatable")
+    p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    p.add_argument("--limit", type=int, metavar="N", help="process only the first N input files")
+    p.add_argument("--shard", metavar="I/N", help="process every N-th input file starting at I")
+    p.add_argument("--force", action="store_true",
+                   help="resume into an output folder made with a different config")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="laionbuild",
+        description="Build LAION-5B style image-text datasets from Common Crawl WARC files: "
+                    "candidates -> language -> images -> CLIP filter -> en/multi/nolang parquet.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "run", help="run the whole pipeline",
+        description="Run every stage: extract candidates from WARC files, route them by language, download "
+                    "and resize the images, score them with CLIP, and write en/, multi/, nolang/ parquet shards, "
+                    "stats.json and config.yaml into the output folder. A rerun with the same config resumes: "
+                    "input files already complete are skipped.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    _common(p, config_required=True)
+    p.add_argument("--input", "-i", action="append", default=[], metavar="PATH",
+                   help="WARC file, glob, folder, URL (http/https/s3) or warc.paths(.gz) listing; repeatable "
+                        "(overrides run.inputs)")
+
+    p = sub.add_parser(
+        "extract", help="only the CPU text stages (no network, no CLIP)",
+        description="Extract image URL + alt-text candidates from WARC files and route them by language, "
+                    "without downloading anything. Writes OUTPUT/candidates/*.parquet and OUTPUT/stats.json.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    p.add_argument("inputs", nargs="+", metavar="WARC", help="WARC files, globs, folders, URLs or listings")
+    _common(p, config_required=False)
+
+    p = sub.add_parser("report", help="write a readable report with plots for an output folder",
+                       description="Write OUTPUT/report/report.md and PNG plots (funnel, similarity histograms "
+                                   "with thresholds, languages, image sizes) from a finished output folder.")
+    p.add_argument("output", metavar="OUTPUT", help="output folder of a finished run")
+    p.add_argument("--report-dir", metavar="DIR", help="where to write the report (default OUTPUT/report)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
+    p = sub.add_parser(
+        "demo", help="run the embedded demo (sample WARC + loopback image server + tiny CLIP)",
+        description="Generate a tiny sample WARC, serve its images from a loopback HTTP server, run the whole "
+                    "pipeline on it with configs/smoke.yaml and print the stats.",
+    )
+    p.add_argument("--output", "-o", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
+    p.add_argument("--config", "-c", metavar="FILE", help="config (default: the packaged smoke config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value by its dotted path; repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "PIL", "fsspec", "matplotlib", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if getattr(args, "output", None):
+        out.append(f"run.output={args.output}")
+    if getattr(args, "limit", None) is not None:
+        out.append(f"run.limit={args.limit}")
+    if getattr(args, "shard", None):
+        out.append(f"run.shard={args.shard}")
+    if getattr(args, "force", False):
+        out.append("run.force=true")
+    if getattr(args, "no_progress", False):
+        out.append("run.progress=false")
+    if getattr(args, "address", None):
+        out.append(f"ray.address={args.address}")
+    return out
+
+
+def _print_stats(result) -> None:
+    log.info("output: %s", result.output)
+    for line in result.stats.summary_lines():
+        log.info("%s", line)
+
+
+def _cmd_run(args: argparse.Namespace, command: str) -> int:
+    from . import pipeline
+
+    overrides = _overrides(args)
+    inputs = args.input if command == "run" else args.inputs
+    if inputs:
+        import json
+
+        overrides.append(f"run.inputs={json.dumps(inputs)}")
+    cfg = load_config(args.config, overrides)
+    result = pipeline.run(cfg, command=command)
+    _print_stats(result)
+    if result.exit_code:
+        failed = result.stats.failed_files
+        log.error("%d input file(s) failed; see %s/stats.json", len(failed), result.output)
+    return result.exit_code
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    if not Path(args.output, "stats.json").is_file():
+        raise LaionBuildError(f"{args.output} holds no stats.json: not a finished output folder")
+    path = write_report(args.output, args.report_dir)
+    log.info("report written to %s", path)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    result = run_demo(args.output, config=args.config, overrides=list(args.overrides),
+                      progress=not args.no_progress)
+    _print_stats(result)
+    return result.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "verbose", False))
+    try:
+        if args.command in ("run", "extract"):
+            return _cmd_run(args, args.command)
+        if args.command == "report":
+            return _cmd_report(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+    except LaionBuildError as exc:
+        print(f"laionbuild: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("laionbuild: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

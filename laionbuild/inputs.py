@@ -1,0 +1,117 @@
+"""Turn the configured inputs into the ordered list of WARC files to process.
+
+An input is one of:
+
+* a local file path or a glob (``data/*.warc.gz``),
+* a remote URL read through fsspec (``https://...``, ``s3://bucket/key``),
+* a Common Crawl listing (``warc.paths`` / ``warc.paths.gz``, local or remote):
+  every line is a path relative to ``run.paths_base_url``.
+
+``run.limit`` keeps the first N files, ``run.shard = "i/n"`` every n-th file
+starting at i (applied after ``limit``), so that n independent jobs can split
+one crawl.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import SetupError
+
+_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    return bool(_URL_RE.match(path)) and not path.startswith("file://")
+
+
+def _is_listing(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name.endswith(".paths") or name.endswith(".paths.gz")
+
+
+def _read_bytes(path: str) -> bytes:
+    if is_url(path):
+        import fsspec
+
+        try:
+            with fsspec.open(path, "rb") as fh:
+                return fh.read()
+        except Exception as exc:  # network / auth / missing: all a set-up problem
+            raise SetupError(f"cannot read listing {path}: {exc}") from None
+    try:
+        return Path(path.removeprefix("file://")).read_bytes()
+    except OSError as exc:
+        raise SetupError(f"cannot read listing {path}: {exc.strerror}") from None
+
+
+def read_listing(path: str, base_url: str) -> list[str]:
+    """Paths of a ``warc.paths(.gz)`` listing, joined to ``base_url``."""
+    raw = _read_bytes(path)
+    if path.endswith(".gz"):
+        try:
+            raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read()
+        except (OSError, EOFError) as exc:
+            raise SetupError(f"listing {path} is not valid gzip: {exc}") from None
+    out = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if is_url(line) or line.startswith("/"):
+            out.append(line)
+        else:
+            out.append(base_url.rstrip("/") + "/" + line.lstrip("/"))
+    return out
+
+
+def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[str]:
+    """Expand globs and listings, check local paths exist, apply limit and shard."""
+    if not inputs:
+        raise SetupError("no input given: pass --input PATH (or set run.inputs in the config)")
+    files: list[str] = []
+    for item in inputs:
+        if _is_listing(item):
+            files.extend(read_listing(item, run.paths_base_url))
+        elif is_url(item):
+            files.append(item)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise SetupError(f"input glob matches no file: {item}")
+            files.extend(matches)
+        else:
+            local = item.removeprefix("file://")
+            if not os.path.exists(local):
+                raise SetupError(f"input path does not exist: {item}")
+            if os.path.isdir(local):
+                found = sorted(
+                    str(p) for p in Path(local).rglob("*") if p.is_file() and ".warc" in p.name
+                )
+                if not found:
+                    raise SetupError(f"input folder holds no *.warc* file: {item}")
+                files.extend(found)
+            else:
+                files.append(os.path.abspath(local))
+    seen: set[str] = set()
+    unique = [f for f in files if not (f in seen or seen.add(f))]
+    if run.limit > 0:
+        unique = unique[: run.limit]
+    if run.shard:
+        i, n = (int(x) for x in run.shard.split("/"))
+        unique = unique[i::n]
+    return unique
+
+
+def file_id(path: str) -> str:
+    """Short, stable, file-system-safe identifier of an input (names its work files)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", path.rstrip("/").rsplit("/", 1)[-1])[:60]
+    digest = hashlib.sha1(path.encode("utf-8")).hexdigest()[:12]
+    return f"{base}-{digest}"

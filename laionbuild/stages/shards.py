@@ -1,0 +1,167 @@
+"""Writing rows as parquet shards, and the per-batch counters of the later stages.
+
+Work files of one input (``_work/parts/<file_id>/...``) are written under a
+unique name and only count once that input's completion marker lists them
+(see :mod:`laionbuild.pipeline`); anything not listed is garbage from an
+interrupted run and is removed on resume. Writes go through fsspec, so the
+output folder may live on a remote filesystem; there the marker, written last,
+is what commits a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import tarfile
+import uuid
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import schema as S
+from ..stats import StageCounters
+
+#: columns of the work-score files used for the report's histograms
+SCORE_COLUMNS = {S.SUBSET: pa.string(), S.SIMILARITY: pa.float32(), S.LANGUAGE: pa.string(),
+                 S.WIDTH: pa.int32(), S.HEIGHT: pa.int32()}
+EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+
+
+def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers never see a partial file.
+
+    On a local filesystem a temporary name is renamed into place; on object
+    stores a single PUT is already all-or-nothing.
+    """
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    if is_local(fs):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with fs.open(tmp, "wb") as fh:
+            fh.write(data)
+        fs.mv(tmp, path)
+    else:
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+
+
+def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    write_bytes_atomic(fs, path, json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as fh:
+        return json.loads(fh.read().decode("utf-8"))
+
+
+def table_to_bytes(table: pa.Table, compression: str) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression=compression)
+    return sink.getvalue()
+
+
+def output_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
+    """The published columns (LAION-5B first, then our extras) of the rows in ``mask``."""
+    arrays = []
+    for internal, published in S.OUTPUT_COLUMNS.items():
+        typ = S.OUTPUT_SCHEMA.field(published).type
+        values = batch[internal][mask]
+        if pa.types.is_string(typ):
+            values = ["" if v is None else str(v) for v in values]
+        arrays.append(pa.array(values, type=typ))
+    keys = [S.row_key(w, int(o), u) for w, o, u in zip(batch[S.WARC_PATH][mask], batch[S.WARC_OFFSET][mask], batch[S.URL][mask])]
+    arrays.append(pa.array(keys, type=pa.string()))
+    table = pa.Table.from_arrays(arrays, schema=S.OUTPUT_SCHEMA)
+    if S.NSFW in batch:
+        table = table.append_column("NSFW", pa.array([str(v) for v in batch[S.NSFW][mask]], pa.string()))
+    for name in EMBEDDING_COLUMNS:
+        if name in batch:
+            emb = np.asarray(batch[name][mask], dtype=np.float16)
+            dim = emb.shape[1] if emb.ndim == 2 else 0
+            flat = pa.array(emb.reshape(-1), type=pa.float16())
+            table = table.append_column(name, pa.FixedSizeListArray.from_arrays(flat, dim))
+    return table
+
+
+def score_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Similarity of every scored row (kept or not), for the report's histograms."""
+    sim = np.asarray(batch.get(S.SIMILARITY, np.full(S.batch_len(batch), np.nan)), dtype=np.float32)
+    mask = ~np.isnan(sim)
+    cols = {}
+    for name, typ in SCORE_COLUMNS.items():
+        values = batch[name][mask] if name in batch else np.zeros(int(mask.sum()))
+        if pa.types.is_string(typ):
+            values = [str(v) for v in values]
+        cols[name] = pa.array(values, type=typ)
+    return pa.table(cols)
+
+
+def images_tar(batch: dict[str, np.ndarray], mask: np.ndarray) -> bytes:
+    """webdataset-style tar: ``<key>.jpg`` + ``<key>.txt`` + ``<key>.json`` per kept row."""
+    sink = io.BytesIO()
+    with tarfile.open(fileobj=sink, mode="w") as tar:
+        for i in np.flatnonzero(mask):
+            key = S.row_key(batch[S.WARC_PATH][i], int(batch[S.WARC_OFFSET][i]), batch[S.URL][i])
+            data = batch[S.IMAGE_BYTES][i] or b""
+            ext = "png" if data[:4] == b"\x89PNG" else "jpg"
+            meta = {"url": batch[S.URL][i], "caption": batch[S.ALT_TEXT][i], "key": key,
+                    "width": int(batch[S.WIDTH][i]), "height": int(batch[S.HEIGHT][i])}
+            for name, payload in ((f"{key}.{ext}", data), (f"{key}.txt", batch[S.ALT_TEXT][i].encode("utf-8")),
+                                  (f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"))):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return sink.getvalue()
+
+
+def batch_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
+    """Counters of the language, fetch, clip and output stages, read off a finished batch.
+
+    Every row that reached the end carries its fate: ``drop_reason`` is
+    ``"<stage>:<reason>"`` for the stage that dropped it, or empty when kept.
+    """
+    n = S.batch_len(batch)
+    out = {name: StageCounters() for name in ("langid", "fetch", "clip", "output")}
+    if n == 0:
+        return out
+    drop = np.asarray(batch.get(S.DROP_REASON, np.full(n, "", dtype=object)), dtype=object)
+    subset = np.asarray(batch.get(S.SUBSET, np.full(n, "", dtype=object)), dtype=object)
+    status = np.asarray(batch.get(S.STATUS, np.full(n, "", dtype=object)), dtype=object)
+    nolang_reason = batch.get(S.NOLANG_REASON)
+    for i in range(n):
+        sub = subset[i] or "unrouted"
+        out["langid"].count(f"routed_{sub}")
+        if nolang_reason is not None and nolang_reason[i]:
+            out["langid"].count(f"nolang_{nolang_reason[i]}")
+        reason = drop[i] or ""
+        stage, _, why = reason.partition(":")
+        if status[i] and status[i] != "skipped":
+            out["fetch"].count("attempted")
+            if status[i] == S.STATUS_SUCCESS:
+                out["fetch"].kept += 1
+            else:
+                out["fetch"].drop(status[i])
+        if reason and stage not in ("fetch",):
+            target = out.get(stage) or out.setdefault(stage, StageCounters())
+            target.drop(f"{why}_{sub}" if stage == "clip" else why)
+        if not reason:
+            out["clip"].kept += 1
+            out["output"].kept += 1
+            out["output"].count(f"kept_{sub}")
+    out["langid"].kept = n
+    return out

@@ -1,0 +1,88 @@
+"""Test-wide guards: no traffic beyond loopback, no hub access, no Ray usage stats."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_WARC = REPO.parent / "shared" / "data" / "warc"
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _is_loopback(host) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard_address(address) -> None:
+    if isinstance(address, tuple) and address:
+        if not _is_loopback(address[0]):
+            raise ConnectionRefusedError(f"tests may only connect to loopback addresses, not {address[0]!r}")
+
+
+def _guarded_connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard_address(address)
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        _guard_address(address)
+    return _real_connect_ex(self, address)
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    if host is not None and not _is_loopback(host) and host not in ("", "0.0.0.0", "::"):
+        raise socket.gaierror(socket.EAI_NONAME, f"tests perform no DNS lookups ({host!r})")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Like cc_net's test fixture: any non-loopback connection or DNS lookup fails the test."""
+    monkeypatch.setattr(socket.socket, "connect", _guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", _guarded_connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", _guarded_getaddrinfo)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared_warc_dir() -> Path:
+    if not SHARED_WARC.is_dir():
+        pytest.skip(f"real Common Crawl samples not available ({SHARED_WARC})")
+    return SHARED_WARC
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
