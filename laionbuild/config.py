@@ -150,6 +150,9 @@ class ClipModelConfig:
     pretrained: str = "openai"
     #: folder where open_clip / Hugging Face weights are cached (offline use)
     cache_dir: str = ""
+    #: local folder with the Hugging Face text tower's config.json and tokenizer files
+    #: (multilingual xlm-roberta models); empty = look in the Hugging Face cache
+    tokenizer_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,8 @@ class ClipConfig:
     #: of a small machine are not starved)
     num_cpus_per_actor: float = 0.5
     save_embeddings: bool = False
+    #: wrap the image / text encoders in torch.compile (GPU throughput; slow first batch)
+    compile: bool = False
     #: LAION's inline NSFW tag from text prompts (UNLIKELY / UNSURE / NSFW)
     nsfw_tag: bool = False
     nsfw_prompts: tuple[str, ...] = ("an explicit photo", "a nude person", "porn")

@@ -31,9 +31,9 @@ def test_listing_base_url_limit_and_shard(tmp_path):
     assert files[0] == "https://data.example.test/crawl-data/CC-MAIN-2024-22/segments/x/warc/file-00.warc.gz"
     assert len(expand_inputs([str(listing)], run)) == 10
     limited = expand_inputs([str(listing)], RunConfig(paths_base_url="https://d.test", limit=4))
-    assert [f[-10:] for f in limited] == [f"-{i:02d}.warc.gz" for i in range(4)]
+    assert [f[-11:] for f in limited] == [f"-{i:02d}.warc.gz" for i in range(4)]
     shard = expand_inputs([str(listing)], RunConfig(paths_base_url="https://d.test", shard="1/3"))
-    assert [f[-10:] for f in shard] == ["-01.warc.gz", "-04.warc.gz", "-07.warc.gz"]
+    assert [f[-11:] for f in shard] == ["-01.warc.gz", "-04.warc.gz", "-07.warc.gz"]
     # shards partition the listing
     allp = set()
     for i in range(3):
