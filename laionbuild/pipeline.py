@@ -135,6 +135,16 @@ def _gpus_available() -> float:
 
 
 # --------------------------------------------------------------------------- stage adapters
+def _node_id() -> str:
+    """The Ray node a task runs on (recorded per input, to see how work was spread)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray
+        return ""
+
+
 class ExtractFn:
     """``flat_map`` body: one input file -> its candidate rows (+ a summary file)."""
 
@@ -169,6 +179,7 @@ class ExtractFn:
         summary = {
             "path": path,
             FILE_ID: fid,
+            "node": _node_id(),
             "file": file_result.to_dict(),
             "n_candidates": len(rows),
             "counters": {"extract": counters.to_dict()},
@@ -431,6 +442,7 @@ class _Tracker:
                 FILE_ID: fid,
                 "file": summary["file"],
                 "n_candidates": summary["n_candidates"],
+                "node": summary.get("node", ""),
                 "parts": sorted(self.parts[fid]),
                 "counters": {k: c.to_dict() for k, c in counters.items()},
             }

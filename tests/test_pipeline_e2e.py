@@ -1,0 +1,114 @@
+"""End to end through Ray on the generated demo sample: subsets, columns, stats, provenance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from laionbuild.config import load_config
+from laionbuild.demo.run import SMOKE_CONFIG, compare_with_expectations, run_demo
+from laionbuild.schema import pair_hash
+
+pytestmark = pytest.mark.ray
+
+LAION_COLUMNS = [("URL", "string"), ("TEXT", "string"), ("WIDTH", "int32"), ("HEIGHT", "int32"),
+                 ("similarity", "float"), ("LANGUAGE", "string"), ("hash", "int64")]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "out"
+    result = run_demo(str(out), progress=False)
+    from laionbuild.demo.sample_warc import DemoSample
+
+    sample = DemoSample.load(str(Path(f"{out}-sample") / "manifest.json"))
+    yield result, out, sample
+    import ray
+
+    ray.shutdown()
+
+
+def _rows(out: Path, subset: str) -> list[dict]:
+    rows = []
+    for f in sorted((out / subset).glob("*.parquet")):
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def test_clean_run_exit_code_and_files(demo_run):
+    result, out, _ = demo_run
+    assert result.exit_code == 0
+    for name in ("stats.json", "config.yaml", "provenance.json", "_SUCCESS"):
+        assert (out / name).is_file(), name
+    assert load_config(out / "config.yaml").resize.image_size == load_config(SMOKE_CONFIG).resize.image_size
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["config_hash"] and prov["package_versions"]["ray"]
+
+
+def test_columns_are_laion_compatible(demo_run):
+    _, out, _ = demo_run
+    for subset in ("en", "multi", "nolang"):
+        files = sorted((out / subset).glob("*.parquet"))
+        assert files, subset
+        schema = pq.read_schema(files[0])
+        assert [(f.name, str(f.type)) for f in schema][: len(LAION_COLUMNS)] == LAION_COLUMNS
+        for row in _rows(out, subset):
+            assert row["hash"] == pair_hash(row["URL"], row["TEXT"])
+            assert row["page_url"] and row["warc_path"] and row["warc_record_id"]
+
+
+def test_subsets_hold_exactly_the_expected_pairs(demo_run):
+    _, out, sample = demo_run
+    check = compare_with_expectations(str(out), sample)
+    for subset, row in check.items():
+        assert row["expected"] >= 3, (subset, row)
+        assert row["missing"] == 0 and row["unexpected"] == 0, (subset, row)
+
+
+def test_mismatched_alt_texts_dropped_by_clip(demo_run):
+    _, out, sample = demo_run
+    kept = {(r["URL"], r["TEXT"]) for s in ("en", "multi", "nolang") for r in _rows(out, s)}
+    mismatched = [e for e in sample.expectations if e.expected == "drop:clip"]
+    assert len(mismatched) >= 3
+    assert not kept & {(e.url, e.alt_text) for e in mismatched}
+    stats = json.loads((out / "stats.json").read_text())
+    clip_drops = stats["stages"]["clip"]["dropped_by_reason"]
+    assert sum(v for k, v in clip_drops.items() if k.startswith("below_threshold")) == len(mismatched)
+
+
+def test_languages_and_sizes(demo_run):
+    _, out, sample = demo_run
+    by_pair = {(e.url, e.alt_text): e for e in sample.expectations}
+    for subset in ("en", "multi", "nolang"):
+        for row in _rows(out, subset):
+            e = by_pair[(row["URL"], row["TEXT"])]
+            assert row["LANGUAGE"] == e.language
+            if subset == "en":
+                assert row["LANGUAGE"] == "en"
+            if subset == "nolang":
+                assert row["LANGUAGE"] == "und"
+            assert (row["WIDTH"], row["HEIGHT"]) == (e.width, e.height)  # original size, not swapped
+            thr = {"en": 0.28, "multi": 0.26, "nolang": 0.26}[subset]
+            assert row["similarity"] >= thr
+
+
+def test_stats_count_every_stage(demo_run):
+    result, out, sample = demo_run
+    stats = json.loads((out / "stats.json").read_text())
+    st = stats["stages"]
+    assert stats["files"]["total"] == len(sample.warc_paths) and stats["files"]["failed"] == 0
+    assert st["extract"]["kept"] > 0 and st["extract"]["dropped_by_reason"]
+    assert st["fetch"]["kept"] > 0
+    failures = st["fetch"]["dropped_by_reason"]
+    assert any(k.startswith("http_error_404") for k in failures), failures
+    assert failures.get("opt_out", 0) >= 1
+    assert stats["kept_total"] == sum(stats["kept_per_subset"].values())
+    for subset in ("en", "multi", "nolang"):
+        assert stats["kept_per_subset"][subset] == len(_rows(out, subset))
+    # every candidate is accounted for: kept + dropped downstream == extracted
+    downstream = sum(st[s]["dropped"] for s in ("fetch", "clip")) + st["dedup"]["dropped"]
+    assert st["extract"]["kept"] == stats["kept_total"] + downstream
