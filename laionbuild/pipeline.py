@@ -467,10 +467,11 @@ def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: st
         ds = ds.map_batches(FetchUDF, fn_constructor_args=(cfg,), batch_format="numpy",
                             batch_size=cfg.fetch.batch_size, concurrency=cfg.ray.fetch_actors,
                             num_cpus=cfg.ray.fetch_num_cpus)
-        gpus = _gpus_available()
+        # clip.device=cuda always asks for GPUs (an autoscaler then adds GPU nodes);
+        # auto asks for them when the cluster has some right now
+        use_gpu = cfg.clip.device == "cuda" or (cfg.clip.device == "auto" and _gpus_available() > 0)
         clip_resources: dict[str, float] = (
-            {"num_gpus": cfg.clip.num_gpus_per_actor} if gpus > 0 and cfg.clip.device != "cpu"
-            else {"num_cpus": cfg.clip.num_cpus_per_actor}
+            {"num_gpus": cfg.clip.num_gpus_per_actor} if use_gpu else {"num_cpus": cfg.clip.num_cpus_per_actor}
         )
         log.info("CLIP actors: %d x %s", cfg.clip.actors, clip_resources)
         ds = ds.map_batches(ClipUDF, fn_constructor_args=(cfg,), batch_format="numpy",

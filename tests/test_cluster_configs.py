@@ -1,0 +1,132 @@
+"""The cluster configs in configs/cluster/ parse, have CPU + GPU workers and name existing configs."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from laionbuild.cli import build_parser
+from laionbuild.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "configs" / "cluster"
+AWS = CLUSTER / "aws.yaml"
+RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
+_CONFIG_REF = re.compile(r"(?<![\w./-])(configs/[\w-][\w./-]*\.ya?ml)\b")
+
+
+def _aws() -> dict:
+    return yaml.safe_load(AWS.read_text(encoding="utf-8"))
+
+
+def _rayjob() -> dict:
+    docs = [d for d in yaml.safe_load_all(RAYJOB.read_text(encoding="utf-8")) if d]
+    jobs = [d for d in docs if d.get("kind") == "RayJob"]
+    assert len(jobs) == 1
+    return jobs[0]
+
+
+def _run_args(command: str) -> list[str]:
+    """The ``laionbuild run ...`` arguments of a shell command line."""
+    words = shlex.split(command)
+    i = next(j for j in range(len(words) - 1) if words[j] == "laionbuild" and words[j + 1] == "run")
+    end = next((j for j in range(i, len(words)) if words[j] in ("&&", ";", "|")), len(words))
+    return words[i + 2:end]
+
+
+def test_aws_cluster_config():
+    cfg = _aws()
+    assert cfg["provider"]["type"] == "aws"
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types
+    head = types[cfg["head_node_type"]]
+    gpu = [t for name, t in types.items() if "GPU" in (t.get("resources") or {}) and t["resources"]["GPU"] > 0]
+    cpu = [t for name, t in types.items()
+           if name != cfg["head_node_type"] and not (t.get("resources") or {}).get("GPU")]
+    assert len(gpu) == 1 and len(cpu) == 1
+    assert re.match(r"(g5|g6|p4d|p5)\.", gpu[0]["node_config"]["InstanceType"])
+    assert re.match(r"(c|m)\d", cpu[0]["node_config"]["InstanceType"])
+    # GPUs present when the run starts, within the global worker limit
+    assert gpu[0]["min_workers"] >= 1
+    assert cpu[0]["max_workers"] + gpu[0]["max_workers"] <= cfg["max_workers"]
+    # no stage work on the head
+    assert head["resources"].get("CPU") == 0
+    assert any("--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
+    # every node installs the package with the extras the stages need
+    for commands in (cfg["setup_commands"], gpu[0]["worker_setup_commands"]):
+        assert any(re.search(r"laionbuild\[ray,clip,fetch\]", c) for c in commands)
+    assert "~/laionbuild" in cfg["file_mounts"]
+
+
+def test_aws_config_matches_ray_schema():
+    pytest.importorskip("jsonschema")
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    # the launcher fills in the provider defaults before it validates
+    util.validate_config(util.prepare_config(_aws()))
+
+
+def test_kuberay_rayjob():
+    job = _rayjob()
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+
+    def gpus(group) -> int:
+        total = 0
+        for c in group["template"]["spec"]["containers"]:
+            limits = c.get("resources", {}).get("limits", {})
+            total += int(limits.get("nvidia.com/gpu", 0))
+        return total
+
+    gpu_groups = [g for g in groups.values() if gpus(g) > 0]
+    cpu_groups = [g for g in groups.values() if gpus(g) == 0]
+    assert len(gpu_groups) == 1 and len(cpu_groups) == 1
+    g = gpu_groups[0]
+    assert g["minReplicas"] >= 1 and g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    for group in groups.values():
+        for c in group["template"]["spec"]["containers"]:
+            assert c["resources"]["requests"] == c["resources"]["limits"]
+    # one CLIP actor per GPU in the cluster
+    args = _run_args(spec["entrypoint"])
+    sets = dict(a.split("=", 1) for a in args[args.index("--set") + 1::2] if "=" in a)
+    assert int(sets["clip.actors"]) == g["replicas"] * gpus(g)
+
+
+@pytest.mark.parametrize("path", [AWS, RAYJOB, CLUSTER / "Dockerfile", REPO / "docs" / "cluster.md"])
+def test_referenced_configs_exist(path):
+    text = path.read_text(encoding="utf-8")
+    refs = set(_CONFIG_REF.findall(text))
+    if path in (AWS, RAYJOB):
+        assert "configs/laion5b.yaml" in refs
+    missing = sorted(r for r in refs if not (REPO / r).is_file())
+    assert not missing, f"{path.name} names missing files: {missing}"
+
+
+def test_entrypoints_parse_with_the_cli():
+    """The ``laionbuild run`` command lines in the manifest and the docs are valid CLI calls."""
+    commands = [_rayjob()["spec"]["entrypoint"]]
+    doc = (REPO / "docs" / "cluster.md").read_text(encoding="utf-8")
+    for block in re.findall(r"```(?:bash)?\n(.*?)```", doc, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            if "laionbuild run" in line:
+                commands.append(line.strip().strip("'"))
+    assert len(commands) >= 3
+    parser = build_parser()
+    for command in commands:
+        args = _run_args(command.replace("'", ""))
+        if "..." in args:
+            continue
+        ns = parser.parse_args(["run", *args])
+        assert ns.config == "configs/laion5b.yaml"
+        assert ns.output.startswith("s3://") and ns.input and ns.input[0].startswith("s3://")
+        if (REPO / ns.config).is_file():
+            cfg = load_config(REPO / ns.config, ns.overrides)
+            assert cfg.clip.device == "cuda" and cfg.clip.actors >= 1
+            assert cfg.run.paths_base_url == "s3://commoncrawl/"

@@ -1,0 +1,194 @@
+"""``laionbuild report``: markdown/HTML/summary and plots from a small fake output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from laionbuild.report import write_report
+from laionbuild.schema import NOLANG_CODE, OUTPUT_SCHEMA, pair_hash
+from laionbuild.stats import FileResult, RunStats
+
+THRESHOLDS = {"en": 0.30, "multi": 0.25, "nolang": 0.22}
+#: kept rows per subset and their languages
+KEPT = {"en": ["en"] * 7, "multi": ["de"] * 4 + ["fr"] * 3 + ["es"] * 2, "nolang": [NOLANG_CODE] * 3}
+#: scored rows below the threshold per subset
+BELOW = {"en": 5, "multi": 2, "nolang": 4}
+
+
+def _stats() -> dict:
+    st = RunStats()
+    st.files = [FileResult("a.warc.gz"), FileResult("b.warc.gz", "partial", "truncated", "gzip ended early")]
+    ex = st.stage("extract")
+    ex.kept = 60
+    ex.drop("no_alt", 25)
+    ex.drop("alt_too_short", 9)
+    ex.drop("excluded_extension", 6)
+    ex.count("imgs", 100)
+    st.stage("langid").kept = 60
+    fe = st.stage("fetch")
+    fe.kept = 40
+    fe.drop("http_404", 12)
+    fe.drop("timeout", 8)
+    cl = st.stage("clip")
+    cl.kept = 29
+    cl.drop("below_threshold", 11)
+    de = st.stage("dedup")
+    de.kept = 19
+    de.drop("duplicate_en", 0)
+    de.drop("duplicate_multi", 10)
+    for s, langs in KEPT.items():
+        st.kept_per_subset[s] = len(langs)
+    st.extra["config_hash"] = "abc123def4567890"
+    st.extra["wall_seconds"] = 12.5
+    return st.to_dict()
+
+
+def _shard(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def _make_output(root: Path, with_scores: bool = True, with_config: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "stats.json").write_text(json.dumps(_stats()), encoding="utf-8")
+    if with_config:
+        (root / "config.yaml").write_text(yaml.safe_dump({
+            "run": {"name": "fake-run"},
+            "clip": {"thresholds": THRESHOLDS,
+                     "models": {"en": {"arch": "ViT-B-32", "pretrained": "openai"}}},
+        }), encoding="utf-8")
+    rng = np.random.default_rng(0)
+    scores = []
+    sizes = iter([(640, 480), (480, 640), (300, 300), (1024, 768), (50, 50), (800, 200), (200, 800)] * 10)
+    for s, langs in KEPT.items():
+        rows = []
+        for i, lang in enumerate(langs):
+            w, h = next(sizes)
+            sim = THRESHOLDS[s] + 0.01 + 0.1 * rng.random()
+            url, text = f"http://img.test/{s}/{i}.jpg", f"caption {s} {i}"
+            rows.append({"URL": url, "TEXT": text, "WIDTH": w, "HEIGHT": h, "similarity": sim, "LANGUAGE": lang,
+                         "hash": pair_hash(url, text), "language_score": 0.9, "page_url": "http://p.test/",
+                         "warc_path": "a.warc.gz", "warc_record_id": "<urn:x>", "warc_offset": i, "key": f"{i:016x}"})
+            scores.append({"subset": s, "similarity": sim, "language": lang, "width": w, "height": h})
+        for j in range(BELOW[s]):
+            scores.append({"subset": s, "similarity": THRESHOLDS[s] - 0.01 - 0.1 * rng.random(),
+                           "language": langs[0], "width": 100, "height": 100})
+        (root / s).mkdir()
+        half = len(rows) // 2
+        pq.write_table(_shard(rows[:half]), root / s / "part-00000.parquet")
+        pq.write_table(_shard(rows[half:]), root / s / "part-00001.parquet")
+    if with_scores:
+        (root / "_work" / "parts" / "f1").mkdir(parents=True)
+        schema = pa.schema([("subset", pa.string()), ("similarity", pa.float32()), ("language", pa.string()),
+                            ("width", pa.int32()), ("height", pa.int32())])
+        pq.write_table(pa.Table.from_pylist(scores[::2], schema=schema),
+                       root / "_work" / "parts" / "f1" / "scores-aaaa.parquet")
+        pq.write_table(pa.Table.from_pylist(scores[1::2], schema=schema),
+                       root / "_work" / "parts" / "f1" / "scores-bbbb.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = _make_output(tmp_path_factory.mktemp("out") / "output")
+    path = write_report(str(out))
+    return out, Path(path)
+
+
+def test_files_are_written(report):
+    out, md = report
+    assert md == out / "report" / "report.md"
+    for name in ("report.md", "report.html", "summary.json", "funnel.png", "similarity.png", "languages.png",
+                 "image_sizes.png"):
+        f = out / "report" / name
+        assert f.is_file() and f.stat().st_size > 200, name
+        if name.endswith(".png"):
+            assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # stats.json is left as it was
+    assert json.loads((out / "stats.json").read_text()) == _stats()
+
+
+def test_summary_numbers(report):
+    out, _ = report
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert s["kept_per_subset"] == {"en": 7, "multi": 9, "nolang": 3}
+    assert s["kept_total"] == 19 and s["shard_rows"] == {"en": 7, "multi": 9, "nolang": 3}
+    assert s["thresholds"] == THRESHOLDS
+    assert s["models"]["en"] == "ViT-B-32 / openai"
+    assert s["models"]["multi"] == "xlm-roberta-base-ViT-B-32 / laion5b_s13b_b90k"  # default fills the gap
+    funnel = [(f["stage"], f["rows"]) for f in s["funnel"]]
+    assert funnel == [("", 100), ("extract", 60), ("langid", 60), ("fetch", 40), ("clip", 29), ("dedup", 19)]
+    reasons = [(r["stage"], r["reason"], r["rows"]) for r in s["drop_reasons"]]
+    assert reasons[0] == ("extract", "no_alt", 25)
+    assert ("dedup", "duplicate_multi", 10) in reasons and ("fetch", "timeout", 8) in reasons
+    assert all(r[2] > 0 for r in reasons)
+    assert s["similarity_source"] == "scores"
+    for subset in ("en", "multi", "nolang"):
+        sim = s["similarity"][subset]
+        assert sim["rows"] == len(KEPT[subset]) + BELOW[subset]
+        assert sim["at_or_above_threshold"] == len(KEPT[subset])
+    langs = {(l["language"], l["subset"]): l["rows"] for l in s["languages"]}
+    assert langs == {("en", "en"): 7, ("de", "multi"): 4, ("fr", "multi"): 3, ("es", "multi"): 2,
+                     (NOLANG_CODE, "nolang"): 3}
+    assert s["languages"][0]["language"] == "en"
+    sz = s["image_sizes"]
+    assert sz["rows"] == 19 and not sz["sampled"]
+    assert sz["width"]["min"] == 50 and sz["width"]["max"] == 1024
+    assert sz["portrait"] == 5 and sz["square"] == 6 and sz["landscape"] == 8
+
+
+def test_markdown_content(report):
+    out, md = report
+    text = md.read_text(encoding="utf-8")
+    assert "# laionbuild report: fake-run" in text
+    assert "| en | 7 |" in text and "| multi | 9 |" in text and "| nolang | 3 |" in text
+    assert "**19**" in text
+    assert "| extract | no_alt | 25 |" in text
+    assert "b.warc.gz" in text and "truncated" in text  # the partial file is listed
+    assert "abc123def4567890" in text
+    for png in ("funnel.png", "similarity.png", "languages.png", "image_sizes.png"):
+        assert f"]({png})" in text
+    assert "every scored row" in text
+    htm = (out / "report" / "report.html").read_text(encoding="utf-8")
+    assert '<img src="funnel.png"' in htm and "<table>" in htm and "fake-run" in htm
+
+
+def test_without_scores_or_config(tmp_path):
+    out = _make_output(tmp_path / "o", with_scores=False, with_config=False)
+    path = write_report(str(out), str(tmp_path / "rep"))
+    assert Path(path) == tmp_path / "rep" / "report.md"
+    s = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert s["similarity_source"] == "shards"
+    assert s["thresholds"] == {"en": 0.28, "multi": 0.26, "nolang": 0.26}
+    # only the published rows are in the histograms
+    assert {k: v["rows"] for k, v in s["similarity"].items()} == {"en": 7, "multi": 9, "nolang": 3}
+    text = Path(path).read_text(encoding="utf-8")
+    assert "published (kept) rows only" in text and "config.yaml not found" in text
+    assert (tmp_path / "rep" / "similarity.png").is_file()
+
+
+def test_empty_output(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    st = RunStats()
+    st.files = [FileResult("x.warc.gz", "failed", "not_a_warc", "bad magic")]
+    (out / "stats.json").write_text(st.to_json(), encoding="utf-8")
+    path = write_report(str(out))
+    s = json.loads((out / "report" / "summary.json").read_text())
+    assert s["kept_total"] == 0 and s["image_sizes"] == {"rows": 0}
+    assert "not_a_warc" in Path(path).read_text(encoding="utf-8")
+    for png in ("funnel.png", "similarity.png", "languages.png", "image_sizes.png"):
+        assert (out / "report" / png).is_file()
+
+
+def test_missing_stats_is_a_setup_error(tmp_path):
+    from laionbuild.errors import SetupError
+
+    with pytest.raises(SetupError):
+        write_report(str(tmp_path))
