@@ -122,10 +122,18 @@ def init_ray(cfg: Config) -> None:
         log.info("starting a local Ray instance with %d CPUs", num_cpus)
         # a local instance stays on loopback: no traffic to the machine's other addresses
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    for name in ("ray.data", "ray"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
+
+
+def _actors(n: int):
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=max(1, n))
 
 
 def _gpus_available() -> float:
@@ -461,11 +469,11 @@ def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: st
     # plain callables (instances, not classes) run as Ray tasks; classes run as actor pools
     ds = ds.flat_map(ExtractFn(cfg, layout.url), num_cpus=cfg.ray.extract_num_cpus)
     ds = ds.map_batches(LangIdUDF, fn_constructor_args=(cfg,), batch_format="numpy",
-                        batch_size=cfg.langid.batch_size, concurrency=cfg.ray.langid_actors,
+                        batch_size=cfg.langid.batch_size, compute=_actors(cfg.ray.langid_actors),
                         num_cpus=cfg.ray.langid_num_cpus)
     if mode == "pairs":
         ds = ds.map_batches(FetchUDF, fn_constructor_args=(cfg,), batch_format="numpy",
-                            batch_size=cfg.fetch.batch_size, concurrency=cfg.ray.fetch_actors,
+                            batch_size=cfg.fetch.batch_size, compute=_actors(cfg.ray.fetch_actors),
                             num_cpus=cfg.ray.fetch_num_cpus)
         # clip.device=cuda always asks for GPUs (an autoscaler then adds GPU nodes);
         # auto asks for them when the cluster has some right now
@@ -475,7 +483,7 @@ def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: st
         )
         log.info("CLIP actors: %d x %s", cfg.clip.actors, clip_resources)
         ds = ds.map_batches(ClipUDF, fn_constructor_args=(cfg,), batch_format="numpy",
-                            batch_size=cfg.clip.batch_size, concurrency=cfg.clip.actors, **clip_resources)
+                            batch_size=cfg.clip.batch_size, compute=_actors(cfg.clip.actors), **clip_resources)
     ds = ds.map_batches(PartWriter(cfg, layout.url, mode), batch_format="numpy",
                         batch_size=cfg.ray.write_batch_size, num_cpus=cfg.ray.write_num_cpus)
     try:
@@ -509,7 +517,7 @@ def _dedup_table(table: pa.Table) -> pa.Table:
 
 
 class PublishBucket:
-    """``map_groups`` body: de-duplicate one hash bucket and write it as one shard."""
+    """``map_groups`` body: de-duplicate one (subset, hash bucket) group and write it as one shard."""
 
     def __init__(self, target_dir: str, compression: str, dedup: bool):
         self.target_dir = target_dir
@@ -517,60 +525,76 @@ class PublishBucket:
         self.dedup = dedup
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        bucket = int(table.column("_bucket")[0].as_py())
-        table = table.drop_columns(["_bucket"])
+        key = table.column("_bucket")[0].as_py()
+        subset, bucket = key.split("/")
+        table = table.drop_columns([c for c in ("_bucket", "path") if c in table.column_names])
         rows_in = table.num_rows
         if self.dedup:
             table = _dedup_table(table)
         table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
         emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
         fs, root = shards.fs_and_path(self.target_dir)
-        name = f"part-{bucket:05d}.parquet"
+        name = f"part-{int(bucket):05d}.parquet"
         main = table.drop_columns(emb_cols)
-        shards.write_bytes_atomic(fs, posixpath.join(root, name), shards.table_to_bytes(main, self.compression))
+        shards.write_bytes_atomic(fs, posixpath.join(root, subset, name), shards.table_to_bytes(main, self.compression))
         if emb_cols:
             emb = table.select(["key", *emb_cols])
-            shards.write_bytes_atomic(fs, posixpath.join(root + "_embeddings", name),
+            shards.write_bytes_atomic(fs, posixpath.join(root, f"{subset}_embeddings", name),
                                       shards.table_to_bytes(emb, self.compression))
-        return pa.table({"bucket": [bucket], "rows_in": [rows_in], "rows_out": [table.num_rows]})
+        return pa.table({"subset": [subset], "bucket": [int(bucket)], "rows_in": [rows_in],
+                         "rows_out": [table.num_rows]})
+
+
+def _part_subset(path: str) -> str:
+    return posixpath.basename(path).split("-", 1)[0]
 
 
 def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunStats) -> dict[str, list[str]]:
-    """Write the published subset shards from the committed parts of every input."""
+    """Write the published subset shards from the committed parts of every input.
+
+    One engine pass: rows are keyed by (subset, hash mod n_buckets), each group
+    is de-duplicated on (URL, TEXT) and written as ``part-<bucket>.parquet``,
+    so the result depends neither on input order nor on which node did what.
+    """
     import ray
 
     fs = layout.fs
-    published: dict[str, list[str]] = {}
-    dedup = stats.stage("dedup")
+    parts = sorted(p for m in markers for p in m["parts"] if _part_subset(p) in S.SUBSETS)
+    n_buckets: dict[str, int] = {}
     for subset in S.SUBSETS:
-        parts = sorted(p for m in markers for p in m["parts"] if posixpath.basename(p).startswith(f"{subset}-"))
+        mine = [p for p in parts if _part_subset(p) == subset]
+        if mine:
+            total = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in mine)
+            n_buckets[subset] = max(1, -(-total // cfg.output.rows_per_shard))
+    tmp = layout.path("_work", "publish")
+    layout.rm(tmp)
+    fs.makedirs(tmp, exist_ok=True)
+    results: list[dict] = []
+    if parts:
+        ds = ray.data.read_parquet([_fs_url(layout, p) for p in parts], include_paths=True)
+        ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
+        writer = PublishBucket(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup)
+
+        def publish_bucket(table: pa.Table) -> pa.Table:  # map_groups wants a named function
+            return writer(table)
+
+        results = ds.groupby("_bucket").map_groups(publish_bucket, batch_format="pyarrow").take_all()
+    dedup = stats.stage("dedup")
+    published: dict[str, list[str]] = {}
+    for subset in S.SUBSETS:
+        rows_in = sum(r["rows_in"] for r in results if r["subset"] == subset)
+        rows_out = sum(r["rows_out"] for r in results if r["subset"] == subset)
+        dedup.drop(f"duplicate_{subset}", rows_in - rows_out)
+        dedup.kept += rows_out
+        stats.kept_per_subset[subset] = rows_out
         final = layout.path(subset)
-        tmp = layout.path("_work", "publish", subset)
-        layout.rm(tmp)
-        fs.makedirs(tmp, exist_ok=True)
-        if parts:
-            total = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parts)
-            n_buckets = max(1, -(-total // cfg.output.rows_per_shard))
-            ds = ray.data.read_parquet([_fs_url(layout, p) for p in parts])
-            ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
-            res = ds.groupby("_bucket").map_groups(
-                PublishBucket, fn_constructor_args=(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup),
-                batch_format="pyarrow", concurrency=max(1, min(n_buckets, int(os.cpu_count() or 1))),
-            ).take_all()
-            rows_in = sum(r["rows_in"] for r in res)
-            rows_out = sum(r["rows_out"] for r in res)
-            dedup.drop(f"duplicate_{subset}", rows_in - rows_out)
-            dedup.kept += rows_out
-            stats.kept_per_subset[subset] = rows_out
-        else:
-            stats.kept_per_subset[subset] = 0
         for suffix in ("", "_embeddings"):
             layout.rm(final + suffix)
-            if fs.exists(tmp + suffix):
-                fs.mv(tmp + suffix, final + suffix, recursive=True)
+            if fs.exists(posixpath.join(tmp, subset + suffix)):
+                fs.mv(posixpath.join(tmp, subset + suffix), final + suffix, recursive=True)
         fs.makedirs(final, exist_ok=True)
         published[subset] = sorted(p for p in layout.ls(final) if p.endswith(".parquet"))
-    layout.rm(layout.path("_work", "publish"))
+    layout.rm(tmp)
     _publish_images(layout, markers)
     return published
 
@@ -585,10 +609,11 @@ def _publish_images(layout: OutputLayout, markers: list[dict]) -> None:
         layout.fs.copy(path, posixpath.join(target, f"{i:05d}.tar"))
 
 
-def _add_bucket(table: pa.Table, n_buckets: int) -> pa.Table:
-    hashes = table.column("hash").to_numpy()
-    bucket = (hashes.astype(np.uint64) % np.uint64(n_buckets)).astype(np.int64)
-    return table.append_column("_bucket", pa.array(bucket))
+def _add_bucket(table: pa.Table, n_buckets: dict[str, int]) -> pa.Table:
+    hashes = table.column("hash").to_numpy().astype(np.uint64)
+    subsets = [_part_subset(p) for p in table.column("path").to_pylist()]
+    keys = [f"{sub}/{int(h % np.uint64(n_buckets[sub]))}" for sub, h in zip(subsets, hashes)]
+    return table.append_column("_bucket", pa.array(keys, pa.string()))
 
 
 def _fs_url(layout: OutputLayout, path: str) -> str:

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-STAGES = ("extract", "langid", "fetch", "clip", "dedup", "output")
+STAGES = ("extract", "langid", "fetch", "clip", "dedup")
 
 
 @dataclass

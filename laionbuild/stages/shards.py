@@ -130,13 +130,13 @@ def images_tar(batch: dict[str, np.ndarray], mask: np.ndarray) -> bytes:
 
 
 def batch_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
-    """Counters of the language, fetch, clip and output stages, read off a finished batch.
+    """Counters of the language, fetch and clip stages, read off a finished batch.
 
     Every row that reached the end carries its fate: ``drop_reason`` is
     ``"<stage>:<reason>"`` for the stage that dropped it, or empty when kept.
     """
     n = S.batch_len(batch)
-    out = {name: StageCounters() for name in ("langid", "fetch", "clip", "output")}
+    out = {name: StageCounters() for name in ("langid", "fetch", "clip")}
     if n == 0:
         return out
     drop = np.asarray(batch.get(S.DROP_REASON, np.full(n, "", dtype=object)), dtype=object)
@@ -161,7 +161,6 @@ def batch_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
             target.drop(f"{why}_{sub}" if stage == "clip" else why)
         if not reason:
             out["clip"].kept += 1
-            out["output"].kept += 1
-            out["output"].count(f"kept_{sub}")
+            out["clip"].count(f"kept_{sub}")
     out["langid"].kept = n
     return out
