@@ -189,6 +189,10 @@ class ClipConfig:
     #: CPUs reserved per actor when running on CPU (fractional, so the CPU stages
     #: of a small machine are not starved)
     num_cpus_per_actor: float = 0.5
+    #: tokenise alt texts in a CPU actor before the scoring actors: ``auto`` (when
+    #: scoring on GPU, where tokenising in the GPU actor would cost it a whole core),
+    #: ``always`` or ``never``
+    tokenize_upstream: str = "auto"
     save_embeddings: bool = False
     #: wrap the image / text encoders in torch.compile (GPU throughput; slow first batch)
     compile: bool = False
@@ -196,6 +200,31 @@ class ClipConfig:
     nsfw_tag: bool = False
     nsfw_prompts: tuple[str, ...] = ("an explicit photo", "a nude person", "porn")
     safe_prompts: tuple[str, ...] = ("a photo", "a drawing", "a product photo")
+
+
+@dataclass(frozen=True)
+class SafetyConfig:
+    """LAION-5B's safety scores (``punsafe``, ``pwatermark``) and the filtered "safe" views.
+
+    See docs/safety_models.md for the checkpoint formats and the thresholds.
+    """
+
+    #: subset -> NSFW head checkpoint (``laionbuild.punsafe/1``, a path or ``builtin:<file>``)
+    #: applied to the L2-normalised image embedding of that subset's CLIP model; a subset
+    #: without a head gets ``punsafe`` = NaN; empty mapping = no ``punsafe`` column
+    punsafe_heads: Mapping[str, str] = field(default_factory=dict)
+    #: watermark classifier checkpoint (``laionbuild.watermark/1``); empty = no ``pwatermark``
+    #: column. It runs in the CLIP actor on the resized image of the rows CLIP kept.
+    watermark_model: str = ""
+    #: images per watermark forward pass
+    watermark_batch_size: int = 128
+    #: also publish ``OUTPUT/<subset>_safe/``: the published rows whose every bound below
+    #: that is set holds (a row without the score never passes); the main shards keep all rows
+    write_safe_subsets: bool = False
+    #: ``punsafe`` must be below this to enter a safe view (null = no bound)
+    punsafe_max: float | None = 0.5
+    #: ``pwatermark`` must be below this to enter a safe view (null = no bound)
+    pwatermark_max: float | None = 0.8
 
 
 @dataclass(frozen=True)
@@ -225,6 +254,9 @@ class RayConfig:
     #: download actors (each runs ``fetch.threads`` downloads at once) and their CPUs
     fetch_actors: int = 1
     fetch_num_cpus: float = 0.5
+    #: upstream CLIP tokenizer actors (see clip.tokenize_upstream) and their CPUs
+    tokenize_actors: int = 1
+    tokenize_num_cpus: float = 0.25
     #: CPUs reserved per shard-writing task
     write_num_cpus: float = 0.25
     #: rows per shard-writing task
@@ -239,6 +271,7 @@ class Config:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     resize: ResizeConfig = field(default_factory=ResizeConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -428,6 +461,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'resize.image_size' must be at least 8")
     if cfg.clip.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{source}: 'clip.device' must be auto, cpu or cuda")
+    if cfg.clip.tokenize_upstream not in ("auto", "always", "never"):
+        raise ConfigError(f"{source}: 'clip.tokenize_upstream' must be auto, always or never")
     if cfg.clip.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
     if cfg.run.shard:
@@ -440,6 +475,38 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
+    _validate_safety(cfg.safety, source)
+
+
+def _validate_safety(safety: SafetyConfig, source: str) -> None:
+    unknown = sorted(set(safety.punsafe_heads) - set(SUBSETS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: 'safety.punsafe_heads' keys must be among {', '.join(SUBSETS)}; got '{unknown[0]}'"
+        )
+    for name in ("punsafe_max", "pwatermark_max"):
+        value = getattr(safety, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{source}: 'safety.{name}' must lie in [0, 1] or be null, got {value}")
+    if safety.watermark_batch_size <= 0:
+        raise ConfigError(f"{source}: 'safety.watermark_batch_size' must be positive")
+    if safety.write_safe_subsets:
+        if safety.punsafe_max is None and safety.pwatermark_max is None:
+            raise ConfigError(
+                f"{source}: 'safety.write_safe_subsets' needs safety.punsafe_max or safety.pwatermark_max"
+            )
+        if safety.punsafe_max is not None:
+            missing = [s for s in SUBSETS if not safety.punsafe_heads.get(s)]
+            if missing:
+                raise ConfigError(
+                    f"{source}: 'safety.punsafe_max' is set for the safe subsets but safety.punsafe_heads has "
+                    f"no head for {', '.join(missing)}; add the heads or set safety.punsafe_max=null"
+                )
+        if safety.pwatermark_max is not None and not safety.watermark_model:
+            raise ConfigError(
+                f"{source}: 'safety.pwatermark_max' is set for the safe subsets but safety.watermark_model is "
+                f"empty; set the model or safety.pwatermark_max=null"
+            )
 
 
 # --------------------------------------------------------------------------- output

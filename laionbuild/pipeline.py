@@ -240,6 +240,18 @@ class FetchUDF:
         return self.fetcher(batch)
 
 
+class ClipTokenizeUDF:
+    """CPU actor that tokenises alt texts ahead of the GPU scoring actors."""
+
+    def __init__(self, cfg: Config):
+        from .stages.clip_score import ClipTokenizer
+
+        self.tokenizer = ClipTokenizer(cfg.clip)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.tokenizer(batch)
+
+
 class ClipUDF:
     def __init__(self, cfg: Config):
         from .stages.clip_score import ClipScorer
@@ -501,6 +513,11 @@ def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: st
             {"num_gpus": cfg.clip.num_gpus_per_actor} if use_gpu else {"num_cpus": cfg.clip.num_cpus_per_actor}
         )
         log.info("CLIP actors: %d x %s", cfg.clip.actors, clip_resources)
+        upstream = cfg.clip.tokenize_upstream
+        if upstream == "always" or (upstream == "auto" and use_gpu):
+            ds = ds.map_batches(ClipTokenizeUDF, fn_constructor_args=(cfg,), batch_format="numpy",
+                                batch_size=cfg.clip.batch_size, compute=_actors(cfg.ray.tokenize_actors),
+                                num_cpus=cfg.ray.tokenize_num_cpus)
         ds = ds.map_batches(ClipUDF, fn_constructor_args=(cfg,), batch_format="numpy",
                             batch_size=cfg.clip.batch_size, compute=_actors(cfg.clip.actors), **clip_resources)
     ds = ds.map_batches(PartWriter(cfg, layout.url, mode), batch_format="numpy",
