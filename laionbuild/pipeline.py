@@ -108,6 +108,8 @@ class RunResult:
 def init_ray(cfg: Config) -> None:
     """Connect to ``RAY_ADDRESS`` / ``ray.address``, or start a local Ray."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not log.isEnabledFor(logging.DEBUG):
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # our own progress and stats say enough
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     loopback = bool(address) and _is_loopback(address.split("://")[-1].rsplit(":", 1)[0].strip("[]"))
     if loopback:
