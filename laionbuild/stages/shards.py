@@ -29,6 +29,8 @@ from ..stats import StageCounters
 SCORE_COLUMNS = {S.SUBSET: pa.string(), S.SIMILARITY: pa.float32(), S.LANGUAGE: pa.string(),
                  S.WIDTH: pa.int32(), S.HEIGHT: pa.int32()}
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
+#: optional float32 safety score columns (stages.safety), published when present
+SAFETY_COLUMNS = (S.PUNSAFE, S.PWATERMARK)
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -89,6 +91,9 @@ def output_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
     table = pa.Table.from_arrays(arrays, schema=S.OUTPUT_SCHEMA)
     if S.NSFW in batch:
         table = table.append_column("NSFW", pa.array([str(v) for v in batch[S.NSFW][mask]], pa.string()))
+    for name in SAFETY_COLUMNS:
+        if name in batch:
+            table = table.append_column(name, pa.array(np.asarray(batch[name][mask], dtype=np.float32), pa.float32()))
     for name in EMBEDDING_COLUMNS:
         if name in batch:
             emb = np.asarray(batch[name][mask], dtype=np.float16)
@@ -96,6 +101,37 @@ def output_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
             flat = pa.array(emb.reshape(-1), type=pa.float16())
             table = table.append_column(name, pa.FixedSizeListArray.from_arrays(flat, dim))
     return table
+
+
+def safe_view(table: pa.Table, punsafe_max: float | None, pwatermark_max: float | None) -> tuple[pa.Table, dict]:
+    """Rows of a published table whose set bounds hold (``punsafe < punsafe_max``, ``pwatermark < pwatermark_max``).
+
+    A row lacking a bounded score (no column, null or NaN) never passes. Returns the
+    filtered table and why the other rows were left out: ``unscored``, else
+    ``unsafe``, else ``watermark`` (one reason per row, in that order).
+    """
+    n = table.num_rows
+    keep = np.ones(n, dtype=bool)
+    unscored = np.zeros(n, dtype=bool)
+    failed = {}
+    for column, bound, reason in ((S.PUNSAFE, punsafe_max, "unsafe"), (S.PWATERMARK, pwatermark_max, "watermark")):
+        if bound is None:
+            continue
+        if column in table.column_names:
+            values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            values = np.full(n, np.nan)
+        missing = np.isnan(values)
+        unscored |= missing
+        with np.errstate(invalid="ignore"):
+            failed[reason] = ~missing & ~(values < float(bound))
+        keep &= ~missing & (values < float(bound))
+    reasons = {"unscored": int(unscored.sum())}
+    left = ~unscored
+    for reason, bad in failed.items():
+        reasons[reason] = int((bad & left).sum())
+        left &= ~bad
+    return table.filter(pa.array(keep)), reasons
 
 
 def score_table(batch: dict[str, np.ndarray]) -> pa.Table:
@@ -147,7 +183,7 @@ def batch_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
         sub = subset[i] or "unrouted"
         out["langid"].count(f"routed_{sub}")
         if nolang_reason is not None and nolang_reason[i]:
-            out["langid"].count(f"nolang_{nolang_reason[i]}")
+            out["langid"].count(f"nolang_{str(nolang_reason[i]).partition(':')[0]}")
         reason = drop[i] or ""
         stage, _, why = reason.partition(":")
         if status[i] and status[i] != "skipped":
