@@ -74,3 +74,12 @@ def test_bad_override_exits_2(tmp_path):
 def test_parser_requires_a_command():
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_image_size_disagreeing_with_model_exits_2(tmp_path):
+    warc = tmp_path / "x.warc.gz"
+    warc.write_bytes(b"")
+    r = run_cli("run", "--config", "configs/smoke.yaml", "--input", str(warc), "--output", str(tmp_path / "o"),
+                "--set", "resize.image_size=64")
+    assert r.returncode == 2
+    assert "resize.image_size" in r.stderr and "32" in r.stderr and "Traceback" not in r.stderr
