@@ -15,31 +15,23 @@ import pytest
 
 pytest.importorskip("open_clip")
 
-from PIL import Image  # noqa: E402
-
 from laionbuild import schema as S  # noqa: E402
-from laionbuild.config import ClipConfig, ClipModelConfig  # noqa: E402
+from laionbuild.config import ClipConfig, ClipModelConfig, ResizeConfig  # noqa: E402
 from laionbuild.demo import shapes  # noqa: E402
 from laionbuild.stages import clip_score as cs  # noqa: E402
+from laionbuild.stages.resize import decode_and_resize  # noqa: E402
 
 TINY = ClipModelConfig(arch="tiny-clip-shapes", pretrained="builtin:tiny-clip-shapes.pt")
 SUBSET_OF = {"en": "en", "de": "multi", "fr": "multi", "es": "multi", "nolang": "nolang"}
 
 
-def _center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 def _pipeline_image(spec, seed: int, size: int, side: int, width: int) -> np.ndarray:
+    """Render, JPEG round trip, and the fetch stage's own decode + centre-crop resize."""
     buf = io.BytesIO()
     shapes.render(spec, size=side, seed=seed, width=width).save(buf, format="JPEG", quality=85)
-    buf.seek(0)
-    return np.asarray(_center_crop(Image.open(buf).convert("RGB"), size), dtype=np.uint8)
+    arr, _, _ = decode_and_resize(buf.getvalue(), ResizeConfig(image_size=size, mode="center_crop"),
+                                  max_pixels=89_478_484, min_size=1, formats=("JPEG",))
+    return arr
 
 
 def test_packaged_files_are_small_and_consistent():
