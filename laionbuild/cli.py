@@ -1,4 +1,4 @@
-"""Command line: ``laionbuild run | extract | report | demo``.
+"""Command line: ``laionbuild run | extract | remove | report | demo``.
 
 Exit status: 0 a clean run; 1 the run finished but some input files failed
 (they are listed in ``stats.json``); 2 a problem found before any work started
@@ -84,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="WARC", help="WARC files, globs, folders, URLs or listings")
     _common(p, config_required=False)
 
+    p = sub.add_parser(
+        "remove", help="take listed rows out of a finished output folder, for good",
+        description="Rewrite the published shards (and their *_embeddings companions and images) without the rows "
+                    "a URL or hash list names, atomically per file, keeping every other row as it was. The lists "
+                    "are kept in OUTPUT/removals/ and applied again by any later run into the same folder; "
+                    "stats.json and provenance.json record the removal. See docs/safety_lists.md.",
+    )
+    p.add_argument("output", metavar="OUTPUT", help="output folder of a finished run")
+    p.add_argument("--urls", action="append", default=[], metavar="FILE",
+                   help="file of image URLs, one per line (# comments, .gz allowed); repeatable")
+    p.add_argument("--hashes", action="append", default=[], metavar="FILE",
+                   help="file of hashes: LAION's hash column or md5/sha1/sha256 hex of the URL; repeatable")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
     p = sub.add_parser("report", help="write a readable report with plots for an output folder",
                        description="Write OUTPUT/report/report.md and PNG plots (funnel, similarity histograms "
                                    "with thresholds, languages, image sizes) from a finished output folder.")
@@ -156,6 +170,18 @@ def _cmd_run(args: argparse.Namespace, command: str) -> int:
     return result.exit_code
 
 
+def _cmd_remove(args: argparse.Namespace) -> int:
+    import json
+
+    from .remove import remove
+
+    if not (args.urls or args.hashes):
+        raise LaionBuildError("remove: give at least one --urls FILE or --hashes FILE")
+    report = remove(args.output, url_files=args.urls, hash_files=args.hashes)
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("run", "extract"):
             return _cmd_run(args, args.command)
+        if args.command == "remove":
+            return _cmd_remove(args)
         if args.command == "report":
             return _cmd_report(args)
         if args.command == "demo":

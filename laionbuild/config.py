@@ -130,6 +130,20 @@ class FetchConfig:
     #: static host name -> IP map consulted before DNS (tests and the demo)
     host_map: Mapping[str, str] = field(default_factory=dict)
     dns_cache_size: int = 10_000
+    #: TDM Reservation Protocol: an image answered with ``tdm-reservation: 1`` is
+    #: status ``opt_out_tdm_header`` (no extra request)
+    honour_tdm_header: bool = True
+    #: TDM Reservation Protocol: read the image host's ``/.well-known/tdmrep.json``
+    #: (once per host and worker) and skip images whose path a rule with
+    #: ``tdm-reservation: 1`` covers (status ``opt_out_tdmrep``); off in LAION-5B
+    honour_tdmrep_json: bool = False
+    #: read the image host's ``robots.txt`` (once per host and worker) and skip images
+    #: it disallows for our user-agent token (status ``opt_out_robots_txt``); off in LAION-5B
+    honour_robots_txt: bool = False
+    #: largest ``tdmrep.json`` / ``robots.txt`` read (RFC 9309 asks for at least 500 KiB)
+    policy_max_bytes: int = 512_000
+    #: hosts whose ``tdmrep.json`` / ``robots.txt`` outcome one worker keeps in memory
+    policy_cache_size: int = 10_000
     #: rows per fetch task
     batch_size: int = 256
 
@@ -228,6 +242,25 @@ class SafetyConfig:
 
 
 @dataclass(frozen=True)
+class BlocklistConfig:
+    """Rows never fetched nor published (see docs/safety_lists.md).
+
+    Plain-text files (``.gz`` allowed, local or any fsspec URL), one entry per line,
+    lines starting with ``#`` ignored. A row removed by a list is counted under
+    ``blocklist:<file name>``. Applied before download, again before writing, and
+    at publish time (so lists updated before a resume also apply to finished inputs).
+    """
+
+    #: image URLs (compared after lower-casing scheme and host and dropping ``#fragment``)
+    url_files: tuple[str, ...] = ()
+    #: host names; an entry also blocks every sub-domain (``example.com`` blocks ``a.example.com``)
+    domain_files: tuple[str, ...] = ()
+    #: hashes: LAION's ``hash`` column (signed 64-bit integer, murmur3 of URL + TEXT), or
+    #: the hex md5 / sha1 / sha256 of the URL's UTF-8 bytes (told apart by their length)
+    hash_files: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """Parquet shards."""
 
@@ -272,6 +305,7 @@ class Config:
     resize: ResizeConfig = field(default_factory=ResizeConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
+    blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -472,7 +506,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: 'run.shard' must look like i/n, got '{cfg.run.shard}'") from None
         if not (n > 0 and 0 <= i < n):
             raise ConfigError(f"{source}: 'run.shard' needs 0 <= i < n, got '{cfg.run.shard}'")
-    for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size"):
+    for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
     _validate_safety(cfg.safety, source)

@@ -15,6 +15,7 @@ Output folder::
     OUTPUT/_work/parts/<id>/      kept rows of one input (+ scores, images)
     OUTPUT/_work/done/<id>.json   completion marker: counts and the part files
     OUTPUT/en|multi|nolang/       published, globally de-duplicated shards
+    OUTPUT/removals/              lists of ``laionbuild remove``, applied at every publish
     OUTPUT/stats.json             written last: the run is complete
 
 The unit of work is one input file. Rows never disappear inside the flow:
@@ -234,12 +235,17 @@ class LangIdUDF:
 
 class FetchUDF:
     def __init__(self, cfg: Config):
+        from .stages.blocklist import Blocklist
         from .stages.fetch import ImageFetcher
 
-        self.fetcher = ImageFetcher(cfg.fetch, cfg.resize, keep_image_bytes=cfg.output.save_images)
+        # block-listed rows are dropped before any request; redirects are checked per hop
+        self.blocklist = Blocklist.from_config(cfg.blocklist)
+        url_filter = None if self.blocklist.empty else self.blocklist.match_url
+        self.fetcher = ImageFetcher(cfg.fetch, cfg.resize, keep_image_bytes=cfg.output.save_images,
+                                    url_filter=url_filter)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.fetcher(batch)
+        return self.fetcher(self.blocklist(batch))
 
 
 class ClipTokenizeUDF:
@@ -273,6 +279,10 @@ class PartWriter:
         self.mode = mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.mode == "pairs":
+            from .stages.blocklist import cached
+
+            batch = cached(self.cfg.blocklist)(batch)  # block lists again, as they are now
         fids = np.asarray(batch[FILE_ID], dtype=object)
         out: dict[str, list] = {FILE_ID: [], "n_rows": [], "parts": [], "counters": []}
         for fid in sorted(set(fids)):
@@ -332,6 +342,9 @@ def preflight(cfg: Config, *, need_clip: bool = True) -> list[str]:
     from .stages.langid import LanguageRouter
 
     LanguageRouter(cfg.langid)  # a missing or unreadable model file fails here, not in a worker
+    from .stages.blocklist import Blocklist
+
+    Blocklist.from_config(cfg.blocklist)  # so does a missing block list
     if need_clip:
         from .stages.clip_score import check_models_available, model_input_size
 
@@ -394,7 +407,21 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
         "inputs": len(files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    _provenance_lists(cfg, fs, prov_path, provenance)
     shards.write_json_atomic(fs, prov_path, provenance)
+
+
+def _provenance_lists(cfg: Config, fs, prov_path: str, provenance: dict) -> None:
+    """Block lists in use (name, sha256, entries) and the removals recorded by ``laionbuild remove``."""
+    from .stages.blocklist import cached
+
+    lists = cached(cfg.blocklist).describe()
+    if lists:
+        provenance["blocklists"] = lists
+    if fs.exists(prov_path):
+        old = shards.read_json(fs, prov_path).get("removals")
+        if old:
+            provenance["removals"] = old
 
 
 def _clean_uncommitted(layout: OutputLayout, fids: Iterable[str]) -> None:
@@ -498,38 +525,64 @@ class _Tracker:
         return True
 
 
+def _plan_cpus(cfg: Config, mode: str, use_gpu: bool, tokenize: bool, cluster_cpus: float) -> dict[str, float]:
+    """CPU reservation of each stage, scaled down when the cluster cannot hold them all.
+
+    Actor pools hold their CPUs for the whole run; if they and one task of each
+    task stage did not fit together, the run would wait forever for resources.
+    """
+    r = cfg.ray
+    plan = {"extract": r.extract_num_cpus, "langid": r.langid_num_cpus, "write": r.write_num_cpus,
+            "fetch": r.fetch_num_cpus, "clip": cfg.clip.num_cpus_per_actor, "tokenize": r.tokenize_num_cpus}
+    need = plan["extract"] + plan["write"] + r.langid_actors * plan["langid"]
+    if mode == "pairs":
+        need += r.fetch_actors * plan["fetch"]
+        need += 0.0 if use_gpu else cfg.clip.actors * plan["clip"]
+        need += r.tokenize_actors * plan["tokenize"] if tokenize else 0.0
+    if cluster_cpus > 0 and need > cluster_cpus:
+        factor = cluster_cpus / need
+        log.warning("the stages reserve %.2f CPUs but the cluster has %.2f: scaling every reservation by %.2f "
+                    "(set ray.* / clip.num_cpus_per_actor to choose yourself)", need, cluster_cpus, factor)
+        plan = {k: round(v * factor, 4) for k, v in plan.items()}
+    return plan
+
+
 def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: str) -> _Tracker:
     import ray
 
     progress = _Progress(len(pending), cfg.run.progress, "files")
     tracker = _Tracker(layout, pending, progress)
     items = [{"path": path, FILE_ID: fid} for fid, path in pending.items()]
+    use_gpu = mode == "pairs" and (
+        # clip.device=cuda always asks for GPUs (an autoscaler then adds GPU nodes);
+        # auto asks for them when the cluster has some right now
+        cfg.clip.device == "cuda" or (cfg.clip.device == "auto" and _gpus_available() > 0)
+    )
+    upstream = cfg.clip.tokenize_upstream
+    tokenize = mode == "pairs" and (upstream == "always" or (upstream == "auto" and use_gpu))
+    cpu = _plan_cpus(cfg, mode, use_gpu, tokenize, float(ray.cluster_resources().get("CPU", 0.0)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     # plain callables (instances, not classes) run as Ray tasks; classes run as actor pools
-    ds = ds.flat_map(ExtractFn(cfg, layout.url), num_cpus=cfg.ray.extract_num_cpus)
+    ds = ds.flat_map(ExtractFn(cfg, layout.url), num_cpus=cpu["extract"])
     ds = ds.map_batches(LangIdUDF, fn_constructor_args=(cfg,), batch_format="numpy",
                         batch_size=cfg.langid.batch_size, compute=_actors(cfg.ray.langid_actors),
-                        num_cpus=cfg.ray.langid_num_cpus)
+                        num_cpus=cpu["langid"])
     if mode == "pairs":
         ds = ds.map_batches(FetchUDF, fn_constructor_args=(cfg,), batch_format="numpy",
                             batch_size=cfg.fetch.batch_size, compute=_actors(cfg.ray.fetch_actors),
-                            num_cpus=cfg.ray.fetch_num_cpus)
-        # clip.device=cuda always asks for GPUs (an autoscaler then adds GPU nodes);
-        # auto asks for them when the cluster has some right now
-        use_gpu = cfg.clip.device == "cuda" or (cfg.clip.device == "auto" and _gpus_available() > 0)
+                            num_cpus=cpu["fetch"])
         clip_resources: dict[str, float] = (
-            {"num_gpus": cfg.clip.num_gpus_per_actor} if use_gpu else {"num_cpus": cfg.clip.num_cpus_per_actor}
+            {"num_gpus": cfg.clip.num_gpus_per_actor} if use_gpu else {"num_cpus": cpu["clip"]}
         )
         log.info("CLIP actors: %d x %s", cfg.clip.actors, clip_resources)
-        upstream = cfg.clip.tokenize_upstream
-        if upstream == "always" or (upstream == "auto" and use_gpu):
+        if tokenize:
             ds = ds.map_batches(ClipTokenizeUDF, fn_constructor_args=(cfg,), batch_format="numpy",
                                 batch_size=cfg.clip.batch_size, compute=_actors(cfg.ray.tokenize_actors),
-                                num_cpus=cfg.ray.tokenize_num_cpus)
+                                num_cpus=cpu["tokenize"])
         ds = ds.map_batches(ClipUDF, fn_constructor_args=(cfg,), batch_format="numpy",
                             batch_size=cfg.clip.batch_size, compute=_actors(cfg.clip.actors), **clip_resources)
     ds = ds.map_batches(PartWriter(cfg, layout.url, mode), batch_format="numpy",
-                        batch_size=cfg.ray.write_batch_size, num_cpus=cfg.ray.write_num_cpus)
+                        batch_size=cfg.ray.write_batch_size, num_cpus=cpu["write"])
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)
@@ -563,6 +616,9 @@ def _dedup_table(table: pa.Table) -> pa.Table:
 class PublishBucket:
     """``map_groups`` body: de-duplicate one (subset, hash bucket) group and write it as one shard."""
 
+    #: block lists + recorded removals (:class:`laionbuild.remove.PublishFilter`), or None
+    row_filter = None
+
     def __init__(self, target_dir: str, compression: str, dedup: bool,
                  safe: tuple[float | None, float | None] | None = None):
         self.target_dir = target_dir
@@ -578,6 +634,9 @@ class PublishBucket:
         rows_in = table.num_rows
         if self.dedup:
             table = _dedup_table(table)
+        filtered: dict = {}
+        if self.row_filter is not None:
+            table, filtered = self.row_filter(table)
         table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
         emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
         fs, root = shards.fs_and_path(self.target_dir)
@@ -596,7 +655,7 @@ class PublishBucket:
                                       shards.table_to_bytes(view, self.compression))
         return pa.table({"subset": [subset], "bucket": [int(bucket)], "rows_in": [rows_in],
                          "rows_out": [table.num_rows], "rows_safe": [safe_rows],
-                         "safe_left_out": [json.dumps(left_out)]})
+                         "safe_left_out": [json.dumps(left_out)], "filtered": [json.dumps(filtered)]})
 
 
 def _part_subset(path: str) -> str:
@@ -629,6 +688,7 @@ def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunSt
         ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
         safe = (cfg.safety.punsafe_max, cfg.safety.pwatermark_max) if cfg.safety.write_safe_subsets else None
         writer = PublishBucket(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup, safe)
+        writer.row_filter = _publish_filter(cfg, layout)
 
         def publish_bucket(table: pa.Table) -> pa.Table:  # map_groups wants a named function
             return writer(table)
@@ -639,8 +699,9 @@ def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunSt
     for subset in S.SUBSETS:
         rows_in = sum(r["rows_in"] for r in results if r["subset"] == subset)
         rows_out = sum(r["rows_out"] for r in results if r["subset"] == subset)
-        dedup.drop(f"duplicate_{subset}", rows_in - rows_out)
-        dedup.kept += rows_out
+        filtered = _count_filtered(stats, results, subset)  # block lists / removals, after de-duplication
+        dedup.drop(f"duplicate_{subset}", rows_in - rows_out - filtered)
+        dedup.kept += rows_out + filtered
         stats.kept_per_subset[subset] = rows_out
         final = layout.path(subset)
         for suffix in ("", "_embeddings", "_safe"):
@@ -661,7 +722,44 @@ def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunSt
             published[f"{subset}_safe"] = sorted(p for p in layout.ls(final + "_safe") if p.endswith(".parquet"))
     layout.rm(tmp)
     _publish_images(layout, markers)
+    _filter_published_images(cfg, layout)
     return published
+
+
+# block lists and recorded removals at publish time (laionbuild.remove)
+def _publish_filter(cfg: Config, layout: OutputLayout):
+    from .remove import PublishFilter
+
+    row_filter = PublishFilter(cfg.blocklist, layout.url)
+    return None if row_filter.empty else row_filter
+
+
+def _count_filtered(stats: RunStats, results: list[dict], subset: str) -> int:
+    """Book the rows the publish filter took out of ``subset``; returns how many."""
+    counts: Counter = Counter()
+    for r in results:
+        if r["subset"] == subset:
+            counts.update(json.loads(r.get("filtered") or "{}"))
+    removed = stats.extra.setdefault("removed", {"total": 0, "by_list": {}, "per_subset": {}})
+    for reason, n in counts.items():
+        prefix, _, name = reason.partition(":")
+        if prefix == "removed":
+            removed["by_list"][name] = removed["by_list"].get(name, 0) + n
+            removed["per_subset"][subset] = removed["per_subset"].get(subset, 0) + n
+            removed["total"] += n
+        else:
+            stats.stage(prefix).drop(name, n)
+    if not removed["total"]:
+        stats.extra.pop("removed")
+    return sum(counts.values())
+
+
+def _filter_published_images(cfg: Config, layout: OutputLayout) -> None:
+    row_filter = _publish_filter(cfg, layout)
+    if row_filter is not None and layout.exists(layout.path("images")):
+        from .remove import filter_image_tars
+
+        filter_image_tars(layout.fs, layout.path("images"), row_filter.lists())
 
 
 def _publish_images(layout: OutputLayout, markers: list[dict]) -> None:

@@ -48,6 +48,9 @@ IMAGE_BYTES = "image_bytes"  # encoded resized image, only with output.save_imag
 # clip scoring
 SIMILARITY = "similarity"
 NSFW = "NSFW"
+# safety scores (stages.safety): float32 probabilities, NaN when not scored
+PUNSAFE = "punsafe"
+PWATERMARK = "pwatermark"
 # every stage: "" while the row is alive, else why it was dropped
 DROP_REASON = "drop_reason"
 

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 N_COPIES = 5
-IMAGE_DELAY_S = 0.05
+IMAGE_DELAY_S = 0.2
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,12 @@ Model loading never downloads. ``clip.models.<subset>`` names
 
 Missing weights or tokenizer files raise :class:`~laionbuild.errors.ModelMissingError`
 saying which file is expected where. See docs/clip.md (checkpoint format, NSFW rule).
+
+With ``safety.punsafe_heads`` the NSFW head of a subset reads the same
+L2-normalised image embedding and writes ``punsafe``; with
+``safety.watermark_model`` the watermark classifier scores the images of the
+rows kept here and writes ``pwatermark`` (see :mod:`laionbuild.stages.safety`
+and docs/safety_models.md).
 """
 
 from __future__ import annotations
@@ -39,9 +45,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..config import ClipConfig, ClipModelConfig
+from ..config import ClipConfig, ClipModelConfig, SafetyConfig
 from ..errors import ConfigError, ModelMissingError, SetupError
-from ..schema import DROP_REASON, IMAGE, NSFW, SIMILARITY, SUBSET, ALT_TEXT
+from ..schema import DROP_REASON, IMAGE, NSFW, PUNSAFE, PWATERMARK, SIMILARITY, SUBSET, ALT_TEXT
 from ..stats import StageCounters
 
 logger = logging.getLogger(__name__)
@@ -665,6 +671,8 @@ class ClipScorer:
 
     ``models`` (subset -> :class:`LoadedClip`) replaces loading from the config
     (benchmarks); ``keep_image`` keeps the ``IMAGE`` column in the output.
+    ``safety`` adds the ``punsafe`` heads and the ``pwatermark`` classifier
+    (``punsafe_heads`` / ``watermark`` replace loading them, like ``models``).
     """
 
     def __init__(
@@ -676,6 +684,9 @@ class ClipScorer:
         models: Mapping[str, LoadedClip] | None = None,
         channels_last: bool = True,
         compile_model: bool | None = None,
+        safety: SafetyConfig | None = None,
+        punsafe_heads: Mapping[str, Any] | None = None,
+        watermark: Any = None,
     ):
         self.cfg = clip_cfg
         self.image_size = int(image_size)
@@ -721,8 +732,54 @@ class ClipScorer:
                 raise ConfigError("clip.nsfw_tag needs non-empty clip.nsfw_prompts and clip.safe_prompts")
             for r in distinct:
                 r.set_nsfw_prompts(clip_cfg.nsfw_prompts, clip_cfg.safe_prompts)
+        self._setup_safety(safety, punsafe_heads, watermark)
         #: seconds spent tokenising inside this object (measurement for the benchmark)
         self.tokenize_s = 0.0
+
+    def _setup_safety(self, safety: SafetyConfig | None, heads: Mapping[str, Any] | None, watermark: Any) -> None:
+        """Load the punsafe head of each subset (each checkpoint once) and the watermark classifier."""
+        from . import safety as sf
+
+        self.punsafe_heads: dict[str, Any] = {}
+        if heads is None and safety is not None:
+            loaded: dict[str, Any] = {}
+            heads = {}
+            for subset, value in safety.punsafe_heads.items():
+                if value:
+                    if value not in loaded:
+                        loaded[value] = sf.load_punsafe_head(value, self.device, f"safety.punsafe_heads.{subset}")
+                    heads[subset] = loaded[value]
+        for subset, head in (heads or {}).items():
+            runner = self.runners.get(subset)
+            if runner is None:
+                raise ConfigError(f"safety.punsafe_heads.{subset}: no clip model scores subset '{subset}'")
+            if head.embed_dim != runner.loaded.embed_dim:
+                raise ConfigError(
+                    f"safety.punsafe_heads.{subset}: the head reads {head.embed_dim}-d embeddings but the clip model "
+                    f"of {subset} ({runner.loaded.name}) gives {runner.loaded.embed_dim}-d ones"
+                )
+            arch, _, pretrained = runner.loaded.name.partition("/")
+            if not sf.same_clip_model(head.clip_model, arch, pretrained):
+                logger.warning("punsafe head %s was trained on %s embeddings; subset %s is scored with %s",
+                               head.path or head.name, head.clip_model, subset, runner.loaded.name)
+            head.module.to(self.device)
+            self.punsafe_heads[subset] = head
+        # per runner: (head, subsets it serves)
+        self._heads_of: dict[int, list[tuple[Any, list[str]]]] = {}
+        for subset, head in self.punsafe_heads.items():
+            entries = self._heads_of.setdefault(id(self.runners[subset]), [])
+            for h, subs in entries:
+                if h is head:
+                    subs.append(subset)
+                    break
+            else:
+                entries.append((head, [subset]))
+        self.watermark = watermark
+        if watermark is None and safety is not None and safety.watermark_model:
+            self.watermark = sf.WatermarkScorer(
+                safety.watermark_model, self.image_size, device=self.device, precision=self.precision,
+                batch_size=safety.watermark_batch_size,
+            )
 
     # ..................................................................... helpers
     def _image_rows(self, images: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -771,6 +828,7 @@ class ClipScorer:
             img_emb = np.zeros((n, self.embed_dim), dtype=np.float16)
             txt_emb = np.zeros((n, self.embed_dim), dtype=np.float16)
         nsfw = np.full(n, "", dtype=object) if self.cfg.nsfw_tag else None
+        punsafe = np.full(n, np.nan, dtype=np.float32) if self.punsafe_heads else None
         images = batch.get(IMAGE)
         tokens_col = batch.get(CLIP_TOKENS)
         texts = batch.get(ALT_TEXT)
@@ -809,11 +867,21 @@ class ClipScorer:
                     txt_f = F.normalize(runner.encode_text(tok).float(), dim=-1)
                     cos = (img_f * txt_f).sum(dim=-1)
                     votes = self._nsfw_votes(runner, img_f) if nsfw is not None else None
+                    unsafe = []
+                    for head, subs in self._heads_of.get(id(runner), ()):
+                        sel = np.isin(subsets[idx], subs)
+                        if sel.all():
+                            unsafe.append((idx, head.probability(img_f)))
+                        elif sel.any():
+                            rows = torch.from_numpy(np.flatnonzero(sel)).to(img_f.device)
+                            unsafe.append((idx[sel], head.probability(img_f[rows])))
                 # results stay on the device until the group is done: the host keeps
                 # preparing the next chunk while the device computes
-                pending.append((idx, cos, img_f if save else None, txt_f if save else None, votes))
-            for idx, cos, img_f, txt_f, votes in pending:
+                pending.append((idx, cos, img_f if save else None, txt_f if save else None, votes, unsafe))
+            for idx, cos, img_f, txt_f, votes, unsafe in pending:
                 sim[idx] = cos.cpu().numpy()
+                for rows, prob in unsafe:
+                    punsafe[rows] = prob.float().cpu().numpy()
                 if votes is not None:
                     nsfw[idx] = np.asarray(NSFW_TAGS, dtype=object)[votes.cpu().numpy()]
                 if save:
@@ -833,6 +901,11 @@ class ClipScorer:
             out[TEXT_EMBEDDING] = txt_emb
         if nsfw is not None:
             out[NSFW] = nsfw
+        if punsafe is not None:
+            out[PUNSAFE] = punsafe
+        if self.watermark is not None:
+            # the rows kept by the similarity filter, on the same resized images
+            out[PWATERMARK] = self.watermark.score({DROP_REASON: drop, IMAGE: images})
         if not self.keep_image:
             out.pop(IMAGE, None)
         out.pop(CLIP_TOKENS, None)

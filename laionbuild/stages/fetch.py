@@ -11,7 +11,11 @@ were already dropped pass through with ``STATUS = "skipped"``. Nothing raises.
 Statuses
 --------
 ``success``, ``timeout``, ``connection_error``, ``dns_error``, ``http_error_<code>``,
-``too_many_redirects``, ``too_large_bytes``, ``opt_out``, ``blocked_address``,
+``too_many_redirects``, ``too_large_bytes``, ``opt_out`` (``X-Robots-Tag``),
+``opt_out_tdm_header`` (``tdm-reservation: 1`` on the image), ``opt_out_tdmrep``
+(the host's ``/.well-known/tdmrep.json`` reserves the path), ``opt_out_robots_txt``
+(the host's ``robots.txt`` disallows the path; off by default),
+``blocklisted:<list>`` (a redirect led to a block-listed URL), ``blocked_address``,
 ``bad_scheme``, ``bad_url`` and, from the decoder, ``not_an_image``,
 ``decode_error``, ``too_small``, ``too_large_pixels``, ``unsupported_format``.
 Only ``timeout``, ``connection_error``, ``http_error_5xx`` and ``http_error_429``
@@ -34,6 +38,10 @@ to the vetted IP itself (``http.client`` with a connection hook; the ``Host``
 header, TLS SNI and certificate check keep the host name), so no second,
 possibly different, name resolution happens between check and connect. Proxy
 environment variables are not used.
+
+Opt-out files (``tdmrep.json``, ``robots.txt``, see :mod:`laionbuild.stages.optout`)
+are fetched the same way -- vetted, pinned, size-limited -- once per origin and
+worker, before the image itself is requested, on every hop of a redirect chain.
 
 Why ``http.client`` and not img2dataset's downloader or ``requests``
 -----------------------------------------------------------------------
@@ -70,6 +78,16 @@ from .. import schema as S
 from ..config import FetchConfig, ResizeConfig
 from ..errors import ConfigError
 from ..stats import StageCounters
+from .optout import (
+    ROBOTS_PATH,
+    TDMREP_PATH,
+    OriginCache,
+    RobotsRules,
+    parse_robots,
+    parse_tdmrep,
+    tdm_header_reserved,
+    tdm_reserved,
+)
 from .resize import ImageRejected, decode_and_resize, encode_image
 
 logger = logging.getLogger(__name__)
@@ -78,9 +96,9 @@ STAGE = "fetch"
 SKIPPED = "skipped"
 STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
-    "opt_out", "blocked_address", "bad_scheme", "bad_url", "not_an_image", "decode_error", "too_small",
-    "too_large_pixels", "unsupported_format",
-)  # plus http_error_<code>
+    "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
+    "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
+)  # plus http_error_<code> and blocklisted:<list>
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _READ_CHUNK = 1 << 18
@@ -286,8 +304,13 @@ class ImageFetcher:
         *,
         resolver: Resolver | None = None,
         keep_image_bytes: bool = False,
+        url_filter: Callable[[str], str | None] | None = None,
     ):
+        """``url_filter(url)`` names the block list holding a URL (or None); it is asked
+        on every hop, so a redirect never leads to a block-listed URL."""
         self.cfg = fetch_cfg
+        self.url_filter = url_filter
+        self._policies = OriginCache(fetch_cfg.policy_cache_size)
         self.resize_cfg = resize_cfg
         self.keep_image_bytes = keep_image_bytes
         self.resolver = resolver or Resolver(fetch_cfg.host_map, fetch_cfg.dns_cache_size)
@@ -392,14 +415,19 @@ class ImageFetcher:
                     time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _attempt(self, url: str) -> bytes:
+    def _attempt(self, url: str, policy_file: bool = False) -> bytes:
+        """One download with its redirects; ``policy_file``: an opt-out file, not an image."""
         deadline = time.monotonic() + self.cfg.timeout_s
         current = url
         for hop in range(self.cfg.max_redirects + 1):
             target = self._vet(current)
+            if not policy_file:
+                started = time.monotonic()
+                self._check_opt_outs(current, target)
+                deadline += time.monotonic() - started  # opt-out files do not eat the image's time
             slot = self._slot(target[1])
             with slot:
-                location = self._request(target, deadline)
+                location = self._request(target, deadline, policy_file)
             if isinstance(location, bytes):
                 return location
             current = urljoin(current, location)
@@ -444,7 +472,49 @@ class ImageFetcher:
                 self._host_slots[host] = slot
             return slot
 
-    def _request(self, target, deadline: float) -> bytes | str:
+    # ------------------------------------------------------------------ opt-out files
+    def _check_opt_outs(self, url: str, target) -> None:
+        """Block lists, tdmrep.json and robots.txt for one hop; raises ``_Failure``."""
+        if self.url_filter is not None:
+            name = self.url_filter(url)
+            if name:
+                raise _Failure(f"blocklisted:{name}", f"{url[:200]} is on block list {name}")
+        if not (self.cfg.honour_tdmrep_json or self.cfg.honour_robots_txt):
+            return
+        scheme, host, port, path, _ = target
+        if self.cfg.honour_tdmrep_json:
+            rules = self._policies.get(("tdmrep", scheme, host, port),
+                                       lambda: parse_tdmrep(self._policy_file(scheme, host, port, TDMREP_PATH)[1]))
+            rule = tdm_reserved(rules, path.split("?", 1)[0])
+            if rule is not None:
+                raise _Failure("opt_out_tdmrep", f"{TDMREP_PATH}: location {rule.location!r} reserved"
+                               + (f" (policy {rule.policy})" if rule.policy else ""))
+        if self.cfg.honour_robots_txt:
+            robots: RobotsRules = self._policies.get(("robots", scheme, host, port),
+                                                     lambda: parse_robots(*self._policy_file(scheme, host, port,
+                                                                                             ROBOTS_PATH)))
+            if not robots.allowed(self.ua_token or "*", path):
+                raise _Failure("opt_out_robots_txt", robots.note or f"{ROBOTS_PATH} disallows {path[:200]}")
+
+    def _policy_file(self, scheme: str, host: str, port: int, path: str) -> tuple[int | None, bytes]:
+        """(HTTP status, body) of an opt-out file; status None when the host cannot be reached."""
+        netloc = f"[{host}]" if ":" in host else host
+        url = f"{scheme}://{netloc}:{port}{path}"
+        self._bump("policy_fetches")
+        try:
+            return 200, self._attempt(url, policy_file=True)
+        except _Failure as exc:
+            if exc.status.startswith("http_error_") and exc.status[11:].isdigit():
+                return int(exc.status[11:]), b""
+            if exc.status == "too_large_bytes":
+                return 200, b""
+            logger.debug("opt-out file %s: %s", url, exc)
+            return None, b""
+        except Exception:  # noqa: BLE001 - an opt-out file never stops the batch
+            logger.warning("unexpected error fetching %s", url, exc_info=True)
+            return None, b""
+
+    def _request(self, target, deadline: float, policy_file: bool = False) -> bytes | str:
         """One HTTP exchange; returns the body (bytes) or a redirect location (str)."""
         scheme, host, port, path, addresses = target
         for fresh_try in range(2):
@@ -462,13 +532,14 @@ class ImageFetcher:
                 conn.http.close()
                 raise self._net_failure(exc) from None
             try:
-                return self._response(conn, resp, deadline)
+                return self._response(conn, resp, deadline, policy_file)
             except BaseException:
                 conn.http.close()
                 raise
         raise _Failure("connection_error", "connection closed by the server")
 
-    def _response(self, conn: _Conn, resp: http.client.HTTPResponse, deadline: float) -> bytes | str:
+    def _response(self, conn: _Conn, resp: http.client.HTTPResponse, deadline: float,
+                  policy_file: bool = False) -> bytes | str:
         code = resp.status
         if code in _REDIRECTS:
             location = resp.getheader("Location")
@@ -479,12 +550,17 @@ class ImageFetcher:
         if not 200 <= code < 300:
             self._discard(conn, resp, deadline)
             raise _Failure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip())
-        if self.cfg.honour_opt_out and self.opt_out_directives:
+        if self.cfg.honour_opt_out and self.opt_out_directives and not policy_file:
             tags = resp.headers.get_all("X-Robots-Tag") or []
             if tags and _opted_out(tags, self.ua_token, self.opt_out_directives):
                 conn.http.close()
                 raise _Failure("opt_out", f"X-Robots-Tag: {'; '.join(tags)[:200]}")
-        limit = self.cfg.max_bytes
+        if self.cfg.honour_tdm_header and not policy_file:
+            reservation = resp.headers.get_all("tdm-reservation") or []
+            if reservation and tdm_header_reserved(reservation):
+                conn.http.close()
+                raise _Failure("opt_out_tdm_header", f"tdm-reservation: {'; '.join(reservation)[:200]}")
+        limit = self.cfg.policy_max_bytes if policy_file else self.cfg.max_bytes
         declared = resp.getheader("Content-Length")
         if declared is not None:
             try:

@@ -1,0 +1,323 @@
+"""``laionbuild remove``: take rows out of a published output folder, for good.
+
+``remove(OUTPUT, url_files=[...], hash_files=[...])``
+
+1. copies each list into ``OUTPUT/removals/<NNNN>-<urls|hashes>-<file name>``
+   (first, so the intent survives a crash half-way);
+2. rewrites every published parquet file holding a listed row --
+   ``OUTPUT/{en,multi,nolang}/``, their ``*_embeddings`` companions (matched by
+   ``key``) and any other ``<subset>_*`` view -- without those rows, each file
+   written whole under a temporary name and renamed into place; every other
+   row keeps its values and its order, the schema and the compression stay;
+3. drops the listed rows' images from ``OUTPUT/images/*.tar`` when present;
+4. adds the counts to ``stats.json`` (a ``removed`` section; ``kept_per_subset``
+   and ``kept_total`` go down) and records the list (file name, sha256, entries,
+   rows removed, time) under ``removals`` in ``provenance.json``.
+
+The pipeline's publish step applies every list found in ``OUTPUT/removals/``
+(:func:`recorded_removals`), so a later ``laionbuild run`` into the same folder
+publishes the same rows minus the removed ones.
+
+URL lists and hash lists have the format of :mod:`laionbuild.stages.blocklist`
+(a hash list may mix LAION ``hash`` values and md5 / sha1 / sha256 URL digests).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+import re
+import tarfile
+import time
+from collections import Counter
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import schema as S
+from .errors import LaionBuildError
+from .stages import shards
+from .stages.blocklist import Blocklist, list_name, read_list_bytes
+
+log = logging.getLogger(__name__)
+
+REMOVALS_DIR = "removals"
+PREFIX = "removed"
+_KIND_OF = {"urls": "url", "hashes": "hash"}
+_STORED = re.compile(r"^(\d+)-(urls|hashes)-(.+)$")
+
+
+# --------------------------------------------------------------------------- recorded lists
+def recorded_removals(fs, root: str) -> Blocklist:
+    """Every removal list recorded in ``root/removals/``, in the order they were applied."""
+    bl = Blocklist(PREFIX)
+    folder = posixpath.join(root, REMOVALS_DIR)
+    try:
+        names = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False))
+    except FileNotFoundError:
+        return bl
+    for name in names:
+        m = _STORED.match(name)
+        if not m or ".tmp-" in name:
+            continue
+        path = posixpath.join(folder, name)
+        with fs.open(path, "rb") as fh:
+            bl.add_bytes(fh.read(), _KIND_OF[m.group(2)], name, path)
+    return bl
+
+
+def _record(fs, root: str, kind: str, source: str, data: bytes) -> str:
+    folder = posixpath.join(root, REMOVALS_DIR)
+    fs.makedirs(folder, exist_ok=True)
+    seqs = [int(m.group(1)) for p in fs.ls(folder, detail=False)
+            if (m := _STORED.match(posixpath.basename(p)))]
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", posixpath.basename(source.rstrip("/"))) or "list"
+    path = posixpath.join(folder, f"{max(seqs, default=0) + 1:04d}-{kind}-{safe}")
+    shards.write_bytes_atomic(fs, path, data)
+    return path
+
+
+# --------------------------------------------------------------------------- tables
+def filter_table(table: pa.Table, lists: Iterable[Blocklist]) -> tuple[pa.Table, Counter, set[str]]:
+    """Rows of a published table that no list names; removed rows per ``<prefix>:<list>``; their keys.
+
+    The first list set that names a row gets it (block lists before removal lists).
+    """
+    lists = [bl for bl in lists if not bl.empty]
+    counts: Counter = Counter()
+    if not lists or table.num_rows == 0 or "URL" not in table.column_names:
+        return table, counts, set()
+    urls = table.column("URL").to_pylist()
+    hashes = table.column("hash").to_pylist() if "hash" in table.column_names else None
+    names: list[str | None] = [None] * len(urls)
+    for bl in lists:
+        for i, name in enumerate(bl.table_matches(urls, hashes)):
+            if name is not None and names[i] is None:
+                names[i] = bl.reason(name)
+    hit = [n is not None for n in names]
+    if not any(hit):
+        return table, counts, set()
+    counts.update(n for n in names if n is not None)
+    keys = set()
+    if "key" in table.column_names:
+        keys = {k for k, h in zip(table.column("key").to_pylist(), hit) if h}
+    keep = pa.array([not h for h in hit], pa.bool_())
+    return table.filter(keep), counts, keys
+
+
+def _compression(meta: pq.FileMetaData) -> str:
+    if meta.num_row_groups and meta.num_columns:
+        codec = meta.row_group(0).column(0).compression
+        return "none" if codec == "UNCOMPRESSED" else codec.lower()
+    return "zstd"
+
+
+def _rewrite(fs, path: str, keep_fn) -> int:
+    """Rewrite one parquet file with the rows ``keep_fn(table)`` keeps; returns rows removed."""
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        compression = _compression(pf.metadata)
+        table = pf.read()
+    kept = keep_fn(table)
+    removed = table.num_rows - kept.num_rows
+    if removed:
+        shards.write_bytes_atomic(fs, path, shards.table_to_bytes(kept, compression))
+    return removed
+
+
+def filter_image_tars(fs, folder: str, lists: Iterable[Blocklist], keys: set[str] | None = None) -> int:
+    """Drop the members of ``folder/*.tar`` whose row a list names (or whose key is in ``keys``)."""
+    import json
+
+    lists = [bl for bl in lists if not bl.empty]
+    if not lists and not keys:
+        return 0
+    try:
+        tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for path in tars:
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+        members = []
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            for info in tar.getmembers():
+                members.append((info, tar.extractfile(info).read() if info.isfile() else b""))
+        drop = set(keys or ())
+        for info, payload in members:
+            if info.name.endswith(".json"):
+                try:
+                    meta = json.loads(payload.decode("utf-8"))
+                    url, caption = meta.get("url", ""), meta.get("caption", "")
+                except (ValueError, UnicodeError, AttributeError):
+                    continue
+                h = S.pair_hash(url, caption)
+                if any(bl.match(url, h) is not None for bl in lists):
+                    drop.add(info.name.rsplit(".", 1)[0])
+        stems = {info.name.rsplit(".", 1)[0] for info, _ in members}
+        gone = stems & drop
+        if not gone:
+            continue
+        sink = io.BytesIO()
+        with tarfile.open(fileobj=sink, mode="w") as tar:
+            for info, payload in members:
+                if info.name.rsplit(".", 1)[0] not in gone:
+                    tar.addfile(info, io.BytesIO(payload))
+        shards.write_bytes_atomic(fs, path, sink.getvalue())
+        total += len(gone)
+    return total
+
+
+def _published_dirs(fs, root: str) -> tuple[list[str], list[str]]:
+    """Folders of published row tables and of their key-only companions (``*_embeddings``)."""
+    main, companions = [], []
+    try:
+        entries = sorted(fs.ls(root, detail=False))
+    except FileNotFoundError:
+        return main, companions
+    for path in entries:
+        name = posixpath.basename(path.rstrip("/"))
+        if not fs.isdir(path) or not any(name == s or name.startswith(s + "_") for s in S.SUBSETS):
+            continue
+        (companions if name.endswith("_embeddings") else main).append(path)
+    return main, companions
+
+
+def apply_to_published(fs, root: str, lists: list[Blocklist]) -> dict[str, Any]:
+    """Remove the rows the lists name from every published file; counts per folder and per list."""
+    main, companions = _published_dirs(fs, root)
+    per_dir: Counter = Counter()
+    by_list: Counter = Counter()
+    keys: set[str] = set()
+    for folder in main:
+        subset = posixpath.basename(folder.rstrip("/"))
+        for path in sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")):
+            def keep(table: pa.Table) -> pa.Table:
+                kept, counts, gone = filter_table(table, lists)
+                keys.update(gone)
+                if subset in S.SUBSETS:
+                    by_list.update(counts)
+                return kept
+
+            per_dir[subset] += _rewrite(fs, path, keep)
+    for folder in companions:
+        name = posixpath.basename(folder.rstrip("/"))
+        for path in sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")):
+            def keep_keys(table: pa.Table) -> pa.Table:
+                if "key" not in table.column_names or not keys:
+                    return table
+                mask = [k not in keys for k in table.column("key").to_pylist()]
+                return table.filter(pa.array(mask, pa.bool_()))
+
+            per_dir[name] += _rewrite(fs, path, keep_keys)
+    images = filter_image_tars(fs, posixpath.join(root, "images"), lists, keys)
+    return {"per_dir": dict(per_dir), "by_list": dict(by_list), "images": images}
+
+
+# --------------------------------------------------------------------------- the command
+def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[str] = ()) -> dict[str, Any]:
+    """Remove the rows named by the lists from a finished output folder (see the module docstring)."""
+    fs, root = shards.fs_and_path(output)
+    stats_path = posixpath.join(root, "stats.json")
+    if not fs.exists(stats_path):
+        raise LaionBuildError(f"{output} holds no stats.json: not a finished output folder "
+                              "(a running or interrupted run applies recorded removals when it publishes)")
+    sources = [("urls", p) for p in url_files] + [("hashes", p) for p in hash_files]
+    if not sources:
+        raise LaionBuildError("remove: give at least one --urls or --hashes list")
+    loaded = []
+    for kind, source in sources:
+        try:
+            data = read_list_bytes(source)
+        except (OSError, ValueError) as exc:
+            raise LaionBuildError(f"remove: cannot read {source}: {exc}") from None
+        loaded.append((kind, source, data))
+    records = []
+    lists = Blocklist(PREFIX)
+    for kind, source, data in loaded:
+        stored = _record(fs, root, kind, source, data)
+        info = lists.add_bytes(data, _KIND_OF[kind], posixpath.basename(stored), stored)
+        records.append((kind, source, stored, info))
+    result = apply_to_published(fs, root, [lists])
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    per_subset = {s: int(result["per_dir"].get(s, 0)) for s in S.SUBSETS}
+    by_list = {name.split(":", 1)[1]: n for name, n in result["by_list"].items()}
+
+    stats = shards.read_json(fs, stats_path)
+    section = stats.setdefault("removed", {"total": 0, "by_list": {}, "per_subset": {}})
+    for name, n in by_list.items():
+        section["by_list"][name] = section["by_list"].get(name, 0) + n
+    for s, n in per_subset.items():
+        section["per_subset"][s] = section["per_subset"].get(s, 0) + n
+        kept = stats.setdefault("kept_per_subset", {})
+        kept[s] = max(0, int(kept.get(s, 0)) - n)
+    section["total"] = sum(section["per_subset"].values())
+    stats["kept_total"] = sum(int(v) for v in stats.get("kept_per_subset", {}).values())
+    shards.write_bytes_atomic(fs, stats_path, _dumps(stats))
+
+    prov_path = posixpath.join(root, "provenance.json")
+    prov = shards.read_json(fs, prov_path) if fs.exists(prov_path) else {}
+    entries = prov.setdefault("removals", [])
+    for kind, source, stored, info in records:
+        entries.append({
+            "list": list_name(source),
+            "source": source,
+            "stored": posixpath.relpath(stored, root),
+            "kind": kind,
+            "sha256": info.sha256,
+            "entries": info.entries,
+            "invalid_entries": info.invalid,
+            "removed": by_list.get(info.name, 0),
+            "time": now,
+        })
+    shards.write_json_atomic(fs, prov_path, prov)
+    report = {"output": output, "removed": sum(per_subset.values()), "per_subset": per_subset,
+              "by_list": by_list, "companion_rows": {k: v for k, v in result["per_dir"].items() if k not in S.SUBSETS},
+              "images": result["images"], "lists": [posixpath.relpath(r[2], root) for r in records]}
+    log.info("removed %d rows (%s)", report["removed"], ", ".join(f"{s}={n}" for s, n in per_subset.items()))
+    return report
+
+
+def _dumps(obj: Any) -> bytes:
+    import json
+
+    return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
+
+
+# --------------------------------------------------------------------------- publish-time filter
+class PublishFilter:
+    """Block lists of the config + recorded removal lists, applied to each published group.
+
+    Pickled into Ray tasks without its loaded lists; each process loads them once.
+    """
+
+    def __init__(self, blocklist_cfg, output: str):
+        self.blocklist_cfg = blocklist_cfg
+        self.output = output
+        self._lists: list[Blocklist] | None = None
+
+    def __getstate__(self):
+        return {"blocklist_cfg": self.blocklist_cfg, "output": self.output, "_lists": None}
+
+    def lists(self) -> list[Blocklist]:
+        if self._lists is None:
+            from .stages.blocklist import cached
+
+            fs, root = shards.fs_and_path(self.output)
+            self._lists = [cached(self.blocklist_cfg), recorded_removals(fs, root)]
+        return self._lists
+
+    @property
+    def empty(self) -> bool:
+        return all(bl.empty for bl in self.lists())
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, Counter]:
+        kept, counts, _ = filter_table(table, self.lists())
+        return kept, counts
+
+
+__all__ = ["PublishFilter", "apply_to_published", "filter_image_tars", "filter_table", "recorded_removals",
+           "remove"]

@@ -1,0 +1,400 @@
+"""Block lists: URLs, domains and hashes whose rows are never fetched nor published.
+
+A :class:`Blocklist` loads its lists once (construct it once per worker) and
+answers, for a row, the first list that names it. Lists are plain text, one
+entry per line, ``#`` lines ignored, ``.gz`` allowed, read through fsspec:
+
+``url``
+    image URLs. Both sides are compared in a normal form: surrounding blanks
+    removed, scheme and host lower-cased, the default port and the
+    ``#fragment`` dropped (path and query keep their case).
+``domain``
+    host names; an entry blocks the host and all its sub-domains
+    (``example.com`` blocks ``example.com`` and ``img.cdn.example.com``, not
+    ``badexample.com``). ``*.example.com``, ``.example.com`` and full URLs are
+    read as ``example.com``; IP literals match exactly.
+``hash``
+    one hash per line, optionally prefixed ``laion:`` / ``md5:`` / ``sha1:`` /
+    ``sha256:``. Without a prefix a decimal integer is LAION-5B's ``hash``
+    column (:func:`laionbuild.schema.pair_hash` of URL and TEXT, signed 64-bit;
+    an unsigned spelling is accepted too), and 32 / 40 / 64 hex digits are the
+    md5 / sha1 / sha256 of the URL's UTF-8 bytes exactly as it appears in the
+    data (not normalised).
+
+Each list is named by its file name (``name#2`` on a clash); a row dropped by
+a list gets ``DROP_REASON = "<prefix>:<name>"`` (prefix ``blocklist``), so the
+pipeline counts removals per list. When several lists name a row, the first
+list in configuration order (URL lists, then domain lists, then hash lists)
+gets the count.
+
+The same class filters published parquet tables (:meth:`Blocklist.table_matches`)
+and the recorded removal lists of ``laionbuild remove`` (prefix ``removed``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import posixpath
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from .. import schema as S
+from ..config import BlocklistConfig
+from ..errors import ConfigError
+from ..stats import StageCounters
+
+logger = logging.getLogger(__name__)
+
+STAGE = "blocklist"
+KINDS = ("url", "domain", "hash")
+_DIGESTS = {32: "md5", 40: "sha1", 64: "sha256"}
+_HEX = re.compile(r"^[0-9a-f]+$")
+_INT = re.compile(r"^[+-]?[0-9]{1,20}$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_NO_MATCH = 1 << 62
+
+
+@dataclass
+class ListInfo:
+    """What one loaded list holds (recorded in provenance)."""
+
+    name: str
+    kind: str
+    path: str
+    entries: int
+    invalid: int
+    sha256: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+# --------------------------------------------------------------------------- normal forms
+def normalize_url(url: str) -> str:
+    """The form URL lists are compared in (see the module docstring)."""
+    text = str(url).strip()
+    try:
+        parts = urlsplit(text)
+        scheme = parts.scheme.lower()
+        host = (parts.hostname or "").rstrip(".")
+        port = parts.port
+    except ValueError:
+        return text
+    if not parts.netloc:
+        return text.split("#", 1)[0]
+    netloc = host
+    if ":" in host:  # IPv6 literal
+        netloc = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        netloc = f"{netloc}:{port}"
+    if "@" in parts.netloc:
+        netloc = parts.netloc.rsplit("@", 1)[0] + "@" + netloc
+    return urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
+
+
+def url_host(url: str) -> str:
+    """Lower-case host of ``url`` (IDNA-encoded), or ""."""
+    try:
+        host = urlsplit(str(url).strip()).hostname or ""
+    except ValueError:
+        return ""
+    return _ascii_host(host)
+
+
+def _ascii_host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if host and not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            pass
+    return host
+
+
+def normalize_domain(entry: str) -> str:
+    entry = entry.strip()
+    if "://" in entry:
+        entry = url_host(entry)
+    entry = entry.lower()
+    while entry.startswith("*.") or entry.startswith("."):
+        entry = entry[2:] if entry.startswith("*.") else entry[1:]
+    if entry.startswith("[") and entry.endswith("]"):
+        entry = entry[1:-1]
+    return _ascii_host(entry.split("/", 1)[0])
+
+
+def _host_suffixes(host: str) -> Iterable[str]:
+    if not host:
+        return ()
+    if ":" in host or host.replace(".", "").isdigit():
+        return (host,)
+    labels = host.split(".")
+    return (".".join(labels[i:]) for i in range(len(labels)))
+
+
+def parse_hash(entry: str) -> tuple[str, int | str] | None:
+    """``("laion", int)`` or ``(<digest name>, hex)`` for one hash-list entry, None if unreadable."""
+    text = entry.strip().lower()
+    kind = ""
+    if ":" in text:
+        kind, text = (p.strip() for p in text.split(":", 1))
+        if kind not in ("laion", "md5", "sha1", "sha256"):
+            return None
+    if kind in ("", "laion") and _INT.match(text):
+        value = int(text)
+        if value >= 1 << 63:
+            value -= 1 << 64  # unsigned spelling of the signed 64-bit hash
+        if not -(1 << 63) <= value < (1 << 63):
+            return None
+        return "laion", value
+    if kind == "laion":
+        return None
+    if _HEX.match(text) and len(text) in _DIGESTS and (not kind or _DIGESTS[len(text)] == kind):
+        return _DIGESTS[len(text)], text
+    return None
+
+
+# --------------------------------------------------------------------------- reading lists
+def read_list_bytes(path: str) -> bytes:
+    import fsspec
+
+    with fsspec.open(path, "rb") as fh:
+        return fh.read()
+
+
+def list_lines(data: bytes, path: str = "") -> Iterable[str]:
+    if path.endswith(".gz") or data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            yield line
+
+
+def list_name(path: str) -> str:
+    name = posixpath.basename(str(path).rstrip("/")) or str(path)
+    return name[:-3] if name.endswith(".gz") else name
+
+
+# --------------------------------------------------------------------------- the lists
+class Blocklist:
+    """URL, domain and hash lists loaded once; matches rows, batches and tables."""
+
+    def __init__(self, prefix: str = STAGE):
+        self.prefix = prefix
+        self.lists: list[ListInfo] = []
+        self._urls: dict[str, int] = {}
+        self._domains: dict[str, int] = {}
+        self._pairs: dict[int, int] = {}
+        self._digests: dict[str, dict[str, int]] = {}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, cfg: BlocklistConfig, prefix: str = STAGE) -> "Blocklist":
+        """Load every list named in ``cfg``; a missing or unreadable file is a ConfigError."""
+        bl = cls(prefix)
+        for kind, paths in (("url", cfg.url_files), ("domain", cfg.domain_files), ("hash", cfg.hash_files)):
+            for path in paths:
+                bl.add_file(path, kind)
+        return bl
+
+    def add_file(self, path: str, kind: str, name: str | None = None) -> ListInfo:
+        try:
+            data = read_list_bytes(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"blocklist: cannot read {kind} list {path}: {exc}") from None
+        return self.add_bytes(data, kind, name or list_name(path), path)
+
+    def add_bytes(self, data: bytes, kind: str, name: str, path: str = "") -> ListInfo:
+        if kind not in KINDS:
+            raise ConfigError(f"blocklist: unknown list kind {kind!r} (one of {', '.join(KINDS)})")
+        taken = {info.name for info in self.lists}
+        base, k = name, 1
+        while name in taken:
+            k += 1
+            name = f"{base}#{k}"
+        index = len(self.lists)
+        entries = invalid = 0
+        try:
+            lines = list(list_lines(data, path))
+        except (OSError, EOFError, ValueError) as exc:  # a broken .gz
+            raise ConfigError(f"blocklist: cannot read {kind} list {path or name}: {exc}") from None
+        for line in lines:
+            if kind == "url":
+                self._urls.setdefault(normalize_url(line), index)
+            elif kind == "domain":
+                domain = normalize_domain(line.split()[0])
+                if not domain:
+                    invalid += 1
+                    continue
+                self._domains.setdefault(domain, index)
+            else:
+                parsed = parse_hash(line.split()[0])
+                if parsed is None:
+                    invalid += 1
+                    continue
+                algo, value = parsed
+                if algo == "laion":
+                    self._pairs.setdefault(int(value), index)
+                else:
+                    self._digests.setdefault(algo, {}).setdefault(str(value), index)
+            entries += 1
+        if invalid:
+            logger.warning("blocklist %s: %d unreadable %s entries skipped", name, invalid, kind)
+        info = ListInfo(name, kind, path, entries, invalid, hashlib.sha256(data).hexdigest())
+        self.lists.append(info)
+        logger.info("blocklist %s: %d %s entries", name, entries, kind)
+        return info
+
+    # ------------------------------------------------------------------ matching
+    @property
+    def empty(self) -> bool:
+        return not (self._urls or self._domains or self._pairs or self._digests)
+
+    @property
+    def needs_text(self) -> bool:
+        """Whether LAION ``hash`` entries are loaded (they need the row's TEXT / hash)."""
+        return bool(self._pairs)
+
+    def _index(self, url, pair_hash=None) -> int:
+        best = _NO_MATCH
+        if not isinstance(url, str):
+            url = "" if url is None else str(url)
+        if self._urls:
+            best = min(best, self._urls.get(normalize_url(url), _NO_MATCH))
+        if self._domains:
+            for suffix in _host_suffixes(url_host(url)):
+                best = min(best, self._domains.get(suffix, _NO_MATCH))
+        if self._digests:
+            raw = url.encode("utf-8", errors="surrogatepass")
+            for algo, table in self._digests.items():
+                best = min(best, table.get(hashlib.new(algo, raw).hexdigest(), _NO_MATCH))
+        if self._pairs and pair_hash is not None:
+            best = min(best, self._pairs.get(int(pair_hash), _NO_MATCH))
+        return best
+
+    def match(self, url, pair_hash: int | None = None) -> str | None:
+        """Name of the first list naming this row, or None."""
+        i = self._index(url, pair_hash)
+        return None if i == _NO_MATCH else self.lists[i].name
+
+    def match_url(self, url) -> str | None:
+        """Like :meth:`match` from the URL alone (URL, domain and URL-hash lists)."""
+        return self.match(url, None)
+
+    def reason(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    # ------------------------------------------------------------------ batches
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Drop the live rows of a batch that a list names; other rows pass unchanged."""
+        if self.empty:
+            return batch
+        n = S.batch_len(batch)
+        drop = batch.get(S.DROP_REASON)
+        drop = np.full(n, "", dtype=object) if drop is None else np.array(drop, dtype=object, copy=True)
+        urls = batch.get(S.URL, np.full(n, "", dtype=object))
+        hashes = self._pair_hashes(batch, n)
+        for i in range(n):
+            if drop[i]:
+                continue
+            name = self.match(urls[i], None if hashes is None else hashes[i])
+            if name is not None:
+                drop[i] = self.reason(name)
+        out = dict(batch)
+        out[S.DROP_REASON] = drop
+        return out
+
+    def _pair_hashes(self, batch, n: int):
+        if not self._pairs:
+            return None
+        if S.HASH in batch:
+            return np.asarray(batch[S.HASH], dtype=np.int64)
+        if S.URL in batch and S.ALT_TEXT in batch:
+            return S.pair_hashes(batch[S.URL], batch[S.ALT_TEXT])
+        return None
+
+    def counters(self, batch: dict[str, np.ndarray]) -> StageCounters:
+        """Rows of ``batch`` this block list dropped, by list; live rows as ``kept``."""
+        counters = StageCounters()
+        drop = batch.get(S.DROP_REASON)
+        if drop is None:
+            counters.kept = S.batch_len(batch)
+            return counters
+        prefix = self.prefix + ":"
+        for reason in drop:
+            if not reason:
+                counters.kept += 1
+            elif str(reason).startswith(prefix):
+                counters.drop(str(reason)[len(prefix):])
+        return counters
+
+    # ------------------------------------------------------------------ published tables
+    def table_matches(self, urls: Sequence, hashes: Sequence | None) -> list[str | None]:
+        """Per row of a published table (``URL`` / ``hash`` columns): the list naming it, or None."""
+        if self.empty:
+            return [None] * len(urls)
+        if hashes is None or not self._pairs:
+            return [self.match(u) for u in urls]
+        return [self.match(u, h) for u, h in zip(urls, hashes)]
+
+    def describe(self) -> list[dict]:
+        return [info.to_dict() for info in self.lists]
+
+
+# --------------------------------------------------------------------------- per-process cache
+_CACHE: dict[tuple, Blocklist] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _signature(paths: Iterable[str]) -> tuple:
+    import fsspec
+
+    sig = []
+    for path in paths:
+        try:
+            fs, p = fsspec.core.url_to_fs(path)
+            info = fs.info(p)
+            sig.append((path, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag")))
+        except (OSError, ValueError):
+            sig.append((path, None, None))
+    return tuple(sig)
+
+
+def cached(cfg: BlocklistConfig, prefix: str = STAGE) -> Blocklist:
+    """A :class:`Blocklist` for ``cfg``, loaded once per process while the files stay the same."""
+    paths = (*cfg.url_files, *cfg.domain_files, *cfg.hash_files)
+    if not paths:
+        return Blocklist(prefix)
+    key = (prefix, cfg.url_files, cfg.domain_files, cfg.hash_files, _signature(paths))
+    with _CACHE_LOCK:
+        bl = _CACHE.get(key)
+    if bl is None:
+        bl = Blocklist.from_config(cfg, prefix)
+        with _CACHE_LOCK:
+            if len(_CACHE) > 8:
+                _CACHE.clear()
+            _CACHE[key] = bl
+    return bl
+
+
+def drop_counts(reasons: Iterable[str], prefix: str) -> Counter:
+    """``{list name: rows}`` for the drop reasons carrying ``prefix``."""
+    out: Counter = Counter()
+    head = prefix + ":"
+    for r in reasons:
+        if r and r.startswith(head):
+            out[r[len(head):]] += 1
+    return out
+
+
+__all__ = ["Blocklist", "ListInfo", "STAGE", "cached", "drop_counts", "normalize_domain", "normalize_url",
+           "parse_hash", "url_host"]

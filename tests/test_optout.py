@@ -1,0 +1,209 @@
+"""Opt-outs beyond X-Robots-Tag: the TDMRep header and tdmrep.json, robots.txt, block-listed redirects."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from laionbuild import schema as S
+from laionbuild.config import FetchConfig, ResizeConfig, load_config
+from laionbuild.demo.image_server import LoopbackServer
+from laionbuild.stages.fetch import ImageFetcher, Resolver, fetch_counters
+from laionbuild.stages.optout import (
+    OriginCache,
+    parse_robots,
+    parse_tdmrep,
+    path_matches,
+    tdm_header_reserved,
+    tdm_reserved,
+)
+
+HOST = "127.0.0.1"
+
+
+def _png(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+def _no_dns(name):
+    raise AssertionError(f"unexpected DNS lookup of {name!r}")
+
+
+def cfg(**kw) -> FetchConfig:
+    base = dict(allow_addresses=(f"{HOST}/32",), timeout_s=2.0, retries=0, threads=8, per_host_concurrency=8,
+                host_map={"a.test": HOST, "b.test": HOST})
+    base.update(kw)
+    return FetchConfig(**base)
+
+
+def fetch(urls, fetch_cfg: FetchConfig, **kw):
+    batch = {S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.array([""] * len(urls), dtype=object)}
+    with ImageFetcher(fetch_cfg, ResizeConfig(image_size=16), resolver=Resolver(fetch_cfg.host_map, lookup=_no_dns),
+                      **kw) as f:
+        return f(batch), dict(f.stats)
+
+
+# --------------------------------------------------------------------------- pure parts
+def test_path_patterns_follow_robots_syntax():
+    assert path_matches("/images/", "/images/a.jpg")
+    assert path_matches("/images/*", "/images/x/a.jpg")
+    assert path_matches("/*.jpg$", "/a/b.jpg")
+    assert not path_matches("/*.jpg$", "/a/b.jpg?x=1")
+    assert not path_matches("/images/", "/img/a.jpg")
+    assert path_matches("*", "/anything")
+    assert path_matches("images/", "/images/a.png")  # a location without its leading slash
+
+
+def test_tdmrep_rules_first_match_decides():
+    rules = parse_tdmrep(json.dumps([
+        {"location": "/free/*", "tdm-reservation": 0},
+        {"location": "/", "tdm-reservation": 1, "tdm-policy": "https://example.test/policy.json"},
+    ]).encode())
+    assert len(rules) == 2
+    assert tdm_reserved(rules, "/free/a.jpg") is None
+    hit = tdm_reserved(rules, "/other/a.jpg")
+    assert hit is not None and hit.policy.endswith("policy.json")
+    assert parse_tdmrep(b"{not json") == [] and parse_tdmrep(b"42") == []
+    assert parse_tdmrep(b'[{"tdm-reservation": 1}]') == []  # no location: ignored
+
+
+def test_tdm_header_values():
+    assert tdm_header_reserved(["1"]) and tdm_header_reserved([" 1 "])
+    assert not tdm_header_reserved(["0"]) and not tdm_header_reserved([])
+
+
+def test_robots_status_handling():
+    rules = parse_robots(200, b"User-agent: laionbuild\nDisallow: /private/\n")
+    assert not rules.allowed("laionbuild", "/private/a.jpg") and rules.allowed("laionbuild", "/a.jpg")
+    assert parse_robots(404).allowed("laionbuild", "/private/a.jpg")  # RFC 9309: 4xx = no rules
+    assert not parse_robots(503).allowed("laionbuild", "/a.jpg")  # 5xx = everything disallowed
+    assert not parse_robots(None).allowed("laionbuild", "/a.jpg")  # unreachable
+
+
+def test_origin_cache_loads_once_and_evicts():
+    cache = OriginCache(size=2)
+    calls = []
+    for key in ("a", "a", "b", "a", "c", "a"):
+        assert cache.get(key, lambda k=key: calls.append(k) or k.upper()) == key.upper()
+    assert calls == ["a", "b", "c"]
+    cache.get("b", lambda: calls.append("b2"))  # least recently used: "b" went when "c" came
+    assert calls[-1] == "b2"
+
+
+# --------------------------------------------------------------------------- against a server
+@pytest.fixture()
+def server():
+    with LoopbackServer(HOST) as srv:
+        for p in ("/private/a.png", "/private/b.png", "/public/a.png", "/public/b.png", "/free/a.png"):
+            srv.add(p, PNG, content_type="image/png")
+        srv.add("/tdm1.png", PNG, content_type="image/png", headers={"tdm-reservation": "1"})
+        srv.add("/tdm0.png", PNG, content_type="image/png", headers={"tdm-reservation": "0"})
+        yield srv
+
+
+def test_tdm_reservation_header(server):
+    urls = [server.url("/tdm1.png"), server.url("/tdm0.png")]
+    out, _ = fetch(urls, cfg())
+    assert list(out[S.STATUS]) == ["opt_out_tdm_header", "success"]
+    assert out[S.DROP_REASON][0] == "fetch:opt_out_tdm_header"
+    assert fetch_counters(out).dropped_by_reason["opt_out_tdm_header"] == 1
+    out, _ = fetch(urls, cfg(honour_tdm_header=False))
+    assert list(out[S.STATUS]) == ["success", "success"]
+
+
+def test_tdmrep_json_reserves_paths_without_requesting_them(server):
+    server.add("/.well-known/tdmrep.json", json.dumps([
+        {"location": "/private/", "tdm-reservation": 1},
+        {"location": "/", "tdm-reservation": 0},
+    ]).encode(), content_type="application/json")
+    paths = ["/private/a.png", "/private/b.png", "/public/a.png", "/public/b.png"] * 3
+    out, stats = fetch([server.url(p) for p in paths], cfg(honour_tdmrep_json=True))
+    assert [s for s, p in zip(out[S.STATUS], paths) if p.startswith("/private")] == ["opt_out_tdmrep"] * 6
+    assert [s for s, p in zip(out[S.STATUS], paths) if p.startswith("/public")] == ["success"] * 6
+    assert server.request_count("/private/a.png") == server.request_count("/private/b.png") == 0
+    assert server.request_count("/.well-known/tdmrep.json") == 1  # once per host, 8 threads at once
+    assert stats["policy_fetches"] == 1
+    # off: the file is never asked for and the images are fetched
+    server.reset_counts()
+    out, _ = fetch([server.url("/private/a.png")], cfg())
+    assert out[S.STATUS][0] == "success" and server.request_count("/.well-known/tdmrep.json") == 0
+
+
+def test_tdmrep_json_is_cached_per_host(server):
+    server.add("/.well-known/tdmrep.json", b'[{"location": "/private/*", "tdm-reservation": 1}]',
+               content_type="application/json")
+    urls = [f"http://{h}:{server.port}/private/a.png" for h in ("a.test", "b.test", "a.test", "b.test")]
+    out, _ = fetch(urls, cfg(honour_tdmrep_json=True))
+    assert set(out[S.STATUS]) == {"opt_out_tdmrep"}
+    hosts = sorted(h["Host"].split(":")[0] for h in server.request_headers("/.well-known/tdmrep.json"))
+    assert hosts == ["a.test", "b.test"]
+
+
+@pytest.mark.parametrize("body,status", [(b"{broken", 200), (b"gone", 404), (b"oops", 500)])
+def test_tdmrep_json_missing_or_bad_reserves_nothing(server, body, status):
+    server.add("/.well-known/tdmrep.json", body, status=status, content_type="application/json")
+    out, _ = fetch([server.url("/private/a.png")], cfg(honour_tdmrep_json=True))
+    assert out[S.STATUS][0] == "success"
+
+
+def test_opt_out_files_use_the_same_address_checks(server):
+    # the origin's tdmrep.json / robots.txt redirect to the cloud metadata address: never connected to
+    server.add_redirect("/.well-known/tdmrep.json", "http://169.254.169.254/latest/meta-data/")
+    server.add_redirect("/robots.txt", "http://10.0.0.1/robots.txt")
+    out, stats = fetch([server.url("/public/a.png")], cfg(honour_tdmrep_json=True))
+    assert out[S.STATUS][0] == "success"  # no readable tdmrep.json: nothing reserved
+    assert stats["blocked"] == 1  # the redirect hop was refused before any connection
+    out, stats = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
+    assert out[S.STATUS][0] == "opt_out_robots_txt"  # unreachable robots.txt: RFC 9309 disallows all
+    assert stats["blocked"] == 1
+    assert server.request_count("/public/a.png") == 1  # only the first fetch asked for the image
+
+
+def test_robots_txt_honoured_when_enabled(server):
+    server.add("/robots.txt", b"User-agent: otherbot\nDisallow: /\n\nUser-agent: laionbuild\nDisallow: /private/\n",
+               content_type="text/plain")
+    paths = ["/private/a.png", "/public/a.png", "/private/b.png", "/public/b.png"] * 2
+    out, _ = fetch([server.url(p) for p in paths], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS][:4]) == ["opt_out_robots_txt", "success", "opt_out_robots_txt", "success"]
+    assert out[S.DROP_REASON][0] == "fetch:opt_out_robots_txt"
+    assert server.request_count("/private/a.png") == 0 and server.request_count("/robots.txt") == 1
+    server.reset_counts()
+    out, _ = fetch([server.url("/private/a.png")], cfg())  # default: robots.txt not read
+    assert out[S.STATUS][0] == "success" and server.request_count("/robots.txt") == 0
+
+
+def test_robots_txt_for_all_agents(server):
+    server.add("/robots.txt", b"User-agent: *\nDisallow: /private/\n", content_type="text/plain")
+    out, _ = fetch([server.url("/private/a.png"), server.url("/free/a.png")], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS]) == ["opt_out_robots_txt", "success"]
+
+
+def test_redirect_to_block_listed_url_is_never_requested(server):
+    server.add("/blocked/a.png", PNG, content_type="image/png")
+    server.add_redirect("/r", "/blocked/a.png")
+    blocked = server.url("/blocked/a.png")
+
+    def url_filter(url):
+        return "urls.txt" if url == blocked else None
+
+    out, _ = fetch([server.url("/r"), server.url("/public/a.png")], cfg(), url_filter=url_filter)
+    assert list(out[S.STATUS]) == ["blocklisted:urls.txt", "success"]
+    assert out[S.DROP_REASON][0] == "fetch:blocklisted:urls.txt"
+    assert server.request_count("/r") == 1 and server.request_count("/blocked/a.png") == 0
+
+
+def test_opt_out_config_keys():
+    c = load_config(None, ["fetch.honour_tdmrep_json=true", "fetch.honour_robots_txt=true"])
+    assert c.fetch.honour_tdmrep_json and c.fetch.honour_robots_txt and c.fetch.honour_tdm_header
+    d = load_config(None)
+    assert not d.fetch.honour_tdmrep_json and not d.fetch.honour_robots_txt

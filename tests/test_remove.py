@@ -1,0 +1,166 @@
+"""``laionbuild remove``: rows out of a published folder, everything else untouched, and they stay out."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from laionbuild import cli
+from laionbuild import schema as S
+from laionbuild.config import load_config
+from laionbuild.remove import filter_table, recorded_removals
+from laionbuild.stages.blocklist import Blocklist
+
+pytestmark = pytest.mark.ray
+
+DIRS = ("en", "multi", "nolang", "en_embeddings", "multi_embeddings", "nolang_embeddings")
+
+
+def _snapshot(out: Path) -> dict[str, list[dict]]:
+    snap = {}
+    for d in DIRS:
+        for f in sorted((out / d).glob("*.parquet")):
+            snap[f"{d}/{f.name}"] = pq.read_table(f).to_pylist()
+    return snap
+
+
+def _tar_names(out: Path) -> set[str]:
+    names = set()
+    for f in sorted((out / "images").glob("*.tar")):
+        with tarfile.open(fileobj=io.BytesIO(f.read_bytes())) as tar:
+            names |= set(tar.getnames())
+    return names
+
+
+@pytest.fixture(scope="module")
+def removed(tmp_path_factory):
+    from laionbuild import pipeline
+    from laionbuild.demo.run import run_demo
+
+    root = tmp_path_factory.mktemp("remove")
+    out = root / "out"
+    result = run_demo(str(out), overrides=["clip.save_embeddings=true", "output.save_images=true"], progress=False)
+    assert result.exit_code == 0
+    before = _snapshot(out)
+    raw = {p: (out / p).read_bytes() for p in before}
+    stats_before = json.loads((out / "stats.json").read_text())
+    tars_before = _tar_names(out)
+    rows = [r for p, rs in before.items() if "_embeddings" not in p for r in rs]
+    urls = [r["URL"] for r in rows]
+    unique = [r for r in rows if urls.count(r["URL"]) == 1]
+    en = [r for r in unique if r["LANGUAGE"] == "en"]
+    other = [r for r in unique if r["LANGUAGE"] != "en"]
+    by_url = [en[0], other[0]]
+    by_hash = en[1]
+    url_list = root / "takedown-urls.txt"
+    url_list.write_text("# takedown request 1\n" + "".join(r["URL"] + "\n" for r in by_url))
+    hash_list = root / "takedown-hashes.txt"
+    hash_list.write_text(f"{by_hash['hash']}\n")
+    code = cli.main(["remove", str(out), "--urls", str(url_list), "--hashes", str(hash_list)])
+    after = _snapshot(out)
+    raw_after = {p: (out / p).read_bytes() for p in after}
+    stats_after = json.loads((out / "stats.json").read_text())
+    prov_after = json.loads((out / "provenance.json").read_text())
+    tars_after = _tar_names(out)
+    # a later run into the same folder (all inputs complete: it publishes again)
+    cfg = load_config(out / "config.yaml", ["run.progress=false"])
+    rerun = pipeline.run(cfg)
+    yield {
+        "out": out, "code": code, "before": before, "after": after, "raw": raw, "raw_after": raw_after,
+        "removed": [*by_url, by_hash], "stats_before": stats_before, "stats_after": stats_after,
+        "prov_after": prov_after, "tars_before": tars_before, "tars_after": tars_after, "rerun": rerun,
+        "lists": (url_list, hash_list),
+    }
+    import ray
+
+    ray.shutdown()
+
+
+def test_listed_rows_removed_everything_else_identical(removed):
+    r = removed
+    assert r["code"] == 0
+    gone_keys = {row["key"] for row in r["removed"]}
+    assert len(gone_keys) == 3
+    assert set(r["after"]) == set(r["before"])
+    n_removed = 0
+    for path, rows in r["before"].items():
+        kept = [row for row in rows if row["key"] not in gone_keys]
+        n_removed += len(rows) - len(kept)
+        assert r["after"][path] == kept, path  # same values, same order
+        if len(kept) == len(rows):
+            assert r["raw_after"][path] == r["raw"][path], path  # untouched files are not rewritten
+        else:
+            schema_before = pq.read_schema(io.BytesIO(r["raw"][path]))
+            assert pq.read_schema(io.BytesIO(r["raw_after"][path])).equals(schema_before, check_metadata=True)
+    assert n_removed == 6  # 3 rows + their 3 embedding rows
+    assert any(p.endswith("_embeddings/part-00000.parquet") for p in r["before"])
+    gone_members = {n for n in r["tars_before"] if n.rsplit(".", 1)[0] in gone_keys}
+    assert len(gone_members) == 9  # image, caption and metadata of each row
+    assert r["tars_after"] == r["tars_before"] - gone_members
+
+
+def test_stats_and_provenance_record_the_removal(removed):
+    r = removed
+    sb, sa = r["stats_before"], r["stats_after"]
+    assert sa["removed"]["total"] == 3 and sa["kept_total"] == sb["kept_total"] - 3
+    names = sorted(sa["removed"]["by_list"])
+    assert names == ["0001-urls-takedown-urls.txt", "0002-hashes-takedown-hashes.txt"]
+    assert sa["removed"]["by_list"][names[0]] == 2 and sa["removed"]["by_list"][names[1]] == 1
+    for subset in S.SUBSETS:
+        n = sum(1 for row in r["removed"] if (row["LANGUAGE"] == "en") == (subset == "en")
+                and _subset_of(r, row) == subset)
+        assert sa["kept_per_subset"][subset] == sb["kept_per_subset"][subset] - n
+    entries = r["prov_after"]["removals"]
+    assert [(e["list"], e["kind"], e["removed"]) for e in entries] == [
+        ("takedown-urls.txt", "urls", 2), ("takedown-hashes.txt", "hashes", 1)]
+    for e, f in zip(entries, r["lists"]):
+        assert e["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest() and e["time"]
+        assert (r["out"] / e["stored"]).read_bytes() == f.read_bytes()
+
+
+def _subset_of(r, row) -> str:
+    for path, rows in r["before"].items():
+        if row in rows:
+            return path.split("/", 1)[0]
+    raise AssertionError(row)
+
+
+def test_removal_survives_a_rerun(removed):
+    r = removed
+    assert r["rerun"].exit_code == 0
+    again = _snapshot(r["out"])
+    assert again == r["after"]  # the very same rows, in the same order
+    stats = json.loads((r["out"] / "stats.json").read_text())
+    assert stats["kept_total"] == r["stats_after"]["kept_total"]
+    assert stats["removed"]["total"] == 3
+    assert stats["removed"]["by_list"] == r["stats_after"]["removed"]["by_list"]
+    assert stats["stages"]["dedup"] == r["stats_before"]["stages"]["dedup"]  # removals are not duplicates
+    prov = json.loads((r["out"] / "provenance.json").read_text())
+    assert len(prov["removals"]) == 2  # the rerun keeps the record
+    assert _tar_names(r["out"]) == r["tars_after"]
+
+
+def test_recorded_lists_and_table_filter(removed):
+    r = removed
+    import fsspec
+
+    bl = recorded_removals(fsspec.filesystem("file"), str(r["out"]))
+    assert [i.name for i in bl.lists] == ["0001-urls-takedown-urls.txt", "0002-hashes-takedown-hashes.txt"]
+    table = pq.read_table(io.BytesIO(r["raw"][next(p for p in r["raw"] if p.startswith("en/"))]))
+    kept, counts, keys = filter_table(table, [Blocklist(), bl])
+    assert kept.num_rows == table.num_rows - sum(counts.values()) and len(keys) == sum(counts.values())
+    assert set(counts) <= {"removed:0001-urls-takedown-urls.txt", "removed:0002-hashes-takedown-hashes.txt"}
+
+
+def test_remove_refuses_an_unfinished_folder(tmp_path, capsys):
+    lst = tmp_path / "urls.txt"
+    lst.write_text("http://x.test/a.jpg\n")
+    assert cli.main(["remove", str(tmp_path / "nothing"), "--urls", str(lst)]) == 2
+    assert "stats.json" in capsys.readouterr().err
+    assert cli.main(["remove", str(tmp_path)]) == 2
