@@ -59,6 +59,7 @@ STAGE_LABELS = {
     "resize": "images decoded + resized",
     "clip": "above the CLIP threshold",
     "dedup": "after global de-duplication",
+    "blocklist": "after block lists",
     "output": "written",
 }
 SUBSET_COLOURS = {"en": "#1f77b4", "multi": "#ff7f0e", "nolang": "#7f7f7f"}
@@ -283,6 +284,9 @@ def _funnel(stats: dict[str, Any]) -> tuple[list[dict[str, Any]], list[tuple[str
             steps.append({"label": "<img> tags in the pages", "stage": "", "rows": max(imgs, kept + dropped),
                           "dropped": 0})
             first = False
+        if not kept and len(steps) > 1:
+            # a stage that only removes rows (block lists): what is left after it
+            kept = max(0, steps[-1]["rows"] - dropped)
         steps.append({"label": STAGE_LABELS.get(name, name), "stage": name, "rows": kept, "dropped": dropped})
         reasons += [(name, r, n) for r, n in by_reason.items() if n]
     kept_total = stats.get("kept_total")

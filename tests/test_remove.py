@@ -38,6 +38,18 @@ def _tar_names(out: Path) -> set[str]:
     return names
 
 
+def _tar_pairs(out: Path) -> dict[str, tuple[str, str]]:
+    """key -> (url, caption) of every image in the tars (duplicates of a published pair included)."""
+    pairs = {}
+    for f in sorted((out / "images").glob("*.tar")):
+        with tarfile.open(fileobj=io.BytesIO(f.read_bytes())) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    pairs[meta["key"]] = (meta["url"], meta["caption"])
+    return pairs
+
+
 @pytest.fixture(scope="module")
 def removed(tmp_path_factory):
     from laionbuild import pipeline
@@ -51,6 +63,7 @@ def removed(tmp_path_factory):
     raw = {p: (out / p).read_bytes() for p in before}
     stats_before = json.loads((out / "stats.json").read_text())
     tars_before = _tar_names(out)
+    tar_pairs = _tar_pairs(out)
     rows = [r for p, rs in before.items() if "_embeddings" not in p for r in rs]
     urls = [r["URL"] for r in rows]
     unique = [r for r in rows if urls.count(r["URL"]) == 1]
@@ -75,7 +88,7 @@ def removed(tmp_path_factory):
         "out": out, "code": code, "before": before, "after": after, "raw": raw, "raw_after": raw_after,
         "removed": [*by_url, by_hash], "stats_before": stats_before, "stats_after": stats_after,
         "prov_after": prov_after, "tars_before": tars_before, "tars_after": tars_after, "rerun": rerun,
-        "lists": (url_list, hash_list),
+        "lists": (url_list, hash_list), "tar_pairs": tar_pairs,
     }
     import ray
 
@@ -100,8 +113,16 @@ def test_listed_rows_removed_everything_else_identical(removed):
             assert pq.read_schema(io.BytesIO(r["raw_after"][path])).equals(schema_before, check_metadata=True)
     assert n_removed == 6  # 3 rows + their 3 embedding rows
     assert any(p.endswith("_embeddings/part-00000.parquet") for p in r["before"])
-    gone_members = {n for n in r["tars_before"] if n.rsplit(".", 1)[0] in gone_keys}
-    assert len(gone_members) == 9  # image, caption and metadata of each row
+    assert len({n for n in r["tars_before"] if n.rsplit(".", 1)[0] in gone_keys}) == 9  # 3 files per row
+    # every saved image of a removed pair goes, also a copy from another WARC that de-duplication
+    # left out of the shards (same URL, same hash, other key); nothing else is touched
+    from laionbuild.schema import pair_hash
+
+    urls = {row["URL"] for row in r["removed"][:2]}
+    hashes = {r["removed"][2]["hash"]}
+    gone_tar_keys = {k for k, (u, t) in r["tar_pairs"].items() if u in urls or pair_hash(u, t) in hashes}
+    assert gone_keys <= gone_tar_keys
+    gone_members = {n for n in r["tars_before"] if n.rsplit(".", 1)[0] in gone_tar_keys}
     assert r["tars_after"] == r["tars_before"] - gone_members
 
 

@@ -192,3 +192,18 @@ def test_missing_stats_is_a_setup_error(tmp_path):
 
     with pytest.raises(SetupError):
         write_report(str(tmp_path))
+
+
+def test_funnel_stage_that_only_removes_rows():
+    from laionbuild.report import _funnel
+
+    stats = {"stages": {
+        "extract": {"kept": 10, "dropped_by_reason": {"no_alt": 5}, "counts": {"imgs": 15}},
+        "fetch": {"kept": 8, "dropped_by_reason": {"http_error_404": 2}},
+        "dedup": {"kept": 7, "dropped_by_reason": {"duplicate_en": 1}},
+        "blocklist": {"kept": 0, "dropped_by_reason": {"urls.txt": 2}},
+    }, "kept_total": 5}
+    steps, reasons = _funnel(stats)
+    assert [s["rows"] for s in steps] == [15, 10, 8, 7, 5]
+    assert steps[-1]["label"] == "after block lists"
+    assert ("blocklist", "urls.txt", 2) in reasons
