@@ -808,6 +808,7 @@ def _finish_stats(stats: RunStats, markers: list[dict], failed: dict[str, dict])
 def run(cfg: Config, command: str = "run") -> RunResult:
     """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
     mode = "pairs" if command == "run" else "candidates"
+    setup_started = time.monotonic()
     files = preflight(cfg, need_clip=(mode == "pairs"))
     layout = OutputLayout(cfg.run.output)
     prepare_output(cfg, layout, files, command)
@@ -820,17 +821,23 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     init_ray(cfg)
     started = time.monotonic()
     failed: dict[str, dict] = {}
+    phases = {"start": round(started - setup_started, 2)}
     if pending:
         tracker = _stream(cfg, layout, pending, mode)
         failed = tracker.failed
+    phases["stream"] = round(time.monotonic() - started, 2)
     markers = _load_markers(layout, fids)
     stats = RunStats()
     _finish_stats(stats, markers, failed)
+    publish_started = time.monotonic()
     if mode == "pairs":
         published = publish(cfg, layout, markers, stats)
     else:
         published = _publish_candidates(layout, markers, stats)
+    phases["publish"] = round(time.monotonic() - publish_started, 2)
     stats.extra["wall_seconds"] = round(time.monotonic() - started, 2)
+    #: where the wall time went: Ray start-up and checks, the streaming stages, the publish phase
+    stats.extra["phase_seconds"] = phases
     stats.extra["inputs_skipped_as_complete"] = len(done)
     stats.extra["config_hash"] = config_hash(cfg)
     shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats.to_json().encode("utf-8"))

@@ -64,6 +64,7 @@ def _run_cli(sample, inputs: Path, out: Path, cpus: int) -> dict:
         "cpus": cpus,
         "wall_s": round(wall, 2),
         "pipeline_wall_s": stats.get("wall_seconds"),
+        "phase_seconds": stats.get("phase_seconds"),
         "cpu_s": round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 2),
         "candidates": cand,
         "pairs_scored": scored,
