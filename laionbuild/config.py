@@ -268,6 +268,9 @@ class OutputConfig:
     compression: str = "zstd"
     #: keep the downloaded (resized) images as webdataset-style tar shards
     save_images: bool = False
+    #: the publish phase (global de-duplication) runs in the driver process up to this many
+    #: kept rows, on the Ray engine above; both give the same files
+    local_publish_max_rows: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -562,7 +565,8 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def config_hash(cfg: Config, *, ignore: tuple[str, ...] = ("run.progress", "run.log_level", "run.force", "ray")) -> str:
+def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
+        "run.progress", "run.log_level", "run.force", "ray", "output.local_publish_max_rows")) -> str:
     """Stable hash of everything that decides the output rows.
 
     Settings that only change how a run is executed (progress bar, log level,

@@ -658,6 +658,23 @@ class PublishBucket:
                          "safe_left_out": [json.dumps(left_out)], "filtered": [json.dumps(filtered)]})
 
 
+def _publish_local(layout: OutputLayout, parts: list[str], n_buckets: dict[str, int], writer) -> list[dict]:
+    """The publish phase in the driver: same (subset, bucket) groups, same writer, same files."""
+    results: list[dict] = []
+    for subset, n in n_buckets.items():
+        tables = []
+        for path in (p for p in parts if _part_subset(p) == subset):
+            with layout.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh))
+        table = pa.concat_tables(tables, promote_options="default")
+        buckets = (table.column("hash").to_numpy().astype(np.uint64) % np.uint64(n)).astype(np.int64)
+        for b in np.unique(buckets):
+            group = table.filter(pa.array(buckets == b))
+            group = group.append_column("_bucket", pa.array([f"{subset}/{int(b)}"] * group.num_rows, pa.string()))
+            results += writer(group).to_pylist()
+    return results
+
+
 def _part_subset(path: str) -> str:
     return posixpath.basename(path).split("-", 1)[0]
 
@@ -674,26 +691,33 @@ def publish(cfg: Config, layout: OutputLayout, markers: list[dict], stats: RunSt
     fs = layout.fs
     parts = sorted(p for m in markers for p in m["parts"] if _part_subset(p) in S.SUBSETS)
     n_buckets: dict[str, int] = {}
+    totals: dict[str, int] = {}
     for subset in S.SUBSETS:
         mine = [p for p in parts if _part_subset(p) == subset]
         if mine:
-            total = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in mine)
-            n_buckets[subset] = max(1, -(-total // cfg.output.rows_per_shard))
+            totals[subset] = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in mine)
+            n_buckets[subset] = max(1, -(-totals[subset] // cfg.output.rows_per_shard))
     tmp = layout.path("_work", "publish")
     layout.rm(tmp)
     fs.makedirs(tmp, exist_ok=True)
     results: list[dict] = []
     if parts:
-        ds = ray.data.read_parquet([_fs_url(layout, p) for p in parts], include_paths=True)
-        ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
         safe = (cfg.safety.punsafe_max, cfg.safety.pwatermark_max) if cfg.safety.write_safe_subsets else None
         writer = PublishBucket(_fs_url(layout, tmp), cfg.output.compression, cfg.run.global_dedup, safe)
         writer.row_filter = _publish_filter(cfg, layout)
+        total_rows = sum(totals.values())
+        if total_rows <= cfg.output.local_publish_max_rows:
+            # small outputs: the same buckets, de-duplicated in this process (an engine
+            # shuffle costs seconds of fixed overhead and brings nothing at this size)
+            results = _publish_local(layout, parts, n_buckets, writer)
+        else:
+            ds = ray.data.read_parquet([_fs_url(layout, p) for p in parts], include_paths=True)
+            ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
 
-        def publish_bucket(table: pa.Table) -> pa.Table:  # map_groups wants a named function
-            return writer(table)
+            def publish_bucket(table: pa.Table) -> pa.Table:  # map_groups wants a named function
+                return writer(table)
 
-        results = ds.groupby("_bucket").map_groups(publish_bucket, batch_format="pyarrow").take_all()
+            results = ds.groupby("_bucket").map_groups(publish_bucket, batch_format="pyarrow").take_all()
     dedup = stats.stage("dedup")
     published: dict[str, list[str]] = {}
     for subset in S.SUBSETS:
