@@ -587,6 +587,8 @@ def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: st
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)
         tracker.scan()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Ray Data execution stats:\n%s", ds.stats())
     finally:
         progress.close()
     for fid, path in list(tracker.pending.items()):

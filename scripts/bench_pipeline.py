@@ -46,7 +46,9 @@ def _serve(server: LoopbackServer, sample) -> None:
 def _run_cli(sample, inputs: Path, out: Path, cpus: int) -> dict:
     cmd = [sys.executable, "-m", "laionbuild", "run", "-c", str(REPO / "configs" / "smoke.yaml"),
            "-i", str(inputs), "-o", str(out), "--no-progress", "--set", f"ray.num_cpus={cpus}",
-           "--set", "run.global_dedup=true"]
+           "--set", "run.global_dedup=true",
+           # one download actor per CPU: downloading + decoding is the costly CPU stage
+           "--set", f"ray.fetch_actors={cpus}"]
     for s in sample.config_overrides("127.0.0.1"):
         cmd += ["--set", s]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
