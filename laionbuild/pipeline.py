@@ -69,10 +69,6 @@ class OutputLayout:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    @property
-    def work(self) -> str:
-        return self.path("_work")
-
     def summary(self, fid: str) -> str:
         return self.path("_work", "files", f"{fid}.json")
 
@@ -491,7 +487,8 @@ class _Tracker:
             if fid not in self.summaries and self.rows[fid] == 0:
                 self.try_commit(fid)
 
-    def _summary(self, fid: str) -> dict | None:
+    def summary(self, fid: str) -> dict | None:
+        """The extraction summary of an input, once its extraction task has written it."""
         if fid not in self.summaries:
             path = self.layout.summary(fid)
             if not self.layout.exists(path):
@@ -502,7 +499,7 @@ class _Tracker:
     def try_commit(self, fid: str) -> bool:
         if fid not in self.pending:
             return False
-        summary = self._summary(fid)
+        summary = self.summary(fid)
         if summary is None or self.rows[fid] != summary["n_candidates"]:
             return False
         path = self.pending.pop(fid)
@@ -593,7 +590,7 @@ def _stream(cfg: Config, layout: OutputLayout, pending: dict[str, str], mode: st
         progress.close()
     for fid, path in list(tracker.pending.items()):
         # the stream ended but rows are missing: report, leave it uncommitted for the next run
-        summary = tracker._summary(fid) or {"file": FileResult(path, "failed", "incomplete").to_dict()}
+        summary = tracker.summary(fid) or {"file": FileResult(path, "failed", "incomplete").to_dict()}
         log.error("input %s ended with %d of %s rows written", path, tracker.rows[fid],
                   summary.get("n_candidates", "?"))
         tracker.failed[fid] = {**summary, "file": {**summary["file"], "status": "failed", "reason": "incomplete"}}
