@@ -80,6 +80,9 @@ class ExtractConfig:
     dedup_within_file: bool = True
     #: read ``<meta name=robots content=noai|noimageai>`` and drop the page's images
     honour_meta_robots: bool = True
+    #: read ``<meta name=tdm-reservation content=1>`` (TDM Reservation Protocol) and drop
+    #: the page's images
+    honour_meta_tdm: bool = True
 
 
 @dataclass(frozen=True)

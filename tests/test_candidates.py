@@ -356,3 +356,13 @@ def test_url_shortcuts_match_urllib(base):
         assert url == urljoin(base, src).replace(" ", "%20")
         parts = urlsplit(url)
         assert url_parts(url) == (parts.scheme, parts.netloc, parts.path)
+
+
+def test_meta_tdm_reservation_drops_the_page():
+    imgs = "<img src='/a.jpg' alt='first reserved image'><img src='/b.jpg' alt='second reserved image'>"
+    page = html_page(imgs, head="<meta name='tdm-reservation' content='1'>")
+    rows, c = run(page)
+    assert rows == [] and c.dropped_by_reason == {"meta_tdm_reservation": 2}
+    assert len(run(page, honour_meta_tdm=False)[0]) == 2
+    # content 0 reserves nothing
+    assert len(run(html_page(imgs, head="<meta name='tdm-reservation' content='0'>"))[0]) == 2

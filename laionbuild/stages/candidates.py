@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DROP_REASONS = (
     "no_alt",  # alt missing or blank
     "meta_robots_noai",  # page opted out with <meta name=robots content=noai|noimageai>
+    "meta_tdm_reservation",  # page reserved with <meta name=tdm-reservation content=1>
     "no_url",  # no URL in the configured attributes
     "data_or_javascript_url",  # data: / javascript: URL
     "invalid_url",  # cannot be resolved / parsed
@@ -280,17 +281,24 @@ def page_base(tree: LexborHTMLParser, page_url: str) -> str:
     return page_url
 
 
-def _page_opts_out(tree: LexborHTMLParser) -> bool:
-    """``<meta name="robots" content="noai">`` (or ``noimageai``) anywhere in the page."""
+def _page_opts_out(tree: LexborHTMLParser, cfg: ExtractConfig) -> str:
+    """Why the page's images are reserved, or "".
+
+    ``<meta name="robots" content="noai">`` (or ``noimageai``), and with
+    ``extract.honour_meta_tdm`` the TDM Reservation Protocol's page-level
+    ``<meta name="tdm-reservation" content="1">``.
+    """
     for meta in tree.tags("meta"):
         attrs = meta.attrs
-        name = attrs.get("name")
-        if not name or name.strip().lower() != "robots":
-            continue
-        tokens = set(_TOKEN_SPLIT.split((attrs.get("content") or "").lower()))
-        if "noai" in tokens or "noimageai" in tokens:
-            return True
-    return False
+        name = (attrs.get("name") or "").strip().lower()
+        if name == "robots" and cfg.honour_meta_robots:
+            tokens = set(_TOKEN_SPLIT.split((attrs.get("content") or "").lower()))
+            if "noai" in tokens or "noimageai" in tokens:
+                return "meta_robots_noai"
+        elif name == "tdm-reservation" and cfg.honour_meta_tdm:
+            if (attrs.get("content") or "").strip() == "1":
+                return "meta_tdm_reservation"
+    return ""
 
 
 # --------------------------------------------------------------------------- candidates
@@ -369,7 +377,7 @@ def _candidates_from_tree(
     dropped = counters.dropped_by_reason
 
     # looked up on the first image that has an alt text (most pages have none)
-    opted_out: bool | None = None
+    opted_out: str | None = None
     base = ""
     origin = ""
     url_attrs = cfg.url_attributes
@@ -390,9 +398,9 @@ def _candidates_from_tree(
             continue
         with_alt += 1
         if opted_out is None:
-            opted_out = cfg.honour_meta_robots and _page_opts_out(tree)
+            opted_out = _page_opts_out(tree, cfg) if (cfg.honour_meta_robots or cfg.honour_meta_tdm) else ""
         if opted_out:
-            dropped["meta_robots_noai"] += 1
+            dropped[opted_out] += 1
             continue
         src = ""
         for name in url_attrs:
