@@ -149,6 +149,8 @@ class FetchConfig:
     policy_cache_size: int = 10_000
     #: rows per fetch task
     batch_size: int = 256
+    #: download each distinct URL of a batch once and share the result between its rows
+    dedup_urls_in_batch: bool = True
 
 
 @dataclass(frozen=True)

@@ -320,14 +320,14 @@ def test_per_host_concurrency_cap():
 
 
 def test_keep_alive_reuses_connections(server):
-    paths = ["/ok.png"] * 12
-    with ImageFetcher(make_cfg(threads=2, per_host_concurrency=2), ResizeConfig(image_size=32),
+    paths = ["/ok.png"] * 12  # the same URL each time: batch de-duplication off to count connections
+    with ImageFetcher(make_cfg(threads=2, per_host_concurrency=2, dedup_urls_in_batch=False), ResizeConfig(image_size=32),
                       resolver=Resolver(lookup=NoDNS())) as f:
         urls = np.array([server.base_url + p for p in paths], dtype=object)
         out = f({S.URL: urls})
         assert set(out[S.STATUS]) == {"success"}
         assert f.stats["connections_opened"] <= 2 and f.stats["connections_reused"] >= 10
-    with ImageFetcher(make_cfg(threads=2, keep_alive=False), ResizeConfig(image_size=32),
+    with ImageFetcher(make_cfg(threads=2, keep_alive=False, dedup_urls_in_batch=False), ResizeConfig(image_size=32),
                       resolver=Resolver(lookup=NoDNS())) as f:
         f({S.URL: urls})
         assert f.stats["connections_opened"] == 12 and f.stats["connections_reused"] == 0
@@ -416,3 +416,18 @@ def test_host_map_from_config_reaches_server(server):
         out = f(batch)
     assert out[S.STATUS][0] == "success"
     assert server.request_headers("/ok.png")[-1]["Host"] == f"images.test:{server.port}"
+
+
+def test_same_url_in_a_batch_is_downloaded_once():
+    with LoopbackServer(HOST) as srv:
+        srv.add("/logo.jpg", JPEG)
+        srv.add("/404", b"no", status=404, content_type="text/plain")
+        paths = ["/logo.jpg", "/404", "/logo.jpg", "/logo.jpg", "/404"]
+        out = fetch(srv, paths)
+        assert srv.request_count("/logo.jpg") == 1 and srv.request_count("/404") == 1
+        assert list(out[S.STATUS]) == ["success", "http_error_404", "success", "success", "http_error_404"]
+        assert list(out[S.DROP_REASON])[1] == list(out[S.DROP_REASON])[4] == "fetch:http_error_404"
+        assert np.array_equal(out[S.IMAGE][0], out[S.IMAGE][3]) and out[S.WIDTH][2] == 640
+        srv.reset_counts()
+        fetch(srv, paths, make_cfg(dedup_urls_in_batch=False))
+        assert srv.request_count("/logo.jpg") == 3

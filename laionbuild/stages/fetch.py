@@ -370,11 +370,28 @@ class ImageFetcher:
                 drop[i] = f"{STAGE}:{st}"
 
         live = [i for i in range(n) if not drop[i]]
+        # one download per distinct URL of the batch (the same image under several alt texts
+        # is common); the other rows get a copy of its result
+        first: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []
+        if self.cfg.dedup_urls_in_batch:
+            todo = []
+            for i in live:
+                j = first.setdefault(urls[i], i)
+                (todo.append(i) if j == i else copies.append((i, j)))
+            live = todo
         if live:
             if self._closed:
                 raise RuntimeError("ImageFetcher is closed")
             for _ in self._pool.map(work, live):
                 pass
+        for i, j in copies:
+            status[i], message[i], drop[i] = status[j], message[j], drop[j]
+            width[i], height[i], image[i] = width[j], height[j], image[j]
+            if blobs is not None:
+                blobs[i] = blobs[j]
+        if copies:
+            self.stats["url_reused"] += len(copies)
         out[S.STATUS] = status
         out[S.ERROR_MESSAGE] = message
         out[S.WIDTH] = width
