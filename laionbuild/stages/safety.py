@@ -211,11 +211,16 @@ def punsafe_checkpoint_from_dense(path: str | Path, kernels: Sequence[np.ndarray
     return save_punsafe_head(path, module, clip_model=clip_model, name=name, metrics={"converted": True})
 
 
-def read_punsafe_meta(value: str, what: str = "punsafe head") -> dict:
-    """The metadata of a punsafe checkpoint (no module built); raises like :func:`load_punsafe_head`."""
-    ckpt = _read(resolve_checkpoint(value, what), PUNSAFE_FORMAT, what)
+def _read_meta(value: str, fmt: str, what: str) -> dict:
+    """The metadata of a checkpoint in format ``fmt`` (no module built), weights left out."""
+    ckpt = _read(resolve_checkpoint(value, what), fmt, what)
     ckpt.pop("state_dict", None)
     return ckpt
+
+
+def read_punsafe_meta(value: str, what: str = "punsafe head") -> dict:
+    """The metadata of a punsafe checkpoint; raises like :func:`load_punsafe_head`."""
+    return _read_meta(value, PUNSAFE_FORMAT, what)
 
 
 def load_punsafe_head(value: str, device: str = "cpu", what: str = "punsafe head") -> PunsafeHead:
@@ -361,9 +366,8 @@ def save_watermark_model(path: str | Path, net: WatermarkNet, *, input_size: int
 
 
 def read_watermark_meta(value: str, what: str = "watermark model") -> dict:
-    ckpt = _read(resolve_checkpoint(value, what), WATERMARK_FORMAT, what)
-    ckpt.pop("state_dict", None)
-    return ckpt
+    """The metadata of a watermark checkpoint; raises like :func:`load_watermark_model`."""
+    return _read_meta(value, WATERMARK_FORMAT, what)
 
 
 def load_watermark_model(value: str, device: str = "cpu", what: str = "watermark model") -> WatermarkModel:
