@@ -153,7 +153,7 @@ def _print_stats(result) -> None:
 
 
 def _cmd_run(args: argparse.Namespace, command: str) -> int:
-    from . import pipeline
+    from .runner.run import run
 
     overrides = _overrides(args)
     inputs = args.input if command == "run" else args.inputs
@@ -162,7 +162,7 @@ def _cmd_run(args: argparse.Namespace, command: str) -> int:
 
         overrides.append(f"run.inputs={json.dumps(inputs)}")
     cfg = load_config(args.config, overrides)
-    result = pipeline.run(cfg, command=command)
+    result = run(cfg, command=command)
     _print_stats(result)
     if result.exit_code:
         log.error("%d input file(s) failed and %d were read only in part; see %s/stats.json",

@@ -23,8 +23,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
-
-SUBSETS = ("en", "multi", "nolang")
+from .schema import SUBSETS
 
 
 # --------------------------------------------------------------------------- sections
@@ -46,8 +45,14 @@ class RunConfig:
     file_retries: int = 1
     #: refuse to resume into an output folder made with another config unless true
     force: bool = False
-    #: run the global (URL, TEXT) de-duplication phase after all files are done
+    #: drop duplicate keys in the global de-dup phase (before any download); with false every
+    #: candidate is fetched and scored
     global_dedup: bool = True
+    #: the global de-dup key: ``url`` (LAION-5B: one row per image URL) or ``url_text``
+    #: (one row per (URL, TEXT) pair)
+    dedup_key: str = "url_text"
+    #: rows per work shard of the fetch-and-score phase (its unit of commit and resume)
+    work_shard_rows: int = 10_000
     progress: bool = True
     log_level: str = "INFO"
 
@@ -273,35 +278,36 @@ class OutputConfig:
     compression: str = "zstd"
     #: keep the downloaded (resized) images as webdataset-style tar shards
     save_images: bool = False
-    #: the publish phase (global de-duplication) runs in the driver process up to this many
-    #: kept rows, on the Ray engine above; both give the same files
-    local_publish_max_rows: int = 1_000_000
 
 
 @dataclass(frozen=True)
 class RayConfig:
-    """How to reach Ray; RAY_ADDRESS wins over ``address`` when set."""
+    """How to reach Ray, and what each stage reserves (none of it changes the output rows)."""
 
     address: str = ""
     #: CPUs for a local Ray instance (0 = all)
     num_cpus: int = 0
-    #: CPUs reserved per extraction task. Reservations are logical: the defaults
-    #: (0.5 + 0.25 + 0.5 + 0.5 CLIP on CPU + 0.25) fit a 2-core machine; a
-    #: cluster config raises them with the number of actors.
-    extract_num_cpus: float = 0.5
-    #: language-id actors and the CPUs each reserves
-    langid_actors: int = 1
-    langid_num_cpus: float = 0.25
+    #: candidates phase: actors (each extracts and language-routes one input file at a
+    #: time; 0 = one per ``extract_num_cpus`` of the cluster) and the CPUs each reserves
+    extract_actors: int = 0
+    extract_num_cpus: float = 1.0
     #: download actors (each runs ``fetch.threads`` downloads at once) and their CPUs
     fetch_actors: int = 1
     fetch_num_cpus: float = 0.5
     #: upstream CLIP tokenizer actors (see clip.tokenize_upstream) and their CPUs
     tokenize_actors: int = 1
     tokenize_num_cpus: float = 0.25
-    #: CPUs reserved per shard-writing task
+    #: CPUs reserved per task that reads work-shard rows into the fetch-and-score stream
+    read_num_cpus: float = 0.1
+    #: CPUs reserved per task that writes scored rows
     write_num_cpus: float = 0.25
-    #: rows per shard-writing task
-    write_batch_size: int = 8192
+    #: rows per block read into the fetch-and-score stream (row groups of the work shards)
+    stream_rows: int = 1024
+    #: at most this many blocks in one dataset (large inputs are grouped)
+    max_blocks: int = 10_000
+    #: the de-dup and publish phases run in the driver up to this many rows, as a shuffle on
+    #: the Ray engine above; both give the same files
+    local_max_rows: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -514,6 +520,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: 'run.shard' must look like i/n, got '{cfg.run.shard}'") from None
         if not (n > 0 and 0 <= i < n):
             raise ConfigError(f"{source}: 'run.shard' needs 0 <= i < n, got '{cfg.run.shard}'")
+    if cfg.run.dedup_key not in ("url", "url_text"):
+        raise ConfigError(f"{source}: 'run.dedup_key' must be url or url_text, got '{cfg.run.dedup_key}'")
+    for section, name in (("run", "work_shard_rows"), ("ray", "stream_rows"), ("ray", "max_blocks"),
+                          ("ray", "extract_num_cpus")):
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"{source}: '{section}.{name}' must be positive")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
@@ -571,11 +583,13 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
-        "run.progress", "run.log_level", "run.force", "ray", "output.local_publish_max_rows")) -> str:
-    """Stable hash of everything that decides the output rows.
+        "run.progress", "run.log_level", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
+        "run.paths_base_url", "run.file_retries", "ray")) -> str:
+    """Stable hash of everything that decides how rows are processed.
 
     Settings that only change how a run is executed (progress bar, log level,
-    Ray resources) are left out so that a resume on another cluster is allowed.
+    Ray resources) or which inputs it reads are left out, so that a resume on
+    another cluster is allowed and new input files can be added to an output.
     """
     data = config_to_dict(cfg)
     for dotted in ignore:
@@ -586,7 +600,3 @@ def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
         node.pop(parts[-1], None)
     blob = json.dumps(data, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def replace(cfg: Any, **changes: Any) -> Any:
-    return dataclasses.replace(cfg, **changes)

@@ -14,8 +14,8 @@
    and ``kept_total`` go down) and records the list (file name, sha256, entries,
    rows removed, time) under ``removals`` in ``provenance.json``.
 
-The pipeline's publish step applies every list found in ``OUTPUT/removals/``
-(:func:`recorded_removals`), so a later ``laionbuild run`` into the same folder
+The publish phase applies every list found in ``OUTPUT/removals/``
+(:meth:`~laionbuild.runner.layout.OutputLayout.removal_lists`), so a later ``laionbuild run`` into the same folder
 publishes the same rows minus the removed ones.
 
 URL lists and hash lists have the format of :mod:`laionbuild.stages.blocklist`
@@ -39,33 +39,11 @@ import pyarrow.parquet as pq
 from . import schema as S
 from .errors import LaionBuildError
 from .stages import shards
-from .stages.blocklist import Blocklist, list_name, read_list_bytes
+from .runner.layout import REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
+from .stages.blocklist import Blocklist, filter_image_tars, filter_table, list_name, read_list_bytes
 
 log = logging.getLogger(__name__)
 
-REMOVALS_DIR = "removals"
-PREFIX = "removed"
-_KIND_OF = {"urls": "url", "hashes": "hash"}
-_STORED = re.compile(r"^(\d+)-(urls|hashes)-(.+)$")
-
-
-# --------------------------------------------------------------------------- recorded lists
-def recorded_removals(fs, root: str) -> Blocklist:
-    """Every removal list recorded in ``root/removals/``, in the order they were applied."""
-    bl = Blocklist(PREFIX)
-    folder = posixpath.join(root, REMOVALS_DIR)
-    try:
-        names = sorted(posixpath.basename(p) for p in fs.ls(folder, detail=False))
-    except FileNotFoundError:
-        return bl
-    for name in names:
-        m = _STORED.match(name)
-        if not m or ".tmp-" in name:
-            continue
-        path = posixpath.join(folder, name)
-        with fs.open(path, "rb") as fh:
-            bl.add_bytes(fh.read(), _KIND_OF[m.group(2)], name, path)
-    return bl
 
 
 def _record(fs, root: str, kind: str, source: str, data: bytes) -> str:
@@ -80,33 +58,6 @@ def _record(fs, root: str, kind: str, source: str, data: bytes) -> str:
 
 
 # --------------------------------------------------------------------------- tables
-def filter_table(table: pa.Table, lists: Iterable[Blocklist]) -> tuple[pa.Table, Counter, set[str]]:
-    """Rows of a published table that no list names; removed rows per ``<prefix>:<list>``; their keys.
-
-    The first list set that names a row gets it (block lists before removal lists).
-    """
-    lists = [bl for bl in lists if not bl.empty]
-    counts: Counter = Counter()
-    if not lists or table.num_rows == 0 or "URL" not in table.column_names:
-        return table, counts, set()
-    urls = table.column("URL").to_pylist()
-    hashes = table.column("hash").to_pylist() if "hash" in table.column_names else None
-    names: list[str | None] = [None] * len(urls)
-    for bl in lists:
-        for i, name in enumerate(bl.table_matches(urls, hashes)):
-            if name is not None and names[i] is None:
-                names[i] = bl.reason(name)
-    hit = [n is not None for n in names]
-    if not any(hit):
-        return table, counts, set()
-    counts.update(n for n in names if n is not None)
-    keys = set()
-    if "key" in table.column_names:
-        keys = {k for k, h in zip(table.column("key").to_pylist(), hit) if h}
-    keep = pa.array([not h for h in hit], pa.bool_())
-    return table.filter(keep), counts, keys
-
-
 def _compression(meta: pq.FileMetaData) -> str:
     if meta.num_row_groups and meta.num_columns:
         codec = meta.row_group(0).column(0).compression
@@ -125,50 +76,6 @@ def _rewrite(fs, path: str, keep_fn) -> int:
     if removed:
         shards.write_bytes_atomic(fs, path, shards.table_to_bytes(kept, compression))
     return removed
-
-
-def filter_image_tars(fs, folder: str, lists: Iterable[Blocklist], keys: set[str] | None = None) -> int:
-    """Drop the members of ``folder/*.tar`` whose row a list names (or whose key is in ``keys``)."""
-    import json
-
-    lists = [bl for bl in lists if not bl.empty]
-    if not lists and not keys:
-        return 0
-    try:
-        tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
-    except FileNotFoundError:
-        return 0
-    total = 0
-    for path in tars:
-        with fs.open(path, "rb") as fh:
-            data = fh.read()
-        members = []
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
-            for info in tar.getmembers():
-                members.append((info, tar.extractfile(info).read() if info.isfile() else b""))
-        drop = set(keys or ())
-        for info, payload in members:
-            if info.name.endswith(".json"):
-                try:
-                    meta = json.loads(payload.decode("utf-8"))
-                    url, caption = meta.get("url", ""), meta.get("caption", "")
-                except (ValueError, UnicodeError, AttributeError):
-                    continue
-                h = S.pair_hash(url, caption)
-                if any(bl.match(url, h) is not None for bl in lists):
-                    drop.add(info.name.rsplit(".", 1)[0])
-        stems = {info.name.rsplit(".", 1)[0] for info, _ in members}
-        gone = stems & drop
-        if not gone:
-            continue
-        sink = io.BytesIO()
-        with tarfile.open(fileobj=sink, mode="w") as tar:
-            for info, payload in members:
-                if info.name.rsplit(".", 1)[0] not in gone:
-                    tar.addfile(info, io.BytesIO(payload))
-        shards.write_bytes_atomic(fs, path, sink.getvalue())
-        total += len(gone)
-    return total
 
 
 def _published_dirs(fs, root: str) -> tuple[list[str], list[str]]:
@@ -287,37 +194,4 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, indent=2, ensure_ascii=False).encode("utf-8")
 
 
-# --------------------------------------------------------------------------- publish-time filter
-class PublishFilter:
-    """Block lists of the config + recorded removal lists, applied to each published group.
-
-    Pickled into Ray tasks without its loaded lists; each process loads them once.
-    """
-
-    def __init__(self, blocklist_cfg, output: str):
-        self.blocklist_cfg = blocklist_cfg
-        self.output = output
-        self._lists: list[Blocklist] | None = None
-
-    def __getstate__(self):
-        return {"blocklist_cfg": self.blocklist_cfg, "output": self.output, "_lists": None}
-
-    def lists(self) -> list[Blocklist]:
-        if self._lists is None:
-            from .stages.blocklist import cached
-
-            fs, root = shards.fs_and_path(self.output)
-            self._lists = [cached(self.blocklist_cfg), recorded_removals(fs, root)]
-        return self._lists
-
-    @property
-    def empty(self) -> bool:
-        return all(bl.empty for bl in self.lists())
-
-    def __call__(self, table: pa.Table) -> tuple[pa.Table, Counter]:
-        kept, counts, _ = filter_table(table, self.lists())
-        return kept, counts
-
-
-__all__ = ["PublishFilter", "apply_to_published", "filter_image_tars", "filter_table", "recorded_removals",
-           "remove"]
+__all__ = ["apply_to_published", "remove"]

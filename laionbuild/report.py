@@ -6,7 +6,7 @@ Reads
 * ``OUTPUT/config.yaml`` (CLIP thresholds and models),
 * the published shards ``OUTPUT/{en,multi,nolang}/*.parquet``,
 * when present, the similarity of *every* scored row, kept or not
-  (``OUTPUT/_work/parts/*/scores-*.parquet`` or ``OUTPUT/_work/scores/*.parquet``);
+  (``OUTPUT/scored/*/fates-*.parquet``);
   without them the similarity histograms show the published rows only.
 
 and writes ``report.md``, ``report.html``, ``summary.json`` (the numbers the
@@ -47,11 +47,11 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ClipConfig
+from .schema import SUBSETS
 from .errors import SetupError
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("en", "multi", "nolang")
 STAGE_LABELS = {
     "extract": "candidates (after HTML filters)",
     "langid": "after language routing",
@@ -243,8 +243,7 @@ def _load(output_dir: str) -> _Data:
             if "similarity" in cols:
                 shard_sim[s].add(cols["similarity"], thresholds[s])
 
-    score_files = _glob(fs, posixpath.join(root, "_work", "scores", "*.parquet"))
-    score_files += _glob(fs, posixpath.join(root, "_work", "parts", "*", "scores-*.parquet"))
+    score_files = _glob(fs, posixpath.join(root, "scored", "*", "fates-*.parquet"))
     similarity, source = shard_sim, "shards"
     if score_files:
         scored = {s: _Similarity() for s in SUBSETS}
@@ -634,7 +633,7 @@ def _build_document(data: _Data, steps, reasons) -> tuple[_Doc, dict[str, Any]]:
         doc.p(f"Similarity of every scored row, kept or not ({len(data.score_files)} score files); "
               "rows at or above the subset's threshold are kept.")
     else:
-        doc.p("No per-row score files (`_work/.../scores-*.parquet`) were found, so these histograms show "
+        doc.p("No per-row fate files (`scored/*/fates-*.parquet`) were found, so these histograms show "
               "the published (kept) rows only; everything below the threshold is missing from them.")
     rows = []
     for s in SUBSETS:

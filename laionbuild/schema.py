@@ -109,6 +109,46 @@ OUTPUT_COLUMNS = {
 }
 
 
+#: candidate columns whose name in files (candidates, work shards, fates) is the published one;
+#: every other candidate column keeps its name
+CANDIDATE_FILE_NAMES = {URL: "URL", ALT_TEXT: "TEXT", LANGUAGE: "LANGUAGE"}
+
+
+def candidate_file_schema() -> pa.Schema:
+    """Schema of the candidate and work-shard files: :data:`ROUTED_SCHEMA` under the published names."""
+    return pa.schema([pa.field(CANDIDATE_FILE_NAMES.get(f.name, f.name), f.type) for f in ROUTED_SCHEMA])
+
+
+def batch_to_candidate_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """A routed batch as a candidate-file table (published column names)."""
+    arrays = []
+    for f in ROUTED_SCHEMA:
+        values = batch[f.name]
+        if pa.types.is_string(f.type):
+            values = ["" if v is None else str(v) for v in values]
+        arrays.append(pa.array(values, type=f.type))
+    return pa.Table.from_arrays(arrays, schema=candidate_file_schema())
+
+
+def candidate_table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
+    """A candidate-file table as a batch with the internal column names, every row alive."""
+    back = {v: k for k, v in CANDIDATE_FILE_NAMES.items()}
+    out: dict[str, np.ndarray] = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_string(col.type):
+            out[back.get(name, name)] = np.array(col.to_pylist(), dtype=object)
+        else:
+            out[back.get(name, name)] = col.to_numpy(zero_copy_only=False)
+    out[DROP_REASON] = np.full(table.num_rows, "", dtype=object)
+    return out
+
+
+def url_hash(url: str) -> int:
+    """Signed 64-bit murmur3 of the URL alone (buckets of the URL de-dup key)."""
+    return mmh3.hash64(url.encode("utf-8"), signed=True)[0]
+
+
 def pair_hash(url: str, text: str) -> int:
     """LAION-5B's ``hash`` column: signed 64-bit murmur3 of URL + TEXT."""
     return mmh3.hash64((url + text).encode("utf-8"), signed=True)[0]

@@ -12,7 +12,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-STAGES = ("extract", "langid", "fetch", "clip", "dedup")
+#: the stages of a run in the order rows meet them (stats.json lists them in this order)
+STAGES = ("extract", "langid", "dedup", "blocklist", "fetch", "clip")
 
 
 @dataclass

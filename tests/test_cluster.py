@@ -1,4 +1,4 @@
-"""A local two-node Ray cluster (loopback only): the run joins it via RAY_ADDRESS and uses both nodes."""
+"""A local two-node Ray cluster (loopback only): the run joins it via RAY_ADDRESS and every phase uses both nodes."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from laionbuild.demo.image_server import LoopbackServer
+from laionbuild.demo.sample_warc import build_demo_sample
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -32,28 +35,42 @@ def two_node_cluster():
         cluster.shutdown()
 
 
-def test_extract_runs_on_both_nodes(two_node_cluster, tmp_path):
-    from laionbuild.demo.sample_warc import build_demo_sample
-
-    sample = build_demo_sample(str(tmp_path / "sample"), image_base="http://images.demo.test:9")
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    for i in range(6):
-        shutil.copy(sample.warc_paths[0], inputs / f"part-{i}.warc.gz")
-    out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "RAY_USAGE_STATS_ENABLED": "0"}
-    r = subprocess.run(
-        [sys.executable, "-m", "laionbuild", "extract", str(inputs), "--output", str(out), "--no-progress",
-         "--set", "ray.extract_num_cpus=1"],
-        capture_output=True, text=True, env=env, timeout=240,
-    )
+def test_every_phase_runs_on_both_nodes(two_node_cluster, tmp_path):
+    with LoopbackServer("127.0.0.1") as server:
+        sample = build_demo_sample(str(tmp_path / "sample"), image_base=f"http://images.demo.test:{server.port}")
+        sample.register(server)
+        inputs = tmp_path / "inputs"
+        inputs.mkdir()
+        for i in range(4):
+            for j, warc in enumerate(sample.warc_paths):
+                shutil.copy(warc, inputs / f"part-{i}-{j}.warc.gz")
+        out = tmp_path / "out"
+        env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "RAY_USAGE_STATS_ENABLED": "0"}
+        sets = [*sample.config_overrides("127.0.0.1"), "run.work_shard_rows=8", "ray.stream_rows=4",
+                "ray.local_max_rows=0",  # de-dup and publish as shuffles on the engine
+                "ray.extract_num_cpus=1", "ray.fetch_actors=2", "clip.actors=2", "clip.num_cpus_per_actor=0.5",
+                "fetch.batch_size=4", "clip.batch_size=4"]
+        cmd = [sys.executable, "-m", "laionbuild", "run", "-c", str(REPO / "configs" / "smoke.yaml"),
+               "--input", str(inputs), "--output", str(out), "--no-progress"]
+        for s in sets:
+            cmd += ["--set", s]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
-    markers = [json.loads(p.read_text()) for p in (out / "_work" / "done").glob("*.json")]
-    assert len(markers) == 6
-    nodes = {m["node"] for m in markers}
     cluster_nodes = {n.node_id for n in two_node_cluster.list_all_nodes()}
-    assert nodes <= cluster_nodes
-    assert len(nodes) == 2, f"extraction ran on {len(nodes)} node(s)"
+    # phase 1: candidates, one marker per input, on both nodes
+    markers = [json.loads(p.read_text()) for p in (out / "candidates" / "_done").glob("*.json")]
+    assert len(markers) == 8
+    assert {m["node"] for m in markers} == cluster_nodes
+    # phase 2: the de-dup shuffle ran tasks on both nodes
+    manifest = json.loads(next((out / "workshards").glob("_manifest-*.json")).read_text())
+    assert manifest["engine"] == "ray" and set(manifest["nodes"]) == cluster_nodes
+    # phase 3: downloads and CLIP on both nodes
+    scored = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
+    assert len(scored) == len(manifest["shards"]) > 1
+    for stage in ("fetch", "clip"):
+        used = set().union(*(m["nodes"].get(stage, []) for m in scored))
+        assert used == cluster_nodes, (stage, used)
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["files"]["total"] == 6 and stats["files"]["failed"] == 0
-    assert list((out / "candidates").glob("*.parquet"))
+    assert stats["files"]["total"] == 8 and stats["files"]["failed"] == 0
+    assert stats["kept_total"] == len(sample.kept())
+    assert (out / "_SUCCESS").exists()

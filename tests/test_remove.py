@@ -14,7 +14,8 @@ import pytest
 from laionbuild import cli
 from laionbuild import schema as S
 from laionbuild.config import load_config
-from laionbuild.remove import filter_table, recorded_removals
+from laionbuild.runner.layout import OutputLayout
+from laionbuild.stages.blocklist import filter_table
 from laionbuild.stages.blocklist import Blocklist
 
 pytestmark = pytest.mark.ray
@@ -52,7 +53,7 @@ def _tar_pairs(out: Path) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def removed(tmp_path_factory):
-    from laionbuild import pipeline
+    from laionbuild.runner.run import run as run_pipeline
     from laionbuild.demo.run import run_demo
 
     root = tmp_path_factory.mktemp("remove")
@@ -83,7 +84,7 @@ def removed(tmp_path_factory):
     tars_after = _tar_names(out)
     # a later run into the same folder (all inputs complete: it publishes again)
     cfg = load_config(out / "config.yaml", ["run.progress=false"])
-    rerun = pipeline.run(cfg)
+    rerun = run_pipeline(cfg)
     yield {
         "out": out, "code": code, "before": before, "after": after, "raw": raw, "raw_after": raw_after,
         "removed": [*by_url, by_hash], "stats_before": stats_before, "stats_after": stats_after,
@@ -171,7 +172,7 @@ def test_recorded_lists_and_table_filter(removed):
     r = removed
     import fsspec
 
-    bl = recorded_removals(fsspec.filesystem("file"), str(r["out"]))
+    bl = OutputLayout(str(r["out"])).removal_lists()
     assert [i.name for i in bl.lists] == ["0001-urls-takedown-urls.txt", "0002-hashes-takedown-hashes.txt"]
     table = pq.read_table(io.BytesIO(r["raw"][next(p for p in r["raw"] if p.startswith("en/"))]))
     kept, counts, keys = filter_table(table, [Blocklist(), bl])

@@ -32,17 +32,17 @@ def _stats() -> dict:
     ex.drop("excluded_extension", 6)
     ex.count("imgs", 100)
     st.stage("langid").kept = 60
+    de = st.stage("dedup")
+    de.kept = 50
+    de.drop("already_in_output", 0)
+    de.drop("duplicate", 10)
     fe = st.stage("fetch")
     fe.kept = 40
-    fe.drop("http_404", 12)
+    fe.drop("http_404", 2)
     fe.drop("timeout", 8)
     cl = st.stage("clip")
-    cl.kept = 29
-    cl.drop("below_threshold", 11)
-    de = st.stage("dedup")
-    de.kept = 19
-    de.drop("duplicate_en", 0)
-    de.drop("duplicate_multi", 10)
+    cl.kept = 19
+    cl.drop("below_threshold", 21)
     for s, langs in KEPT.items():
         st.kept_per_subset[s] = len(langs)
     st.extra["config_hash"] = "abc123def4567890"
@@ -84,13 +84,13 @@ def _make_output(root: Path, with_scores: bool = True, with_config: bool = True)
         pq.write_table(_shard(rows[:half]), root / s / "part-00000.parquet")
         pq.write_table(_shard(rows[half:]), root / s / "part-00001.parquet")
     if with_scores:
-        (root / "_work" / "parts" / "f1").mkdir(parents=True)
+        (root / "scored" / "g0000-b00000-00").mkdir(parents=True)
         schema = pa.schema([("subset", pa.string()), ("similarity", pa.float32()), ("language", pa.string()),
                             ("width", pa.int32()), ("height", pa.int32())])
         pq.write_table(pa.Table.from_pylist(scores[::2], schema=schema),
-                       root / "_work" / "parts" / "f1" / "scores-aaaa.parquet")
+                       root / "scored" / "g0000-b00000-00" / "fates-aaaa.parquet")
         pq.write_table(pa.Table.from_pylist(scores[1::2], schema=schema),
-                       root / "_work" / "parts" / "f1" / "scores-bbbb.parquet")
+                       root / "scored" / "g0000-b00000-00" / "fates-bbbb.parquet")
     return root
 
 
@@ -123,10 +123,10 @@ def test_summary_numbers(report):
     assert s["models"]["en"] == "ViT-B-32 / openai"
     assert s["models"]["multi"] == "xlm-roberta-base-ViT-B-32 / laion5b_s13b_b90k"  # default fills the gap
     funnel = [(f["stage"], f["rows"]) for f in s["funnel"]]
-    assert funnel == [("", 100), ("extract", 60), ("langid", 60), ("fetch", 40), ("clip", 29), ("dedup", 19)]
+    assert funnel == [("", 100), ("extract", 60), ("langid", 60), ("dedup", 50), ("fetch", 40), ("clip", 19)]
     reasons = [(r["stage"], r["reason"], r["rows"]) for r in s["drop_reasons"]]
     assert reasons[0] == ("extract", "no_alt", 25)
-    assert ("dedup", "duplicate_multi", 10) in reasons and ("fetch", "timeout", 8) in reasons
+    assert ("dedup", "duplicate", 10) in reasons and ("fetch", "timeout", 8) in reasons
     assert all(r[2] > 0 for r in reasons)
     assert s["similarity_source"] == "scores"
     for subset in ("en", "multi", "nolang"):

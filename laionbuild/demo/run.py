@@ -57,7 +57,7 @@ def compare_with_expectations(output: str, sample: DemoSample) -> dict[str, dict
 
 def run_demo(output: str = "demo-output", *, config: str | None = None, overrides: list[str] | None = None,
              progress: bool = True):
-    from .. import pipeline
+    from ..runner.run import run
 
     out = Path(output)
     if out.exists():
@@ -71,7 +71,7 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
         log.info("demo sample: %d WARC file(s), %d <img> cases, images served at %s",
                  len(sample.warc_paths), len(sample.expectations), server.base_url)
         cfg = load_config(config or SMOKE_CONFIG, [*demo_overrides(sample, str(out), progress), *(overrides or [])])
-        result = pipeline.run(cfg)
+        result = run(cfg)
         log.info("image server answered %d requests", server.request_count())
     check = compare_with_expectations(str(out), sample)
     (out / "demo_check.json").write_text(json.dumps(check, indent=1))

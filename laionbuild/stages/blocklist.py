@@ -35,9 +35,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
+import json
 import logging
 import posixpath
 import re
+import tarfile
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -45,11 +48,13 @@ from typing import Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import pyarrow as pa
 
 from .. import schema as S
 from ..config import BlocklistConfig
 from ..errors import ConfigError
 from ..stats import StageCounters
+from . import shards
 
 logger = logging.getLogger(__name__)
 
@@ -355,6 +360,76 @@ _CACHE: dict[tuple, Blocklist] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+# --------------------------------------------------------------------------- published tables and image tars
+def filter_table(table: pa.Table, lists: Iterable[Blocklist]) -> tuple[pa.Table, Counter, set[str]]:
+    """Rows of a published table that no list names; removed rows per ``<prefix>:<list>``; their keys.
+
+    The first list set that names a row gets it (block lists before removal lists).
+    """
+    lists = [bl for bl in lists if not bl.empty]
+    counts: Counter = Counter()
+    if not lists or table.num_rows == 0 or "URL" not in table.column_names:
+        return table, counts, set()
+    urls = table.column("URL").to_pylist()
+    hashes = table.column("hash").to_pylist() if "hash" in table.column_names else None
+    names: list[str | None] = [None] * len(urls)
+    for bl in lists:
+        for i, name in enumerate(bl.table_matches(urls, hashes)):
+            if name is not None and names[i] is None:
+                names[i] = bl.reason(name)
+    hit = [n is not None for n in names]
+    if not any(hit):
+        return table, counts, set()
+    counts.update(n for n in names if n is not None)
+    keys = set()
+    if "key" in table.column_names:
+        keys = {k for k, h in zip(table.column("key").to_pylist(), hit) if h}
+    keep = pa.array([not h for h in hit], pa.bool_())
+    return table.filter(keep), counts, keys
+
+
+def filter_image_tars(fs, folder: str, lists: Iterable[Blocklist], keys: set[str] | None = None) -> int:
+    """Drop the members of ``folder/*.tar`` whose row a list names (or whose key is in ``keys``)."""
+    lists = [bl for bl in lists if not bl.empty]
+    if not lists and not keys:
+        return 0
+    try:
+        tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for path in tars:
+        with fs.open(path, "rb") as fh:
+            data = fh.read()
+        members = []
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+            for info in tar.getmembers():
+                members.append((info, tar.extractfile(info).read() if info.isfile() else b""))
+        drop = set(keys or ())
+        for info, payload in members:
+            if info.name.endswith(".json"):
+                try:
+                    meta = json.loads(payload.decode("utf-8"))
+                    url, caption = meta.get("url", ""), meta.get("caption", "")
+                except (ValueError, UnicodeError, AttributeError):
+                    continue
+                h = S.pair_hash(url, caption)
+                if any(bl.match(url, h) is not None for bl in lists):
+                    drop.add(info.name.rsplit(".", 1)[0])
+        stems = {info.name.rsplit(".", 1)[0] for info, _ in members}
+        gone = stems & drop
+        if not gone:
+            continue
+        sink = io.BytesIO()
+        with tarfile.open(fileobj=sink, mode="w") as tar:
+            for info, payload in members:
+                if info.name.rsplit(".", 1)[0] not in gone:
+                    tar.addfile(info, io.BytesIO(payload))
+        shards.write_bytes_atomic(fs, path, sink.getvalue())
+        total += len(gone)
+    return total
+
+
 def _signature(paths: Iterable[str]) -> tuple:
     import fsspec
 
@@ -386,15 +461,5 @@ def cached(cfg: BlocklistConfig, prefix: str = STAGE) -> Blocklist:
     return bl
 
 
-def drop_counts(reasons: Iterable[str], prefix: str) -> Counter:
-    """``{list name: rows}`` for the drop reasons carrying ``prefix``."""
-    out: Counter = Counter()
-    head = prefix + ":"
-    for r in reasons:
-        if r and r.startswith(head):
-            out[r[len(head):]] += 1
-    return out
-
-
-__all__ = ["Blocklist", "ListInfo", "STAGE", "cached", "drop_counts", "normalize_domain", "normalize_url",
+__all__ = ["Blocklist", "ListInfo", "STAGE", "cached", "filter_image_tars", "filter_table", "normalize_domain", "normalize_url",
            "parse_hash", "url_host"]

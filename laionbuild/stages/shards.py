@@ -1,11 +1,9 @@
-"""Writing rows as parquet shards, and the per-batch counters of the later stages.
+"""Writing rows as parquet files, atomically, through fsspec.
 
-Work files of one input (``_work/parts/<file_id>/...``) are written under a
-unique name and only count once that input's completion marker lists them
-(see :mod:`laionbuild.pipeline`); anything not listed is garbage from an
-interrupted run and is removed on resume. Writes go through fsspec, so the
-output folder may live on a remote filesystem; there the marker, written last,
-is what commits a file.
+Work files are written under a unique name and only count once the marker of
+their unit lists them (see :mod:`laionbuild.runner.layout`); anything not listed
+is a leftover of an interrupted run and is removed on resume. The output folder
+may live on a remote filesystem; there the marker, written last, is the commit.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import schema as S
-from ..stats import StageCounters
 
 #: columns of the work-score files used for the report's histograms
 SCORE_COLUMNS = {S.SUBSET: pa.string(), S.SIMILARITY: pa.float32(), S.LANGUAGE: pa.string(),
@@ -71,9 +68,9 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         return json.loads(fh.read().decode("utf-8"))
 
 
-def table_to_bytes(table: pa.Table, compression: str) -> bytes:
+def table_to_bytes(table: pa.Table, compression: str, row_group_size: int | None = None) -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression=compression)
+    pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
     return sink.getvalue()
 
 
@@ -163,40 +160,3 @@ def images_tar(batch: dict[str, np.ndarray], mask: np.ndarray) -> bytes:
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     return sink.getvalue()
-
-
-def batch_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
-    """Counters of the language, fetch and clip stages, read off a finished batch.
-
-    Every row that reached the end carries its fate: ``drop_reason`` is
-    ``"<stage>:<reason>"`` for the stage that dropped it, or empty when kept.
-    """
-    n = S.batch_len(batch)
-    out = {name: StageCounters() for name in ("langid", "fetch", "clip")}
-    if n == 0:
-        return out
-    drop = np.asarray(batch.get(S.DROP_REASON, np.full(n, "", dtype=object)), dtype=object)
-    subset = np.asarray(batch.get(S.SUBSET, np.full(n, "", dtype=object)), dtype=object)
-    status = np.asarray(batch.get(S.STATUS, np.full(n, "", dtype=object)), dtype=object)
-    nolang_reason = batch.get(S.NOLANG_REASON)
-    for i in range(n):
-        sub = subset[i] or "unrouted"
-        out["langid"].count(f"routed_{sub}")
-        if nolang_reason is not None and nolang_reason[i]:
-            out["langid"].count(f"nolang_{str(nolang_reason[i]).partition(':')[0]}")
-        reason = drop[i] or ""
-        stage, _, why = reason.partition(":")
-        if status[i] and status[i] != "skipped":
-            out["fetch"].count("attempted")
-            if status[i] == S.STATUS_SUCCESS:
-                out["fetch"].kept += 1
-            else:
-                out["fetch"].drop(status[i])
-        if reason and stage not in ("fetch",):
-            target = out.get(stage) or out.setdefault(stage, StageCounters())
-            target.drop(f"{why}_{sub}" if stage == "clip" else why)
-        if not reason:
-            out["clip"].kept += 1
-            out["clip"].count(f"kept_{sub}")
-    out["langid"].kept = n
-    return out

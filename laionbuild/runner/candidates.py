@@ -1,0 +1,113 @@
+"""Phase 1, candidates: each input file -> its candidate rows with their language, committed per file.
+
+One actor pool; each actor loads the language model once and, per input file,
+extracts the candidates, routes them by language, writes
+``candidates/<file_id>.parquet`` and then its marker. The actor returns one
+summary row per file to the driver (no side files, no polling). A file that
+failed is not committed and is tried again by the next run; a file that ends
+early is committed as ``partial`` (its bytes will not change).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from .. import schema as S
+from ..config import Config
+from ..stages import shards
+from ..stats import FileResult, StageCounters
+from .adapter import actor_pool, node_id
+from .layout import OutputLayout
+from .progress import Progress
+from .resources import ClusterShape, candidates_plan
+
+log = logging.getLogger(__name__)
+
+
+def extract_with_retries(path: str, cfg: Config):
+    """``extract_file`` tried up to ``run.file_retries + 1`` times; never raises."""
+    from ..stages.candidates import FileExtraction, extract_file
+
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            result = extract_file(path, cfg.extract)
+        except Exception as exc:  # noqa: BLE001 - extract_file reports bad files itself; last guard
+            log.exception("extraction of %s raised", path)
+            result = FileExtraction(path, [], StageCounters(),
+                                    FileResult(path, "failed", "exception", f"{type(exc).__name__}: {exc}"))
+        if result.file.status != "failed" or attempts > cfg.run.file_retries:
+            result.file.attempts = attempts
+            return result
+        time.sleep(min(5.0, 0.5 * attempts))
+
+
+class CandidatesWorker:
+    """Actor body: extract + language + commit, one input file at a time."""
+
+    def __init__(self, cfg: Config, output: str):
+        from ..stages.langid import LanguageRouter
+
+        self.cfg = cfg
+        self.layout = OutputLayout(output)
+        self.router = LanguageRouter(cfg.langid)
+
+    def process(self, path: str, fid: str) -> dict[str, Any]:
+        from ..stages.langid import routing_counters
+
+        result = extract_with_retries(path, self.cfg)
+        batch = S.rows_to_batch(result.rows, S.CANDIDATE_SCHEMA)
+        batch[S.DROP_REASON] = np.full(len(result.rows), "", dtype=object)
+        routed = self.router(batch)
+        counters = {"extract": result.counters.to_dict(), "langid": routing_counters(routed).to_dict()}
+        marker = {"path": path, "file_id": fid, "file": result.file.to_dict(), "n_candidates": len(result.rows),
+                  "node": node_id(), "token": uuid.uuid4().hex[:12], "counters": counters}
+        if result.file.status != "failed":
+            table = S.batch_to_candidate_table(routed)
+            fs = self.layout.fs
+            shards.write_bytes_atomic(fs, self.layout.candidates_file(fid),
+                                      shards.table_to_bytes(table, self.cfg.output.compression))
+            shards.write_json_atomic(fs, self.layout.candidates_marker(fid), marker)  # the commit
+        return marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import json
+
+        markers = [self.process(str(p), str(f)) for p, f in zip(batch["path"], batch["file_id"])]
+        return {"file_id": np.array([m["file_id"] for m in markers], dtype=object),
+                "marker": np.array([json.dumps(m) for m in markers], dtype=object)}
+
+
+def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, str],
+                         shape: ClusterShape) -> dict[str, dict]:
+    """Extract every pending input; returns ``{file_id: marker}`` of the files that failed."""
+    import json
+
+    import ray
+
+    actors, cpus = candidates_plan(cfg, shape, len(pending))
+    items = [{"path": path, "file_id": fid} for fid, path in pending.items()]
+    blocks = max(1, min(len(items), cfg.ray.max_blocks))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,
+                        batch_format="numpy", compute=actor_pool(actors, in_flight=1), num_cpus=cpus)
+    failed: dict[str, dict] = {}
+    progress = Progress(len(items), cfg.run.progress, "phase 1/4 candidates", "file")
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for raw in batch["marker"]:
+                marker = json.loads(raw)
+                progress.update(1, rows=marker["n_candidates"])
+                status = marker["file"]
+                if status["status"] == "failed":
+                    failed[marker["file_id"]] = marker
+                    log.warning("input failed: %s: %s %s", marker["path"], status["reason"], status["message"])
+    finally:
+        progress.close()
+    return failed

