@@ -425,6 +425,20 @@ def _np(t: pa.Table, col: str, fill=None) -> np.ndarray:
     return c.to_numpy()
 
 
+def _valid(t: pa.Table, col: str) -> np.ndarray:
+    return pc.is_valid(t.column(col)).to_numpy(zero_copy_only=False)
+
+
+def _category(reason: str) -> str:
+    """:data:`CATEGORIES` key of a row's reason (a ``drop_reason`` or one this module gives)."""
+    stage = reason.split(":", 1)[0]
+    if stage in ("language", "alt_text", "pending"):
+        return stage
+    if reason == "publish:not_published":
+        return "not_published"
+    return drop_category(reason)
+
+
 def _ranks(x: np.ndarray) -> np.ndarray:
     """Ranks, ties given their average rank."""
     order = np.argsort(x, kind="mergesort")
@@ -469,25 +483,15 @@ def _counts(values: np.ndarray) -> dict[str, int]:
     return dict(sorted(Counter(values.tolist()).items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-@dataclass
-class _View:
-    """The pairs of one comparison (a subset, or overall) with both decisions."""
-
-    name: str
-    pairs: pa.Table
-    ours_keep: np.ndarray
-    ref_keep: np.ndarray
-
-
 def _unique_reference(ref: pa.Table) -> pa.Table:
     ref = ref.append_column("ref_row", pa.array(np.ones(ref.num_rows, dtype=bool)))
     return _first_per_pair(ref)
 
 
-def _view_figures(view: _View, ours: Ours, ref_urls: pa.Array, subset: str | None,
-                  ref_subsets: list[str], near: float) -> dict[str, Any]:
-    t = view.pairs
-    ours_keep, ref_keep = view.ours_keep, view.ref_keep
+def _view_figures(t: pa.Table, ours_keep: np.ndarray, ref_keep: np.ndarray, ours: Ours, ref_urls: pa.Array,
+                  subset: str | None, ref_subsets: list[str], near: float) -> dict[str, Any]:
+    """The figures of one view (``subset``, or ``None``: overall) over its pairs ``t`` (both sides joined)
+    and the two keep decisions."""
     o_in = _np(t, "o_in", False).astype(bool)
     cand_subset = _np(t, "subset", "")
     pub_subset = _np(t, "pub_subset", "")
@@ -515,9 +519,7 @@ def _view_figures(view: _View, ours: Ours, ref_urls: pa.Array, subset: str | Non
     else:
         moved = o_in & (pub_subset != "") & ~np.isin(pub_subset, ref_subsets)
         reason[moved] = np.char.add("language:kept_in_", pub_subset[moved].astype(str)).astype(object)
-    category = np.array([r.split(":", 1)[0] if r.split(":", 1)[0] in ("language", "alt_text", "pending")
-                         else ("not_published" if r == "publish:not_published" else drop_category(r))
-                         for r in reason], dtype=object) if t.num_rows else np.zeros(0, dtype=object)
+    category = np.array([_category(r) for r in reason], dtype=object)
 
     # why the pairs we kept are missing from the reference
     likely = np.full(t.num_rows, "not_in_reference", dtype=object)
@@ -554,11 +556,8 @@ def _view_figures(view: _View, ours: Ours, ref_urls: pa.Array, subset: str | Non
     }
     scored = ref_keep & o_in & np.isfinite(sim) & np.isfinite(rsim)
     out["similarity"] = similarity_agreement(sim[scored], rsim[scored], thr[scored])
-    out["similarity"]["pairs"] = "reference pairs that we scored too (kept or below our threshold)"
 
-    rhash = t.column("r_hash")
-    ohash = t.column("hash")
-    has = both & pc.is_valid(rhash).to_numpy(zero_copy_only=False) & pc.is_valid(ohash).to_numpy(zero_copy_only=False)
+    has = both & _valid(t, "r_hash") & _valid(t, "hash")
     eq = has & (_np(t, "r_hash", 0) == _np(t, "hash", 0))
     out["hash"] = {"pairs": int(has.sum()), "equal": int(eq.sum()),
                    "rate": round(float(eq.sum() / has.sum()), 6) if has.sum() else None}
@@ -605,21 +604,12 @@ def _compare(output, reference, subset, batch_rows, near_threshold, use_ray
     ref_all = _unique_reference(ref.select(["URL", "TEXT", "ref_subset"])) \
         .rename_columns(["URL", "TEXT", "r_any_subset", "ref_row"]).select(["URL", "TEXT", "r_any_subset"])
 
-    def prefixed(r: pa.Table) -> pa.Table:
-        names = ["URL", "TEXT"] + [f"r_{c}" for c in r.column_names[2:]]
-        return r.rename_columns(names)
-
     views: dict[str, dict[str, Any]] = {}
     plots: dict[str, dict[str, np.ndarray]] = {}
     for s in ref_subsets + ["overall"]:
-        if s == "overall":
-            r = ref
-            r_s = _unique_reference(r.select(["URL", "TEXT", "similarity", "hash", "LANGUAGE", "ref_subset"]))
-            r_s = prefixed(r_s.rename_columns(["URL", "TEXT", "similarity", "hash", "LANGUAGE", "subset", "row"]))
-        else:
-            r = ref.filter(pc.equal(ref.column("ref_subset"), s))
-            r_s = _unique_reference(r.select(["URL", "TEXT", "similarity", "hash", "LANGUAGE", "ref_subset"]))
-            r_s = prefixed(r_s.rename_columns(["URL", "TEXT", "similarity", "hash", "LANGUAGE", "subset", "row"]))
+        r = ref if s == "overall" else ref.filter(pc.equal(ref.column("ref_subset"), s))
+        r_s = _unique_reference(r.select(["URL", "TEXT", "similarity", "hash", "LANGUAGE", "ref_subset"]))
+        r_s = r_s.rename_columns(["URL", "TEXT", "r_similarity", "r_hash", "r_LANGUAGE", "r_subset", "r_row"])
         j = r_s.join(o, ["URL", "TEXT"], join_type="full outer")
         j = j.join(ref_all, ["URL", "TEXT"], join_type="left outer")
         j = _fill(j, {"r_row": False, "o_in": False, "pub_subset": "", "subset": ""})
@@ -633,9 +623,8 @@ def _compare(output, reference, subset, batch_rows, near_threshold, use_ray
             ours_keep = pub == s
             universe = ref_keep | ours_keep | (_np(j, "o_in").astype(bool) & (cand == s))
         j = j.filter(pa.array(universe))
-        view = _View(s, j, ours_keep[universe], ref_keep[universe])
-        fig = _view_figures(view, ours, ref_urls, None if s == "overall" else s, ref_subsets,
-                            near_threshold)
+        fig = _view_figures(j, ours_keep[universe], ref_keep[universe], ours, ref_urls,
+                            None if s == "overall" else s, ref_subsets, near_threshold)
         plots[s] = fig.pop("_plot")
         fig["comparable_reference_rows"] = int(r.num_rows)
         fig["reference_duplicate_rows"] = int(r.num_rows - r_s.num_rows)
@@ -798,7 +787,8 @@ def _document(result: dict[str, Any]) -> _Doc:
         if oo["pairs"]:
             doc.p(f"Pairs we kept that the reference lacks: {_fmt(oo['pairs'])}, by likely reason:")
             doc.table(["likely reason", "meaning", "pairs"],
-                      [[k, OURS_ONLY.get(k, k).format(near=result["near_threshold"]), _fmt(n)] for k, n in oo["by_likely_reason"].items()], "llr")
+                      [[k, OURS_ONLY.get(k, k).format(near=result["near_threshold"]), _fmt(n)]
+                       for k, n in oo["by_likely_reason"].items()], "llr")
         if not (ro["pairs"] or oo["pairs"]):
             doc.p("None.")
         lang = v.get("language")
