@@ -16,8 +16,8 @@ are compared pair by pair, a pair being ``(URL, TEXT)``:
 Our side is read whole (candidates, work shards, fates, published rows: small
 next to LAION-5B); the reference is streamed batch by batch, reading only the
 columns needed and keeping only the rows whose ``URL`` is a candidate URL
-(``pyarrow.compute.is_in``). With a Ray cluster attached (``ray.is_initialized()``
-or ``RAY_ADDRESS`` set) the reference files are filtered by Ray tasks.
+(:class:`UrlSet`). With a Ray cluster attached (``ray.is_initialized()`` or
+``RAY_ADDRESS`` set) the reference files are filtered by Ray tasks.
 
 Writes ``compare.json``, ``compare.md``, ``compare.html`` and three PNG plots
 into ``OUTPUT/compare/`` (or ``report_dir``). See docs/compare.md.
@@ -347,13 +347,33 @@ def _resolve(names: list[str]) -> dict[str, str]:
     return out
 
 
-def filter_reference_file(fs, path: str, urls: pa.Array, subset: str | None = None,
+class UrlSet:
+    """Membership test against the candidate URLs, prepared once for every batch of every file.
+
+    ``pyarrow.compute.is_in`` builds a hash table of its value set on each call, which costs
+    more than the batch itself once the set outgrows it; above ``batch_rows`` URLs a Python
+    set answers instead.
+    """
+
+    def __init__(self, urls: pa.Array, batch_rows: int = REFERENCE_BATCH_ROWS):
+        self.size = len(urls)
+        self._array = urls if len(urls) <= batch_rows else None
+        self._set = None if self._array is not None else frozenset(urls.to_pylist())
+
+    def mask(self, values: pa.Array) -> pa.Array:
+        if self._array is not None:
+            return pc.is_in(values, value_set=self._array)
+        return pa.array(np.fromiter((v in self._set for v in values.to_pylist()), dtype=bool, count=len(values)))
+
+
+def filter_reference_file(fs, path: str, urls: pa.Array | UrlSet, subset: str | None = None,
                           batch_rows: int = REFERENCE_BATCH_ROWS) -> tuple[pa.Table, dict[str, Any]]:
     """The rows of one reference file whose URL is in ``urls``, read batch by batch.
 
     Returns the rows (columns of :data:`REFERENCE_TYPES` plus ``ref_subset``) and
     ``{path, subset, rows, batches, comparable, columns}``.
     """
+    lookup = urls if isinstance(urls, UrlSet) else UrlSet(urls, batch_rows)
     kept: list[pa.Table] = []
     rows = batches = 0
     with fs.open(path, "rb") as fh:
@@ -367,7 +387,7 @@ def filter_reference_file(fs, path: str, urls: pa.Array, subset: str | None = No
             rows += batch.num_rows
             batches += 1
             url = batch.column(cols["URL"]).cast(pa.string())
-            mask = pc.is_in(url, value_set=urls)
+            mask = lookup.mask(url)
             if not pc.any(mask).as_py():
                 continue
             sel = batch.filter(mask)
@@ -390,7 +410,7 @@ def ray_attached() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def _filter_with_ray(files, urls, subset, batch_rows):
+def _filter_with_ray(files, urls: UrlSet, subset, batch_rows):
     import ray
 
     if not ray.is_initialized():
@@ -405,6 +425,7 @@ def load_reference(patterns: Iterable[str], urls: pa.Array, subset: str | None =
                    ) -> tuple[pa.Table, list[dict[str, Any]]]:
     """The comparable reference rows of every file, with per-file read counts."""
     files = reference_files(patterns)
+    urls = UrlSet(urls, batch_rows)
     if use_ray is None:
         use_ray = ray_attached()
     if use_ray:
@@ -824,5 +845,5 @@ def write_compare(output: str, reference: Iterable[str], subset: str | None = No
     return result
 
 
-__all__ = ["candidate_files", "compare", "drop_category", "fate_files", "filter_reference_file", "load_ours",
+__all__ = ["UrlSet", "candidate_files", "compare", "drop_category", "fate_files", "filter_reference_file", "load_ours",
            "load_reference", "published_files", "workshard_files", "write_compare"]

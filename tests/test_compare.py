@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from laionbuild import cli
-from laionbuild.compare import compare, drop_category, filter_reference_file, write_compare
+from laionbuild.compare import UrlSet, compare, drop_category, filter_reference_file, write_compare
 from laionbuild.errors import SetupError
 from laionbuild.schema import pair_hash
 
@@ -295,6 +295,13 @@ def test_filter_reference_file_reads_only_the_needed_columns(folders):
     assert table.column("URL").to_pylist() == ["http://a/e1.jpg", "http://a/e1.jpg"]
     assert table.column("ref_subset").to_pylist() == ["en", "en"]
     assert info["batches"] == math.ceil((len(REF_EN) + FILLER) / 64)
+    # a candidate set larger than a batch is looked up in a Python set: same rows
+    urls = pa.array([f"http://x/{i}.jpg" for i in range(0, 200, 3)] + ["http://a/e1.jpg"])
+    small_set, _ = filter_reference_file(fs, path, UrlSet(urls, batch_rows=256), batch_rows=64)
+    large_set, _ = filter_reference_file(fs, path, UrlSet(urls, batch_rows=8), batch_rows=64)
+    assert UrlSet(urls, batch_rows=8)._set is not None and UrlSet(urls, batch_rows=256)._set is None
+    assert small_set.num_rows == 67 + 2
+    assert large_set.equals(small_set)
 
 
 def test_fsspec_urls(folders, result):
