@@ -615,6 +615,8 @@ def _compare(output, reference, subset, batch_rows, near_threshold, use_ray
     """The figures, and per subset the similarity pairs scored by both (for the plot)."""
     if subset is not None and subset not in SUBSETS:
         raise SetupError(f"--subset must be one of {', '.join(SUBSETS)}, not {subset!r}")
+    if batch_rows < 1 or not near_threshold >= 0:
+        raise SetupError(f"--batch-rows must be >= 1 and --near-threshold >= 0 (got {batch_rows}, {near_threshold})")
     reference = list(reference)
     ours = load_ours(output)
     ref, infos = load_reference(reference, ours.candidate_urls, subset, batch_rows, use_ray)
