@@ -25,6 +25,7 @@ into ``OUTPUT/compare/`` (or ``report_dir``). See docs/compare.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -172,12 +173,21 @@ def drop_category(reason: str) -> str:
 
 
 # --------------------------------------------------------------------------- our side
+@contextlib.contextmanager
+def _parquet(fs, path: str, what: str) -> Iterator[pq.ParquetFile]:
+    """An open parquet file; an unreadable one is a :class:`SetupError` naming it."""
+    try:
+        with fs.open(path, "rb") as fh:
+            yield pq.ParquetFile(fh)
+    except (OSError, pa.ArrowException) as exc:
+        raise SetupError(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from exc
+
+
 def _read_tables(fs, paths: Iterable[str], columns: dict[str, pa.DataType]) -> pa.Table:
     """The ``columns`` of every file, cast to the given types; a column a file lacks is null."""
     parts = []
     for path in paths:
-        with fs.open(path, "rb") as fh:
-            pf = pq.ParquetFile(fh)
+        with _parquet(fs, path, "output file") as pf:
             names = pf.schema_arrow.names
             t = pf.read(columns=[c for c in columns if c in names])
         parts.append(pa.table({c: t.column(c).cast(typ) if c in names else pa.nulls(t.num_rows, typ)
@@ -376,8 +386,7 @@ def filter_reference_file(fs, path: str, urls: pa.Array | UrlSet, subset: str | 
     lookup = urls if isinstance(urls, UrlSet) else UrlSet(urls, batch_rows)
     kept: list[pa.Table] = []
     rows = batches = 0
-    with fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
+    with _parquet(fs, path, "reference file") as pf:
         names = pf.schema_arrow.names
         cols = _resolve(names)
         if "URL" not in cols or "TEXT" not in cols:

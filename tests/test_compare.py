@@ -361,6 +361,11 @@ def test_cli(folders, tmp_path, capsys):
     rc = cli.main(["compare", str(out), "--reference", str(tmp_path / "nothing" / "*.parquet")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "matches no parquet file" in err and len(err.splitlines()) == 1
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "laion2B-en.parquet").write_bytes(b"not parquet")
+    rc = cli.main(["compare", str(out), "--reference", str(tmp_path / "bad" / "*.parquet")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "cannot read reference file" in err and len(err.splitlines()) == 1
     rc = cli.main(["compare", str(out), "--reference", str(ref / "*" / "*.parquet"), "--batch-rows", "0"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--batch-rows" in err and len(err.splitlines()) == 1
