@@ -97,6 +97,8 @@ REFERENCE_BATCH_ROWS = 65_536
 #: a pair we kept that the reference lacks counts as "our threshold decision" when its
 #: similarity lies within this distance of the subset's threshold
 NEAR_THRESHOLD = 0.01
+#: safety model scores compared on the pairs kept by both, when both sides have them
+SAFETY_SCORES = ("punsafe", "pwatermark")
 #: how many (reference, ours) language disagreements the report lists
 TOP_LANGUAGE_PAIRS = 10
 #: above this many pairs the similarity plot is a hexbin instead of a scatter
@@ -256,7 +258,7 @@ def load_ours(output: str) -> Ours:
 
     fate_paths = fate_files(fs, root)
     fates = _read_tables(fs, fate_paths, {"URL": s, "TEXT": s, "drop_reason": s, "status": s,
-                                          "similarity": f64})
+                                          "similarity": f64, "punsafe": f64, "pwatermark": f64})
     fates = _fill(fates, {"URL": "", "TEXT": "", "drop_reason": ""})
     fates = _first_per_pair(fates)
     fates = fates.append_column("in_fates", pa.array(np.ones(fates.num_rows, dtype=bool)))
@@ -592,6 +594,16 @@ def _view_figures(t: pa.Table, ours_keep: np.ndarray, ref_keep: np.ndarray, ours
     out["hash"] = {"pairs": int(has.sum()), "equal": int(eq.sum()),
                    "rate": round(float(eq.sum() / has.sum()), 6) if has.sum() else None}
 
+    scores = {}
+    for col in SAFETY_SCORES:
+        m = both & _valid(t, col) & _valid(t, f"r_{col}")
+        if m.any():
+            a, b = _np(t, col)[m].astype(np.float64), _np(t, f"r_{col}")[m].astype(np.float64)
+            scores[col] = {"pairs": int(m.sum()), "pearson": _corr(a, b),
+                           "mean_abs_diff": round(float(np.abs(a - b).mean()), 6)}
+    if scores:
+        out["safety_scores"] = scores
+
     if subset in (None, "multi"):
         rlang = _np(t, "r_LANGUAGE", "")
         olang = _np(t, "LANGUAGE", "")
@@ -640,8 +652,9 @@ def _compare(output, reference, subset, batch_rows, near_threshold, use_ray
     plots: dict[str, dict[str, np.ndarray]] = {}
     for s in ref_subsets + ["overall"]:
         r = ref if s == "overall" else ref.filter(pc.equal(ref.column("ref_subset"), s))
-        r_s = _unique_reference(r.select(["URL", "TEXT", "similarity", "hash", "LANGUAGE", "ref_subset"]))
-        r_s = r_s.rename_columns(["URL", "TEXT", "r_similarity", "r_hash", "r_LANGUAGE", "r_subset", "r_row"])
+        cols = ["URL", "TEXT", "similarity", "hash", "LANGUAGE", "punsafe", "pwatermark", "ref_subset"]
+        r_s = _unique_reference(r.select(cols))
+        r_s = r_s.rename_columns(["URL", "TEXT"] + [f"r_{c}" for c in cols[2:-1]] + ["r_subset", "r_row"])
         j = r_s.join(o, ["URL", "TEXT"], join_type="full outer")
         j = j.join(ref_all, ["URL", "TEXT"], join_type="left outer")
         j = _fill(j, {"r_row": False, "o_in": False, "pub_subset": "", "subset": ""})
@@ -834,6 +847,12 @@ def _document(result: dict[str, Any]) -> _Doc:
     doc.h(2, "CLIP similarity")
     doc.p("Our similarity against the reference's for the pairs both scored; red lines: our threshold.")
     doc.img("similarity.png", "similarity ours vs reference")
+    rows = [[s, col, _fmt(sc["pairs"]), _num(sc["pearson"]), _num(sc["mean_abs_diff"], 4)]
+            for s in views for col, sc in (get(s).get("safety_scores") or {}).items()]
+    if rows:
+        doc.h(2, "Safety scores")
+        doc.p("Our safety model scores against the reference's, for the pairs kept by both.")
+        doc.table(["subset", "score", "pairs", "Pearson", "mean abs difference"], rows, "llrrr")
     return doc
 
 

@@ -104,7 +104,7 @@ def _make_output(root: Path) -> Path:
                       "status": "" if fate.startswith("blocklist") else
                       ("http_error_404" if "404" in fate else "timeout" if "timeout" in fate else "success"),
                       "similarity": np.float32(sim).item(), "drop_reason": fate,
-                      "WIDTH": 640, "HEIGHT": 480})
+                      "WIDTH": 640, "HEIGHT": 480, "punsafe": None if math.isnan(sim) else sim / 2})
         if kept:
             published[subset].append({"URL": url, "TEXT": text, "WIDTH": 640, "HEIGHT": 480,
                                       "similarity": np.float32(sim).item(), "LANGUAGE": lang, "hash": h})
@@ -125,7 +125,7 @@ def _make_output(root: Path) -> Path:
 
 def _make_reference(root: Path) -> Path:
     rows = [{"SAMPLE_ID": i, "URL": u, "TEXT": t, "HEIGHT": 480, "WIDTH": 640, "similarity": s,
-             "hash": pair_hash(u, t) if h is None else h, "punsafe": 0.01, "pwatermark": 0.1}
+             "hash": pair_hash(u, t) if h is None else h, "punsafe": s / 2, "pwatermark": 0.1}
             for i, (u, t, s, h) in enumerate(REF_EN)]
     rows += [{"SAMPLE_ID": 1000 + i, "URL": f"http://x/{i}.jpg", "TEXT": f"filler {i}", "HEIGHT": 10,
               "WIDTH": 10, "similarity": 0.3, "hash": i, "punsafe": 0.0, "pwatermark": 0.0} for i in range(FILLER)]
@@ -217,6 +217,12 @@ def test_en_figures(result):
     assert (sim["ours_below_reference_above"], sim["ours_above_reference_below"]) == (1, 0)
     assert en["hash"] == {"pairs": 3, "equal": 2, "rate": pytest.approx(2 / 3, abs=1e-6)}
     assert "language" not in en
+    # punsafe of the pairs kept by both (e1, e2, e3); no pwatermark on our side
+    ours_p, ref_p = np.array([0.35, 0.40, 0.31]) / 2, np.array([0.34, 0.42, 0.30]) / 2
+    assert list(en["safety_scores"]) == ["punsafe"]
+    assert en["safety_scores"]["punsafe"]["pairs"] == 3
+    assert en["safety_scores"]["punsafe"]["pearson"] == pytest.approx(np.corrcoef(ours_p, ref_p)[0, 1], abs=1e-6)
+    assert en["safety_scores"]["punsafe"]["mean_abs_diff"] == pytest.approx(np.abs(ours_p - ref_p).mean(), abs=1e-6)
     assert en["threshold"] == 0.28
 
 
@@ -238,6 +244,7 @@ def test_multi_figures(result):
     assert sim["spearman"] == pytest.approx(0.5, abs=1e-6)
     assert sim["other_side_of_threshold"] == 0
     assert m["hash"] == {"pairs": 2, "equal": 2, "rate": 1.0}
+    assert "safety_scores" not in m  # the multi reference has no punsafe
     lang = m["language"]
     assert (lang["pairs"], lang["agree"], lang["kept_by_both"], lang["kept_by_both_agree"]) == (3, 1, 2, 1)
     assert lang["disagreements"] == [{"reference": "de", "ours": "en", "pairs": 1},
