@@ -1,4 +1,4 @@
-"""Command line: ``laionbuild run | extract | remove | report | demo``.
+"""Command line: ``laionbuild run | extract | remove | report | compare | demo``.
 
 Exit status: 0 a clean run; 1 the run finished but some input files failed
 (they are listed in ``stats.json``); 2 a problem found before any work started
@@ -105,6 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir", metavar="DIR", help="where to write the report (default OUTPUT/report)")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
+    p = sub.add_parser("compare", help="how close is this output to LAION-5B? (reference metadata parquet)",
+                       description="Compare an output folder with LAION-5B / Re-LAION-5B metadata, pair by pair: "
+                                   "kept by both, dropped by us and why, kept by us only, decision agreement, "
+                                   "similarity and hash agreement. Writes OUTPUT/compare/compare.{json,md,html} "
+                                   "and plots. See docs/compare.md.")
+    p.add_argument("output", metavar="OUTPUT", help="output folder or URL of a run")
+    p.add_argument("--reference", "-r", action="append", required=True, metavar="GLOB",
+                   help="reference parquet files: glob, folder, file or fsspec URL; repeatable")
+    p.add_argument("--subset", choices=("en", "multi", "nolang"),
+                   help="subset of every reference file (default: from the path, e.g. laion2B-en)")
+    p.add_argument("--report-dir", metavar="DIR", help="where to write the report (default OUTPUT/compare)")
+    p.add_argument("--batch-rows", type=int, metavar="N", help="reference rows read at a time (default 65536)")
+    p.add_argument("--near-threshold", type=float, metavar="D",
+                   help="a pair only we kept counts as a threshold decision when its similarity lies within D "
+                        "of the threshold (default 0.01)")
+    p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+
     p = sub.add_parser(
         "demo", help="run the embedded demo (sample WARC + loopback image server + tiny CLIP)",
         description="Generate a tiny sample WARC, serve its images from a loopback HTTP server, run the whole "
@@ -192,6 +209,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import write_compare
+
+    options = {k: v for k, v in (("batch_rows", args.batch_rows), ("near_threshold", args.near_threshold))
+               if v is not None}
+    result = write_compare(args.output, args.reference, args.subset, args.report_dir, **options)
+    o = result["overall"]
+    log.info("comparable reference pairs %d: kept by both %d, reference only %d, ours only %d, agreement %s",
+             o["comparable_reference_pairs"], o["kept_by_both"], o["reference_only"]["pairs"],
+             o["ours_only"]["pairs"], o["decision"]["agreement"])
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
@@ -212,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_remove(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "compare":
+            return _cmd_compare(args)
         if args.command == "demo":
             return _cmd_demo(args)
     except LaionBuildError as exc:

@@ -29,6 +29,7 @@ left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -701,12 +702,7 @@ def write_report(output_dir: str, report_dir: str | None = None) -> str:
     doc, summary = _build_document(data, steps, reasons)
 
     target = report_dir or posixpath.join(output_dir.rstrip("/"), "report")
-    local = _is_local(target)
-    if target.startswith("file://"):
-        target = target[len("file://"):]
-    work = Path(target) if local else Path(tempfile.mkdtemp(prefix="laionbuild-report-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with report_folder(target) as work:
         _plot_funnel(steps, reasons, work / "funnel.png")
         _plot_similarity(data, work / "similarity.png")
         _plot_languages(data, work / "languages.png")
@@ -716,17 +712,7 @@ def write_report(output_dir: str, report_dir: str | None = None) -> str:
         (work / "report.html").write_text(doc.html(title), encoding="utf-8")
         (work / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
                                            encoding="utf-8")
-        if local:
-            path = str(work / "report.md")
-        else:
-            tfs, troot = _fs(target)
-            tfs.makedirs(troot, exist_ok=True)
-            for f in sorted(work.iterdir()):
-                tfs.put(str(f), posixpath.join(troot, f.name))
-            path = target.rstrip("/") + "/report.md"
-    finally:
-        if not local:
-            shutil.rmtree(work, ignore_errors=True)
+    path = str(work / "report.md") if _is_local(target) else target.rstrip("/") + "/report.md"
     log.info("report: %s", path)
     return path
 
@@ -735,4 +721,24 @@ def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-__all__ = ["write_report"]
+@contextlib.contextmanager
+def report_folder(target: str) -> Iterator[Path]:
+    """A local folder to write a report into; for a remote ``target`` its files are copied there at the end."""
+    local = _is_local(target)
+    if target.startswith("file://"):
+        target = target[len("file://"):]
+    work = Path(target) if local else Path(tempfile.mkdtemp(prefix="laionbuild-report-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        yield work
+        if not local:
+            tfs, troot = _fs(target)
+            tfs.makedirs(troot, exist_ok=True)
+            for f in sorted(work.iterdir()):
+                tfs.put(str(f), posixpath.join(troot, f.name))
+    finally:
+        if not local:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["report_folder", "write_report"]
