@@ -143,3 +143,38 @@ def test_optional_outputs_embeddings_nsfw_and_images(tmp_path):
     all_keys = {k for s in ("en", "multi", "nolang")
                 for f in (out / s).glob("*.parquet") for k in pq.read_table(f).column("key").to_pylist()}
     assert all_keys <= keys
+
+
+def test_compare_demo_output_with_planted_reference(demo_run, tmp_path):
+    """A reference built from the demo's own published rows with planted changes: compare finds exactly them."""
+    import pyarrow as pa
+
+    from laionbuild.compare import compare
+
+    _, out, sample = demo_run
+    en = sorted(_rows(out, "en"), key=lambda r: (r["URL"], r["TEXT"]))
+    cols = ["URL", "TEXT", "WIDTH", "HEIGHT", "similarity", "hash"]
+    ref = [{c: r[c] for c in cols} for r in en]
+    missing = ref.pop(0)  # 1: a pair we kept that the reference lacks
+    ref[0]["similarity"] = 0.20  # 2: the reference scored it on the other side of the threshold
+    ref[1]["hash"] = ref[1]["hash"] + 1  # 3: a hash that differs
+    clip_drop = next(e for e in sample.expectations if e.expected == "drop:clip" and e.subset == "en")
+    # 4: a pair the reference kept and our CLIP stage dropped
+    ref.append({"URL": clip_drop.url, "TEXT": clip_drop.alt_text, "WIDTH": 64, "HEIGHT": 64, "similarity": 0.30,
+                "hash": pair_hash(clip_drop.url, clip_drop.alt_text)})
+    # 5: the reference's alt text for one of our URLs is another one
+    other = ref[-2]
+    other["TEXT"] = "a completely different caption"
+    other["hash"] = pair_hash(other["URL"], other["TEXT"])
+    path = tmp_path / "laion2B-en" / "part-00000.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(ref), path)
+    result = compare(str(out), [str(path)], use_ray=False)
+    e = result["subsets"]["en"]
+    assert e["comparable_reference_pairs"] == len(en)
+    assert e["kept_by_both"] == len(en) - 2
+    assert e["reference_only"]["by_category"] == {"threshold": 1, "alt_text": 1}
+    assert e["ours_only"] == {"pairs": 2, "by_likely_reason": {"not_in_reference": 1, "alt_text": 1}}
+    assert e["similarity"]["other_side_of_threshold"] == 2  # the planted 0.20 and our CLIP drop at 0.30
+    assert e["hash"]["pairs"] == len(en) - 2 and e["hash"]["equal"] == len(en) - 3
+    assert missing["URL"] not in {r["URL"] for r in ref}
