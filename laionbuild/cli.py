@@ -192,8 +192,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    if not Path(args.output, "stats.json").is_file():
-        raise LaionBuildError(f"{args.output} holds no stats.json: not a finished output folder")
+    # the output may be local or an fsspec URL (s3://...): write_report checks for stats.json itself
     path = write_report(args.output, args.report_dir)
     log.info("report written to %s", path)
     return 0
