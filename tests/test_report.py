@@ -209,20 +209,16 @@ def test_funnel_stage_that_only_removes_rows():
     assert ("blocklist", "urls.txt", 2) in reasons
 
 
-@pytest.mark.parametrize("scheme", ["memory", "file"])
-def test_report_command_on_an_fsspec_output(tmp_path, scheme, capsys):
+def test_report_command_on_an_fsspec_output(tmp_path, capsys):
     """``laionbuild report URL`` reads an object-store output (memory:// stands in for s3://)."""
     import fsspec
 
     from laionbuild.cli import main
 
     local = _make_output(tmp_path / "output")
-    if scheme == "memory":
-        fs = fsspec.filesystem("memory")
-        url = f"memory://report-test-{tmp_path.name}/output"
-        fs.put(str(local), url, recursive=True)
-    else:
-        fs, url = fsspec.filesystem("file"), f"file://{local}"
+    fs = fsspec.filesystem("memory")
+    url = f"memory://report-test-{tmp_path.name}/output"
+    fs.put(str(local), url, recursive=True)
     assert main(["report", url]) == 0
     report_dir = url.rstrip("/") + "/report"
     with fs.open(report_dir + "/summary.json", "rb") as fh:
