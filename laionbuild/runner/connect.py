@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
 import tempfile
 from typing import Any
 
@@ -54,7 +55,10 @@ def running_cluster_address() -> str | None:
     removes the file; read here without importing Ray (Ray reads some settings at
     import, which must be set first).
     """
-    base = os.environ.get("RAY_TMPDIR") or ("/tmp" if os.name == "posix" else tempfile.gettempdir())
+    base = os.environ.get("RAY_TMPDIR")
+    if not base:
+        base = os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+        base = base or ("/tmp" if os.name == "posix" else tempfile.gettempdir())
     path = os.path.join(base, "ray", "ray_current_cluster")
     try:
         with open(path, encoding="utf-8") as fh:
@@ -74,8 +78,23 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
         return "env", env
     found = running_cluster_address()
     if found:
-        return "auto", found
+        if _accepts_connections(found):
+            return "auto", found
+        log.warning("the Ray cluster recorded at %s is not running (stale address file); starting a local one",
+                    found)
     return "local", None
+
+
+def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
+    """Whether the GCS port of ``host:port`` takes TCP connections."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def cluster_summary() -> dict[str, Any]:
@@ -117,7 +136,10 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
                      {"explicit": "--address / ray.address", "env": "RAY_ADDRESS",
                       "auto": "started on this machine with ray start"}[mode])
             if loopback:
-                kwargs["_node_ip_address"] = "127.0.0.1"
+                # the driver attaches to the node on that loopback address (a head started
+                # with --node-ip-address=127.0.0.x), not to the machine's outward IP
+                host = address_host(target)
+                kwargs["_node_ip_address"] = "127.0.0.1" if host == "localhost" else host
             ray.init(address=target, **kwargs)
         else:
             n = num_cpus or os.cpu_count() or 1
