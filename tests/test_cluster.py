@@ -1,4 +1,5 @@
-"""A local two-node Ray cluster (loopback only): the run joins it via RAY_ADDRESS and uses both nodes."""
+"""A local two-node Ray cluster (loopback only): the run joins it via --address (which wins over
+RAY_ADDRESS) and uses both nodes."""
 
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ def test_extract_runs_on_both_nodes(two_node_cluster, tmp_path):
     for i in range(6):
         shutil.copy(sample.warc_paths[0], inputs / f"part-{i}.warc.gz")
     out = tmp_path / "out"
-    env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "RAY_USAGE_STATS_ENABLED": "0"}
+    # RAY_ADDRESS names a port where nothing listens: the explicit --address must win
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "RAY_USAGE_STATS_ENABLED": "0"}
     r = subprocess.run(
         [sys.executable, "-m", "laionbuild", "extract", str(inputs), "--output", str(out), "--no-progress",
-         "--set", "ray.extract_num_cpus=1"],
+         "--address", two_node_cluster.address, "--set", "ray.extract_num_cpus=1"],
         capture_output=True, text=True, env=env, timeout=240,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"connecting to the Ray cluster at {two_node_cluster.address} (--address" in r.stderr
+    assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in r.stderr
     markers = [json.loads(p.read_text()) for p in (out / "_work" / "done").glob("*.json")]
     assert len(markers) == 6
     nodes = {m["node"] for m in markers}
