@@ -27,8 +27,10 @@ configuration:
   Unknown keys are rejected.
 
 cluster:
-  With RAY_ADDRESS set (or --address / ray.address), the run joins that Ray
-  cluster; otherwise a local Ray instance is started.
+  --address (or ray.address) names the Ray cluster to join and wins over
+  RAY_ADDRESS; without either, the run joins the cluster 'ray start' runs on
+  this machine (inside 'ray job submit', 'ray exec', a KubeRay RayJob), and
+  starts a new local Ray (on 127.0.0.1) only when there is none or with --local.
 
 exit status:
   0 clean run, 1 some input files failed or were read only in part (listed in
@@ -43,7 +45,10 @@ def _common(p: argparse.ArgumentParser, *, config_required: bool) -> None:
     p.add_argument("--output", "-o", metavar="DIR", help="output folder or URL (overrides run.output)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value by its dotted path; repeatable")
-    p.add_argument("--address", metavar="ADDR", help="Ray cluster address (default: RAY_ADDRESS, else local Ray)")
+    p.add_argument("--address", metavar="ADDR",
+                   help="Ray cluster address; wins over RAY_ADDRESS (default: RAY_ADDRESS, else the cluster "
+                        "'ray start' runs on this machine, else a new local Ray)")
+    p.add_argument("--local", action="store_true", help="start a new local Ray even inside a cluster")
     p.add_argument("--limit", type=int, metavar="N", help="process only the first N input files")
     p.add_argument("--shard", metavar="I/N", help="process every N-th input file starting at I")
     p.add_argument("--force", action="store_true",
@@ -160,6 +165,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append("run.progress=false")
     if getattr(args, "address", None):
         out.append(f"ray.address={args.address}")
+    if getattr(args, "local", False):
+        out.append("ray.local=true")
     return out
 
 
@@ -202,8 +209,7 @@ def _cmd_remove(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    if not Path(args.output, "stats.json").is_file():
-        raise LaionBuildError(f"{args.output} holds no stats.json: not a finished output folder")
+    # the output may be local or an fsspec URL (s3://...): write_report checks for stats.json itself
     path = write_report(args.output, args.report_dir)
     log.info("report written to %s", path)
     return 0

@@ -67,6 +67,14 @@ class ExtractConfig:
     html_mime_types: tuple[str, ...] = ("text/html", "application/xhtml+xml")
     #: connect / read timeout when a WARC is read from an http(s) URL
     input_timeout_s: float = 60.0
+    #: a remote WARC read that breaks (connection lost, 5xx, 429 / 503 Slow Down) resumes
+    #: with a range request where it stopped; this many failed attempts in a row (without
+    #: a byte delivered in between) fail the file with reason ``network`` (retried by the next run)
+    input_retries: int = 8
+    #: first back-off between such attempts (doubled each time, with jitter; a
+    #: ``Retry-After`` header wins), capped at ``input_max_backoff_s``
+    input_backoff_s: float = 1.0
+    input_max_backoff_s: float = 60.0
     #: ``<img>`` attributes read for the image URL, in order; LAION used ``src`` only
     url_attributes: tuple[str, ...] = ("src",)
     #: also consider the first candidate of ``srcset`` when no URL attribute matched
@@ -138,6 +146,15 @@ class FetchConfig:
     #: static host name -> IP map consulted before DNS (tests and the demo)
     host_map: Mapping[str, str] = field(default_factory=dict)
     dns_cache_size: int = 10_000
+    #: seconds a resolved name stays cached (the resolver's own TTL is not visible to getaddrinfo)
+    dns_ttl_s: float = 3600.0
+    #: seconds a name that does not exist (NXDOMAIN / no address) stays cached
+    dns_negative_ttl_s: float = 600.0
+    #: seconds a transient failure (SERVFAIL, EAI_AGAIN, timeout) stays cached, after
+    #: ``dns_retries`` retries with back-off from ``dns_retry_backoff_s``
+    dns_transient_ttl_s: float = 30.0
+    dns_retries: int = 2
+    dns_retry_backoff_s: float = 0.2
     #: TDM Reservation Protocol: an image answered with ``tdm-reservation: 1`` is
     #: status ``opt_out_tdm_header`` (no extra request)
     honour_tdm_header: bool = True
@@ -282,9 +299,14 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    """How to reach Ray, and what each stage reserves (none of it changes the output rows)."""
+    """How to reach Ray (see :mod:`laionbuild.runner.connect`), and what each stage reserves
+    (none of it changes the output rows)."""
 
+    #: cluster address; wins over ``RAY_ADDRESS``. Empty: ``RAY_ADDRESS``, else the
+    #: cluster ``ray start`` runs on this machine, else a new local instance
     address: str = ""
+    #: always start a new local Ray instance (``--local``), even inside a cluster
+    local: bool = False
     #: CPUs for a local Ray instance (0 = all)
     num_cpus: int = 0
     #: candidates phase: actors (each extracts and language-routes one input file at a
@@ -526,6 +548,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                           ("ray", "extract_num_cpus")):
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{source}: '{section}.{name}' must be positive")
+    for name in ("input_retries", "input_backoff_s", "input_max_backoff_s"):
+        if getattr(cfg.extract, name) < 0:
+            raise ConfigError(f"{source}: 'extract.{name}' must not be negative")
+    for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s"):
+        if getattr(cfg.fetch, name) < 0:
+            raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")

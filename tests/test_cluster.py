@@ -1,4 +1,5 @@
-"""A local two-node Ray cluster (loopback only): the run joins it via RAY_ADDRESS and every phase uses both nodes."""
+"""A local two-node Ray cluster (loopback only): the run joins it via --address (which wins over
+RAY_ADDRESS) and every phase uses both nodes."""
 
 from __future__ import annotations
 
@@ -45,17 +46,20 @@ def test_every_phase_runs_on_both_nodes(two_node_cluster, tmp_path):
             for j, warc in enumerate(sample.warc_paths):
                 shutil.copy(warc, inputs / f"part-{i}-{j}.warc.gz")
         out = tmp_path / "out"
-        env = {**os.environ, "RAY_ADDRESS": two_node_cluster.address, "RAY_USAGE_STATS_ENABLED": "0"}
+        # RAY_ADDRESS names a port where nothing listens: the explicit --address must win
+        env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "RAY_USAGE_STATS_ENABLED": "0"}
         sets = [*sample.config_overrides("127.0.0.1"), "run.work_shard_rows=8", "ray.stream_rows=4",
                 "ray.local_max_rows=0",  # de-dup and publish as shuffles on the engine
                 "ray.extract_num_cpus=1", "ray.fetch_actors=2", "clip.actors=2", "clip.num_cpus_per_actor=0.5",
                 "fetch.batch_size=4", "clip.batch_size=4"]
         cmd = [sys.executable, "-m", "laionbuild", "run", "-c", str(REPO / "configs" / "smoke.yaml"),
-               "--input", str(inputs), "--output", str(out), "--no-progress"]
+               "--input", str(inputs), "--output", str(out), "--no-progress", "--address", two_node_cluster.address]
         for s in sets:
             cmd += ["--set", s]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"connecting to the Ray cluster at {two_node_cluster.address} (--address" in r.stderr
+    assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in r.stderr
     cluster_nodes = {n.node_id for n in two_node_cluster.list_all_nodes()}
     # phase 1: candidates, one marker per input, on both nodes
     markers = [json.loads(p.read_text()) for p in (out / "candidates" / "_done").glob("*.json")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -16,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "configs" / "cluster"
 AWS = CLUSTER / "aws.yaml"
 RAYJOB = CLUSTER / "kuberay-rayjob.yaml"
+RAY_VERSION = "2.60.0"
+DLAMI_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 _CONFIG_REF = re.compile(r"(?<![\w./-])(configs/[\w-][\w./-]*\.ya?ml)\b")
 
 
@@ -58,8 +61,36 @@ def test_aws_cluster_config():
     assert any("--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
     # every node installs the package with the extras the stages need
     for commands in (cfg["setup_commands"], gpu[0]["worker_setup_commands"]):
-        assert any(re.search(r"laionbuild\[ray,clip,fetch\]", c) for c in commands)
+        assert any(re.search(r"laionbuild\[cluster\]", c) for c in commands)
+        assert any(f"ray[default,data]=={RAY_VERSION}" in c for c in commands)
     assert "~/laionbuild" in cfg["file_mounts"]
+    # every node boots a current, named image (not Ray's Ubuntu 18.04 default)
+    for name, node_type in types.items():
+        assert node_type["node_config"]["ImageId"] == f"resolve:ssm:{DLAMI_PARAMETER}", name
+    # the head launches the workers with its own role; workers get the node role
+    assert head["node_config"]["IamInstanceProfile"]["Name"] == "laionbuild-ray-head"
+    assert {t["node_config"]["IamInstanceProfile"]["Name"] for n, t in types.items() if t is not head} == {
+        "laionbuild-ray-node"}
+    # a node-local caching resolver on every node
+    init = " ".join(cfg["initialization_commands"])
+    assert "apt-get install -y -q unbound" in init and "DNS=127.0.0.1" in init
+
+
+def test_cluster_extra_installs_what_the_configs_need():
+    """The ``cluster`` extra (setup commands, Dockerfile) holds every optional engine the configs name."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    cluster = " ".join(extras["cluster"])
+    for extra in ("ray", "clip", "fetch", "fastwarc", "multilingual"):
+        assert extra in cluster.split("[", 1)[1].split("]", 1)[0].split(",")
+    for package in ("s3fs", "sentence-transformers", "cld3-py"):
+        assert package in cluster
+    assert any(p.startswith("transformers") for p in extras["multilingual"])
+    docker = (CLUSTER / "Dockerfile").read_text()
+    assert '-e ".[cluster]"' in docker and "RAY_VERSION=" + RAY_VERSION in docker
+    assert re.search(r"^ARG BASE_IMAGE=rayproject/ray:\d+\.\d+\.\d+-py31[0-9]-gpu$", docker, re.M)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".git" in ignored and ".venv" in ignored
 
 
 def test_aws_config_matches_ray_schema():
@@ -67,6 +98,36 @@ def test_aws_config_matches_ray_schema():
     util = pytest.importorskip("ray.autoscaler._private.util")
     # the launcher fills in the provider defaults before it validates
     util.validate_config(util.prepare_config(_aws()))
+
+
+def test_aws_config_matches_the_schema_file_of_the_ray_wheel():
+    """The raw file (before the launcher fills in defaults) against ray/autoscaler/ray-schema.json."""
+    jsonschema = pytest.importorskip("jsonschema")
+    ray = pytest.importorskip("ray")
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(_aws(), schema)
+    bad = {**_aws(), "setup_comands": []}            # a misspelt key is refused
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_ray_versions_agree():
+    """Launcher, RayJob and Dockerfile install the same Ray as the package's environment."""
+    job = _rayjob()
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == RAY_VERSION
+    ray = pytest.importorskip("ray")
+    assert ray.__version__ == RAY_VERSION, "update RAY_VERSION in configs/cluster/ and this test"
+
+
+def test_kuberay_service_account():
+    docs = [d for d in yaml.safe_load_all(RAYJOB.read_text(encoding="utf-8")) if d]
+    accounts = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "ServiceAccount"}
+    cluster = _rayjob()["spec"]["rayClusterSpec"]
+    templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    for template in templates:
+        assert template["spec"]["serviceAccountName"] in accounts
+    for account in accounts.values():
+        assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
 
 
 def test_kuberay_rayjob():

@@ -207,3 +207,24 @@ def test_funnel_stage_that_only_removes_rows():
     assert [s["rows"] for s in steps] == [15, 10, 8, 7, 5]
     assert steps[-1]["label"] == "after block lists"
     assert ("blocklist", "urls.txt", 2) in reasons
+
+
+def test_report_command_on_an_fsspec_output(tmp_path, capsys):
+    """``laionbuild report URL`` reads an object-store output (memory:// stands in for s3://)."""
+    import fsspec
+
+    from laionbuild.cli import main
+
+    local = _make_output(tmp_path / "output")
+    fs = fsspec.filesystem("memory")
+    url = f"memory://report-test-{tmp_path.name}/output"
+    fs.put(str(local), url, recursive=True)
+    assert main(["report", url]) == 0
+    report_dir = url.rstrip("/") + "/report"
+    with fs.open(report_dir + "/summary.json", "rb") as fh:
+        summary = json.load(fh)
+    assert summary["shard_rows"] == {s: len(langs) for s, langs in KEPT.items()}   # read the remote shards
+    for name in ("report.md", "report.html", "funnel.png", "similarity.png"):
+        assert fs.exists(report_dir + "/" + name), name
+    assert main(["report", url.rstrip("/") + "-missing"]) == 2
+    assert "holds no stats.json" in capsys.readouterr().err

@@ -144,7 +144,8 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     if committed:
         log.info("%d of %d inputs already extracted, skipping them", len(committed), len(fids))
     _clean_uncommitted_candidates(layout, set(layout.candidate_markers()))
-    connect(cfg)
+    connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
+            verbose=log.isEnabledFor(logging.DEBUG))
     shape = cluster_shape()
     phases = {"start": round(time.monotonic() - t0, 2)}
 

@@ -29,7 +29,10 @@ opened: the scheme must be http(s); the host is turned into addresses by
 :class:`Resolver` (IP literals -- including legacy spellings such as
 ``2130706433``, ``0x7f000001`` or ``127.1`` -- are parsed locally, ``localhost``
 names are loopback by definition, ``fetch.host_map`` comes next, then DNS with a
-per-worker LRU cache); if ANY address is loopback, private, link-local (cloud
+per-worker LRU cache: answers kept ``fetch.dns_ttl_s``, NXDOMAIN ``fetch.dns_negative_ttl_s``,
+transient failures retried ``fetch.dns_retries`` times and kept ``fetch.dns_transient_ttl_s``;
+a ``dns_error`` row's message starts with the reason, its ``dns_ms`` column holds the
+time spent resolving); if ANY address is loopback, private, link-local (cloud
 metadata ``169.254.169.254`` included), multicast, reserved, unspecified or
 otherwise not globally routable -- IPv4-mapped IPv6 addresses are judged by their
 IPv4 address -- the row is ``blocked_address`` unless the address lies in
@@ -116,18 +119,59 @@ def is_transient(status: str) -> bool:
 
 
 # --------------------------------------------------------------------------- DNS
+#: per-row column: milliseconds this row's download spent resolving host names (0 when cached)
+DNS_MS = "dns_ms"
+#: why a lookup failed (the first word of a ``dns_error`` row's error message)
+DNS_REASONS = ("nxdomain", "transient", "servfail", "timeout", "error", "bad_name")
+#: reasons retried with back-off and cached only briefly
+TRANSIENT_DNS_REASONS = frozenset({"transient", "servfail", "timeout"})
+
+
 class ResolveError(Exception):
-    """A host name has no usable address."""
+    """A host name has no usable address; ``reason`` is one of :data:`DNS_REASONS`."""
+
+    def __init__(self, message: str, reason: str = "nxdomain"):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def dns_failure_reason(exc: BaseException) -> str:
+    """Classify a lookup failure: ``nxdomain`` (the name does not exist, cached long),
+    ``transient`` (``EAI_AGAIN``: SERVFAIL or no answer), ``servfail`` (``EAI_FAIL``),
+    ``timeout`` (retried, cached briefly), ``bad_name`` or ``error`` (anything else)."""
+    if isinstance(exc, socket.gaierror):
+        code = exc.args[0] if exc.args else None
+        nodata = getattr(socket, "EAI_NODATA", None)
+        if code == socket.EAI_NONAME or (nodata is not None and code == nodata):
+            return "nxdomain"
+        if code == socket.EAI_AGAIN:
+            return "transient"
+        if code == socket.EAI_FAIL:
+            return "servfail"
+        return "error"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timeout"
+    if isinstance(exc, (UnicodeError, ValueError)):
+        return "bad_name"
+    return "error"
 
 
 class Resolver:
-    """Host name -> IP addresses, with a static map and a thread-safe LRU cache.
+    """Host name -> IP addresses, with a static map and a thread-safe LRU cache with TTLs.
 
     Order: IP literals (and legacy numeric IPv4 spellings) are parsed without
     any lookup; ``localhost`` / ``*.localhost`` are loopback (RFC 6761);
     ``host_map`` (exact, case-insensitive names); ``*.invalid`` fails without a
-    lookup (RFC 6761); the cache; finally ``lookup``
-    (``socket.getaddrinfo`` by default). Failures are cached too.
+    lookup (RFC 6761); the cache; finally ``lookup`` (``socket.getaddrinfo`` by
+    default, which asks the node's resolver: a local caching resolver at crawl
+    scale, see docs/cluster.md).
+
+    Answers are cached for ``ttl_s``; a name that does not exist (NXDOMAIN) for
+    ``negative_ttl_s``; a transient failure (SERVFAIL / ``EAI_AGAIN``, timeout) is
+    first retried ``retries`` times with exponential back-off from
+    ``retry_backoff_s`` and then cached for ``transient_ttl_s`` only. Threads asking
+    for a name that is being looked up wait for that lookup instead of repeating it.
+    ``stats`` counts ``lookups``, ``retries``, ``failed:<reason>`` and ``lookup_ms``.
     """
 
     def __init__(
@@ -135,14 +179,33 @@ class Resolver:
         host_map: Mapping[str, str] | None = None,
         cache_size: int = 10_000,
         lookup: Callable[[str], Iterable[str]] | None = None,
+        *,
+        ttl_s: float = 3600.0,
+        negative_ttl_s: float = 600.0,
+        transient_ttl_s: float = 30.0,
+        retries: int = 2,
+        retry_backoff_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ):
         self.host_map = {k.lower().rstrip("."): v for k, v in (host_map or {}).items()}
         self.cache_size = max(0, int(cache_size))
         self._lookup = lookup or _system_lookup
-        self._cache: OrderedDict[str, tuple[str, ...] | str] = OrderedDict()
+        self.ttl_s, self.negative_ttl_s, self.transient_ttl_s = ttl_s, negative_ttl_s, transient_ttl_s
+        self.retries, self.retry_backoff_s = max(0, int(retries)), retry_backoff_s
+        self._clock, self._sleep = clock, sleep
+        self._cache: OrderedDict[str, tuple[float, tuple[str, ...] | ResolveError]] = OrderedDict()
+        self._inflight: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+        self.stats: Counter = Counter()
+
+    @classmethod
+    def from_config(cls, cfg: FetchConfig, lookup: Callable[[str], Iterable[str]] | None = None) -> "Resolver":
+        return cls(cfg.host_map, cfg.dns_cache_size, lookup, ttl_s=cfg.dns_ttl_s,
+                   negative_ttl_s=cfg.dns_negative_ttl_s, transient_ttl_s=cfg.dns_transient_ttl_s,
+                   retries=cfg.dns_retries, retry_backoff_s=cfg.dns_retry_backoff_s)
 
     def resolve(self, host: str) -> tuple[str, ...]:
         """Addresses of ``host`` (strings); raises :class:`ResolveError`."""
@@ -150,7 +213,7 @@ class Resolver:
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
         if not name:
-            raise ResolveError("empty host")
+            raise ResolveError("empty host", "bad_name")
         literal = parse_ip_literal(name)
         if literal is not None:
             return (literal,)
@@ -159,36 +222,78 @@ class Resolver:
         if name in self.host_map:
             return (self.host_map[name],)
         if name == "invalid" or name.endswith(".invalid"):
-            raise ResolveError(f"{name}: .invalid names never resolve (RFC 6761)")
-        with self._lock:
-            cached = self._cache.get(name)
-            if cached is not None:
-                self._cache.move_to_end(name)
-                self.hits += 1
-        if cached is not None:
-            if isinstance(cached, str):
-                raise ResolveError(cached)
-            return cached
-        with self._lock:
-            self.misses += 1
-        try:
-            addrs = tuple(dict.fromkeys(str(a) for a in self._lookup(name)))
-            if not addrs:
-                raise ResolveError(f"no address for {name}")
-            result: tuple[str, ...] | str = addrs
-        except ResolveError as exc:
-            result = str(exc)
-        except (OSError, UnicodeError, ValueError) as exc:
-            result = f"cannot resolve {name}: {exc}"
-        if self.cache_size:
+            raise ResolveError(f"{name}: .invalid names never resolve (RFC 6761)", "nxdomain")
+        while True:
             with self._lock:
-                self._cache[name] = result
-                self._cache.move_to_end(name)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        if isinstance(result, str):
-            raise ResolveError(result)
+                cached = self._cached(name)
+                if cached is None:
+                    waiting = self._inflight.get(name)
+                    if waiting is None:
+                        self._inflight[name] = threading.Event()
+                        self.misses += 1
+                        break
+                else:
+                    self.hits += 1
+            if cached is not None:
+                if isinstance(cached, ResolveError):
+                    raise cached
+                return cached
+            waiting.wait()
+        try:
+            result = self._lookup_with_retries(name)
+            if self.cache_size:
+                ttl = self.ttl_s if isinstance(result, tuple) else (
+                    self.transient_ttl_s if result.reason in TRANSIENT_DNS_REASONS else self.negative_ttl_s)
+                with self._lock:
+                    self._cache[name] = (self._clock() + ttl, result)
+                    self._cache.move_to_end(name)
+                    while len(self._cache) > self.cache_size:
+                        self._cache.popitem(last=False)
+        finally:
+            with self._lock:
+                self._inflight.pop(name).set()
+        if isinstance(result, ResolveError):
+            raise result
         return result
+
+    def _cached(self, name: str):
+        entry = self._cache.get(name)
+        if entry is None:
+            return None
+        expires, value = entry
+        if self._clock() >= expires:
+            del self._cache[name]
+            return None
+        self._cache.move_to_end(name)
+        return value
+
+    def _lookup_with_retries(self, name: str) -> tuple[str, ...] | ResolveError:
+        started = self._clock()
+        attempt = 0
+        try:
+            while True:
+                with self._lock:
+                    self.stats["lookups"] += 1
+                try:
+                    addrs = tuple(dict.fromkeys(str(a) for a in self._lookup(name)))
+                    if addrs:
+                        return addrs
+                    reason, detail = "nxdomain", f"no address for {name}"
+                except (OSError, UnicodeError, ValueError) as exc:
+                    reason, detail = dns_failure_reason(exc), f"cannot resolve {name}: {exc}"
+                if reason not in TRANSIENT_DNS_REASONS or attempt >= self.retries:
+                    with self._lock:
+                        self.stats[f"failed:{reason}"] += 1
+                    return ResolveError(detail, reason)
+                delay = self.retry_backoff_s * (2 ** attempt)
+                attempt += 1
+                with self._lock:
+                    self.stats["retries"] += 1
+                if delay > 0:
+                    self._sleep(delay)
+        finally:
+            with self._lock:
+                self.stats["lookup_ms"] += int(round((self._clock() - started) * 1000))
 
 
 def _system_lookup(name: str) -> list[str]:
@@ -313,7 +418,8 @@ class ImageFetcher:
         self._policies = OriginCache(fetch_cfg.policy_cache_size)
         self.resize_cfg = resize_cfg
         self.keep_image_bytes = keep_image_bytes
-        self.resolver = resolver or Resolver(fetch_cfg.host_map, fetch_cfg.dns_cache_size)
+        self.resolver = resolver or Resolver.from_config(fetch_cfg)
+        self._dns = threading.local()  # seconds the current row spent resolving, per download thread
         self.policy = AddressPolicy(fetch_cfg.allow_addresses)
         self.formats = tuple(f.upper() for f in fetch_cfg.formats)
         self.opt_out_directives = frozenset(d.strip().lower() for d in fetch_cfg.opt_out_directives)
@@ -349,9 +455,11 @@ class ImageFetcher:
         height = np.zeros(n, dtype=np.int32)
         image = np.zeros((n, size, size, 3), dtype=np.uint8)
         blobs = np.full(n, b"", dtype=object) if self.keep_image_bytes else None
+        dns_ms = np.zeros(n, dtype=np.int32)
 
         def work(i: int) -> None:
             st, msg = "success", ""
+            self._dns.seconds = 0.0
             try:
                 arr, w, h = self.fetch_image(urls[i])
                 image[i] = arr
@@ -366,6 +474,7 @@ class ImageFetcher:
                 logger.warning("unexpected error fetching %r", urls[i], exc_info=True)
                 st, msg = "connection_error", f"unexpected {type(exc).__name__}: {exc}"
             status[i], message[i] = st, msg
+            dns_ms[i] = int(round(self._dns.seconds * 1000))
             if st != "success":
                 drop[i] = f"{STAGE}:{st}"
 
@@ -394,6 +503,7 @@ class ImageFetcher:
             self.stats["url_reused"] += len(copies)
         out[S.STATUS] = status
         out[S.ERROR_MESSAGE] = message
+        out[DNS_MS] = dns_ms
         out[S.WIDTH] = width
         out[S.HEIGHT] = height
         out[S.IMAGE] = image
@@ -467,10 +577,13 @@ class ImageFetcher:
             host = host.encode("idna").decode("ascii") if not host.isascii() else host
         except UnicodeError as exc:
             raise _Failure("bad_url", f"host {host!r}: {exc}") from None
+        started = time.monotonic()
         try:
             addresses = self.resolver.resolve(host)
         except ResolveError as exc:
             raise _Failure("dns_error", str(exc)) from None
+        finally:
+            self._dns.seconds = getattr(self._dns, "seconds", 0.0) + time.monotonic() - started
         for address in addresses:
             reason = self.policy.check(address)
             if reason is not None:
@@ -726,15 +839,38 @@ def fetch_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
     counters.count("rows", len(statuses))
     counters.count("attempted", len(statuses) - skipped)
     counters.count("skipped", skipped)
+    return counters.merge(dns_counters(batch))
+
+
+def dns_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
+    """DNS counters of one fetched batch: ``dns_ms`` (milliseconds spent resolving, summed
+    over rows) and ``dns_error:<reason>`` (failed rows by :data:`DNS_REASONS`)."""
+    counters = StageCounters()
+    statuses = batch.get(S.STATUS)
+    if statuses is None:
+        return counters
+    ms = batch.get(DNS_MS)
+    if ms is not None:
+        counters.count("dns_ms", int(np.asarray(ms, dtype=np.int64).sum()))
+    messages = batch.get(S.ERROR_MESSAGE)
+    if messages is not None:
+        for status, message in zip(statuses, messages):
+            if status == "dns_error":
+                reason = str(message).partition(":")[0]
+                counters.count(f"dns_error:{reason if reason in DNS_REASONS else 'error'}")
     return counters
 
 
 __all__ = [
     "AddressPolicy",
+    "DNS_MS",
+    "DNS_REASONS",
     "ImageFetcher",
     "ResolveError",
     "Resolver",
     "STATUSES",
+    "dns_counters",
+    "dns_failure_reason",
     "fetch_counters",
     "is_transient",
     "parse_ip_literal",

@@ -74,27 +74,20 @@ def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def open_input(path: str, timeout_s: float | None = None) -> BinaryIO:
+def open_input(path: str, timeout_s: float | None = None, cfg: ExtractConfig | None = None) -> BinaryIO:
     """Open a local path or a URL for reading.
 
-    ``http(s)://`` URLs are streamed with requests (``timeout_s`` for connect and
-    each read; ``extract.input_timeout_s`` when called by the stage); other
-    schemes (``s3://``, ``gs://``...) go through fsspec.
+    ``http(s)://`` URLs and other schemes (``s3://``, ``gs://``... through fsspec)
+    are read by :func:`laionbuild.remote.open_remote`, which resumes a broken read
+    where it stopped (``extract.input_retries`` / ``input_backoff_s`` from ``cfg``;
+    ``timeout_s`` for connect and each read).
     """
-    if path.startswith(("http://", "https://")):
-        import requests
-
-        resp = requests.get(path, stream=True, timeout=timeout_s)
-        if resp.status_code != 200:
-            resp.close()
-            raise OSError(f"HTTP {resp.status_code} for {path}")
-        raw = resp.raw
-        raw.decode_content = False
-        return raw
     if _is_url(path):
-        import fsspec
+        from ..remote import RetryPolicy, open_remote
 
-        return fsspec.open(path, "rb").open()
+        cfg = cfg or ExtractConfig()
+        return open_remote(path, RetryPolicy(cfg.input_retries, cfg.input_backoff_s, cfg.input_max_backoff_s,
+                                             timeout_s))
     if path.startswith("file://"):
         path = path[len("file://"):]
     return open(path, "rb", buffering=1 << 20)
@@ -526,16 +519,22 @@ def iter_html_documents(
     Counters: ``records``, ``responses``, ``html_responses``, ``html_truncated``,
     ``content_encoding_mismatch``, ``record_skipped:<reason>``.
     """
+    from ..remote import RemoteReadError, network_error
+
     try:
-        stream = open_input(path, cfg.input_timeout_s)
-    except Exception as exc:  # noqa: BLE001 - missing file, bad URL, permission...
-        _set_failed(file_result, "unreadable", f"{type(exc).__name__}: {exc}")
+        stream = open_input(path, cfg.input_timeout_s, cfg)
+    except Exception as exc:  # noqa: BLE001 - missing file, bad URL, permission, network...
+        reason = exc.reason if isinstance(exc, RemoteReadError) else "unreadable"
+        _set_failed(file_result, reason, f"{type(exc).__name__}: {exc}")
         return
     try:
         if cfg.reader == "fastwarc":
             yield from _iter_fastwarc(stream, path, cfg, counters, file_result)
         else:
             yield from _iter_warcio(stream, path, cfg, counters, file_result)
+        broken = network_error(stream)
+        if broken is not None:  # the network gave up, not the file: failed, so the next run reads it again
+            _set_failed(file_result, broken.reason, str(broken))
     finally:
         try:
             stream.close()

@@ -1,0 +1,212 @@
+"""Connecting to Ray, and the command sequence of docs/cluster.md run for real on loopback.
+
+The cluster test starts Ray as separate processes (``ray start --head`` and
+``ray start --address`` for a second node), submits the run with ``ray job submit``
+as docs/cluster.md does, then runs the CLI on the head with ``RAY_ADDRESS`` unset
+(what ``ray exec`` does), and checks that both nodes did work and the output is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from laionbuild.runner import connect as C
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+#: the head and the worker node on two loopback addresses: Ray rewrites 127.0.0.1 (only) to
+#: the machine's outward IP when a second node joins
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+
+
+# --------------------------------------------------------------------------- choosing the address
+@pytest.fixture()
+def no_cluster(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    return tmp_path
+
+
+def test_explicit_address_wins_over_ray_address(no_cluster, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert C.choose_address("10.0.0.9:6379", local=False) == ("explicit", "10.0.0.9:6379")
+    assert C.choose_address(None, local=False) == ("env", "10.0.0.5:6379")
+    assert C.choose_address("10.0.0.9:6379", local=True) == ("local", None)
+
+
+def test_running_cluster_is_joined_and_stale_address_ignored(no_cluster):
+    (no_cluster / "ray").mkdir()
+    address_file = no_cluster / "ray" / "ray_current_cluster"
+    assert C.choose_address(None, local=False) == ("local", None)        # nothing running
+    with socket.socket() as srv:                                          # a "GCS" listening on loopback
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        address = f"127.0.0.1:{srv.getsockname()[1]}"
+        address_file.write_text(address + "\n")
+        assert C.choose_address(None, local=False) == ("auto", address)
+        assert C.choose_address(None, local=True) == ("local", None)
+    assert C.choose_address(None, local=False) == ("local", None)        # recorded, but gone
+
+
+def test_cli_flags_reach_the_config():
+    from laionbuild.cli import _overrides, build_parser
+    from laionbuild.config import load_config
+
+    for command in (["run", "--config", "configs/smoke.yaml"], ["extract", "x.warc.gz"]):
+        ns = build_parser().parse_args([*command, "--address", "10.0.0.9:6379", "--local"])
+        cfg = load_config(None, _overrides(ns))
+        assert cfg.ray.address == "10.0.0.9:6379" and cfg.ray.local is True
+
+
+def test_address_host():
+    assert C.address_host("127.0.0.2:6379") == "127.0.0.2"
+    assert C.address_host("ray://head:10001") == "head"
+    assert C.address_host("http://127.0.0.1:8265") == "127.0.0.1"
+    assert C.address_host("[::1]:6379") == "::1"
+
+
+# --------------------------------------------------------------------------- the documented sequence
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _own_processes(marker: str) -> list[int]:
+    """Processes whose command line names ``marker`` (this test's Ray temp dir), and their children."""
+    found, parents = set(), {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents[int(entry)] = ppid
+        if marker in cmd:
+            found.add(int(entry))
+    changed = True
+    while changed:
+        kids = {pid for pid, ppid in parents.items() if ppid in found} - found
+        changed = bool(kids)
+        found |= kids
+    return sorted(found)
+
+
+def _stop_cluster(marker: str) -> None:
+    """Stop this test's Ray processes by id (``ray stop`` would stop every Ray on the machine)."""
+    pids = _own_processes(marker)
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and
+                    "zombie" not in _state(p)]
+            if not pids:
+                return
+            time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return "zombie" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else ""
+    except OSError:
+        return "zombie"
+
+
+def _run(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{' '.join(args[:4])} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def _markers(out: Path) -> list[dict]:
+    paths = list((out / "candidates" / "_done").glob("*.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_documented_sequence_on_a_two_node_cluster(tmp_path):
+    from laionbuild.demo.sample_warc import build_demo_sample
+
+    sample = build_demo_sample(str(tmp_path / "sample"), image_base="http://images.demo.test:9")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for i in range(6):
+        shutil.copy(sample.warc_paths[0], inputs / f"part-{i}.warc.gz")
+
+    ray_tmp = tempfile.mkdtemp(prefix="lbr", dir="/tmp")  # short: Ray's socket paths live under it
+    token = Path(ray_tmp, "auth_token")
+    token.write_text(os.urandom(32).hex())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({
+        "RAY_TMPDIR": ray_tmp,                       # this cluster's files, address record included
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",    # a second node may join (127.0.0.x stay as given)
+        "RAY_AUTH_MODE": "token",                    # Ray's token authentication, as on a real cluster
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(REPO),
+    })
+    port, dashboard = _free_port(HEAD_IP), _free_port(HEAD_IP)
+    try:
+        # 1. the cluster: a head and a second node (docs/cluster.md, "Any machines")
+        _run([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--num-cpus=2",
+              "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard}",
+              "--disable-usage-stats"], env, 120)
+        _run([RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
+              "--disable-usage-stats"], env, 120)
+        status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], env, 60).stdout
+        assert re.search(r"0\.0/4\.0 CPU", status), status
+
+        # 2. the run, submitted as a Ray job through the dashboard's job server
+        out = tmp_path / "out"
+        submit = [RAY, "job", "submit", "--address", f"http://{HEAD_IP}:{dashboard}", "--working-dir", ".",
+                  "--", "laionbuild", "extract", str(inputs), "--output", str(out), "--no-progress",
+                  "--set", "ray.extract_num_cpus=1"]
+        for _ in range(30):  # the job server answers as soon as the head's dashboard agent is up
+            job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+            if "No available agent to submit job" not in job.stderr:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        log = job.stdout + job.stderr
+        assert "connecting to the Ray cluster at" in log and "(RAY_ADDRESS)" in log, log[-3000:]
+        assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in log, log[-3000:]
+        markers = _markers(out)
+        assert len(markers) == 6
+        nodes = {m["node"] for m in markers}
+        assert len(nodes) == 2, f"extraction ran on {len(nodes)} node(s)"
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["files"]["total"] == 6 and stats["files"]["failed"] == 0
+        assert (out / "_SUCCESS").is_file()
+
+        # 3. the CLI on the head with RAY_ADDRESS unset (what `ray exec` runs): joins the cluster
+        out2 = tmp_path / "out2"
+        r = _run([sys.executable, "-m", "laionbuild", "extract", str(inputs), "--output", str(out2),
+                  "--no-progress", "--set", "ray.extract_num_cpus=1"], env, 240)
+        log = r.stdout + r.stderr
+        assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (started on this machine" in log, log[-3000:]
+        assert {m["node"] for m in _markers(out2)} == nodes
+        assert (out2 / "_SUCCESS").is_file()
+    finally:
+        _stop_cluster(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
