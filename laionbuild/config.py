@@ -56,8 +56,9 @@ class RunConfig:
 class ExtractConfig:
     """WARC reading and candidate filters (LAION-5B defaults)."""
 
-    #: ``warcio`` or ``fastwarc``
-    reader: str = "warcio"
+    #: ``auto`` (fastwarc when installed, else warcio; files fastwarc cannot read fall
+    #: back to warcio), ``warcio`` or ``fastwarc``
+    reader: str = "auto"
     #: HTTP ``Content-Type`` mime types of the ``response`` records that are parsed
     html_mime_types: tuple[str, ...] = ("text/html", "application/xhtml+xml")
     #: connect / read timeout when a WARC is read from an http(s) URL
@@ -497,8 +498,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for subset, thr in cfg.clip.thresholds.items():
         if not -1.0 <= thr <= 1.0:
             raise ConfigError(f"{source}: 'clip.thresholds.{subset}' must lie in [-1, 1], got {thr}")
-    if cfg.extract.reader not in ("warcio", "fastwarc"):
-        raise ConfigError(f"{source}: 'extract.reader' must be warcio or fastwarc, got '{cfg.extract.reader}'")
+    if cfg.extract.reader not in ("auto", "warcio", "fastwarc"):
+        raise ConfigError(
+            f"{source}: 'extract.reader' must be auto, warcio or fastwarc, got '{cfg.extract.reader}'"
+        )
     if cfg.resize.mode not in ("center_crop", "keep_ratio", "border"):
         raise ConfigError(
             f"{source}: 'resize.mode' must be center_crop, keep_ratio or border, got '{cfg.resize.mode}'"

@@ -85,6 +85,7 @@ _WHATWG = {
         ("shift_jis", "shift-jis", "sjis", "x-sjis", "ms_kanji", "ms932", "windows-31j", "csshiftjis", "cp932"),
         "cp932",
     ),
+    **dict.fromkeys(("euc-jp", "x-euc-jp", "cseucpkdfmtjapanese"), "euc_jp"),
     **dict.fromkeys(("euc-kr", "ks_c_5601-1987", "ks_c_5601-1989", "windows-949", "cseuckr", "korean"), "cp949"),
     **dict.fromkeys(("iso-8859-9", "latin5", "l5", "windows-1254"), "cp1254"),
     **dict.fromkeys(("tis-620", "iso-8859-11", "windows-874", "dos-874"), "cp874"),
