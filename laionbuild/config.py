@@ -25,6 +25,8 @@ import yaml
 from .errors import ConfigError
 
 SUBSETS = ("en", "multi", "nolang")
+#: de-duplication keys: the image URL (LAION-5B) or the (URL, TEXT) pair
+DEDUP_KEYS = ("url", "url_text")
 
 
 # --------------------------------------------------------------------------- sections
@@ -46,8 +48,11 @@ class RunConfig:
     file_retries: int = 1
     #: refuse to resume into an output folder made with another config unless true
     force: bool = False
-    #: run the global (URL, TEXT) de-duplication phase after all files are done
+    #: run the global de-duplication phase after all files are done
     global_dedup: bool = True
+    #: key of the de-duplication before download: ``url`` (LAION-5B: each image URL once)
+    #: or ``url_text`` (each (URL, TEXT) pair once); ``extract.dedup_key`` follows it
+    dedup_key: str = "url_text"
     progress: bool = True
     log_level: str = "INFO"
 
@@ -68,17 +73,35 @@ class ExtractConfig:
     #: also consider the first candidate of ``srcset`` when no URL attribute matched
     use_srcset: bool = False
     allowed_schemes: tuple[str, ...] = ("http", "https")
+    #: resolve relative image URLs against the page (``<base href>`` honoured); false =
+    #: drop them (``relative_url``) as LAION-5B's URL validator did
+    resolve_relative_urls: bool = True
     max_url_length: int = 2000
+    #: false: a longer URL is dropped (``url_too_long``); true: it is cut to
+    #: ``max_url_length`` as LAION-5B did (counted ``url_cut``)
+    cut_long_urls: bool = False
+    #: URL *path* endings dropped (``excluded_extension``, case-insensitive)
     excluded_extensions: tuple[str, ...] = (".svg", ".gif")
+    #: strings whose presence ANYWHERE in the URL drops it (``excluded_substring``,
+    #: case-sensitive); LAION-5B: .svg, .gif, data:image, javascript:
+    excluded_substrings: tuple[str, ...] = ()
+    #: host names longer than this are dropped (``host_too_long``); 0 = no limit; LAION-5B: 60
+    max_host_length: int = 0
     min_alt_length: int = 5
     max_alt_length: int = 1000
+    #: ``collapse``: ftfy, non-printable characters -> spaces, every run of whitespace one
+    #: space, cut and right-stripped; ``laion``: LAION-5B's cleaning (line breaks -> spaces,
+    #: ftfy, strip, non-printable characters removed, cut, tabs and ``|`` -> spaces)
+    alt_normalization: str = "collapse"
     #: HTML payloads larger than this are cut (bounded memory and time)
     max_html_bytes: int = 5_000_000
     #: pages nested deeper than this are cut where the depth is reached (HTML tree
     #: building is quadratic in the nesting depth; real pages stay far below)
     max_nesting_depth: int = 10_000
-    #: de-duplicate (URL, TEXT) within each WARC file
+    #: de-duplicate within each WARC file (the first row wins)
     dedup_within_file: bool = True
+    #: key of that de-duplication: ``url`` or ``url_text``; empty = ``run.dedup_key``
+    dedup_key: str = ""
     #: read ``<meta name=robots content=noai|noimageai>`` and drop the page's images
     honour_meta_robots: bool = True
     #: read ``<meta name=tdm-reservation content=1>`` (TDM Reservation Protocol) and drop
@@ -422,6 +445,8 @@ def _merge_mapping_default(fld: dataclasses.Field, value: Any) -> Any:
 
 def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
     cfg = _build(Config, data or {}, "", source)
+    if not cfg.extract.dedup_key:
+        cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, dedup_key=cfg.run.dedup_key))
     validate(cfg, source)
     return cfg
 
@@ -506,6 +531,15 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(
             f"{source}: 'resize.mode' must be center_crop, keep_ratio or border, got '{cfg.resize.mode}'"
         )
+    for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
+        if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
+            raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
+    if cfg.extract.alt_normalization not in ("collapse", "laion"):
+        raise ConfigError(
+            f"{source}: 'extract.alt_normalization' must be collapse or laion, got '{cfg.extract.alt_normalization}'"
+        )
+    if cfg.extract.max_host_length < 0:
+        raise ConfigError(f"{source}: 'extract.max_host_length' must be 0 (no limit) or positive")
     if cfg.langid.engine not in ("fasttext", "cld3"):
         raise ConfigError(f"{source}: 'langid.engine' must be fasttext or cld3, got '{cfg.langid.engine}'")
     if not 0 <= cfg.langid.cld3_min_bytes <= cfg.langid.cld3_max_bytes:
