@@ -145,6 +145,16 @@ class FetchConfig:
     #: decompression-bomb guard (LAION used PIL's default of 89,478,484 pixels)
     max_pixels: int = 89_478_484
     min_image_size: int = 10
+    #: bodies smaller than this many bytes are dropped (``too_small_bytes``); LAION-5B: 5000.
+    #: 0 = off: the pixel-size rule above already drops icons and spacers, and small
+    #: WEBP / JPEG thumbnails are often real images
+    min_bytes: int = 0
+    #: use images whose data ends early (missing part filled, as PIL's
+    #: ``LOAD_TRUNCATED_IMAGES``); LAION-5B did; off: ``decode_error``
+    accept_truncated: bool = False
+    #: the row's URL becomes the URL the image was read from after redirects (LAION-5B's
+    #: ``URL``); off: the URL the page linked
+    url_after_redirects: bool = False
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
     user_agent: str = "laionbuild/0.1 (+https://github.com/laionbuild/laionbuild)"
     #: concurrent downloads in one worker
@@ -188,7 +198,8 @@ class ResizeConfig:
     """Resize for CLIP. ``image_size`` must equal the CLIP models' input size."""
 
     image_size: int = 224
-    #: ``center_crop`` (CLIP's own), ``keep_ratio`` (pad to square) or ``border``
+    #: ``center_crop`` (CLIP's own), ``laion`` (LAION-5B's downloader resize, then CLIP's:
+    #: the long side rounded, not truncated), ``keep_ratio`` (pad to square) or ``border``
     mode: str = "center_crop"
     #: use reduced-size JPEG decoding (PIL draft mode)
     fast_decode: bool = True
@@ -527,10 +538,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(
             f"{source}: 'extract.reader' must be auto, warcio or fastwarc, got '{cfg.extract.reader}'"
         )
-    if cfg.resize.mode not in ("center_crop", "keep_ratio", "border"):
+    if cfg.resize.mode not in ("center_crop", "laion", "keep_ratio", "border"):
         raise ConfigError(
-            f"{source}: 'resize.mode' must be center_crop, keep_ratio or border, got '{cfg.resize.mode}'"
+            f"{source}: 'resize.mode' must be center_crop, laion, keep_ratio or border, got '{cfg.resize.mode}'"
         )
+    if cfg.fetch.min_bytes < 0:
+        raise ConfigError(f"{source}: 'fetch.min_bytes' must be 0 (off) or positive")
     for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
         if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
             raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
