@@ -141,3 +141,29 @@ def test_engine_is_validated():
     with pytest.raises(ConfigError, match="cld3_min_bytes"):
         config_from_dict({"langid": {"cld3_min_bytes": 10, "cld3_max_bytes": 5}})
     assert dataclasses.replace(LangIdConfig(), engine="cld3").engine == "cld3"
+
+
+@needs_cld3
+def test_agreement_report_on_a_warc(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    from conftest_extract import html_page, write_warc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import eval_langid
+    finally:
+        sys.path.pop(0)
+    imgs = "".join(f"<img src='/{i}.jpg' alt='{w[4]}'>" for i, w in enumerate(WORLD) if w[3])
+    imgs += "<img src='/junk.jpg' alt='IMG_20190612_1435'>"
+    path = write_warc(tmp_path / "w.warc.gz", [{"url": "http://e.com/", "html": html_page(imgs)}])
+    assert eval_langid.main(["--agreement", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    n = sum(1 for w in WORLD if w[3]) + 1
+    assert out["rows"] == n == sum(s["rows"] for s in out["per_fasttext_subset"].values())
+    # every written text agrees (Hebrew: CLD3's iw is fastText's he); the junk goes to nolang with both
+    assert out["per_fasttext_subset"]["multi"]["agreement"] == 1.0
+    assert out["per_fasttext_subset"]["en"]["agreement"] == 1.0
+    assert out["per_fasttext_subset"]["nolang"]["rows"] == 1
