@@ -2,8 +2,8 @@
 
 :func:`decode_and_resize` turns encoded bytes into a ``uint8 [S, S, 3]`` RGB
 array plus the ORIGINAL width and height (as stored in the file: no EXIF
-rotation is applied, exactly like LAION's img2dataset metadata, so a portrait
-image stays ``width < height``). Everything that can go wrong becomes an
+rotation is applied, as LAION-5B's own downloader read them with PIL's
+``im.size``, so a portrait image stays ``width < height``). Everything that can go wrong becomes an
 :class:`ImageRejected` with a status code; no other exception leaves it.
 
 Checks, in order, all made from the header before any pixel is decoded:
