@@ -177,13 +177,14 @@ def _wide_script(ch: str) -> bool:
 def language_letters(text: str) -> int:
     """Number of letters that belong to real words (not codes, numbers, units or file names).
 
-    A whitespace-separated token counts when, after stripping the punctuation
-    and symbols around it, it consists of letters and combining marks only
-    (:func:`_word_letters`) and is not a camera / file / unit word; tokens that
-    mix letters and digits (``IMG_2019``, ``1024x768``, ``B07X9``) are codes.
-    Combining marks count as letters (a Devanagari vowel sign is part of its
-    syllable). Single Latin / Cyrillic / Greek letters do not count; single
-    characters of scripts written without spaces (Chinese, Japanese, Thai...) do.
+    Each whitespace-separated token is stripped of the punctuation and symbols
+    around it and split into words at inner punctuation (:func:`_word_letters`).
+    A word counts with its letters and combining marks (a Devanagari vowel sign
+    is part of its syllable) unless it is a camera / file / unit word or a single
+    Latin / Cyrillic / Greek letter; single characters of scripts written
+    without spaces (Chinese, Japanese, Thai...) do count. Tokens that mix
+    letters with digits or underscores (``IMG_2019``, ``1024x768``, ``B07X9``)
+    are codes, except in scripts written without spaces.
     """
     if _FILE_NAME_RE.fullmatch(text.strip()):
         return 0
