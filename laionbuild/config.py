@@ -59,7 +59,7 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """WARC reading and candidate filters (LAION-5B defaults)."""
+    """WARC reading and candidate filters (docs/extraction.md; LAION-5B's own rules: configs/laion5b.yaml)."""
 
     #: ``auto`` (fastwarc when installed, else warcio; files fastwarc cannot read fall
     #: back to warcio), ``warcio`` or ``fastwarc``
