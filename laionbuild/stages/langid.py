@@ -1,10 +1,19 @@
 """Language identification of alt texts and routing to the en / multi / nolang subsets.
 
-LAION-5B routed pairs with CLD3; we use fastText's ``lid.176`` model (see
-``docs/langid.md`` for where the two may differ). A text goes to
+Two engines (``langid.engine``):
 
-* ``en``     when fastText's top label is English with probability >= ``langid.threshold``;
-* ``multi``  when the top label is another language at or above the threshold;
+* ``fasttext`` (default): fastText's ``lid.176`` model with a probability
+  threshold (``langid.threshold``);
+* ``cld3``: Google's CLD3 exactly as LAION-5B ran it (``gcld3``
+  ``NNetLanguageIdentifier(min_num_bytes=5, max_num_bytes=2000)``; a result
+  that is not ``is_reliable`` is no language; region / script suffixes such as
+  ``-Latn`` are cut, so ``zh-Latn`` is ``zh``). CLD3 names Hebrew ``iw`` and
+  Filipino ``fil``; those codes are kept as LAION-5B kept them.
+
+See ``docs/langid.md`` for where the two differ. A text goes to
+
+* ``en``     when the engine's top label is English and confident;
+* ``multi``  when the top label is another language and confident;
 * ``nolang`` otherwise, with ``LANGUAGE = "und"`` and a reason:
 
   - ``no_language_content``: checked *before* fastText; the text has fewer than
@@ -12,11 +21,14 @@ LAION-5B routed pairs with CLD3; we use fastText's ``lid.176`` model (see
     ``IMG_20190612_1435``, dates, sizes ``1024x768``, product codes, numbers,
     emoji / symbol strings, bare image file names). fastText is confidently
     wrong on many of these (a date comes out German);
-  - ``low_confidence:<guess>``: fastText's top label (``<guess>``) is below the
-    threshold; ``LANGUAGE_SCORE`` keeps its probability;
+  - ``low_confidence:<guess>``: the engine's top label (``<guess>``) is below
+    the threshold (fastText) or not reliable (CLD3); ``LANGUAGE_SCORE`` keeps
+    its probability;
   - ``empty_text``.
 
-The model is loaded once per :class:`LanguageRouter` (one per Ray actor).
+The no-language rule is the same for both engines; LAION-5B had none
+(``configs/laion5b.yaml`` turns it off). The model is loaded once per
+:class:`LanguageRouter` (one per Ray actor).
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Mapping
 
 import numpy as np
@@ -55,6 +68,10 @@ _HAN_RE = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HAN_TOP_K = 5
 _TOKEN_STRIP = "\"'`.,;:!?()[]{}<>«»“”‘’„‚‹›/\\|*#~^+=&%$@-–—…·•"
+#: characters allowed inside a word without making it a code: apostrophes, hyphens,
+#: dots, the Catalan middle dot, Hebrew geresh / gershayim, Armenian word marks, the
+#: Tibetan syllable delimiter (tsheg)
+_INNER_JOINERS = frozenset("'’-.‐‑·\u05f3\u05f4\u055a\u055b\u055c\u055d\u055e\u055f\u0f0b\u0f0c")
 
 
 def default_model_path() -> str:
@@ -71,12 +88,74 @@ def prepare_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def _is_letter_token(token: str) -> bool:
-    """Only letters, allowing inner apostrophes, hyphens and dots (``d'armas``, ``Castiella-La``, ``z.B``)."""
+def _is_word_char(ch: str) -> bool:
+    """A letter, or a mark that is part of a letter (vowel signs and viramas of Indic,
+    Thai, Khmer, Myanmar, Tibetan... scripts, accents written as combining marks)."""
+    return ch.isalpha() or unicodedata.category(ch)[0] == "M"
+
+
+def _strip_punctuation(token: str) -> str:
+    """``token`` without the punctuation and symbols around it (any script: ``।``, ``။``, ``。``...)."""
+    token = token.strip(_TOKEN_STRIP)
+    while token and unicodedata.category(token[0])[0] in "PSZC":
+        token = token[1:]
+    while token and unicodedata.category(token[-1])[0] in "PSZC":
+        token = token[:-1]
+    return token
+
+
+def _counted(word: str, letters: int) -> int:
+    """Letters of one word that count: not a camera / file / unit word, not a single
+    letter (unless its script is written without spaces)."""
+    if letters == 1 and not _wide_script(word[0]):
+        return 0
+    if letters <= 6 and word.lower() in _JUNK_WORDS:
+        return 0
+    return letters
+
+
+def _word_letters(token: str) -> int:
+    """Letters and combining marks in the words of a token, or 0 when ``token`` is a code.
+
+    A word holds letters and combining marks, allowing inner joiners
+    (:data:`_INNER_JOINERS`: ``d'armas``, ``Castiella-La``, ``z.B``, ``བོད་ཀྱི``)
+    and invisible format characters (zero-width (non-)joiner, zero-width space).
+    Other punctuation and symbols separate words (``山后面，远处``, ``image/jpeg``).
+    A digit or an underscore makes the whole token a code (``IMG_2019``,
+    ``1024x768``), except in scripts written without spaces, where numbers sit
+    between the words (``2019年拍摄``) and only separate them. Each word then
+    passes :func:`_counted`.
+    """
     if token.isalpha():
-        return True
-    stripped = token.replace("'", "").replace("’", "").replace("-", "").replace(".", "")
-    return bool(stripped) and stripped.isalpha()
+        return _counted(token, len(token))
+    letters = 0
+    start = -1
+    n = 0
+    wide = None
+    for i, ch in enumerate(token):
+        if _is_word_char(ch):
+            if start < 0:
+                start = i
+            n += 1
+            continue
+        if ch in _INNER_JOINERS:
+            continue
+        cat = unicodedata.category(ch)
+        if cat == "Cf":
+            continue
+        if cat[0] == "N" or cat == "Pc":
+            if wide is None:
+                wide = any(_wide_script(c) for c in token)
+            if not wide:
+                return 0
+        elif cat[0] not in "PSZ":
+            return 0
+        if n:
+            letters += _counted(token[start:i], n)
+        start, n = -1, 0
+    if n:
+        letters += _counted(token[start:], n)
+    return letters
 
 
 def _wide_script(ch: str) -> bool:
@@ -87,6 +166,9 @@ def _wide_script(ch: str) -> bool:
         or 0x3400 <= o <= 0x9FFF  # CJK ideographs
         or 0xAC00 <= o <= 0xD7AF  # Hangul syllables
         or 0x0E00 <= o <= 0x0EFF  # Thai, Lao
+        or 0x0F00 <= o <= 0x0FFF  # Tibetan
+        or 0x1000 <= o <= 0x109F  # Myanmar
+        or 0x1780 <= o <= 0x17FF  # Khmer
         or 0xF900 <= o <= 0xFAFF
         or 0x20000 <= o <= 0x2FFFF
     )
@@ -95,25 +177,23 @@ def _wide_script(ch: str) -> bool:
 def language_letters(text: str) -> int:
     """Number of letters that belong to real words (not codes, numbers, units or file names).
 
-    A whitespace-separated token counts when it consists of letters only (after
-    stripping surrounding punctuation) and is not a camera / file / unit word;
-    tokens that mix letters and digits (``IMG_2019``, ``1024x768``, ``B07X9``) are
-    codes. Single Latin / Cyrillic / Greek letters do not count; single
-    characters of scripts written without spaces (Chinese, Japanese...) do.
+    Each whitespace-separated token is stripped of the punctuation and symbols
+    around it and split into words at inner punctuation (:func:`_word_letters`).
+    A word counts with its letters and combining marks (a Devanagari vowel sign
+    is part of its syllable) unless it is a camera / file / unit word or a single
+    Latin / Cyrillic / Greek letter; single characters of scripts written
+    without spaces (Chinese, Japanese, Thai...) do count. Tokens that mix
+    letters with digits or underscores (``IMG_2019``, ``1024x768``, ``B07X9``)
+    are codes, except in scripts written without spaces.
     """
     if _FILE_NAME_RE.fullmatch(text.strip()):
         return 0
     letters = 0
     for raw in text.split():
-        token = raw.strip(_TOKEN_STRIP)
-        if not token or not _is_letter_token(token):
+        token = _strip_punctuation(raw)
+        if not token:
             continue
-        n = sum(1 for ch in token if ch.isalpha())
-        if n == 1 and not _wide_script(token[0]):
-            continue
-        if n <= 6 and token.lower() in _JUNK_WORDS:
-            continue
-        letters += n
+        letters += _word_letters(token)
     return letters
 
 
@@ -121,11 +201,23 @@ def has_no_language(text: str, min_letters: int) -> bool:
     return language_letters(text) < min_letters
 
 
+ENGINES = ("fasttext", "cld3")
+
+
 class LanguageRouter:
-    """fastText language id + subset routing; construct once, call per batch."""
+    """Language id (``langid.engine``) + subset routing; construct once, call per batch."""
 
     def __init__(self, cfg: LangIdConfig):
         self.cfg = cfg
+        self.engine = cfg.engine
+        self.threshold = float(cfg.threshold)
+        self.model_path = ""
+        self.model = None
+        self.cld3 = None
+        if cfg.engine == "cld3":
+            self.cld3 = _load_cld3(cfg)
+            log.debug("loaded CLD3 (min_num_bytes=%d, max_num_bytes=%d)", cfg.cld3_min_bytes, cfg.cld3_max_bytes)
+            return
         self.model_path = cfg.model_path or default_model_path()
         if not os.path.isfile(self.model_path):
             raise ModelMissingError(
@@ -144,7 +236,6 @@ class LanguageRouter:
             self.model = fasttext.load_model(self.model_path)
         except Exception as exc:  # noqa: BLE001 - a corrupt or wrong file
             raise ModelMissingError(f"cannot load fastText model {self.model_path}: {exc}") from exc
-        self.threshold = float(cfg.threshold)
         log.debug("loaded fastText model %s (threshold %.2f)", self.model_path, self.threshold)
 
     def _top(self, line: str, k: int) -> dict[str, float]:
@@ -154,14 +245,27 @@ class LanguageRouter:
             for lab, p in zip(labels, probs)
         }
 
+    def predict_cld3(self, text: str) -> tuple[str, float, bool]:
+        """CLD3's language (suffix cut: ``zh-Latn`` -> ``zh``), probability and ``is_reliable``."""
+        res = self.cld3.FindLanguage(text=text)
+        lang = (res.language or schema.NOLANG_CODE).split("-", 1)[0]
+        return lang, float(res.probability), bool(res.is_reliable)
+
     def predict(self, text: str) -> tuple[str, float]:
-        """fastText's top language code and its probability for one text.
+        """The engine's top language code and its probability for one text.
+
+        With ``cld3`` a result that is not reliable has probability 0 here (it
+        never passes a threshold); :meth:`route` keeps CLD3's own probability.
+        With ``fasttext``:
 
         Chinese written without spaces is one "word" to fastText, and the
         compressed model often misses it (a Chinese caption may come out German
         or Japanese); for text with Han characters and no kana the prediction is
         the average of the text as written and with its characters spaced apart.
         """
+        if self.cld3 is not None:
+            lang, p, reliable = self.predict_cld3(text)
+            return lang, (p if reliable else 0.0)
         line = prepare_text(text)
         if _HAN_RE.search(line) is not None and _KANA_RE.search(line) is None:
             votes: dict[str, float] = {}
@@ -181,6 +285,11 @@ class LanguageRouter:
             return "nolang", schema.NOLANG_CODE, 0.0, REASON_EMPTY
         if self.cfg.detect_no_language and has_no_language(text, self.cfg.min_letters):
             return "nolang", schema.NOLANG_CODE, 0.0, REASON_NO_LANGUAGE
+        if self.cld3 is not None:
+            lang, score, reliable = self.predict_cld3(text)
+            if not reliable:
+                return "nolang", schema.NOLANG_CODE, score, f"{REASON_LOW_CONFIDENCE}:{lang}"
+            return ("en" if lang == "en" else "multi"), lang, score, ""
         lang, score = self.predict(text)
         if score < self.threshold:
             return "nolang", schema.NOLANG_CODE, score, f"{REASON_LOW_CONFIDENCE}:{lang}"
@@ -213,6 +322,17 @@ class LanguageRouter:
         return out
 
 
+def _load_cld3(cfg: LangIdConfig):
+    try:
+        import gcld3
+    except ImportError as exc:
+        raise ModelMissingError(
+            "langid.engine=cld3 needs the gcld3 module: pip install cld3-py "
+            "(or pip install 'laionbuild[cld3]')"
+        ) from exc
+    return gcld3.NNetLanguageIdentifier(min_num_bytes=cfg.cld3_min_bytes, max_num_bytes=cfg.cld3_max_bytes)
+
+
 def routing_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
     """Counters of a routed batch: ``subset:<s>``, ``language:<code>``, ``nolang_reason:<r>``
     and ``nolang_guess:<code>`` (fastText's guess of low-confidence rows); ``kept`` = routed rows."""
@@ -240,6 +360,7 @@ def routing_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
 
 
 __all__ = [
+    "ENGINES",
     "LanguageRouter",
     "default_model_path",
     "has_no_language",

@@ -2,8 +2,8 @@
 
 :func:`decode_and_resize` turns encoded bytes into a ``uint8 [S, S, 3]`` RGB
 array plus the ORIGINAL width and height (as stored in the file: no EXIF
-rotation is applied, exactly like LAION's img2dataset metadata, so a portrait
-image stays ``width < height``). Everything that can go wrong becomes an
+rotation is applied, as LAION-5B's own downloader read them with PIL's
+``im.size``, so a portrait image stays ``width < height``). Everything that can go wrong becomes an
 :class:`ImageRejected` with a status code; no other exception leaves it.
 
 Checks, in order, all made from the header before any pixel is decoded:
@@ -21,6 +21,17 @@ Resize modes (``resize.mode``):
   on a black square (open_clip's "longest" mode with zero fill).
 * ``border`` -- like ``keep_ratio`` but padded with white (img2dataset's
   ``border`` mode).
+* ``laion`` -- LAION-5B's downloader followed by CLIP's preprocessing: an image
+  whose short side is above ``S`` is scaled (bicubic) so that the short side is
+  ``S`` and the long side ``round(long * S / short)`` and centre-cropped; smaller
+  images go to CLIP's own resize, as ``center_crop``. It differs from
+  ``center_crop`` only in that rounding of the long side (torchvision truncates).
+
+Truncated images: with ``accept_truncated`` a JPEG whose data ends early is
+decoded with an end-of-image marker appended (the same pixels as PIL's
+``LOAD_TRUNCATED_IMAGES``, without touching that process-wide flag); other
+formats are decoded once more with the flag set under a lock, because Pillow
+has no per-image switch for them.
 
 Why our own code instead of img2dataset's ``Resizer``
 -----------------------------------------------------
@@ -41,12 +52,14 @@ re-measures plain versus draft decoding.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import threading
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..config import ResizeConfig
 
@@ -73,6 +86,9 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 RESIZE_STATUSES = ("not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format")
 
 _PAD = {"keep_ratio": 0, "border": 255}
+#: JPEG end-of-image marker: appended to a truncated JPEG, libjpeg finishes the image
+_JPEG_EOI = b"\xff\xd9"
+_TRUNCATED_FLAG_LOCK = threading.Lock()
 
 
 class ImageRejected(Exception):
@@ -91,11 +107,40 @@ def decode_and_resize(
     max_pixels: int,
     min_size: int,
     formats: tuple[str, ...],
+    accept_truncated: bool = False,
 ) -> tuple[np.ndarray, int, int]:
     """Decode ``data`` and resize it; returns ``(uint8 [S, S, 3], width, height)``.
 
+    ``accept_truncated``: an image whose data ends early is used, the missing
+    part filled as PIL's ``LOAD_TRUNCATED_IMAGES`` does (LAION-5B accepted them).
     Raises :class:`ImageRejected` (only) when the image cannot be used.
     """
+    try:
+        return _decode_and_resize(data, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats)
+    except ImageRejected as exc:
+        if not (accept_truncated and exc.status == "decode_error" and "truncated" in exc.message):
+            raise
+    if data[:2] == b"\xff\xd8":  # JPEG
+        return _decode_and_resize(data + _JPEG_EOI, cfg, max_pixels=max_pixels, min_size=min_size,
+                                  formats=formats)
+    with _load_truncated_images():
+        return _decode_and_resize(data, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats)
+
+
+@contextlib.contextmanager
+def _load_truncated_images():
+    """PIL's process-wide ``LOAD_TRUNCATED_IMAGES`` set for one decode, then restored."""
+    with _TRUNCATED_FLAG_LOCK:
+        before = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = before
+
+
+def _decode_and_resize(data: bytes, cfg: ResizeConfig, *, max_pixels: int, min_size: int,
+                       formats: tuple[str, ...]) -> tuple[np.ndarray, int, int]:
     if not data:
         raise ImageRejected("not_an_image", "empty body")
     try:
@@ -124,8 +169,8 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
         raise ImageRejected("too_small", f"{width}x{height} is smaller than {min_size} pixels")
     size = cfg.image_size
     try:
-        if cfg.mode == "center_crop":
-            out = _center_crop(img, size, cfg.fast_decode)
+        if cfg.mode in ("center_crop", "laion"):
+            out = _center_crop(img, size, cfg.fast_decode, round_long=cfg.mode == "laion")
         else:
             out = _fit(img, size, cfg.fast_decode, _PAD.get(cfg.mode, 0))
     except ImageRejected:
@@ -135,10 +180,15 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
     return out, width, height
 
 
-def _center_crop(img: Image.Image, size: int, fast: bool) -> np.ndarray:
+def _center_crop(img: Image.Image, size: int, fast: bool, round_long: bool = False) -> np.ndarray:
+    """``round_long``: LAION-5B's downloader rounded the long side of images it scaled
+    down (short side above ``size``); torchvision (CLIP's preprocessing) truncates it."""
     width, height = img.size
     short, long_ = (width, height) if width <= height else (height, width)
-    new_long = int(size * long_ / short)
+    if round_long and short > size:
+        new_long = int(round(long_ / (short / size)))
+    else:
+        new_long = int(size * long_ / short)
     tw, th = (size, new_long) if width <= height else (new_long, size)
     img = _decode(img, (tw, th), fast)
     # torchvision CenterCrop offsets, in the resized image's coordinates

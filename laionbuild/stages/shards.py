@@ -79,6 +79,9 @@ def output_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
     arrays = []
     for internal, published in S.OUTPUT_COLUMNS.items():
         typ = S.OUTPUT_SCHEMA.field(published).type
+        if internal not in batch and internal in S.OUTPUT_DEFAULTS:
+            arrays.append(pa.array([S.OUTPUT_DEFAULTS[internal]] * int(np.count_nonzero(mask)), type=typ))
+            continue
         values = batch[internal][mask]
         if pa.types.is_string(typ):
             values = ["" if v is None else str(v) for v in values]
