@@ -1,4 +1,4 @@
-"""Command line: ``laionbuild run | extract | remove | report | compare | demo``.
+"""Command line: ``laionbuild run | extract | remove | report | compare | demo | models``.
 
 Exit status: 0 a clean run; 1 the run finished but some input files failed
 (they are listed in ``stats.json``); 2 a problem found before any work started
@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", "-i", action="append", default=[], metavar="PATH",
                    help="WARC file, glob, folder, URL (http/https/s3) or warc.paths(.gz) listing; repeatable "
                         "(overrides run.inputs)")
+    p.add_argument("--offline", action="store_true",
+                   help="never download model files; missing ones stop the run (sets models.offline; "
+                        "HF_HUB_OFFLINE=1 does the same)")
 
     p = sub.add_parser(
         "extract", help="only the CPU text stages (no network, no CLIP)",
@@ -138,7 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config value by its dotted path; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+    _models_parser(sub)
     return parser
+
+
+def _models_parser(sub) -> None:
+    p = sub.add_parser("models", help="list or download the model files a config needs",
+                       description="List the model files a config needs (CLIP towers, tokenizers, fastText, safety "
+                                   "models), or download the missing ones into the cache. See docs/models.md.")
+    msub = p.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    for name, text in (("list", "every model file the config needs, where it is expected, present or missing"),
+                       ("pull", "download the missing model files into the cache, verified and recorded")):
+        q = msub.add_parser(name, help=text, description=text)
+        q.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
+        q.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value by its dotted path; repeatable")
+        q.add_argument("--cache", metavar="DIR", help="model cache folder or URL (overrides models.cache)")
+        q.add_argument("--verbose", "-v", action="store_true", help="debug logging")
+        if name == "list":
+            q.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            q.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -167,6 +190,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         out.append(f"ray.address={args.address}")
     if getattr(args, "local", False):
         out.append("ray.local=true")
+    if getattr(args, "offline", False):
+        out.append("models.offline=true")
     return out
 
 
@@ -237,6 +262,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import cli as models_cli
+
+    overrides = list(args.overrides) + ([f"models.cache={args.cache}"] if args.cache else [])
+    cfg = load_config(args.config, overrides)
+    if args.models_command == "list":
+        return models_cli.list_models(cfg, args.config, as_json=args.json)
+    return models_cli.pull_models(cfg, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
@@ -252,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_compare(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "models":
+            return _cmd_models(args)
     except LaionBuildError as exc:
         print(f"laionbuild: error: {exc}", file=sys.stderr)
         return 2

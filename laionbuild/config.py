@@ -372,6 +372,28 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    """Where model files are cached and whether a run may download them (see docs/models.md)."""
+
+    #: folder or fsspec URL (``s3://``, ``gs://``, ``file://``) that ``laionbuild models pull``
+    #: fills and runs read: Hugging Face files under ``<cache>/hub``, released files under
+    #: ``<cache>/releases``, the record ``<cache>/models.lock.json``; empty = the Hugging Face
+    #: cache (HF_HOME) for hub files and ~/.cache/laionbuild/models for the rest
+    cache: str = ""
+    #: local folder each node copies the cache's files into before loading (once per node);
+    #: empty = ~/.cache/laionbuild/models-local when ``cache`` is a URL, the cache itself otherwise
+    local_dir: str = ""
+    #: never download; missing files stop the run (``--offline``; HF_HUB_OFFLINE=1 does the same)
+    offline: bool = False
+    #: released model name (``laion-nsfw-vit-b-32``, ...) -> URL to fetch it from instead of its
+    #: published location (a mirror)
+    sources: Mapping[str, str] = field(default_factory=dict)
+    #: attempts per download; an interrupted one resumes where it stopped (HTTP Range)
+    download_retries: int = 3
+    download_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
@@ -383,6 +405,7 @@ class Config:
     blocklist: BlocklistConfig = field(default_factory=BlocklistConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
 
 # --------------------------------------------------------------------------- building
@@ -614,6 +637,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
     _validate_safety(cfg.safety, source)
+    if cfg.models.download_retries < 1:
+        raise ConfigError(f"{source}: 'models.download_retries' must be at least 1")
+    if cfg.models.download_timeout_s <= 0:
+        raise ConfigError(f"{source}: 'models.download_timeout_s' must be positive")
 
 
 def _validate_safety(safety: SafetyConfig, source: str) -> None:
@@ -668,7 +695,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
         "run.progress", "run.log_level", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
-        "run.paths_base_url", "run.file_retries", "ray")) -> str:
+        "run.paths_base_url", "run.file_retries", "ray", "models")) -> str:
     """Stable hash of everything that decides how rows are processed.
 
     Settings that only change how a run is executed (progress bar, log level,
