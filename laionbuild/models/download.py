@@ -22,7 +22,7 @@ from ..errors import SetupError
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 16
 USER_AGENT = "laionbuild-models/0.1"
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 

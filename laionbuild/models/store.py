@@ -91,6 +91,18 @@ def read_lock(root: str | Path) -> dict[str, Any]:
     return _read_lock_text(p.read_text(encoding="utf-8")) if p.is_file() else {"format": LOCK_FORMAT, "files": {}}
 
 
+def _merge_records(data: dict[str, Any], records: Iterable[dict[str, Any]]) -> None:
+    """Add ``records`` to a lock mapping; a file shared by several requirements lists them all."""
+    for rec in records:
+        entry = {k: v for k, v in rec.items() if k not in ("file", "requirement")}
+        old = data["files"].get(rec["file"], {})
+        needs = set(old.get("requirements", [])) | set(rec.get("requirements", []))
+        if rec.get("requirement"):
+            needs.add(rec["requirement"])
+        entry["requirements"] = sorted(needs)
+        data["files"][rec["file"]] = entry
+
+
 def _update_lock(root: Path, records: Iterable[dict[str, Any]]) -> Path:
     from filelock import FileLock
 
@@ -98,8 +110,7 @@ def _update_lock(root: Path, records: Iterable[dict[str, Any]]) -> Path:
     path = root / LOCK_NAME
     with FileLock(str(root / ".models.lock.json.lock")):
         data = read_lock(root)
-        for rec in records:
-            data["files"][rec["file"]] = {k: v for k, v in rec.items() if k != "file"}
+        _merge_records(data, records)
         data["format"] = LOCK_FORMAT
         data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         tmp = path.with_name(f".{LOCK_NAME}.tmp")
@@ -326,7 +337,7 @@ def _upload(layout: CacheLayout, records: list[dict[str, Any]]) -> None:
         target = f"{base}/{rec['file']}"
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(layout.root / rec["file"]), target)
-        remote_lock["files"][rec["file"]] = {k: v for k, v in rec.items() if k != "file"}
+    _merge_records(remote_lock, [r for r in records if not os.path.isabs(r["file"])])
     remote_lock["format"] = LOCK_FORMAT
     remote_lock["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     with fs.open(f"{base}/{LOCK_NAME}", "wb") as f:
@@ -348,7 +359,8 @@ def localize_files(cfg: Config) -> dict[str, list[str]]:
         return out
     wanted = {r.id for r in required_models(cfg)}
     lock = read_lock(layout.cache)
-    todo = {k: v for k, v in lock["files"].items() if v.get("requirement") in wanted and not os.path.isabs(k)}
+    todo = {k: v for k, v in lock["files"].items()
+            if wanted.intersection(v.get("requirements", [])) and not os.path.isabs(k)}
     if not todo:
         return out
     from filelock import FileLock
