@@ -211,6 +211,11 @@ def _cmd_run(args: argparse.Namespace, command: str) -> int:
 
         overrides.append(f"run.inputs={json.dumps(inputs)}")
     cfg = load_config(args.config, overrides)
+    if command == "run":
+        from .models import ensure_models
+
+        # missing model files are downloaded here, before any work (unless offline)
+        cfg = ensure_models(cfg, offline=cfg.models.offline, progress=cfg.run.progress).config
     result = run(cfg, command=command)
     _print_stats(result)
     if result.exit_code:

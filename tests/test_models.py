@@ -472,3 +472,38 @@ def test_fsspec_cache_is_copied_to_each_node_once(server, tmp_path, scheme):
     weights = (ASSETS / "tiny-clip-shapes.pt").read_bytes()
     found = list((tmp_path / "node" / "hub").rglob("open_clip_pytorch_model.bin"))
     assert len(found) == 1 and found[0].read_bytes() == weights
+
+
+# --------------------------------------------------------------------------- a separate text model
+def test_sentence_transformers_text_model_is_listed_and_pulled(server, tmp_path):
+    """``clip.models.<subset>.text_model`` (a Hugging Face id of a sentence-transformers model)."""
+    import dataclasses
+
+    from laionbuild.config import ClipModelConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class WithTextModel(ClipModelConfig):
+        text_model: str = ""
+
+    repo = "laionbuild-test/st-text"
+    st = {
+        "modules.json": json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                                    {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                                    {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}]).encode(),
+        "config.json": b"{}", "model.safetensors": b"w" * 1000, "tokenizer.json": b"{}", "tokenizer_config.json": b"{}",
+        "1_Pooling/config.json": b"{}", "2_Dense/config.json": b"{}", "2_Dense/pytorch_model.bin": b"d" * 100,
+    }
+    for name, data in st.items():
+        server.hub[(repo, name)] = data
+    cfg = config_from_dict({"clip": TINY_CLIP, "models": {"cache": str(tmp_path / "cache")}})
+    multi = WithTextModel(arch="tiny-clip-shapes", pretrained="builtin:tiny-clip-shapes.pt", text_model=repo)
+    cfg = dataclasses.replace(cfg, clip=dataclasses.replace(cfg.clip, models={**cfg.clip.models, "multi": multi}))
+    (req,) = [r for r in required_models(cfg) if r.kind == "text-model"]
+    assert not req.present and req.used_by == ["clip.models.multi.text_model"]
+    records = pull(cfg, progress=False)
+    snap = tmp_path / "cache" / "hub" / "models--laionbuild-test--st-text" / "snapshots" / COMMIT
+    for name, data in st.items():
+        assert (snap / name).read_bytes() == data
+    assert {r["file"] for r in records} >= {f"hub/models--laionbuild-test--st-text/snapshots/{COMMIT}/{n}" for n in st}
+    (req,) = [r for r in required_models(cfg) if r.kind == "text-model"]
+    assert req.present and req.path == str(snap)

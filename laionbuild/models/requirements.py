@@ -167,9 +167,14 @@ def cache_layout(models: ModelsConfig, cache: str | None = None) -> CacheLayout:
 
 
 def hf_default_cache() -> str:
-    from huggingface_hub import constants
+    """Hugging Face's own cache folder (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
+    try:
+        from huggingface_hub import constants
 
-    return constants.HF_HUB_CACHE
+        return constants.HF_HUB_CACHE
+    except ImportError:
+        home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+        return os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
 
 
 def hf_cached(repo: str, filename: str, cache_dir: str | None) -> str | None:
