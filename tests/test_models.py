@@ -507,3 +507,36 @@ def test_sentence_transformers_text_model_is_listed_and_pulled(server, tmp_path)
     assert {r["file"] for r in records} >= {f"hub/models--laionbuild-test--st-text/snapshots/{COMMIT}/{n}" for n in st}
     (req,) = [r for r in required_models(cfg) if r.kind == "text-model"]
     assert req.present and req.path == str(snap)
+
+
+@pytest.mark.slow
+def test_pull_converts_laions_watermark_detector(server, tmp_path):
+    timm = pytest.importorskip("timm")
+    import torch
+    from torch import nn
+
+    from laionbuild.stages import safety as sf
+
+    torch.manual_seed(0)
+    ref = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
+    ref.classifier = nn.Sequential(nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(0.3), nn.Linear(625, 256),
+                                   nn.ReLU(), nn.Linear(256, 2))
+    ref.eval()
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)
+    server.files["watermark_model_v1.pt"] = buf.getvalue()
+    cfg = config_from_dict({"clip": TINY_CLIP, "safety": {"watermark_model": "release:laion-watermark-v1"},
+                            "models": {"cache": str(tmp_path / "cache"),
+                                       "sources": {"laion-watermark-v1": f"{server.url}/files/watermark_model_v1.pt"}}})
+    records = pull(cfg, progress=False)
+    assert records[-1]["file"] == "releases/laion-watermark-v1/laion-watermark-v1.pt"
+    model = sf.load_watermark_model(local_config(cfg).safety.watermark_model)
+    assert model.input_size == 256 and model.positive_index == 0
+    images = np.random.RandomState(0).randint(0, 256, (2, 64, 64, 3)).astype(np.uint8)
+    x = sf.preprocess_images(torch.from_numpy(images), 96, sf.IMAGENET_MEAN, sf.IMAGENET_STD)
+    with torch.no_grad():
+        want = torch.softmax(ref(x), dim=1)[:, 0].numpy()
+        got = model.probability(model.net(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    prov = {m["kind"]: m for m in model_provenance(cfg)["models"]}
+    assert prov["watermark"]["sha256"] == records[-1]["sha256"]
