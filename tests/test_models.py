@@ -540,3 +540,23 @@ def test_pull_converts_laions_watermark_detector(server, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5)
     prov = {m["kind"]: m for m in model_provenance(cfg)["models"]}
     assert prov["watermark"]["sha256"] == records[-1]["sha256"]
+
+
+def test_tokenizer_is_pulled_with_its_companion_files(server, tmp_path):
+    """An xlm-roberta style text tower: config.json + tokenizer.json, and tokenizer_config.json when there."""
+    tok = "laionbuild-test/xlmr"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        server.hub[(tok, name)] = b'{"name": "%s"}' % name.encode()
+    model_cfg = json.loads((ASSETS / "tiny-clip-shapes.json").read_text())
+    model_cfg["model_cfg"]["text_cfg"] = {"hf_model_name": tok, "hf_tokenizer_name": tok}
+    arch = tmp_path / "tiny-hf-text.json"
+    arch.write_text(json.dumps(model_cfg))
+    cfg = config_from_dict({"clip": {"models": {s: {"arch": str(arch), "pretrained": "builtin:tiny-clip-shapes.pt"}
+                                                for s in ("en", "multi", "nolang")}},
+                            "models": {"cache": str(tmp_path / "cache")}})
+    missing = [r for r in required_models(cfg) if not r.present]
+    assert {r.kind for r in missing} == {"tokenizer"} and len(missing) == 2
+    pull(cfg, progress=False)
+    snap = tmp_path / "cache" / "hub" / "models--laionbuild-test--xlmr" / "snapshots" / COMMIT
+    assert sorted(p.name for p in snap.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert all(r.present for r in required_models(cfg))

@@ -40,6 +40,8 @@ HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 HF_WEIGHTS_BESIDE_CONFIG = HF_WEIGHT_FILES + ("open_clip_pytorch_model.safetensors", "model.safetensors",
                                               "pytorch_model.bin")
 HF_TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "vocab.txt", "spiece.model")
+#: fetched with the tokenizer when the repository has them (what transformers' AutoTokenizer reads besides it)
+HF_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -215,7 +217,7 @@ class _Collector:
             old.used_by.extend(u for u in req.used_by if u not in old.used_by)
 
     def hf(self, kind: str, name: str, repo: str, files: tuple[str, ...], cache_dir: str | None, used_by: str,
-           also: str = "") -> None:
+           also: str = "", optional: tuple[str, ...] = ()) -> None:
         found = next((p for p in (hf_cached(repo, f, cache_dir) for f in files) if p), None)
         if found is None and also and os.path.isfile(also):
             found = also
@@ -223,7 +225,8 @@ class _Collector:
             id=f"hf:{repo}:{'|'.join(files)}", kind=kind, name=name, used_by=[used_by],
             source=f"hf://{repo}/{' | '.join(files)}", path=found or _hf_expected(repo, files[0], cache_dir),
             present=found is not None, size=_size(found) if found else None,
-            fetch={"type": "hf", "repo": repo, "files": list(files), "cache_dir": cache_dir},
+            fetch={"type": "hf", "repo": repo, "files": list(files), "cache_dir": cache_dir,
+                   "optional": list(optional)},
         ))
 
     def local(self, kind: str, name: str, path: str | Path, used_by: str, *, packaged: bool = False,
@@ -348,7 +351,8 @@ def _clip_model(col: _Collector, subset: str, m: ClipModelConfig) -> None:
             col.local("tokenizer", f"config + tokenizer of {hf_text}", m.tokenizer_dir, used + ".tokenizer_dir")
         else:
             col.hf("tokenizer", f"text tower config of {hf_text}", hf_text, ("config.json",), hub, used)
-            col.hf("tokenizer", f"tokenizer of {hf_text}", hf_text, HF_TOKENIZER_FILES, hub, used)
+            col.hf("tokenizer", f"tokenizer of {hf_text}", hf_text, HF_TOKENIZER_FILES, hub, used,
+                   optional=HF_TOKENIZER_COMPANIONS)
     text_model = str(getattr(m, "text_model", "") or "").strip()
     if text_model:
         _text_model(col, text_model, hub, used + ".text_model")

@@ -193,7 +193,9 @@ def _fetch_hf(req: ModelRequirement, root: Path) -> list[dict[str, Any]]:
     for name in f["files"]:
         path = _hf_download(f["repo"], name, f["cache_dir"])
         if path:
-            return _hf_records(req, f["repo"], [path], root)
+            extra = [p for p in (_hf_download(f["repo"], n, f["cache_dir"]) for n in f.get("optional", ())
+                                 if n != name) if p]
+            return _hf_records(req, f["repo"], [path, *extra], root)
     raise ModelDownloadError(f"Hugging Face repo {f['repo']} has none of {', '.join(f['files'])}")
 
 
