@@ -560,3 +560,33 @@ def test_tokenizer_is_pulled_with_its_companion_files(server, tmp_path):
     snap = tmp_path / "cache" / "hub" / "models--laionbuild-test--xlmr" / "snapshots" / COMMIT
     assert sorted(p.name for p in snap.iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
     assert all(r.present for r in required_models(cfg))
+
+
+def test_released_model_reaches_a_node_through_a_url_cache(server, tmp_path):
+    """Only the converted file is copied to nodes, whether the actor gets the original or the local config."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    kernels, biases, mean, var = _nsfw_layers(rng)
+    state = {"norm.mean": torch.tensor(mean), "norm.variance": torch.tensor(var)}
+    for i, (k, b) in enumerate(zip(kernels, biases), start=1):
+        state[f"linear_{i}.weight"] = torch.tensor(k.T.copy())
+        state[f"linear_{i}.bias"] = torch.tensor(b)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    server.files["head.pth"] = buf.getvalue()
+    cache = f"memory://laionbuild-test-{uuid.uuid4().hex}"
+
+    def cfg_for(node: str):
+        return config_from_dict({
+            "clip": TINY_CLIP, "safety": {"punsafe_heads": {"en": "release:laion-nsfw-vit-b-32"}},
+            "models": {"cache": cache, "local_dir": str(tmp_path / node),
+                       "sources": {"laion-nsfw-vit-b-32": f"{server.url}/files/head.pth"}}})
+
+    report = ensure_models(cfg_for("driver"), progress=False)
+    assert [r["file"] for r in report.pulled][-1] == "releases/laion-nsfw-vit-b-32/laion-nsfw-vit-b-32.pt"
+    node_cfg = local_config(cfg_for("node"))  # what a driver would hand to an actor on another node
+    assert localize_files(node_cfg)["copied"] == ["releases/laion-nsfw-vit-b-32/laion-nsfw-vit-b-32.pt"]
+    from laionbuild.stages.safety import load_punsafe_head
+
+    assert load_punsafe_head(node_cfg.safety.punsafe_heads["en"]).embed_dim == 512

@@ -285,7 +285,7 @@ def _fetch_release(req: ModelRequirement, root: Path, layout: CacheLayout, cfg: 
     finally:
         tmp.unlink(missing_ok=True)
     log.info("converted %s -> %s", got.path.name, dest)
-    return [_record(req, got.path, got.url, root),
+    return [_record(req, got.path, got.url, root, role="original"),
             _record(req, dest, f"converted from {got.path.name}", root, converted_from=got.sha256)]
 
 
@@ -359,10 +359,19 @@ def localize_files(cfg: Config) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {"copied": [], "reused": []}
     if not layout.copy:
         return out
-    wanted = {r.id for r in required_models(cfg)}
+    reqs = required_models(cfg)
+    wanted = {r.id for r in reqs}
+    # a config already made local names released files by path: match those by path too
+    wanted_paths = set()
+    for r in reqs:
+        try:
+            wanted_paths.add(str(Path(r.path).relative_to(layout.root)))
+        except ValueError:
+            pass
     lock = read_lock(layout.cache)
     todo = {k: v for k, v in lock["files"].items()
-            if wanted.intersection(v.get("requirements", [])) and not os.path.isabs(k)}
+            if not os.path.isabs(k) and v.get("role") != "original"
+            and (wanted.intersection(v.get("requirements", [])) or k in wanted_paths)}
     if not todo:
         return out
     from filelock import FileLock
