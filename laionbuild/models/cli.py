@@ -67,7 +67,8 @@ def list_models(cfg: Config, config_name: str, *, as_json: bool = False, out: Te
         out.write("\n")
         return 0
     header = (f"models for {config_name}: Hugging Face files in {where['hub']}, released files in "
-              f"{layout.root / 'releases'}" + (f" (copied per node from {layout.cache})" if layout.copy else ""))
+              f"{layout.root / 'releases'}" + (f" (copied per node from {layout.cache}, which records "
+                                                f"{where['cache_recorded_files']} file(s))" if layout.copy else ""))
     out.write(format_table(reqs, header) + "\n")
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..config import Config
-from ..errors import ModelMissingError
+from ..errors import ModelMissingError, SetupError
 from .download import ModelDownloadError, HTTPStatusError, download_url, partial_path, sha256_file
 from .requirements import (
     RELEASE_PREFIX,
@@ -81,12 +81,15 @@ def read_lock(root: str | Path) -> dict[str, Any]:
     if "://" in root:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(root)
-        target = path.rstrip("/") + "/" + LOCK_NAME
-        if not fs.exists(target):
-            return {"format": LOCK_FORMAT, "files": {}}
-        with fs.open(target, "rb") as f:
-            return _read_lock_text(f.read().decode("utf-8"))
+        try:
+            fs, path = fsspec.core.url_to_fs(root)
+            target = path.rstrip("/") + "/" + LOCK_NAME
+            if not fs.exists(target):
+                return {"format": LOCK_FORMAT, "files": {}}
+            with fs.open(target, "rb") as f:
+                return _read_lock_text(f.read().decode("utf-8"))
+        except (ImportError, OSError, ValueError) as exc:
+            raise SetupError(f"models.cache {root}: cannot be read ({type(exc).__name__}: {exc})") from None
     p = Path(root) / LOCK_NAME
     return _read_lock_text(p.read_text(encoding="utf-8")) if p.is_file() else {"format": LOCK_FORMAT, "files": {}}
 
@@ -140,7 +143,7 @@ def _hf_endpoint() -> str | None:
 def _hf_download(repo: str, filename: str, cache_dir: str | None) -> str | None:
     """Download one file of a Hugging Face repo into the hub cache; None when the repo has no such file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
 
     try:
         path = hf_hub_download(repo, filename, cache_dir=cache_dir, endpoint=_hf_endpoint())
