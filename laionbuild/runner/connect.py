@@ -121,8 +121,11 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     mode, target = choose_address(address, local=local)
     loopback = target is None or is_loopback(address_host(target))
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    quiet = logging.ERROR if not verbose else logging.INFO
     if not verbose:
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # our own progress and stats say enough
+        # a clean console: our progress and summary, not Ray's notices a user cannot act on
+        # (token authentication, disabled progress bars, actor constructor arguments); -v shows them
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     if loopback:
         # Ray rewrites a loopback cluster address to the machine's outward IP unless told
         # that this is a single-machine cluster; keep every connection on loopback
@@ -130,7 +133,7 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     import ray
 
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"logging_level": quiet, "log_to_driver": True}
         if target is not None:
             log.info("connecting to the Ray cluster at %s (%s)", target,
                      {"explicit": "--address / ray.address", "env": "RAY_ADDRESS",
@@ -149,7 +152,7 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
             ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
                      **kwargs)
     for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(quiet)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
