@@ -33,6 +33,10 @@ def test_bad_and_truncated_files_are_reported_and_the_rest_processed(tmp_path):
     )
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
+    # a clean console: our progress and summary, none of Ray's notices a user cannot act on
+    for notice in ("core_worker.cc", "Token authentication", "Progress bars disabled", "RAY_BACKEND_LOG_LEVEL"):
+        assert notice not in r.stderr, notice
+    assert "files: 3 (1 ok, 1 partial, 1 failed)" in r.stderr
     stats = json.loads((out / "stats.json").read_text())
     files = stats["files"]
     assert files["total"] == 3 and files["ok"] == 1 and files["failed"] == 1 and files["partial"] == 1

@@ -18,6 +18,7 @@ it to the machine's outward IP).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -97,6 +98,24 @@ def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_stderr(enabled: bool):
+    """Silence the process's stderr (file descriptor 2) while Ray's engine starts: it announces its
+    log level there. Errors still surface as exceptions."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def cluster_summary() -> dict[str, Any]:
     """Alive nodes, CPUs and GPUs of the connected cluster."""
     import ray
@@ -126,6 +145,9 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
         # a clean console: our progress and summary, not Ray's notices a user cannot act on
         # (token authentication, disabled progress bars, actor constructor arguments); -v shows them
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+        # the driver's own engine log (e.g. "constructor arguments in the object store" for every
+        # actor pool); the workers' logs stay in Ray's session folder instead of the console
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if loopback:
         # Ray rewrites a loopback cluster address to the machine's outward IP unless told
         # that this is a single-machine cluster; keep every connection on loopback
@@ -133,7 +155,7 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     import ray
 
     if not ray.is_initialized():
-        kwargs: dict[str, Any] = {"logging_level": quiet, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"logging_level": quiet, "log_to_driver": verbose}
         if target is not None:
             log.info("connecting to the Ray cluster at %s (%s)", target,
                      {"explicit": "--address / ray.address", "env": "RAY_ADDRESS",
@@ -143,14 +165,16 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
                 # with --node-ip-address=127.0.0.x), not to the machine's outward IP
                 host = address_host(target)
                 kwargs["_node_ip_address"] = "127.0.0.1" if host == "localhost" else host
-            ray.init(address=target, **kwargs)
+            with _quiet_stderr(not verbose):
+                ray.init(address=target, **kwargs)
         else:
             n = num_cpus or os.cpu_count() or 1
             log.info("starting a local Ray instance with %d CPUs%s", n,
                      " (--local)" if local else " (no running cluster found)")
             # "local" never reads RAY_ADDRESS; the instance stays on loopback, without dashboard
-            ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
-                     **kwargs)
+            with _quiet_stderr(not verbose):
+                ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         **kwargs)
     for name in ("ray.data", "ray"):
         logging.getLogger(name).setLevel(quiet)
     ctx = ray.data.DataContext.get_current()
