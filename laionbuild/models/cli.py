@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import TextIO
 
@@ -11,7 +10,6 @@ from ..config import Config
 from .requirements import ModelRequirement, cache_layout, hf_default_cache, required_models
 from .store import pull, read_lock
 
-log = logging.getLogger(__name__)
 
 
 def _size(n: int | None) -> str:
