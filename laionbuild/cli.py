@@ -211,12 +211,7 @@ def _cmd_run(args: argparse.Namespace, command: str) -> int:
 
         overrides.append(f"run.inputs={json.dumps(inputs)}")
     cfg = load_config(args.config, overrides)
-    if command == "run":
-        from .models import ensure_models
-
-        # missing model files are downloaded here, before any work (unless offline)
-        cfg = ensure_models(cfg, offline=cfg.models.offline, progress=cfg.run.progress).config
-    result = run(cfg, command=command)
+    result = run(cfg, command=command)  # downloads missing model files first unless offline
     _print_stats(result)
     if result.exit_code:
         log.error("%d input file(s) failed and %d were read only in part; see %s/stats.json",

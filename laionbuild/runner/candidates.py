@@ -52,11 +52,12 @@ class CandidatesWorker:
     """Actor body: extract + language + commit, one input file at a time."""
 
     def __init__(self, cfg: Config, output: str):
+        from ..models import localize_models
         from ..stages.langid import LanguageRouter
 
         self.cfg = cfg
         self.layout = OutputLayout(output)
-        self.router = LanguageRouter(cfg.langid)
+        self.router = LanguageRouter(localize_models(cfg).langid)  # this node's copy of the model cache
 
     def process(self, path: str, fid: str) -> dict[str, Any]:
         from ..stages.langid import routing_counters

@@ -114,6 +114,10 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
     }
     from ..stages.blocklist import cached
 
+    if scoring:
+        from ..models import model_provenance
+
+        provenance["model_files"] = model_provenance(cfg)
     lists = cached(cfg.blocklist).describe()
     if lists:
         provenance["blocklists"] = lists
@@ -135,7 +139,14 @@ def run(cfg: Config, command: str = "run") -> RunResult:
 
     scoring = command == "run"
     t0 = time.monotonic()
-    files = preflight(cfg, need_clip=scoring)
+    local = cfg
+    if scoring:
+        from ..models import ensure_models
+
+        # missing model files are downloaded here, before any work (unless offline); the
+        # config keeps naming them as the user did (hash, config.yaml), each node localises
+        local = ensure_models(cfg, offline=cfg.models.offline, progress=cfg.run.progress).config
+    files = preflight(local, need_clip=scoring)
     layout = OutputLayout(cfg.run.output)
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
@@ -144,8 +155,12 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     if committed:
         log.info("%d of %d inputs already extracted, skipping them", len(committed), len(fids))
     _clean_uncommitted_candidates(layout, set(layout.candidate_markers()))
-    connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
-            verbose=log.isEnabledFor(logging.DEBUG))
+    summary = connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
+                      verbose=log.isEnabledFor(logging.DEBUG))
+    if summary["mode"] != "local" or summary["nodes"] > 1:
+        from .nodes import prepare_nodes
+
+        prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
     shape = cluster_shape()
     phases = {"start": round(time.monotonic() - t0, 2)}
 

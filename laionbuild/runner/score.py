@@ -59,14 +59,17 @@ class FetchStage:
 
 
 def tokenize_stage(cfg: Config):
+    from ..models import localize_models
     from ..stages.clip_score import ClipTokenizer
 
-    return ClipTokenizer(cfg.clip)
+    return ClipTokenizer(localize_models(cfg).clip)
 
 
 def clip_stage(cfg: Config):
+    from ..models import localize_models
     from ..stages.clip_score import ClipScorer
 
+    cfg = localize_models(cfg)  # this node's copy of the model cache
     return ClipScorer(cfg.clip, cfg.resize.image_size, safety=cfg.safety)
 
 
