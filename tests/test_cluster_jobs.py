@@ -174,7 +174,11 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
               "--disable-usage-stats"], env, 120)
         _run([RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
               "--disable-usage-stats"], env, 120)
-        status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], env, 60).stdout
+        for _ in range(30):  # the autoscaler's status shows a joined node a few seconds later
+            status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], env, 60).stdout
+            if re.search(r"0\.0/4\.0 CPU", status):
+                break
+            time.sleep(2)
         assert re.search(r"0\.0/4\.0 CPU", status), status
 
         # 2. the run, submitted as a Ray job through the dashboard's job server

@@ -28,8 +28,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: how the address was chosen, reported in the summary
-MODES = ("explicit", "env", "auto", "local")
+#: how the address was chosen, reported in the summary ("connected": this process already was)
+MODES = ("explicit", "env", "auto", "local", "connected")
 
 
 def is_loopback(host: str) -> bool:
@@ -154,13 +154,15 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        mode, target = "connected", ray.get_runtime_context().gcs_address
+    else:
         kwargs: dict[str, Any] = {"logging_level": quiet, "log_to_driver": verbose}
         if target is not None:
             log.info("connecting to the Ray cluster at %s (%s)", target,
                      {"explicit": "--address / ray.address", "env": "RAY_ADDRESS",
                       "auto": "started on this machine with ray start"}[mode])
-            if loopback:
+            if loopback and not target.startswith("ray://"):
                 # the driver attaches to the node on that loopback address (a head started
                 # with --node-ip-address=127.0.0.x), not to the machine's outward IP
                 host = address_host(target)

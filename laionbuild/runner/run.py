@@ -157,7 +157,7 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     _clean_uncommitted_candidates(layout, set(layout.candidate_markers()))
     summary = connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
                       verbose=log.isEnabledFor(logging.DEBUG))
-    if summary["mode"] != "local" or summary["nodes"] > 1:
+    if summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1:
         from .nodes import prepare_nodes
 
         prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
@@ -178,6 +178,7 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     for m in failed.values():
         stats.merge_stages({"extract": m["counters"]["extract"]})
     stats.extra["inputs_skipped_as_complete"] = len(committed)
+    stats.extra["cluster"] = {k: summary[k] for k in ("mode", "address", "nodes", "cpus", "gpus")}
     published: dict[str, list[str]] = {}
     left: list[str] = []
     if scoring:
