@@ -75,17 +75,11 @@ def clip_stage(cfg: Config):
 
 def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
     """Each stage's own counters, read off a batch that went through every stage."""
-    from ..stages.blocklist import STAGE as BLOCKLIST
+    from ..stages.blocklist import blocklist_counters
     from ..stages.clip_score import clip_counters
     from ..stages.fetch import fetch_counters
 
-    drop = np.asarray(batch[S.DROP_REASON], dtype=object)
-    blocked = StageCounters()
-    for reason in drop:
-        stage, _, why = str(reason).partition(":")
-        if stage == BLOCKLIST:
-            blocked.drop(why)
-    blocked.kept = len(drop) - blocked.dropped
+    blocked = blocklist_counters(batch, later=STAGES[STAGES.index("blocklist") + 1:])
     return {"blocklist": blocked, "fetch": fetch_counters(batch), "clip": clip_counters(batch)}
 
 

@@ -328,19 +328,8 @@ class Blocklist:
         return None
 
     def counters(self, batch: dict[str, np.ndarray]) -> StageCounters:
-        """Rows of ``batch`` this block list dropped, by list; live rows as ``kept``."""
-        counters = StageCounters()
-        drop = batch.get(S.DROP_REASON)
-        if drop is None:
-            counters.kept = S.batch_len(batch)
-            return counters
-        prefix = self.prefix + ":"
-        for reason in drop:
-            if not reason:
-                counters.kept += 1
-            elif str(reason).startswith(prefix):
-                counters.drop(str(reason)[len(prefix):])
-        return counters
+        """Rows of ``batch`` (just out of this list) it dropped, by list; live rows as ``kept``."""
+        return blocklist_counters(batch, self.prefix)
 
     # ------------------------------------------------------------------ published tables
     def table_matches(self, urls: Sequence, hashes: Sequence | None) -> list[str | None]:
@@ -358,6 +347,23 @@ class Blocklist:
 # --------------------------------------------------------------------------- per-process cache
 _CACHE: dict[tuple, Blocklist] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def blocklist_counters(batch: dict[str, np.ndarray], prefix: str = STAGE, later: Sequence[str] = ()) -> StageCounters:
+    """Counters of the block-list stage: rows it dropped by list; ``kept`` = rows it let through
+    (alive, or dropped afterwards by one of the ``later`` stages)."""
+    counters = StageCounters()
+    drop = batch.get(S.DROP_REASON)
+    if drop is None:
+        counters.kept = S.batch_len(batch)
+        return counters
+    for reason in drop:
+        stage, _, why = str(reason).partition(":")
+        if not reason or stage in later:
+            counters.kept += 1
+        elif stage == prefix:
+            counters.drop(why)
+    return counters
 
 
 # --------------------------------------------------------------------------- published tables and image tars
@@ -461,5 +467,5 @@ def cached(cfg: BlocklistConfig, prefix: str = STAGE) -> Blocklist:
     return bl
 
 
-__all__ = ["Blocklist", "ListInfo", "STAGE", "cached", "filter_image_tars", "filter_table", "normalize_domain", "normalize_url",
+__all__ = ["Blocklist", "ListInfo", "STAGE", "blocklist_counters", "cached", "filter_image_tars", "filter_table", "normalize_domain", "normalize_url",
            "parse_hash", "url_host"]
