@@ -216,3 +216,16 @@ def test_text_model_of_another_width_refused(towers, tmp_path):
         cs.check_models_available(_cfg(image, bad))
     with pytest.raises(ConfigError, match="48-d"):
         cs.ClipScorer(_cfg(image, bad), SIZE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision,atol", [("fp16", 5e-3), ("bf16", 3e-2), ("fp32", 1e-3)])
+def test_cuda_mixed_towers_match_cpu(towers, precision, atol):
+    image, mixed, _ = towers
+    batch = _batch(40, seed=21)
+    cpu = cs.ClipScorer(_cfg(image, mixed), SIZE, safety=SafetyConfig())(dict(batch))
+    gpu_scorer = cs.ClipScorer(_cfg(image, mixed, device="cuda", precision=precision), SIZE, safety=SafetyConfig())
+    gpu = gpu_scorer(dict(batch))
+    np.testing.assert_allclose(gpu[S.SIMILARITY], cpu[S.SIMILARITY], atol=atol)
+    assert gpu_scorer.image_rows_encoded == 40
