@@ -58,7 +58,7 @@ def test_aws_cluster_config():
     assert any("--num-cpus=0" in c for c in cfg["head_start_ray_commands"])
     # every node installs the package with the extras the stages need
     for commands in (cfg["setup_commands"], gpu[0]["worker_setup_commands"]):
-        assert any(re.search(r"laionbuild\[ray,clip,fetch\]", c) for c in commands)
+        assert any(re.search(r"laionbuild\[ray,clip,fetch,multilingual\]", c) for c in commands)
     assert "~/laionbuild" in cfg["file_mounts"]
 
 
