@@ -249,6 +249,7 @@ class ClipScorer:
         self.text_runners: dict[str, _TextRunner] = {}
         by_key: dict[Any, _Runner] = {}
         text_by_key: dict[Any, _TextRunner] = {}
+        loaded_text: dict[Any, LoadedTextModel] = {}
         if models is None:
             for subset, mcfg in clip_cfg.models.items():
                 expected = model_input_size(mcfg)
@@ -265,9 +266,11 @@ class ClipScorer:
                     )
                 self.runners[subset] = runner = by_key[key]
                 if _text_model_name(mcfg):
+                    if _text_key(mcfg) not in loaded_text:  # each text model once, even beside two image towers
+                        loaded_text[_text_key(mcfg)] = load_text_model(mcfg, self.device)
                     tkey = ("text",) + _text_key(mcfg) + (id(runner),)
                     if tkey not in text_by_key:
-                        text_by_key[tkey] = _TextRunner(runner, load_text_model(mcfg, self.device))
+                        text_by_key[tkey] = _TextRunner(runner, loaded_text[_text_key(mcfg)])
                 else:
                     tkey = ("own", id(runner))
                     text_by_key.setdefault(tkey, _TextRunner(runner))
