@@ -43,6 +43,9 @@ def test_laion5b_config_is_faithful():
     assert cfg.clip.precision == "fp16"
     assert cfg.safety.laion_filter.enabled is True
     assert load_config(None).clip.models == cfg.clip.models  # the package defaults are the same models
+    xlmr = load_config(REPO / "configs" / "laion5b-xlmr.yaml")
+    assert (xlmr.clip.models["multi"].arch, xlmr.clip.models["multi"].text_model) == ("xlm-roberta-base-ViT-B-32", "")
+    assert xlmr.clip.models["en"] == cfg.clip.models["en"] and xlmr.safety.laion_filter.enabled
     assert dict(cfg.clip.thresholds) == {"en": 0.28, "multi": 0.26, "nolang": 0.26}
     assert cfg.resize.image_size == 224
     assert cfg.extract.min_alt_length == 5 and cfg.extract.max_url_length == 2000
