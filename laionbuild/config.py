@@ -231,7 +231,7 @@ class ResizeConfig:
 
 @dataclass(frozen=True)
 class ClipModelConfig:
-    """One open_clip model."""
+    """The models of one subset: an open_clip model, and optionally another text tower."""
 
     #: open_clip architecture name (``ViT-B-32``) or a model config JSON path
     arch: str = "ViT-B-32"
@@ -242,6 +242,85 @@ class ClipModelConfig:
     #: local folder with the Hugging Face text tower's config.json and tokenizer files
     #: (multilingual xlm-roberta models); empty = look in the Hugging Face cache
     tokenizer_dir: str = ""
+    #: text tower from another model: a Hugging Face id of a sentence-transformers model
+    #: (``sentence-transformers/clip-ViT-B-32-multilingual-v1``) looked up in the local
+    #: Hugging Face cache, or a local folder in the sentence-transformers layout
+    #: (modules.json, the transformer files, 1_Pooling/, 2_Dense/). It embeds the caption;
+    #: the image embedding comes from ``arch`` / ``pretrained``. Empty = the open_clip
+    #: model's own text tower.
+    text_model: str = ""
+    #: Hugging Face cache folder holding ``text_model`` (empty = the default cache)
+    text_cache_dir: str = ""
+
+
+#: LAION-5B's category prompts (rvencu/crawlingathome-gpu-hcloud, gpu_inference.py, class CLIP).
+#: The source lists two prompts without a comma between them, so Python joined them into
+#: one ("animal, bird, mammal, insectfashion, clothes"); kept as LAION ran it: 35 prompts,
+#: index 19 and up are the NSFW part (the first long porn prompt, index 18, fell into the safe part).
+LAION_CATEGORY_PROMPTS: tuple[str, ...] = (
+    "neutral", "selfie", "illustration, drawing", "toys, play, kids, children", "teddy bear, puppet",
+    "animal, bird, mammal, insect" "fashion, clothes", "logo, commercial, ad, advertisement",
+    "drawing, painting", "anime, cartoon", "comedy, fun", "romance, love story",
+    "thriller, suspense, crime story", "action, action movie", "horror, monster movie", "documentary",
+    "news, journalism", "entertainment", "talk show",
+    "porn, sex, sperm, nipples, breats, tits, boops, penis, dick, cock, clitoris, vagina, fuck, lust, horny, "
+    "sexual, lick, licking",
+    "porn, sex, sperm, nipples", "porn, sex, sperm, penis, dick, cock", "nipples, breasts, tits, boops, sexy",
+    "penis, dick, cock", "clitoris, vagina", "sex, fuck, lust, horny, sexual, lick, licking", "porn, sex, sexy",
+    "sexy, hot", "sperm, skin", "lust, horny, sexual", "lick, licking, body", "anime, hentai, sexy",
+    "cartoon, sexy, sex", "hentai", "anime, sexy, breasts", "hentai",
+)
+#: LAION-5B's second list: the first 4 prompts are the underage ones
+LAION_UNDERAGE_PROMPTS: tuple[str, ...] = (
+    "teenager, teen", "kid, child, teenager, teen, baby or toddler, underaged, little girl, little boy",
+    "kid, child, little girl, little boy", "baby, toddler",
+    "adult, woman, man, grownup, grown person,full-aged of legal age", "full-aged, of legal age, adult",
+    "woman, man", "adult, woman, man, grownup, grown person,full-aged of legal age",
+)
+#: LAION-5B's third list: index 21 ("animal") and up are animals (and "life", "wildlife")
+LAION_ANIMAL_PROMPTS: tuple[str, ...] = (
+    "lifeless object, thing", "thing, object", "material", "furniture", "wall", "house", "tree", "wood",
+    "ground", "industry", "table", "bed", "tool", "dress, clothes", "door", "chair", "rock, stone", "human",
+    "man", "woman", "man, woman", "animal", "cat", "dog", "cow", "pig", "goat", "sheep", "elephant", "horse",
+    "horse, elephant, pig, dog, cat, sheep, goat, animal", "life", "wildlife",
+)
+
+
+@dataclass(frozen=True)
+class LaionFilterConfig:
+    """LAION-5B's prompt-based filter of illegal content (docs/clip.md, "Safety filter").
+
+    For every row kept by the similarity filter, the image embedding is compared with
+    the prompts below, encoded by the text tower of the row's open_clip model (its own
+    tower, even when ``text_model`` embeds the caption); the top matches are the largest
+    cosines (LAION took the top 2 of softmax(100 * cosine): the same order). ``NSFW`` is
+    ``UNLIKELY`` when the top 2 category prompts are both below ``nsfw_from``, ``NSFW``
+    when both are at or above it, else ``UNSURE``. A row that is not ``UNLIKELY`` is
+    dropped (``laion_filter:<reason>``) when one of its top 2 underage-list prompts is
+    among the first ``underage_count`` (``underage_prompt``), when its TEXT contains one
+    of ``underage_words`` (``underage_word``; case-sensitive substring, as LAION), or
+    when its top animal-list prompt is at index ``animal_from`` or above (``animal``).
+    """
+
+    #: false turns the filter off (no NSFW column, no drops); stats and provenance say so
+    enabled: bool = True
+    category_prompts: tuple[str, ...] = LAION_CATEGORY_PROMPTS
+    #: index of the first NSFW prompt of ``category_prompts``
+    nsfw_from: int = 19
+    underage_prompts: tuple[str, ...] = LAION_UNDERAGE_PROMPTS
+    #: the first ``underage_count`` prompts of ``underage_prompts`` are the underage ones
+    underage_count: int = 4
+    underage_words: tuple[str, ...] = ("teen", "kid", "child", "baby")
+    animal_prompts: tuple[str, ...] = LAION_ANIMAL_PROMPTS
+    #: index of the first animal prompt of ``animal_prompts``
+    animal_from: int = 21
+    #: the open_clip model (``arch/pretrained``) the prompts were written for; a row scored
+    #: with another image tower is still filtered, with a warning at start-up
+    prompts_model: str = "ViT-B-32/openai"
+
+
+#: the multilingual text tower LAION-5B used for multi and nolang
+MULTILINGUAL_TEXT_MODEL = "sentence-transformers/clip-ViT-B-32-multilingual-v1"
 
 
 @dataclass(frozen=True)
@@ -251,8 +330,8 @@ class ClipConfig:
     models: Mapping[str, ClipModelConfig] = field(
         default_factory=lambda: {
             "en": ClipModelConfig("ViT-B-32", "openai"),
-            "multi": ClipModelConfig("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
-            "nolang": ClipModelConfig("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k"),
+            "multi": ClipModelConfig("ViT-B-32", "openai", text_model=MULTILINGUAL_TEXT_MODEL),
+            "nolang": ClipModelConfig("ViT-B-32", "openai", text_model=MULTILINGUAL_TEXT_MODEL),
         }
     )
     thresholds: Mapping[str, float] = field(
@@ -260,7 +339,8 @@ class ClipConfig:
     )
     #: ``auto`` (cuda when available), ``cuda`` or ``cpu``
     device: str = "auto"
-    #: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``
+    #: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``: autocast of every
+    #: forward (image towers, text towers)
     precision: str = "auto"
     batch_size: int = 256
     #: number of scoring actors
@@ -276,10 +356,6 @@ class ClipConfig:
     save_embeddings: bool = False
     #: wrap the image / text encoders in torch.compile (GPU throughput; slow first batch)
     compile: bool = False
-    #: LAION's inline NSFW tag from text prompts (UNLIKELY / UNSURE / NSFW)
-    nsfw_tag: bool = False
-    nsfw_prompts: tuple[str, ...] = ("an explicit photo", "a nude person", "porn")
-    safe_prompts: tuple[str, ...] = ("a photo", "a drawing", "a product photo")
 
 
 @dataclass(frozen=True)
@@ -305,6 +381,8 @@ class SafetyConfig:
     punsafe_max: float | None = 0.5
     #: ``pwatermark`` must be below this to enter a safe view (null = no bound)
     pwatermark_max: float | None = 0.8
+    #: LAION-5B's prompt-based filter of illegal content (NSFW tag + drops), on by default
+    laion_filter: LaionFilterConfig = field(default_factory=LaionFilterConfig)
 
 
 @dataclass(frozen=True)
@@ -653,6 +731,17 @@ def _validate_safety(safety: SafetyConfig, source: str) -> None:
         value = getattr(safety, name)
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"{source}: 'safety.{name}' must lie in [0, 1] or be null, got {value}")
+    lf = safety.laion_filter
+    for name, prompts, bound in (("nsfw_from", lf.category_prompts, lf.nsfw_from),
+                                 ("underage_count", lf.underage_prompts, lf.underage_count),
+                                 ("animal_from", lf.animal_prompts, lf.animal_from)):
+        if len(prompts) < 2:
+            raise ConfigError(f"{source}: 'safety.laion_filter' needs at least 2 prompts in each list")
+        if not 0 < bound < len(prompts):
+            raise ConfigError(
+                f"{source}: 'safety.laion_filter.{name}' must lie in [1, {len(prompts) - 1}] (it splits a list "
+                f"of {len(prompts)} prompts), got {bound}"
+            )
     if safety.watermark_batch_size <= 0:
         raise ConfigError(f"{source}: 'safety.watermark_batch_size' must be positive")
     if safety.write_safe_subsets:

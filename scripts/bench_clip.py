@@ -13,8 +13,18 @@ For each architecture (random init: same compute as real weights) it measures
 
 and prints JSON with ``efficiency = stage / raw``. Runs without Ray.
 
+A model named ``<arch>+mclip`` measures the mixed towers LAION-5B used for multi
+and nolang: the open_clip image tower of ``<arch>`` and, for the text, a
+multilingual DistilBERT of the shapes of
+``sentence-transformers/clip-ViT-B-32-multilingual-v1`` (6 layers, 768 wide,
+119,547-token WordPiece vocabulary, mean pooling, Dense 768 -> 512 without bias).
+Weights cannot be downloaded here, so every model is random-init with the real
+shapes (the JSON says so); the WordPiece vocabulary is made up, so tokenising
+speed is indicative only.
+
     python scripts/bench_clip.py                         # CPU: small n
     python scripts/bench_clip.py --n 20000 --batch-size 1024   # GPU
+    python scripts/bench_clip.py --models ViT-B-32,ViT-B-32+mclip,ViT-L-14
 """
 
 from __future__ import annotations
@@ -46,6 +56,36 @@ from laionbuild.stages.clip_score import (  # noqa: E402
     resolve_device,
     resolve_precision,
 )
+from laionbuild.stages.model_loading import LoadedTextModel, TextModel, TextTokenizer  # noqa: E402
+
+#: shapes of sentence-transformers/clip-ViT-B-32-multilingual-v1 (its config.json and 2_Dense)
+MCLIP_SHAPES = {"vocab_size": 119547, "dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072,
+                "max_position_embeddings": 512, "max_seq_length": 128, "out_features": 512}
+
+
+def make_mclip_text_model(folder: Path, device: str) -> LoadedTextModel:
+    """Random-init multilingual DistilBERT + mean pooling + Dense(768 -> 512, no bias), real shapes."""
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = sorted(set(_WORDS)) + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = list(dict.fromkeys(specials + words + pieces))
+    vocab += [f"[unused{i}]" for i in range(MCLIP_SHAPES["vocab_size"] - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False).save_pretrained(
+        str(folder))
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(**{k: MCLIP_SHAPES[k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
+                                                                          "hidden_dim", "max_position_embeddings")})
+    transformer = transformers.DistilBertModel(cfg).eval()
+    dense = torch.nn.Linear(MCLIP_SHAPES["dim"], MCLIP_SHAPES["out_features"], bias=False)
+    tok = TextTokenizer(folder, MCLIP_SHAPES["max_seq_length"])
+    model = TextModel(transformer, "mean", [(dense, None)], False, tok.pad_id).eval().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedTextModel(model, tok, MCLIP_SHAPES["out_features"], "clip-ViT-B-32-multilingual-v1/random", device)
 
 _WORDS = (
     "red blue vintage leather sofa living room modern kitchen design wooden table garden summer dress "
@@ -71,7 +111,7 @@ def make_texts(n: int, seed: int) -> list[str]:
     return out
 
 
-def make_batches(n: int, batch_size: int, size: int, seed: int) -> list[dict]:
+def make_batches(n: int, batch_size: int, size: int, seed: int, subset: str = "en") -> list[dict]:
     rng = np.random.RandomState(seed)
     # a pool of distinct images tiled over the batches (generating n random 224 px images is slow)
     pool = rng.randint(0, 256, size=(min(n, 256), size, size, 3)).astype(np.uint8)
@@ -83,7 +123,7 @@ def make_batches(n: int, batch_size: int, size: int, seed: int) -> list[dict]:
         batches.append(
             {
                 S.ALT_TEXT: np.array(texts[start : start + k], dtype=object),
-                S.SUBSET: np.array(["en"] * k, dtype=object),
+                S.SUBSET: np.array([subset] * k, dtype=object),
                 S.DROP_REASON: np.array([""] * k, dtype=object),
                 S.IMAGE: pool[idx],
             }
@@ -96,7 +136,11 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(name: str, args, device: str, precision: str) -> dict:
+def bench_model(spec: str, args, device: str, precision: str) -> dict:
+    name, _, text = spec.partition("+")
+    if text not in ("", "mclip"):
+        raise SystemExit(f"unknown text tower '{text}' in {spec} (known: mclip)")
+    subset = "multi" if text else "en"
     n = args.n_large if ("L-14" in name or "H-14" in name) and args.n_large else args.n
     bs = args.batch_size_large if ("L-14" in name or "H-14" in name) and args.batch_size_large else args.batch_size
     model = open_clip.create_model(name, pretrained=None)
@@ -117,31 +161,39 @@ def bench_model(name: str, args, device: str, precision: str) -> dict:
         batch_size=bs,
         thresholds={"en": 0.28, "multi": 0.26, "nolang": 0.26},
     )
+    text_models = None
+    if text:
+        import tempfile
+
+        lt = make_mclip_text_model(Path(tempfile.mkdtemp(prefix="bench-mclip-")), device)
+        text_models = {"multi": lt, "nolang": lt}
     scorer = ClipScorer(
-        clip_cfg, size, models={"en": loaded, "multi": loaded, "nolang": loaded}, compile_model=args.compile
+        clip_cfg, size, models={"en": loaded, "multi": loaded, "nolang": loaded}, text_models=text_models,
+        compile_model=args.compile
     )
-    runner = scorer.runners["en"]
-    batches = make_batches(n, bs * args.chunks_per_call, size, seed=1)
+    runner = scorer.runners[subset]
+    text_runner = scorer.text_runners[subset]
+    batches = make_batches(n, bs * args.chunks_per_call, size, seed=1, subset=subset)
 
     # warm-up (cudnn autotune, compile, allocator)
-    warm = make_batches(min(n, bs * args.chunks_per_call), bs * args.chunks_per_call, size, seed=2)[0]
+    warm = make_batches(min(n, bs * args.chunks_per_call), bs * args.chunks_per_call, size, seed=2, subset=subset)[0]
     for _ in range(args.warmup):
         scorer(warm)
     sync(device)
 
     # upstream tokenising stage (loads no weights; same tokenizer)
     tokenizer_stage = ClipTokenizer.__new__(ClipTokenizer)
-    tokenizer_stage.tokenizers = {"en": loaded.tokenizer, "multi": loaded.tokenizer, "nolang": loaded.tokenizer}
-    tokenizer_stage.width = int(getattr(loaded.tokenizer, "context_length", 77))
+    tokenizer_stage.tokenizers = {s: scorer.text_runners[s].tokenizer for s in ("en", "multi", "nolang")}
+    tokenizer_stage.width = max(int(getattr(t, "context_length", 77)) for t in tokenizer_stage.tokenizers.values())
 
     # raw forward inputs: ready device tensors, same dtype / batch size
     x_all = runner.images_to_input(batches[0][S.IMAGE][:bs]).clone()
-    t_all = loaded.tokenizer(list(batches[0][S.ALT_TEXT][:bs])).to(device)
+    t_all = text_runner.tokenizer(list(batches[0][S.ALT_TEXT][:bs])).to(device)
     steps = max(1, n // bs)
     with torch.inference_mode(), runner.autocast():
         for _ in range(args.warmup):
             runner.encode_image(x_all)
-            runner.encode_text(t_all)
+            text_runner.encode_text(t_all)
     sync(device)
 
     def run_stage(bs_list):
@@ -157,7 +209,7 @@ def bench_model(name: str, args, device: str, precision: str) -> dict:
             t0 = time.perf_counter()
             for _ in range(steps):
                 img = F.normalize(runner.encode_image(x_all).float(), dim=-1)
-                txt = F.normalize(runner.encode_text(t_all).float(), dim=-1)
+                txt = F.normalize(text_runner.encode_text(t_all).float(), dim=-1)
                 (img * txt).sum(-1)
             sync(device)
             return time.perf_counter() - t0
@@ -166,12 +218,12 @@ def bench_model(name: str, args, device: str, precision: str) -> dict:
     t_stage = t_stage_tok = t_raw = t_tok = float("inf")
     tok_in_actor = 0.0
     for r in range(args.rounds):
-        batches = make_batches(n, bs * args.chunks_per_call, size, seed=10 + r)  # new texts every round
+        batches = make_batches(n, bs * args.chunks_per_call, size, seed=10 + r, subset=subset)  # new texts
         scorer.tokenize_s = 0.0
         t = run_stage(batches)
         if t < t_stage:
             t_stage, tok_in_actor = t, scorer.tokenize_s
-        fresh = make_batches(n, bs * args.chunks_per_call, size, seed=99 + r)
+        fresh = make_batches(n, bs * args.chunks_per_call, size, seed=99 + r, subset=subset)
         t0 = time.perf_counter()
         tok_batches = [tokenizer_stage(b) for b in fresh]
         t_tok = min(t_tok, time.perf_counter() - t0)
@@ -181,7 +233,10 @@ def bench_model(name: str, args, device: str, precision: str) -> dict:
     stage_pps = n / t_stage
     stage_tok_pps = n / t_stage_tok
     res = {
-        "model": name,
+        "model": spec,
+        "image_tower": name,
+        "text_tower": text_runner.name,
+        "weights": "random init, real shapes (no download possible)",
         "image_size": size,
         "pairs": n,
         "rounds": args.rounds,
@@ -196,7 +251,7 @@ def bench_model(name: str, args, device: str, precision: str) -> dict:
         "tokenize_share_of_stage": round(tok_in_actor / t_stage, 3),
         "tokenize_pairs_per_s": round(n / t_tok, 1),
     }
-    del scorer, runner, model, loaded
+    del scorer, runner, text_runner, model, loaded
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return res

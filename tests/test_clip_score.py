@@ -13,9 +13,13 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 
 from laionbuild import schema as S  # noqa: E402
-from laionbuild.config import ClipConfig, ClipModelConfig, load_config  # noqa: E402
+from laionbuild.config import ClipConfig, ClipModelConfig, SafetyConfig, load_config  # noqa: E402
 from laionbuild.errors import ConfigError, ModelMissingError, SetupError  # noqa: E402
 from laionbuild.stages import clip_score as cs  # noqa: E402
+from laionbuild.stages import laion_filter as lf  # noqa: E402
+
+#: LAION-5B's filter on (the package default of the safety section)
+FILTER_ON = SafetyConfig()
 
 SIZE = 32
 TEXTS = [
@@ -138,11 +142,13 @@ def test_thresholds_come_from_config(models):
     thr = {s: float(np.median(sims[sub == s])) for s in ("en", "multi", "nolang")}
     thr["nolang"] = -1.0
     out = cs.ClipScorer(_clip_cfg(models["a"], thresholds=thr), SIZE)(batch)
-    expected = np.array([cs.DROP_BELOW if sims[i] < thr[sub[i]] else "" for i in range(30)], dtype=object)
+    # the decision reads the row's own similarity (another scorer may differ in the last bits)
+    np.testing.assert_allclose(out[S.SIMILARITY], sims, atol=1e-6)  # similarity kept for dropped rows
+    own = out[S.SIMILARITY]
+    expected = np.array([cs.DROP_BELOW if own[i] < thr[sub[i]] else "" for i in range(30)], dtype=object)
     assert list(out[S.DROP_REASON]) == list(expected)
     assert (out[S.DROP_REASON] == cs.DROP_BELOW).sum() >= 6
     assert not (out[S.DROP_REASON][sub == "nolang"] != "").any()
-    np.testing.assert_array_equal(out[S.SIMILARITY], sims)  # similarity kept for dropped rows
     c = cs.clip_counters(out)
     assert c.kept == int((expected == "").sum())
     assert c.dropped_by_reason["below_threshold"] == int((expected != "").sum())
@@ -151,13 +157,17 @@ def test_thresholds_come_from_config(models):
 
 
 def test_embeddings_aligned_with_rows_under_reordering(models):
-    cfg = _clip_cfg(models["a"], save_embeddings=True, nsfw_tag=True, batch_size=4)
-    scorer = cs.ClipScorer(cfg, SIZE)
+    cfg = _clip_cfg(models["a"], save_embeddings=True, batch_size=4, thresholds={"en": -1, "multi": -1, "nolang": -1})
+    scorer = cs.ClipScorer(cfg, SIZE, safety=FILTER_ON)
     batch = _batch(11, seed=5)
     out = scorer(batch)
     perm = np.random.RandomState(1).permutation(11)
     out_p = scorer({k: v[perm] for k, v in batch.items()})
-    for col in (S.SIMILARITY, cs.IMAGE_EMBEDDING, cs.TEXT_EMBEDDING, S.NSFW, S.DROP_REASON):
+    # a row lands in chunks of other rows: the arithmetic may differ in the last bits
+    np.testing.assert_allclose(out_p[S.SIMILARITY], out[S.SIMILARITY][perm], atol=1e-5)
+    for col in (cs.IMAGE_EMBEDDING, cs.TEXT_EMBEDDING):
+        np.testing.assert_allclose(out_p[col].astype(np.float32), out[col][perm].astype(np.float32), atol=2e-3)
+    for col in (S.NSFW, S.DROP_REASON):
         np.testing.assert_array_equal(out_p[col], out[col][perm])
     assert out[cs.IMAGE_EMBEDDING].dtype == np.float16 and out[cs.IMAGE_EMBEDDING].shape == (11, 32)
     _, img, txt = _direct(models["a"], batch[S.IMAGE], batch[S.ALT_TEXT])
@@ -167,8 +177,8 @@ def test_embeddings_aligned_with_rows_under_reordering(models):
 
 def test_broken_and_dropped_rows_do_not_shift_rows(models):
     cfg = _clip_cfg(models["a"], thresholds={"en": -1, "multi": -1, "nolang": -1}, save_embeddings=True,
-                    nsfw_tag=True, batch_size=3)
-    scorer = cs.ClipScorer(cfg, SIZE)
+                    batch_size=3)
+    scorer = cs.ClipScorer(cfg, SIZE, safety=FILTER_ON)
     n = 9
     drops = ["", "fetch:timeout", "", "langid:empty", "", "", "fetch:http_404", "", ""]
     batch = _batch(n, seed=7, drops=drops)
@@ -186,8 +196,10 @@ def test_broken_and_dropped_rows_do_not_shift_rows(models):
     # the alive rows got exactly what they get when scored alone
     keep = np.flatnonzero(~dead & (np.arange(n) != 5))
     alone = scorer({k: v[keep] for k, v in batch.items()})
-    np.testing.assert_array_equal(out[S.SIMILARITY][keep], alone[S.SIMILARITY])
-    np.testing.assert_array_equal(out[cs.TEXT_EMBEDDING][keep], alone[cs.TEXT_EMBEDDING])
+    np.testing.assert_allclose(out[S.SIMILARITY][keep], alone[S.SIMILARITY], atol=1e-5)
+    np.testing.assert_allclose(out[cs.TEXT_EMBEDDING][keep].astype(np.float32),
+                               alone[cs.TEXT_EMBEDDING].astype(np.float32), atol=2e-3)
+    np.testing.assert_array_equal(out[S.NSFW][keep], alone[S.NSFW])
     for col in out:
         assert len(out[col]) == n
     # a fetch stage that handed over an object column with a missing image
@@ -202,18 +214,35 @@ def test_broken_and_dropped_rows_do_not_shift_rows(models):
     assert not np.isnan(res[S.SIMILARITY][[0, 1, 3]]).any()
 
 
-def test_nsfw_tag_rule(models):
-    cfg = _clip_cfg(models["a"], nsfw_tag=True, nsfw_prompts=("red", "blue"), safe_prompts=("green", "dog", "x"))
-    scorer = cs.ClipScorer(cfg, SIZE)
-    batch = _batch(12, seed=9)
+def test_laion_filter_through_the_scorer(models):
+    """NSFW tags and drops equal LAION's rule applied to open_clip's own embeddings of the prompts."""
+    thr = {"en": -1.0, "multi": -1.0, "nolang": 0.0}
+    cfg = _clip_cfg(models["a"], thresholds=thr, batch_size=5)
+    scorer = cs.ClipScorer(cfg, SIZE, safety=FILTER_ON)
+    batch = _batch(24, seed=9)
+    batch[S.ALT_TEXT][3] = "my kid at the beach"
     out = scorer(batch)
-    _, img, _ = _direct(models["a"], batch[S.IMAGE], batch[S.ALT_TEXT])
+    sims, img, _ = _direct(models["a"], batch[S.IMAGE], batch[S.ALT_TEXT])
     model, _, tok = _DIRECT_CACHE[models["a"].pretrained]
+    f = FILTER_ON.laion_filter
     with torch.no_grad():
-        prompts = model.encode_text(tok(["red", "blue", "green", "dog", "x"]), normalize=True).numpy()
-    top2 = np.argsort(-(img @ prompts.T), axis=1)[:, :2]
-    expected = np.array(cs.NSFW_TAGS, dtype=object)[(top2 < 2).sum(1)]
-    assert list(out[S.NSFW]) == list(expected)
+        emb = [model.encode_text(tok(list(p)), normalize=True).numpy()
+               for p in (f.category_prompts, f.underage_prompts, f.animal_prompts)]
+    # LAION's ranking: softmax(100 * cosine), top 2
+    probs = [torch.softmax(100 * torch.from_numpy(img @ e.T), dim=1) for e in emb]
+    cat, und, ani = (p.topk(2, dim=1).indices.numpy() for p in probs)
+    tags, reasons = lf.decide(cat, und, ani[:, 0], batch[S.ALT_TEXT], f)
+    passed = ~((batch[S.SUBSET] == "nolang") & (sims < 0.0))
+    assert (~passed).any() and passed.any()
+    assert list(out[S.NSFW][passed]) == list(tags[passed])
+    assert (out[S.NSFW][~passed] == "").all()
+    assert list(out[S.DROP_REASON][passed]) == list(reasons[passed])
+    assert set(out[S.DROP_REASON][~passed]) == {cs.DROP_BELOW}
+    counters = lf.laion_filter_counters(out)
+    assert sum(counters.dropped_by_reason.values()) == int((reasons[passed] != "").sum())
+    # off: no tag, no drop
+    off = cs.ClipScorer(cfg, SIZE, safety=SafetyConfig(laion_filter=type(f)(enabled=False)))(batch)
+    assert S.NSFW not in off and not any(str(r).startswith("laion_filter:") for r in off[S.DROP_REASON])
 
 
 def test_upstream_tokens_give_same_scores(models):
@@ -224,7 +253,7 @@ def test_upstream_tokens_give_same_scores(models):
     tokd = cs.ClipTokenizer(cfg)(batch)
     assert tokd[cs.CLIP_TOKENS].shape == (9, 16)
     out = scorer(tokd)
-    np.testing.assert_array_equal(out[S.SIMILARITY], plain[S.SIMILARITY])
+    np.testing.assert_allclose(out[S.SIMILARITY], plain[S.SIMILARITY], atol=1e-6)
     assert cs.CLIP_TOKENS not in out
 
 
@@ -328,8 +357,15 @@ def test_device_resolution(models):
 def test_config_keys_roundtrip():
     cfg = load_config(None, ["clip.models.multi.tokenizer_dir=/x/tok", "clip.compile=true"])
     assert cfg.clip.models["multi"].tokenizer_dir == "/x/tok"
-    assert cfg.clip.models["multi"].arch == "xlm-roberta-base-ViT-B-32"
+    assert cfg.clip.models["multi"].arch == "ViT-B-32"
+    assert cfg.clip.models["multi"].text_model == "sentence-transformers/clip-ViT-B-32-multilingual-v1"
     assert cfg.clip.compile is True
+    off = load_config(None, ["safety.laion_filter.enabled=false", "clip.models.en.text_model=/x/st"])
+    assert off.safety.laion_filter.enabled is False and off.clip.models["en"].text_model == "/x/st"
+    with pytest.raises(ConfigError, match="nsfw_from"):
+        load_config(None, ["safety.laion_filter.nsfw_from=40"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(None, ["clip.nsfw_tag=true"])
 
 
 @pytest.mark.gpu

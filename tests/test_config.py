@@ -26,7 +26,7 @@ def test_defaults_are_laion5b_thresholds():
     assert cfg.resize.image_size == 224
 
 
-@pytest.mark.parametrize("name", ["laion5b.yaml", "smoke.yaml"])
+@pytest.mark.parametrize("name", ["laion5b.yaml", "laion5b-xlmr.yaml", "smoke.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO / "configs" / name)
     assert isinstance(cfg, Config)
@@ -35,8 +35,17 @@ def test_shipped_configs_load(name):
 def test_laion5b_config_is_faithful():
     cfg = load_config(REPO / "configs" / "laion5b.yaml")
     assert (cfg.clip.models["en"].arch, cfg.clip.models["en"].pretrained) == ("ViT-B-32", "openai")
-    assert cfg.clip.models["multi"].arch == "xlm-roberta-base-ViT-B-32"
-    assert cfg.clip.models["nolang"].pretrained == "laion5b_s13b_b90k"
+    mtext = "sentence-transformers/clip-ViT-B-32-multilingual-v1"
+    for subset in ("multi", "nolang"):
+        m = cfg.clip.models[subset]
+        assert (m.arch, m.pretrained, m.text_model) == ("ViT-B-32", "openai", mtext)
+    assert cfg.clip.models["en"].text_model == ""
+    assert cfg.clip.precision == "fp16"
+    assert cfg.safety.laion_filter.enabled is True
+    assert load_config(None).clip.models == cfg.clip.models  # the package defaults are the same models
+    xlmr = load_config(REPO / "configs" / "laion5b-xlmr.yaml")
+    assert (xlmr.clip.models["multi"].arch, xlmr.clip.models["multi"].text_model) == ("xlm-roberta-base-ViT-B-32", "")
+    assert xlmr.clip.models["en"] == cfg.clip.models["en"] and xlmr.safety.laion_filter.enabled
     assert dict(cfg.clip.thresholds) == {"en": 0.28, "multi": 0.26, "nolang": 0.26}
     assert cfg.resize.image_size == 224
     assert cfg.extract.min_alt_length == 5 and cfg.extract.max_url_length == 2000
@@ -75,7 +84,7 @@ def test_overrides_any_depth_and_yaml_scalars():
     assert cfg.clip.thresholds["en"] == 0.3
     assert cfg.clip.thresholds["multi"] == 0.26  # other keys of the mapping kept
     assert cfg.clip.models["multi"].arch == "ViT-L-14"
-    assert cfg.clip.models["multi"].pretrained == "laion5b_s13b_b90k"
+    assert cfg.clip.models["multi"].pretrained == "openai"
     assert cfg.fetch.formats == ("JPEG", "PNG")
     assert cfg.run.force is True
     assert cfg.fetch.host_map == {"img.test": "127.0.0.2"}

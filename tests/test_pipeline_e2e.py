@@ -120,7 +120,7 @@ def test_optional_outputs_embeddings_nsfw_and_images(tmp_path):
 
     out = tmp_path / "out"
     result = run_demo(str(out), progress=False, overrides=[
-        "clip.save_embeddings=true", "clip.nsfw_tag=true", "output.save_images=true"])
+        "clip.save_embeddings=true", "safety.laion_filter.enabled=true", "output.save_images=true"])
     assert result.exit_code == 0
     for subset in ("en", "multi", "nolang"):
         shard = pq.read_table(sorted((out / subset).glob("*.parquet"))[0])

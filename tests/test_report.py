@@ -121,7 +121,7 @@ def test_summary_numbers(report):
     assert s["kept_total"] == 19 and s["shard_rows"] == {"en": 7, "multi": 9, "nolang": 3}
     assert s["thresholds"] == THRESHOLDS
     assert s["models"]["en"] == "ViT-B-32 / openai"
-    assert s["models"]["multi"] == "xlm-roberta-base-ViT-B-32 / laion5b_s13b_b90k"  # default fills the gap
+    assert s["models"]["multi"] == "ViT-B-32 / openai"  # default fills the gap
     funnel = [(f["stage"], f["rows"]) for f in s["funnel"]]
     assert funnel == [("", 100), ("extract", 60), ("langid", 60), ("dedup", 50), ("fetch", 40), ("clip", 19)]
     reasons = [(r["stage"], r["reason"], r["rows"]) for r in s["drop_reasons"]]

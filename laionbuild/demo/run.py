@@ -71,6 +71,10 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
         log.info("demo sample: %d WARC file(s), %d <img> cases, images served at %s",
                  len(sample.warc_paths), len(sample.expectations), server.base_url)
         cfg = load_config(config or SMOKE_CONFIG, [*demo_overrides(sample, str(out), progress), *(overrides or [])])
+        if not cfg.safety.laion_filter.enabled:
+            log.info("demo: LAION-5B's safety filter is off (safety.laion_filter.enabled=false in %s): its "
+                     "prompts are words the tiny shapes model never learned, so its tags and drops would be "
+                     "noise; configs/laion5b.yaml keeps it on", Path(config or SMOKE_CONFIG).name)
         result = run(cfg)
         log.info("image server answered %d requests", server.request_count())
     check = compare_with_expectations(str(out), sample)

@@ -503,7 +503,7 @@ class WatermarkScorer:
 
 # --------------------------------------------------------------------------- set-up checks
 def _clip_embed_dim(model_cfg) -> int:
-    from .clip_score import _resolve_arch
+    from .model_loading import _resolve_arch
 
     cfg, _, _ = _resolve_arch(model_cfg)
     return int(cfg["embed_dim"])
