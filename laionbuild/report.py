@@ -592,6 +592,10 @@ def _build_document(data: _Data, steps, reasons) -> tuple[_Doc, dict[str, Any]]:
                  f"{files.get('failed', 0)} failed)")
     if not data.config_found:
         facts.append("config.yaml not found: thresholds and models shown are the LAION-5B defaults")
+    laion_filter = stats.get("laion_filter")
+    if laion_filter is not None:
+        facts.append("LAION-5B's safety filter (NSFW tag, underage and animal drops): " + (
+            "on" if laion_filter.get("enabled") else "**off** (safety.laion_filter.enabled=false)"))
     doc.ul(facts)
 
     kept = stats.get("kept_per_subset") or {}

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 #: the stages of a run in the order rows meet them (stats.json lists them in this order)
-STAGES = ("extract", "langid", "dedup", "blocklist", "fetch", "clip")
+STAGES = ("extract", "langid", "dedup", "blocklist", "fetch", "clip", "laion_filter")
 
 
 @dataclass

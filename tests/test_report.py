@@ -47,6 +47,7 @@ def _stats() -> dict:
         st.kept_per_subset[s] = len(langs)
     st.extra["config_hash"] = "abc123def4567890"
     st.extra["wall_seconds"] = 12.5
+    st.extra["laion_filter"] = {"enabled": False, "stage": "laion_filter"}
     return st.to_dict()
 
 
@@ -147,6 +148,7 @@ def test_markdown_content(report):
     out, md = report
     text = md.read_text(encoding="utf-8")
     assert "# laionbuild report: fake-run" in text
+    assert "safety filter (NSFW tag, underage and animal drops): **off**" in text
     assert "| en | 7 |" in text and "| multi | 9 |" in text and "| nolang | 3 |" in text
     assert "**19**" in text
     assert "| extract | no_alt | 25 |" in text

@@ -116,8 +116,10 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
 
     if scoring:
         from ..models import model_provenance
+        from ..stages.laion_filter import summary as laion_filter_summary
 
         provenance["model_files"] = model_provenance(cfg)
+        provenance["laion_filter"] = laion_filter_summary(cfg.clip, cfg.safety)
     lists = cached(cfg.blocklist).describe()
     if lists:
         provenance["blocklists"] = lists
@@ -147,6 +149,14 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         # config keeps naming them as the user did (hash, config.yaml), each node localises
         local = ensure_models(cfg, offline=cfg.models.offline, progress=cfg.run.progress).config
     files = preflight(local, need_clip=scoring)
+    if scoring:
+        from ..stages.laion_filter import model_warnings
+
+        for warning in model_warnings(cfg.clip, cfg.safety):
+            log.warning("%s", warning)
+        if not cfg.safety.laion_filter.enabled:
+            log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
+                        "no underage / animal drops")
     layout = OutputLayout(cfg.run.output)
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
@@ -216,6 +226,11 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     #: where the wall time went: start-up and checks, then each phase
     stats.extra["phase_seconds"] = phases
     stats.extra["config_hash"] = config_hash(cfg)
+    if scoring:
+        from ..stages.laion_filter import summary as laion_filter_summary
+
+        #: LAION-5B's safety filter: on, or off and said so
+        stats.extra["laion_filter"] = laion_filter_summary(cfg.clip, cfg.safety)
     if left:
         stats.extra["work_shards_incomplete"] = left
     shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats.to_json().encode("utf-8"))

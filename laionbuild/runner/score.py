@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SHARD_ID = "shard_id"
 #: stages of this phase, in order; each reports its own counters (``<stage>:<reason>`` drops)
-STAGES = ("blocklist", "fetch", "clip")
+STAGES = ("blocklist", "fetch", "clip", "laion_filter")
 #: columns of the per-row fate files
 FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SUBSET, "LANGUAGE": S.LANGUAGE,
                 "status": S.STATUS, "similarity": S.SIMILARITY, "drop_reason": S.DROP_REASON,
@@ -78,9 +78,11 @@ def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
     from ..stages.blocklist import blocklist_counters
     from ..stages.clip_score import clip_counters
     from ..stages.fetch import fetch_counters
+    from ..stages.laion_filter import laion_filter_counters
 
     blocked = blocklist_counters(batch, later=STAGES[STAGES.index("blocklist") + 1:])
-    return {"blocklist": blocked, "fetch": fetch_counters(batch), "clip": clip_counters(batch)}
+    return {"blocklist": blocked, "fetch": fetch_counters(batch), "clip": clip_counters(batch),
+            "laion_filter": laion_filter_counters(batch)}
 
 
 # --------------------------------------------------------------------------- reading and writing

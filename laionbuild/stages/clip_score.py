@@ -535,7 +535,8 @@ class ClipScorer:
 def clip_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
     """Counters of the clip stage from a scored batch (rows dropped before it are not counted).
 
-    ``kept`` / ``kept.<subset>``: rows alive after scoring; ``dropped_by_reason``:
+    ``kept`` / ``kept.<subset>``: rows that passed the threshold (alive, or dropped afterwards by
+    LAION-5B's safety filter, which has its own counters); ``dropped_by_reason``:
     ``below_threshold``, ``bad_image`` (image of the wrong shape) and ``no_subset``; ``counts``: ``scored``, ``scored.<subset>``,
     ``below_threshold.<subset>``.
     """
@@ -543,7 +544,7 @@ def clip_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
     drop = np.asarray(batch[DROP_REASON], dtype=object)
     subsets = np.asarray(batch[SUBSET], dtype=object)
     sim = np.asarray(batch[SIMILARITY], dtype=np.float32)
-    alive = drop == ""
+    alive = np.array([not r or str(r).startswith(lf.STAGE + ":") for r in drop], dtype=bool)
     c.kept = int(alive.sum())
     reasons = Counter(str(r)[len("clip:"):] for r in drop if str(r).startswith("clip:"))
     for reason, k in reasons.items():
