@@ -290,9 +290,9 @@ def _resolve_weights(model_cfg: ClipModelConfig, oc_name: str | None) -> _Weight
         expected.append(str(target))
     raise ModelMissingError(
         f"clip model {_model_name(model_cfg)}: weights are not in the local cache and downloads are disabled; "
-        f"expected {' or '.join(expected) or 'a cached file'}. Download them on a machine with internet "
-        f"(open_clip.create_model('{oc_name}', pretrained='{pretrained}', cache_dir=...)) and copy the file, "
-        f"set clip.models.<subset>.cache_dir to the cache folder, or give the file with {how}"
+        f"expected {' or '.join(expected) or 'a cached file'}. Run 'laionbuild models pull -c CONFIG' on a "
+        f"machine with internet (or run without --offline / HF_HUB_OFFLINE) and copy the cache, set "
+        f"clip.models.<subset>.cache_dir to the cache folder, or give the file with {how}"
     )
 
 
@@ -594,7 +594,8 @@ def resolve_text_model_folder(model_cfg: ClipModelConfig) -> Path:
             f"{where}: not in the Hugging Face {_hf_cache_hint(model_cfg.text_cache_dir)} and downloads are "
             f"disabled; expected modules.json, config.json, {' or '.join(_ST_WEIGHT_FILES)}, tokenizer files, "
             f"1_Pooling/config.json, 2_Dense/config.json and 2_Dense/{' or '.join(_ST_WEIGHT_FILES)} of {name}. "
-            f"Download them on a machine with internet (huggingface_hub.snapshot_download('{name}')) and copy the "
+            f"Run 'laionbuild models pull -c CONFIG' on a machine with internet (or run without --offline / "
+            f"HF_HUB_OFFLINE) and copy the "
             f"cache, set clip.models.<subset>.text_cache_dir, or give a local folder in clip.models.<subset>.text_model"
         )
     return Path(found).parent
