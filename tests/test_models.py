@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "laionbuild" / "assets"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 HF_REPO = "laionbuild-test/tiny-clip-shapes"
-TINY_CLIP = {"models": {s: {"arch": "tiny-clip-shapes", "pretrained": "builtin:tiny-clip-shapes.pt"}
+TINY_CLIP = {"models": {s: {"arch": "tiny-clip-shapes", "pretrained": "builtin:tiny-clip-shapes.pt", "text_model": ""}
                         for s in ("en", "multi", "nolang")}}
 
 
@@ -145,7 +145,7 @@ def _serve_tiny_clip(srv: ModelServer) -> None:
 
 
 def _config(tmp_path: Path, **models) -> object:
-    clip = {s: {"arch": f"hf-hub:{HF_REPO}", "pretrained": ""} for s in ("en", "multi", "nolang")}
+    clip = {s: {"arch": f"hf-hub:{HF_REPO}", "pretrained": "", "text_model": ""} for s in ("en", "multi", "nolang")}
     return config_from_dict({
         "clip": {"models": clip, "device": "cpu"},
         "resize": {"image_size": 32},
@@ -163,8 +163,9 @@ def test_models_list_cli_for_both_shipped_configs(capsys):
                      "--cache", "/nonexistent/laionbuild-cache"]) == 0
     table = capsys.readouterr().out
     assert "timm/vit_base_patch32_clip_224.openai" in table
-    assert "laion/CLIP-ViT-B-32-xlm-roberta-base-laion5B-s13B-b90k" in table
-    assert "xlm-roberta-base" in table and "missing" in table
+    # LAION-5B's multilingual text tower for multi / nolang; CLD3 needs no model file
+    assert "sentence-transformers/clip-ViT-B-32-multilingual-v1" in table and "missing" in table
+    assert "lid.176" not in table
     assert "/nonexistent/laionbuild-cache/hub/models--timm--vit_base_patch32_clip_224.openai" in table
 
 
@@ -224,7 +225,8 @@ def _write_cfg(tmp_path: Path) -> str:
 
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({
-        "clip": {"models": {s: {"arch": f"hf-hub:{HF_REPO}", "pretrained": ""} for s in ("en", "multi", "nolang")}},
+        "clip": {"models": {s: {"arch": f"hf-hub:{HF_REPO}", "pretrained": "", "text_model": ""}
+                            for s in ("en", "multi", "nolang")}},
         "resize": {"image_size": 32},
         "models": {"cache": str(tmp_path / "cache")},
     }))
@@ -551,7 +553,8 @@ def test_tokenizer_is_pulled_with_its_companion_files(server, tmp_path):
     model_cfg["model_cfg"]["text_cfg"] = {"hf_model_name": tok, "hf_tokenizer_name": tok}
     arch = tmp_path / "tiny-hf-text.json"
     arch.write_text(json.dumps(model_cfg))
-    cfg = config_from_dict({"clip": {"models": {s: {"arch": str(arch), "pretrained": "builtin:tiny-clip-shapes.pt"}
+    cfg = config_from_dict({"clip": {"models": {s: {"arch": str(arch), "pretrained": "builtin:tiny-clip-shapes.pt",
+                                                    "text_model": ""}
                                                 for s in ("en", "multi", "nolang")}},
                             "models": {"cache": str(tmp_path / "cache")}})
     missing = [r for r in required_models(cfg) if not r.present]

@@ -378,7 +378,9 @@ def required_models(cfg: Config, *, cache: str | None = None, need_clip: bool = 
     layout = cache_layout(cfg.models, cache)
     col = _Collector(cfg, layout)
     value = cfg.langid.model_path.strip()
-    if not value:
+    if getattr(cfg.langid, "engine", "fasttext") != "fasttext":
+        pass  # CLD3's model is compiled into its package: no file to fetch
+    elif not value:
         from ..stages.langid import default_model_path
 
         try:

@@ -542,26 +542,14 @@ def iter_html_documents(
             for doc in _iter_fastwarc(stream, path, cfg, counters, file_result):
                 yielded += 1
                 yield doc
-            if yielded or file_result.status == "ok" or counters.counts.get("records", 0) - records_before > 1:
-                return
-            # fastwarc rejected the first record (an old or LF-only WARC header): read with warcio
-            counters.kept = saved[0]
-            counters.counts.clear()
-            counters.counts.update(saved[1])
-            counters.dropped_by_reason.clear()
-            counters.dropped_by_reason.update(saved[2])
-            file_result.status, file_result.reason, file_result.message = "ok", "", ""
-            counters.count("reader_fallback_warcio")
-            try:
-                stream.close()
-            except Exception:  # noqa: BLE001
-                pass
-            try:
-                stream = open_input(path, cfg.input_timeout_s)
-            except Exception as exc:  # noqa: BLE001
-                _set_failed(file_result, "unreadable", f"{type(exc).__name__}: {exc}")
-                return
-            yield from _iter_warcio(stream, path, cfg, counters, file_result)
+            rejected = not (yielded or file_result.status == "ok"
+                            or counters.counts.get("records", 0) - records_before > 1)
+            if rejected and network_error(stream) is None:
+                # fastwarc rejected the first record (an old or LF-only WARC header): read with warcio
+                stream = _reopen_for_warcio(stream, path, cfg, counters, file_result, saved)
+                if stream is None:
+                    return
+                yield from _iter_warcio(stream, path, cfg, counters, file_result)
         elif reader == "fastwarc":
             yield from _iter_fastwarc(stream, path, cfg, counters, file_result)
         else:
@@ -574,6 +562,27 @@ def iter_html_documents(
             stream.close()
         except Exception:  # noqa: BLE001
             pass
+
+
+def _reopen_for_warcio(stream, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
+                       saved: tuple):
+    """Forget what the fastwarc pass counted and open the input again for warcio (None: it failed)."""
+    counters.kept = saved[0]
+    counters.counts.clear()
+    counters.counts.update(saved[1])
+    counters.dropped_by_reason.clear()
+    counters.dropped_by_reason.update(saved[2])
+    file_result.status, file_result.reason, file_result.message = "ok", "", ""
+    counters.count("reader_fallback_warcio")
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        return open_input(path, cfg.input_timeout_s, cfg)
+    except Exception as exc:  # noqa: BLE001
+        _set_failed(file_result, "unreadable", f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def fastwarc_available() -> bool:
