@@ -245,7 +245,8 @@ class ClipModelConfig:
     #: text tower from another model: a Hugging Face id of a sentence-transformers model
     #: (``sentence-transformers/clip-ViT-B-32-multilingual-v1``) looked up in the local
     #: Hugging Face cache, or a local folder in the sentence-transformers layout
-    #: (modules.json, the transformer files, 1_Pooling/, 2_Dense/). It embeds the caption;
+    #: (modules.json, the transformer files, 1_Pooling/, 2_Dense/; ``builtin:<folder>`` = inside
+    #: laionbuild/assets). It embeds the caption;
     #: the image embedding comes from ``arch`` / ``pretrained``. Empty = the open_clip
     #: model's own text tower.
     text_model: str = ""

@@ -73,9 +73,8 @@ def make_mclip_text_model(folder: Path, device: str) -> LoadedTextModel:
     pieces = [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     vocab = list(dict.fromkeys(specials + words + pieces))
     vocab += [f"[unused{i}]" for i in range(MCLIP_SHAPES["vocab_size"] - len(vocab))]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False).save_pretrained(
-        str(folder))
+    transformers.DistilBertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)},
+                                         do_lower_case=False).save_pretrained(str(folder))
     torch.manual_seed(0)
     cfg = transformers.DistilBertConfig(**{k: MCLIP_SHAPES[k] for k in ("vocab_size", "dim", "n_layers", "n_heads",
                                                                           "hidden_dim", "max_position_embeddings")})

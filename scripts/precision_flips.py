@@ -7,6 +7,8 @@ precision on the available device and compares with fp32:
 * ``tiny-clip-shapes``: the trained demo model on rendered shapes with matching
   and mismatching captions in four languages and emoji (similarities spread
   around the real thresholds 0.28 / 0.26);
+* the demo's mixed towers: the same image tower with ``tiny-text-shapes``, the tiny
+  multilingual text model distilled from its text tower, for multi / nolang;
 * ``tiny-mixed``: a random tiny open_clip image tower with a random tiny
   multilingual DistilBERT + mean pooling + Dense text tower (the mixed path),
   where the threshold is put at the fp32 median so that many pairs sit near it.
@@ -113,6 +115,14 @@ def main(argv=None) -> int:
     report["results"].append(compare("tiny-clip-shapes (trained demo model)", tiny_cfg, batch, THRESHOLDS,
                                      precisions, device))
     print(json.dumps(report["results"][-1]), file=sys.stderr, flush=True)
+    demo_text = ClipModelConfig("tiny-clip-shapes", "builtin:tiny-clip-shapes.pt", text_model="builtin:tiny-text-shapes")
+
+    def demo_cfg(p, thr):
+        return ClipConfig(models={"en": tiny, "multi": demo_text, "nolang": demo_text}, thresholds=thr, device=device,
+                          precision=p, batch_size=128)
+
+    report["results"].append(compare("demo mixed towers (tiny CLIP image + tiny-text-shapes text)", demo_cfg, batch,
+                                     THRESHOLDS, precisions, device))
 
     from test_text_tower import _tiny_clip, build_tiny_st  # the tiny models the tests build
 

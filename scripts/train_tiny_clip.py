@@ -204,6 +204,101 @@ def evaluate(model, tokenizer, specs, images, labels, mean, std, distractors=())
 
 
 # --------------------------------------------------------------------------- main
+# --------------------------------------------------------------------------- multilingual text model
+def _wordpiece_vocab(texts: list[str]) -> list[str]:
+    """Whole words of ``texts`` (as BERT's pre-tokenizer splits them) plus every character as a piece."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    pre = BertPreTokenizer()
+    words, chars = set(), set()
+    for t in texts:
+        for w, _ in pre.pre_tokenize_str(t):
+            words.add(w)
+            chars.update(w)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    return list(dict.fromkeys(specials + sorted(words) + sorted(chars) + [f"##{c}" for c in sorted(chars)]))
+
+
+def train_text_model(args) -> int:
+    """Distil the tiny CLIP's text tower into a tiny multilingual DistilBERT + mean pooling + Dense,
+    saved in the sentence-transformers layout of clip-ViT-B-32-multilingual-v1 (the way that model
+    was made: a student text encoder trained to put texts where the CLIP text tower puts them)."""
+    import transformers
+
+    from laionbuild.config import ClipModelConfig
+    from laionbuild.stages.model_loading import load_clip
+
+    teacher = load_clip(ClipModelConfig(args.name, f"builtin:{args.name}.pt"), "cpu")
+    specs = shapes.all_specs()
+    texts = [r[2] for r in caption_table(specs)]
+    distractors = distractor_texts(args.distractors, seed=args.seed)
+    train_texts = texts + distractors
+    with torch.no_grad():
+        target = F.normalize(teacher.model.encode_text(teacher.tokenizer(train_texts)).float(), dim=-1)
+    out = Path(args.out) / args.text_name
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = _wordpiece_vocab(train_texts)
+    tok = transformers.DistilBertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=False)
+    assert tok.convert_ids_to_tokens(tok("red circle")["input_ids"])[1:3] == ["red", "circle"]
+    torch.manual_seed(args.seed)
+    cfg = transformers.DistilBertConfig(vocab_size=len(tok), dim=64, n_layers=2, n_heads=2, hidden_dim=128,
+                                        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0)
+    student = transformers.DistilBertModel(cfg)
+    dense = torch.nn.Linear(64, int(teacher.embed_dim), bias=False)
+    params = list(student.parameters()) + list(dense.parameters())
+    opt = torch.optim.Adam(params, lr=args.text_lr)
+    enc = tok(train_texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+
+    def embed(ids, mask):
+        h = student(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        return dense((h * m).sum(1) / m.sum(1).clamp(min=1e-9))
+
+    rng = np.random.RandomState(args.seed)
+    n = len(train_texts)
+    for step in range(args.text_steps):
+        # every caption each step (they are what the demo scores), plus a sample of distractors
+        idx = np.concatenate([np.arange(len(texts)), len(texts) + rng.choice(n - len(texts), 64, replace=False)])
+        idx_t = torch.from_numpy(idx)
+        pred = F.normalize(embed(enc["input_ids"][idx_t], enc["attention_mask"][idx_t]), dim=-1)
+        gap = 1 - (pred * target[idx_t]).sum(-1)
+        loss = gap[: len(texts)].mean() * 3 + gap[len(texts):].mean()  # the captions matter most
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            print(f"text step {step} loss {loss.item():.5f}", file=sys.stderr, flush=True)
+    student.eval()
+    with torch.no_grad():
+        pred = F.normalize(embed(enc["input_ids"], enc["attention_mask"]), dim=-1)
+    agreement = (pred * target).sum(-1)
+    student.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    (out / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 32, "do_lower_case": False}))
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    (out / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": 64, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    (out / "2_Dense").mkdir(exist_ok=True)
+    (out / "2_Dense" / "config.json").write_text(json.dumps({
+        "in_features": 64, "out_features": int(teacher.embed_dim), "bias": False,
+        "activation_function": "torch.nn.modules.linear.Identity"}))
+    from safetensors.torch import save_file
+
+    save_file({"linear.weight": dense.weight.detach().contiguous()}, str(out / "2_Dense" / "model.safetensors"))
+    (out / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+    ]))
+    report = {"text_model": str(out), "captions_cosine_to_teacher_min": float(agreement[: len(texts)].min()),
+              "captions_cosine_to_teacher_mean": float(agreement[: len(texts)].mean()),
+              "distractors_cosine_to_teacher_mean": float(agreement[len(texts):].mean()),
+              "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file())}
+    print(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "laionbuild" / "assets"))
@@ -221,7 +316,16 @@ def main(argv=None) -> int:
     ap.add_argument("--distractors-per-step", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--multilingual-text", action="store_true",
+                    help="distil the committed model's text tower into a tiny multilingual text model "
+                         "(sentence-transformers layout) instead of training the CLIP model")
+    ap.add_argument("--text-name", default="tiny-text-shapes")
+    ap.add_argument("--text-steps", type=int, default=600)
+    ap.add_argument("--text-lr", type=float, default=3e-3)
     args = ap.parse_args(argv)
+    if args.multilingual_text:
+        torch.set_num_threads(args.threads)
+        return train_text_model(args)
 
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

@@ -31,8 +31,8 @@ def build_tiny_st(folder: Path, seed: int = 0, out_dim: int = EMBED, bias: bool 
     lays out clip-ViT-B-32-multilingual-v1 (transformer files at the root)."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(WORDS)) + list("abcdefghijklmnopqrstuvwxyz")
-    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    tok = transformers.DistilBertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=False)
+    tok = transformers.DistilBertTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))},
+                                               do_lower_case=False)
     tok.save_pretrained(str(folder))
     torch.manual_seed(seed)
     config = transformers.DistilBertConfig(vocab_size=len(tok), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
@@ -136,6 +136,9 @@ def test_text_model_loads_from_disk_like_sentence_transformers(towers):
     _, mixed, st = towers
     loaded = ml.load_text_model(mixed, "cpu")
     assert loaded.embed_dim == EMBED and loaded.model.pooling == "mean"
+    ids = loaded.tokenizer(["a red circle"])[0].tolist()
+    assert loaded.tokenizer.hf.convert_ids_to_tokens(ids[:5]) == ["[CLS]", "a", "red", "circle", "[SEP]"]
+    assert set(ids[5:]) == {loaded.tokenizer.pad_id}
     assert loaded.model.dense[0][0].bias is None and loaded.model.dense[0][1] is None
     with torch.no_grad():
         ours = loaded.model.encode_text(loaded.tokenizer(TEXTS)).numpy()

@@ -22,6 +22,9 @@ from laionbuild.stages import clip_score as cs  # noqa: E402
 from laionbuild.stages.resize import decode_and_resize  # noqa: E402
 
 TINY = ClipModelConfig(arch="tiny-clip-shapes", pretrained="builtin:tiny-clip-shapes.pt")
+#: the demo's multi / nolang: the tiny CLIP image tower + the tiny multilingual text model distilled from it
+TINY_MIXED = ClipModelConfig(arch="tiny-clip-shapes", pretrained="builtin:tiny-clip-shapes.pt",
+                             text_model="builtin:tiny-text-shapes")
 SUBSET_OF = {"en": "en", "de": "multi", "fr": "multi", "es": "multi", "nolang": "nolang"}
 
 
@@ -36,6 +39,8 @@ def _pipeline_image(spec, seed: int, size: int, side: int, width: int) -> np.nda
 
 def test_packaged_files_are_small_and_consistent():
     assert (cs.ASSETS_DIR / "tiny-clip-shapes.pt").stat().st_size < 3_000_000
+    text_folder = cs.ASSETS_DIR / "tiny-text-shapes"
+    assert sum(f.stat().st_size for f in text_folder.rglob("*") if f.is_file()) < 2_000_000
     assert cs.model_input_size(TINY) == 32
     loaded = cs.load_clip(TINY, "cpu")
     assert loaded.image_size == 32 and loaded.embed_dim == 64
@@ -45,10 +50,15 @@ def test_packaged_files_are_small_and_consistent():
     assert int(ids.max()) < loaded.tokenizer.vocab_size
 
 
-def test_tiny_clip_separates_colours_at_laion_thresholds():
+@pytest.mark.parametrize("towers", ["own", "mixed"])
+def test_tiny_clip_separates_colours_at_laion_thresholds(towers):
     size = cs.model_input_size(TINY)
-    cfg = ClipConfig(models={"en": TINY, "multi": TINY, "nolang": TINY}, device="cpu")
+    other_towers = TINY if towers == "own" else TINY_MIXED
+    if towers == "mixed":
+        pytest.importorskip("transformers")
+    cfg = ClipConfig(models={"en": TINY, "multi": other_towers, "nolang": other_towers}, device="cpu")
     scorer = cs.ClipScorer(cfg, size)
+    assert (scorer.text_runners["multi"].text is not None) == (towers == "mixed")
     rng = random.Random(12345)
     colours = list(shapes.COLOURS)
     images, texts, subsets, kinds, langs = [], [], [], [], []

@@ -582,6 +582,12 @@ def resolve_text_model_folder(model_cfg: ClipModelConfig) -> Path:
     """Local folder of ``text_model`` (a folder path, or a Hugging Face id found in the local cache)."""
     name = _text_model_name(model_cfg)
     where = f"clip text model '{name}'"
+    if name.startswith(BUILTIN_PREFIX):
+        path = _asset_path(name)
+        if not path.is_dir():
+            raise ModelMissingError(f"{where}: the packaged folder {path} is missing "
+                                    f"(regenerate it with scripts/train_tiny_clip.py --multilingual-text)")
+        return path
     path = Path(name).expanduser()
     if path.is_dir():
         return path
