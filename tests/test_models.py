@@ -157,7 +157,7 @@ def _config(tmp_path: Path, **models) -> object:
 def test_models_list_cli_for_both_shipped_configs(capsys):
     assert cli.main(["models", "list", "-c", str(REPO / "configs" / "smoke.yaml"), "--json"]) == 0
     smoke = json.loads(capsys.readouterr().out)
-    assert {m["kind"] for m in smoke["models"]} == {"langid", "clip-config", "clip-weights"}
+    assert {m["kind"] for m in smoke["models"]} == {"langid", "clip-config", "clip-weights", "text-model"}
     assert all(m["present"] for m in smoke["models"])
     assert cli.main(["models", "list", "-c", str(REPO / "configs" / "laion5b.yaml"),
                      "--cache", "/nonexistent/laionbuild-cache"]) == 0

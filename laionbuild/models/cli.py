@@ -47,7 +47,7 @@ def format_table(reqs: list[ModelRequirement], header: str) -> str:
     fetchable = [r for r in missing if r.fetch]
     lines.append(f"{len(reqs)} model file(s): {len(reqs) - len(missing)} present, {len(fetchable)} missing that "
                  f"'laionbuild models pull' downloads, {len(missing) - len(fetchable)} missing that must be provided "
-                 f"by hand (MISSING!)")
+                 f"by hand" + (" (MISSING! in the table)" if len(missing) > len(fetchable) else ""))
     return "\n".join(lines)
 
 

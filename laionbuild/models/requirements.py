@@ -359,7 +359,10 @@ def _clip_model(col: _Collector, subset: str, m: ClipModelConfig) -> None:
 
 
 def _text_model(col: _Collector, value: str, hub: str | None, used: str) -> None:
-    """A sentence-transformers text model: a local folder or a Hugging Face repository id."""
+    """A sentence-transformers text model: a packaged one, a local folder or a Hugging Face repository id."""
+    if value.startswith(BUILTIN_PREFIX):
+        col.local("text-model", f"text model {value}", ASSETS_DIR / value[len(BUILTIN_PREFIX):], used, packaged=True)
+        return
     if value.startswith((".", "/", "~")) or os.path.isdir(os.path.expanduser(value)):
         col.local("text-model", f"text model {value}", value, used)
         return
