@@ -114,7 +114,10 @@ class ShardPartWriter:
             out[SHARD_ID].append(shard_id)
             out["n_rows"].append(int(mask.sum()))
             out["parts"].append(json.dumps(self._write(layout, shard_id, sub)))
-            out["counters"].append(json.dumps({k: c.to_dict() for k, c in stage_counters(sub).items()}))
+            counters = stage_counters(sub)
+            if not self.cfg.safety.laion_filter.enabled:
+                counters.pop("laion_filter")  # it did not run: stats.json says it was off
+            out["counters"].append(json.dumps({k: c.to_dict() for k, c in counters.items()}))
             nodes = {k: sorted(v) for k, v in nodes_of(sub).items()}
             nodes["write"] = [node_id()]
             out["node"].append(json.dumps(nodes))
