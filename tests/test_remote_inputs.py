@@ -45,4 +45,4 @@ def test_extract_reads_warcs_and_listing_over_http(tmp_path):
     warcs = {row["warc_path"] for row in rows}
     assert warcs == {f"{base}/{p}" for p in rel}
     routed = {(e.url, e.alt_text) for e in sample.expectations if e.subset}
-    assert {(row["url"], row["alt_text"]) for row in rows} == routed
+    assert {(row["URL"], row["TEXT"]) for row in rows} == routed  # the published column names

@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILES = 24
-IMAGE_DELAY_S = 0.12
+IMAGE_DELAY_S = 0.14
 
 
 @pytest.fixture(scope="module")

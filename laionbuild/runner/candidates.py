@@ -86,8 +86,9 @@ class CandidatesWorker:
 
 
 def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, str],
-                         shape: ClusterShape) -> dict[str, dict]:
-    """Extract every pending input; returns ``{file_id: marker}`` of the files that failed."""
+                         shape: ClusterShape) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Extract every pending input; returns ``{file_id: marker}`` of the files committed and of those
+    that failed (not committed: the next run tries them again)."""
     import json
 
     import ray
@@ -98,6 +99,7 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,
                         batch_format="numpy", compute=actor_pool(actors, in_flight=1), num_cpus=cpus)
+    done: dict[str, dict] = {}
     failed: dict[str, dict] = {}
     progress = Progress(len(items), cfg.run.progress, "phase 1/4 candidates", "file")
     try:
@@ -109,6 +111,8 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
                 if status["status"] == "failed":
                     failed[marker["file_id"]] = marker
                     log.warning("input failed: %s: %s %s", marker["path"], status["reason"], status["message"])
+                else:
+                    done[marker["file_id"]] = marker
     finally:
         progress.close()
-    return failed
+    return done, failed

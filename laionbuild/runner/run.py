@@ -161,11 +161,12 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     layout = OutputLayout(cfg.run.output)
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
-    committed = {fid: m for fid, m in layout.candidate_markers().items() if fid in fids}
+    on_disk = layout.candidate_markers()  # one listing, markers read concurrently
+    committed = {fid: m for fid, m in on_disk.items() if fid in fids}
     pending = {fid: p for fid, p in fids.items() if fid not in committed}
     if committed:
         log.info("%d of %d inputs already extracted, skipping them", len(committed), len(fids))
-    _clean_uncommitted_candidates(layout, set(layout.candidate_markers()))
+    _clean_uncommitted_candidates(layout, set(on_disk))
     summary = connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
                       verbose=log.isEnabledFor(logging.DEBUG))
     if summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1:
@@ -178,9 +179,9 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     from .candidates import run_candidates_phase
 
     t = time.monotonic()
-    failed = run_candidates_phase(cfg, layout, pending, shape) if pending else {}
+    done, failed = run_candidates_phase(cfg, layout, pending, shape) if pending else ({}, {})
     phases["candidates"] = round(time.monotonic() - t, 2)
-    markers = {fid: m for fid, m in layout.candidate_markers().items() if fid in fids}
+    markers = {**committed, **done}  # this run's commits came back through the stream
     stats = RunStats()
     for m in [*markers.values(), *failed.values()]:
         stats.files.append(FileResult(**m["file"]))
