@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +20,8 @@ from laionbuild.config import ClipConfig, ClipModelConfig, SafetyConfig, load_co
 from laionbuild.errors import ConfigError, ModelMissingError, SetupError  # noqa: E402
 from laionbuild.stages import clip_score as cs  # noqa: E402
 from laionbuild.stages import laion_filter as lf  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 #: LAION-5B's filter on (the package default of the safety section)
 FILTER_ON = SafetyConfig()
@@ -267,6 +272,39 @@ def test_image_size_mismatch_refused(models):
     with pytest.raises(ConfigError):
         cs.model_input_size(ClipModelConfig("no-such-arch", "x"))
 
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-L-14", "xlm-roberta-base-ViT-B-32", "no-such-arch"])
+def test_open_clip_configs_read_without_importing_it(name):
+    import open_clip
+
+    from laionbuild.stages.model_loading import open_clip_model_config
+
+    expected = open_clip.get_model_config(name)
+    # the packaged JSON files (what a driver reads) and open_clip's own registry agree
+    code = ("import json, sys; from laionbuild.stages.model_loading import open_clip_model_config as f; "
+            f"print(json.dumps(f({name!r}))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert json.loads(out[0]) == (dict(expected) if expected is not None else None)
+    assert out[1] == "False"  # no torch import for a config lookup
+    assert open_clip_model_config(name) == (dict(expected) if expected is not None else None)
+
+
+def test_driver_model_checks_do_not_import_torch(tmp_path):
+    """ensure_models + preflight on the embedded config: the driver never pays for a torch import."""
+    inputs = tmp_path / "in.warc.gz"
+    inputs.write_bytes(b"")
+    code = (
+        "import sys; from laionbuild.config import load_config; from laionbuild.models import ensure_models; "
+        "from laionbuild.runner.run import preflight; "
+        f"cfg = load_config({str(REPO / 'configs' / 'smoke.yaml')!r}, "
+        f"overrides=['run.inputs=[{inputs}]', 'run.output={tmp_path / 'out'}']); "
+        "preflight(ensure_models(cfg, offline=True, progress=False).config); "
+        "print(sorted(m for m in ('torch', 'open_clip', 'ray') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):

@@ -25,13 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ClipModelConfig, Config, ModelsConfig
+from ..stages.model_loading import (ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX,
+                                     open_clip_model_config)
 
 #: config values naming a released model (``release:laion-nsfw-vit-b-32``)
 RELEASE_PREFIX = "release:"
-BUILTIN_PREFIX = "builtin:"
-LOCAL_DIR_PREFIX = "local-dir:"
-HF_HUB_PREFIX = "hf-hub:"
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_ROOT = "~/.cache/laionbuild/models"
 DEFAULT_LOCAL_DIR = "~/.cache/laionbuild/models-local"
 OPEN_CLIP_URL_CACHE = "~/.cache/clip"
@@ -276,14 +274,13 @@ def _open_clip_arch(arch: str) -> tuple[dict | None, str | None, str]:
     elif arch.endswith(".json") or os.sep in arch:
         path = Path(arch).expanduser()
     else:
+        name = arch.replace("/", "-")
         try:
-            import open_clip
+            cfg = open_clip_model_config(name)
         except ImportError:
             return None, None, "open_clip is not installed"
-        name = arch.replace("/", "-")
-        cfg = open_clip.get_model_config(name)
         if cfg is not None:
-            return dict(cfg), name, "open_clip"
+            return cfg, name, "open_clip"
         path = ASSETS_DIR / f"{arch}.json"
     if not path.is_file():
         return None, None, str(path)

@@ -16,9 +16,11 @@ what is expected where. Nothing here imports Ray.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +136,33 @@ def _read_json_config(path: Path) -> tuple[dict, dict]:
     return dict(cfg), dict(data.get("preprocess_cfg", {}))
 
 
+def open_clip_model_config(name: str) -> dict | None:
+    """open_clip's config of architecture ``name``, or None when open_clip does not know it.
+
+    Read from the JSON files open_clip ships, without importing it: the import pulls in
+    torch and torchvision (seconds), which a driver checking its models does not need.
+    Raises ImportError when open_clip is not installed.
+    """
+    module = sys.modules.get("open_clip")
+    if module is None:
+        spec = importlib.util.find_spec("open_clip")
+        if spec is None:
+            raise ImportError("open_clip is not installed")
+        folders = [Path(p) / "model_configs" for p in (spec.submodule_search_locations or [])]
+        folders = [f for f in folders if f.is_dir()]
+        if folders:
+            for folder in folders:
+                path = folder / f"{name}.json"
+                if path.is_file():
+                    cfg = json.loads(path.read_text(encoding="utf-8"))
+                    if all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
+                        return cfg
+            return None
+        import open_clip as module  # an installation laid out otherwise: ask open_clip itself
+    cfg = module.get_model_config(name)
+    return dict(cfg) if cfg is not None else None
+
+
 def _resolve_arch(model_cfg: ClipModelConfig) -> tuple[dict, dict, str | None]:
     """The open_clip model config dict of ``arch``: (model_cfg, preprocess_cfg, open_clip name or None)."""
     arch = model_cfg.arch.strip()
@@ -168,12 +197,10 @@ def _resolve_arch(model_cfg: ClipModelConfig) -> tuple[dict, dict, str | None]:
             raise ConfigError(f"clip model arch '{arch}': model config file not found")
         cfg, pre = _read_json_config(path)
         return cfg, pre, None
-    import open_clip
-
     name = arch.replace("/", "-")
-    cfg = open_clip.get_model_config(name)
+    cfg = open_clip_model_config(name)
     if cfg is not None:
-        return dict(cfg), {}, name
+        return cfg, {}, name
     asset = ASSETS_DIR / f"{arch}.json"
     if asset.is_file():
         cfg, pre = _read_json_config(asset)
