@@ -206,10 +206,12 @@ def run(cfg: Config, command: str = "run") -> RunResult:
             stats.merge_stages(m["counters"])
         todo = pending_shards(layout, manifests)
         n_shards = sum(len(m["shards"]) for m in manifests)
-        stats.extra["work_shards"] = {"total": n_shards, "skipped_as_complete": n_shards - len(todo),
-                                      "rows": sum(s["rows"] for m in manifests for s in m["shards"])}
         t = time.monotonic()
-        left = run_score_phase(cfg, layout, todo, shape) if todo else []
+        left, resumed_rows = run_score_phase(cfg, layout, todo, shape) if todo else ([], 0)
+        #: rows_resumed: rows of interrupted shards that an earlier run had already written
+        stats.extra["work_shards"] = {"total": n_shards, "skipped_as_complete": n_shards - len(todo),
+                                      "rows": sum(s["rows"] for m in manifests for s in m["shards"]),
+                                      "rows_resumed": resumed_rows}
         phases["score"] = round(time.monotonic() - t, 2)
         scored = list(layout.scored_markers().values())
         for m in scored:

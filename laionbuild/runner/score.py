@@ -2,11 +2,12 @@
 
 Work shards enter the stream in order, a row group at a time; block lists and the
 download run in CPU actors, CLIP (and the safety models) in GPU actors when the
-cluster has GPUs, then writer tasks put each shard's rows under
-``scored/<shard_id>/``: the kept rows per subset and ``fates-*.parquet`` with every
-row's fate (fetch status, similarity, drop reason). The driver commits a shard
-(its marker, written last) once the rows written equal the rows of the shard; a
-killed run loses at most the shards in flight.
+cluster has GPUs, then writer tasks put each batch's rows under
+``scored/<shard_id>/`` as one part: the kept rows per subset and
+``fates-*.parquet`` with every row's fate (fetch status, similarity, drop
+reason). The driver commits a shard once its parts hold all its rows; a rerun
+keeps the parts of an interrupted shard and redoes only its missing rows
+(see :mod:`.commit`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import json
 import logging
 import posixpath
 import uuid
-from collections import Counter, defaultdict
 
 import numpy as np
 import pyarrow as pa
@@ -24,15 +24,15 @@ import pyarrow.parquet as pq
 from .. import schema as S
 from ..config import Config
 from ..stages import shards
-from ..stats import StageCounters, sum_counters
+from ..stats import StageCounters
 from .adapter import StageActor, actor_pool, node_id, nodes_of
-from .layout import SCORED, OutputLayout
+from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
+from .layout import OutputLayout
 from .progress import Progress
 from .resources import ClusterShape, score_plan
 
 log = logging.getLogger(__name__)
 
-SHARD_ID = "shard_id"
 #: stages of this phase, in order; each reports its own counters (``<stage>:<reason>`` drops)
 STAGES = ("blocklist", "fetch", "clip", "laion_filter")
 #: columns of the per-row fate files
@@ -87,14 +87,42 @@ def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
 
 # --------------------------------------------------------------------------- reading and writing
 def read_row_group(item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``map_batches`` body (batch of one item): one row group of one work shard, as a batch."""
+    """``map_batches`` body (batch of one item): one row group of one work shard, as a batch,
+    without the rows (``skip``: their indices in the shard) that an earlier run already wrote."""
     path, group, shard_id = str(item["path"][0]), int(item["row_group"][0]), str(item[SHARD_ID][0])
+    skip = json.loads(str(item["skip"][0]) or "[]")
     fs, local = shards.fs_and_path(path)
     with fs.open(local, "rb") as fh:
-        table = pq.ParquetFile(fh).read_row_group(group)
+        pf = pq.ParquetFile(fh)
+        table = pf.read_row_group(group)
+        start = sum(pf.metadata.row_group(g).num_rows for g in range(group))
+    rows = np.arange(start, start + table.num_rows, dtype=np.int64)
+    if skip:
+        keep = ~np.isin(rows, np.asarray(skip, dtype=np.int64))
+        table, rows = table.filter(pa.array(keep)), rows[keep]
     batch = S.candidate_table_to_batch(table)
     batch[SHARD_ID] = np.full(table.num_rows, shard_id, dtype=object)
+    batch[SHARD_ROW] = rows
     return batch
+
+
+def stream_items(layout: OutputLayout, pending: dict[str, int], recovered: dict) -> list[dict]:
+    """One item per row group of each pending shard that still has rows to do, in shard order."""
+    items = []
+    for sid in sorted(pending):  # shard order = commit order, roughly
+        path = layout.workshard_file(sid)
+        with layout.fs.open(path, "rb") as fh:
+            meta = pq.ParquetFile(fh).metadata
+        done = recovered[sid].rows if sid in recovered else np.zeros(0, np.int64)
+        start = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            skip = done[(done >= start) & (done < start + n)]
+            if len(skip) < n:
+                items.append({"path": layout.url_of(path), "row_group": g, SHARD_ID: sid,
+                              "skip": json.dumps(skip.tolist()) if len(skip) else ""})
+            start += n
+    return items
 
 
 class ShardPartWriter:
@@ -111,28 +139,30 @@ class ShardPartWriter:
         for shard_id in sorted(set(ids)):
             mask = ids == shard_id
             sub = {k: v[mask] for k, v in batch.items()}
-            out[SHARD_ID].append(shard_id)
-            out["n_rows"].append(int(mask.sum()))
-            out["parts"].append(json.dumps(self._write(layout, shard_id, sub)))
             counters = stage_counters(sub)
             if not self.cfg.safety.laion_filter.enabled:
                 counters.pop("laion_filter")  # it did not run: stats.json says it was off
-            out["counters"].append(json.dumps({k: c.to_dict() for k, c in counters.items()}))
+            counters = {k: c.to_dict() for k, c in counters.items()}
             nodes = {k: sorted(v) for k, v in nodes_of(sub).items()}
             nodes["write"] = [node_id()]
+            out[SHARD_ID].append(shard_id)
+            out["n_rows"].append(int(mask.sum()))
+            out["parts"].append(json.dumps(self._write(layout, shard_id, sub, counters, nodes)))
+            out["counters"].append(json.dumps(counters))
             out["node"].append(json.dumps(nodes))
         return {SHARD_ID: np.array(out[SHARD_ID], dtype=object), "n_rows": np.array(out["n_rows"], dtype=np.int64),
                 "parts": np.array(out["parts"], dtype=object), "counters": np.array(out["counters"], dtype=object),
                 "node": np.array(out["node"], dtype=object)}
 
-    def _write(self, layout: OutputLayout, shard_id: str, sub: dict[str, np.ndarray]) -> list[str]:
+    def _write(self, layout: OutputLayout, shard_id: str, sub: dict[str, np.ndarray], counters: dict,
+               nodes: dict) -> list[str]:
         token = uuid.uuid4().hex[:12]
         compression = self.cfg.output.compression
         folder = layout.scored_dir(shard_id)
         written = []
 
-        def put(name: str, data: bytes) -> None:
-            path = posixpath.join(folder, name)
+        def put(kind: str, data: bytes) -> None:
+            path = posixpath.join(folder, part_name(kind, token))
             shards.write_bytes_atomic(layout.fs, path, data)
             written.append(path)
 
@@ -141,10 +171,11 @@ class ShardPartWriter:
         for subset in S.SUBSETS:
             mask = alive & (subsets == subset)
             if mask.any():
-                put(f"{subset}-{token}.parquet", shards.table_to_bytes(shards.output_table(sub, mask), compression))
-        put(f"fates-{token}.parquet", shards.table_to_bytes(fate_table(sub), compression))
+                put(subset, shards.table_to_bytes(shards.output_table(sub, mask), compression))
         if self.cfg.output.save_images and S.IMAGE_BYTES in sub and alive.any():
-            put(f"images-{token}.tar", shards.images_tar(sub, alive))
+            put("images", shards.images_tar(sub, alive))
+        # the fates file last: a part exists once it does (a rerun keeps it, see .commit)
+        put(FATES, shards.table_to_bytes(with_part_meta(fate_table(sub), counters, nodes), compression))
         return written
 
 
@@ -164,6 +195,8 @@ def fate_table(batch: dict[str, np.ndarray]) -> pa.Table:
         else:
             cols[name] = pa.array(["" if values is None or v is None else str(v) for v in
                                    (values if values is not None else [None] * n)], pa.string())
+    if SHARD_ROW in batch:
+        cols[SHARD_ROW] = pa.array(np.asarray(batch[SHARD_ROW], np.int64), pa.int64())
     for name in (S.NSFW,):
         if name in batch:
             cols[name] = pa.array([str(v) for v in batch[name]], pa.string())
@@ -174,59 +207,24 @@ def fate_table(batch: dict[str, np.ndarray]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- the driver
-class ShardTracker:
-    """Commits a work shard once all its rows are written (parts first, marker last)."""
-
-    def __init__(self, layout: OutputLayout, pending: dict[str, int], progress: Progress):
-        self.layout = layout
-        self.pending = dict(pending)
-        self.rows: Counter = Counter()
-        self.parts: dict[str, list[str]] = defaultdict(list)
-        self.counters: dict[str, list[dict]] = defaultdict(list)
-        self.nodes: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
-        self.progress = progress
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for sid, n, parts, counters, node in zip(batch[SHARD_ID], batch["n_rows"], batch["parts"],
-                                                 batch["counters"], batch["node"]):
-            self.rows[sid] += int(n)
-            self.parts[sid].extend(json.loads(parts))
-            self.counters[sid].append(json.loads(counters))
-            for stage, ids in json.loads(node).items():
-                self.nodes[sid][stage].update(ids)
-            self.progress.update(rows=int(n))
-            if sid in self.pending and self.rows[sid] == self.pending[sid]:
-                self.commit(sid)
-
-    def commit(self, sid: str) -> None:
-        counters = sum_counters(self.counters[sid])
-        marker = {SHARD_ID: sid, "rows": self.pending.pop(sid), "parts": sorted(self.parts[sid]),
-                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes[sid].items()},
-                  "counters": {k: c.to_dict() for k, c in counters.items()}}
-        shards.write_json_atomic(self.layout.fs, self.layout.scored_marker(sid), marker)
-        self.progress.update(units=1)
-
-
-def clean_uncommitted(layout: OutputLayout, pending: dict[str, int]) -> None:
-    """Parts of shards without a marker are leftovers of an interrupted run."""
-    present = {posixpath.basename(p.rstrip("/")): p for p in layout.ls(layout.path(SCORED))}
-    layout.rm_many([present[sid] for sid in pending if sid in present])
-
-
-def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int], shape: ClusterShape) -> list[str]:
-    """Fetch and score every pending work shard; returns the shards left uncommitted."""
+def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
+                    shape: ClusterShape) -> tuple[list[str], int]:
+    """Fetch and score every pending work shard; returns the shards left uncommitted and the rows
+    kept from an interrupted run (not fetched again)."""
     import ray
 
-    clean_uncommitted(layout, pending)
+    recovered = recover_parts(layout, pending)
+    kept = sum(len(r.rows) for r in recovered.values())
     plan = score_plan(cfg, shape)
-    items = []
-    for sid in sorted(pending):  # shard order = commit order, roughly
-        path = layout.workshard_file(sid)
-        with layout.fs.open(path, "rb") as fh:
-            groups = pq.ParquetFile(fh).metadata.num_row_groups
-        items += [{"path": layout.url_of(path), "row_group": g, SHARD_ID: sid} for g in range(groups)]
+    items = stream_items(layout, pending, recovered)
     log.info("fetch and score: %d work shards, %d rows; CLIP actors: %d x %s", len(pending),
-             sum(pending.values()), plan.clip_actors, plan.clip_resources)
+             sum(pending.values()) - kept, plan.clip_actors,
+             plan.clip_resources)
+    progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
+    tracker = ShardTracker(layout, pending, progress, recovered)
+    if not items:
+        progress.close()
+        return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
     ds = ds.map_batches(read_row_group, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
     ds = ds.map_batches(StageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
@@ -239,10 +237,10 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int], 
     ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
                         batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
                         **plan.clip_resources)
-    ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=None,
+    # one part per CLIP batch: without a batch size, Ray Data would gather the (small, image-free)
+    # scored blocks into about a MiB per write, holding back commits by hundreds of rows
+    ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=cfg.clip.batch_size,
                         num_cpus=plan.write_cpus)
-    progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
-    tracker = ShardTracker(layout, pending, progress)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)
@@ -252,7 +250,8 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int], 
         progress.close()
     for sid in tracker.pending:
         log.error("work shard %s ended with %d of %d rows written", sid, tracker.rows[sid], pending[sid])
-    return sorted(tracker.pending)
+    return sorted(tracker.pending), kept
 
 
-__all__ = ["FATE_COLUMNS", "STAGES", "ShardPartWriter", "fate_table", "run_score_phase", "stage_counters"]
+__all__ = ["FATE_COLUMNS", "STAGES", "ShardPartWriter", "fate_table", "run_score_phase", "stage_counters",
+           "stream_items"]

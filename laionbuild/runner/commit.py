@@ -1,0 +1,192 @@
+"""How phase 3 commits a work shard, and what a rerun keeps of an interrupted one.
+
+A writer task puts the rows of one batch of one shard under ``scored/<shard_id>/``
+as one *part*: ``<subset>-<token>.parquet`` for the kept rows of each subset,
+``images-<token>.tar`` when images are saved, and last ``fates-<token>.parquet``
+with every row of the part (its index in the work shard in ``shard_row``) and,
+in its schema metadata, the part's stage counters and nodes. A part exists once
+its fates file does.
+
+The driver commits a shard (``scored/_done/<shard_id>.json``, written last) when
+the rows of its parts equal the rows of the shard. A rerun keeps the parts of
+uncommitted shards, deletes any file of an unfinished part, and fetches and
+scores only the rows no part holds: a killed run loses the rows between
+download and write, not whole shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..stages import shards
+from ..stats import sum_counters
+from .layout import SCORED, OutputLayout
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+SHARD_ID = "shard_id"
+#: column of the fates files (and of the stream): a row's index in its work shard
+SHARD_ROW = "shard_row"
+#: schema-metadata key of a fates file: ``{"counters": {...}, "nodes": {...}}`` of its part
+PART_META = b"laionbuild.part"
+FATES = "fates"
+
+
+def part_name(kind: str, token: str) -> str:
+    """File name of one piece of a part: ``fates-<token>.parquet``, ``en-<token>.parquet``, ``images-<token>.tar``."""
+    return f"{kind}-{token}.tar" if kind == "images" else f"{kind}-{token}.parquet"
+
+
+def _token(name: str) -> tuple[str, str] | None:
+    """``(kind, token)`` of a part file name; None for anything else (temporary files included)."""
+    if ".tmp-" in name:
+        return None
+    stem, dot, _ = name.partition(".")
+    kind, dash, token = stem.rpartition("-")
+    return (kind, token) if dot and dash and kind and token else None
+
+
+def with_part_meta(fates: pa.Table, counters: dict, nodes: dict) -> pa.Table:
+    meta = dict(fates.schema.metadata or {})
+    meta[PART_META] = json.dumps({"counters": counters, "nodes": nodes}).encode("utf-8")
+    return fates.replace_schema_metadata(meta)
+
+
+@dataclass
+class Recovered:
+    """The parts of an uncommitted shard that a rerun keeps."""
+
+    rows: np.ndarray  # sorted indices (in the work shard) of the rows they hold
+    parts: list[str] = field(default_factory=list)
+    counters: list[dict] = field(default_factory=list)
+    nodes: dict[str, set] = field(default_factory=lambda: defaultdict(set))
+
+
+def _read_fates(layout: OutputLayout, path: str) -> tuple[np.ndarray, dict] | None:
+    try:
+        with layout.fs.open(path, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            meta = (pf.schema_arrow.metadata or {}).get(PART_META)
+            if meta is None or SHARD_ROW not in pf.schema_arrow.names:
+                return None
+            rows = pf.read(columns=[SHARD_ROW]).column(0).to_numpy()
+        return np.asarray(rows, dtype=np.int64), json.loads(meta)
+    except Exception as exc:  # noqa: BLE001 - an unreadable part is redone, not fatal
+        log.warning("part %s of an interrupted run cannot be read (%s); its rows are redone", path, exc)
+        return None
+
+
+def recover_parts(layout: OutputLayout, pending: dict[str, int], threads: int = 16) -> dict[str, Recovered]:
+    """Keep the finished parts of uncommitted shards; delete every other file in their folders.
+
+    A shard whose parts do not add up (a row twice, a row past the shard's end, an
+    unreadable or older-format part) is cleared and redone whole.
+    """
+    present = {posixpath.basename(p.rstrip("/")): p for p in layout.ls(layout.path(SCORED))}
+    stale: list[str] = []
+    found: dict[str, dict[str, list[str]]] = {}
+    for sid in pending:
+        if sid not in present:
+            continue
+        parts: dict[str, list[str]] = defaultdict(list)
+        for path in layout.ls(present[sid]):
+            kt = _token(posixpath.basename(path.rstrip("/")))
+            if kt is None:
+                stale.append(path)
+            else:
+                parts[kt[1]].append(path)
+        found[sid] = parts
+    fates = {(sid, tok): p for sid, parts in found.items() for tok, paths in parts.items() for p in paths
+             if _token(posixpath.basename(p)) == (FATES, tok)}
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(fates) or 1))) as pool:
+        read = dict(zip(fates, pool.map(lambda p: _read_fates(layout, p), fates.values())))
+    out: dict[str, Recovered] = {}
+    for sid, parts in found.items():
+        rec = Recovered(np.zeros(0, np.int64))
+        chunks = []
+        ok = True
+        for tok, paths in sorted(parts.items()):
+            got = read.get((sid, tok))
+            if (sid, tok) not in fates:  # an unfinished part: its fates file was never written
+                stale += paths
+                continue
+            if got is None:
+                ok = False
+                break
+            rows, meta = got
+            chunks.append(rows)
+            rec.parts += sorted(paths)
+            rec.counters.append(meta["counters"])
+            for stage, ids in meta["nodes"].items():
+                rec.nodes[stage].update(ids)
+        if ok and chunks:
+            rows = np.sort(np.concatenate(chunks))
+            ok = len(rows) == len(np.unique(rows)) and (len(rows) == 0 or (rows[0] >= 0 and rows[-1] < pending[sid]))
+            rec.rows = rows
+        if not ok:
+            log.warning("work shard %s: the parts of an interrupted run do not add up; redoing it whole", sid)
+            stale.append(present[sid])
+            continue
+        if len(rec.rows):
+            out[sid] = rec
+    layout.rm_many(stale)
+    if out:
+        log.info("kept %d rows of %d interrupted work shards (written before the interruption)",
+                 sum(len(r.rows) for r in out.values()), len(out))
+    return out
+
+
+class ShardTracker:
+    """Commits a work shard once all its rows are written (parts first, marker last)."""
+
+    def __init__(self, layout: OutputLayout, pending: dict[str, int], progress: Progress,
+                 recovered: dict[str, Recovered] | None = None):
+        self.layout = layout
+        self.pending = dict(pending)
+        self.rows: Counter = Counter()
+        self.parts: dict[str, list[str]] = defaultdict(list)
+        self.counters: dict[str, list[dict]] = defaultdict(list)
+        self.nodes: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+        self.progress = progress
+        for sid, rec in (recovered or {}).items():
+            self.rows[sid] = len(rec.rows)
+            self.parts[sid] = list(rec.parts)
+            self.counters[sid] = list(rec.counters)
+            for stage, ids in rec.nodes.items():
+                self.nodes[sid][stage].update(ids)
+            if self.rows[sid] == self.pending.get(sid):
+                self.commit(sid)
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for sid, n, parts, counters, node in zip(batch[SHARD_ID], batch["n_rows"], batch["parts"],
+                                                 batch["counters"], batch["node"]):
+            self.rows[sid] += int(n)
+            self.parts[sid].extend(json.loads(parts))
+            self.counters[sid].append(json.loads(counters))
+            for stage, ids in json.loads(node).items():
+                self.nodes[sid][stage].update(ids)
+            self.progress.update(rows=int(n))
+            if sid in self.pending and self.rows[sid] == self.pending[sid]:
+                self.commit(sid)
+
+    def commit(self, sid: str) -> None:
+        counters = sum_counters(self.counters[sid])
+        marker = {SHARD_ID: sid, "rows": self.pending.pop(sid), "parts": sorted(self.parts[sid]),
+                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes[sid].items()},
+                  "counters": {k: c.to_dict() for k, c in counters.items()}}
+        shards.write_json_atomic(self.layout.fs, self.layout.scored_marker(sid), marker)
+        self.progress.update(units=1)
+
+
+__all__ = ["FATES", "PART_META", "SHARD_ID", "SHARD_ROW", "Recovered", "ShardTracker", "part_name",
+           "recover_parts", "with_part_meta"]

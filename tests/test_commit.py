@@ -1,0 +1,96 @@
+"""The work-shard commit protocol: what a rerun keeps of a shard that an interrupted run left uncommitted."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+
+from laionbuild.runner.commit import (SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta)
+from laionbuild.runner.layout import OutputLayout
+from laionbuild.runner.progress import Progress
+from laionbuild.runner.score import stream_items
+from laionbuild.stages import shards
+
+COUNTERS = {"fetch": {"kept": 0, "dropped": 0, "dropped_by_reason": {}, "counts": {"rows": 0}}}
+
+
+def _part(layout: OutputLayout, sid: str, token: str, rows: list[int], *, fates: bool = True,
+          meta: bool = True) -> list[str]:
+    folder = layout.scored_dir(sid)
+    kept = pa.table({"URL": [f"http://x/{i}" for i in rows]})
+    paths = [posixpath.join(folder, part_name("en", token))]
+    shards.write_bytes_atomic(layout.fs, paths[0], shards.table_to_bytes(kept, "zstd"))
+    if fates:
+        table = pa.table({"URL": [f"http://x/{i}" for i in rows], SHARD_ROW: pa.array(rows, pa.int64())})
+        counters = json.loads(json.dumps(COUNTERS))
+        counters["fetch"]["counts"]["rows"] = len(rows)
+        if meta:
+            table = with_part_meta(table, counters, {"fetch": ["node-a"], "write": ["node-b"]})
+        paths.append(posixpath.join(folder, part_name("fates", token)))
+        shards.write_bytes_atomic(layout.fs, paths[1], shards.table_to_bytes(table, "zstd"))
+    return paths
+
+
+def test_finished_parts_are_kept_and_unfinished_files_deleted(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    a = _part(layout, "s1", "aaaa", [0, 1, 2])
+    b = _part(layout, "s1", "bbbb", [5, 6])
+    orphan = _part(layout, "s1", "cccc", [3, 4], fates=False)  # killed before its fates file
+    tmp = posixpath.join(layout.scored_dir("s1"), "fates-dddd.parquet.tmp-1234")
+    layout.fs.pipe(tmp, b"half a file")
+    rec = recover_parts(layout, {"s1": 8, "s2": 4})
+    assert set(rec) == {"s1"}  # s2 has no folder: nothing to keep
+    assert rec["s1"].rows.tolist() == [0, 1, 2, 5, 6]
+    assert sorted(rec["s1"].parts) == sorted(a + b)
+    assert {c["fetch"]["counts"]["rows"] for c in rec["s1"].counters} == {3, 2}
+    assert all(not layout.fs.exists(p) for p in orphan + [tmp])
+    assert all(layout.fs.exists(p) for p in a + b)
+
+
+def test_parts_that_do_not_add_up_redo_the_shard(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    _part(layout, "dup", "aaaa", [0, 1])
+    _part(layout, "dup", "bbbb", [1, 2])  # row 1 twice
+    _part(layout, "past", "aaaa", [7, 8])  # the shard has 8 rows: row 8 cannot exist
+    _part(layout, "old", "aaaa", [0, 1], meta=False)  # no counters: cannot be committed later
+    _part(layout, "ok", "aaaa", [3])
+    rec = recover_parts(layout, {"dup": 4, "past": 8, "old": 4, "ok": 4})
+    assert set(rec) == {"ok"}
+    for sid in ("dup", "past", "old"):
+        assert not layout.fs.exists(layout.scored_dir(sid))
+
+
+def test_tracker_commits_resumed_rows_with_their_counters(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    _part(layout, "full", "aaaa", [0, 1])
+    _part(layout, "full", "bbbb", [2])
+    _part(layout, "half", "aaaa", [1])
+    rec = recover_parts(layout, {"full": 3, "half": 2})
+    tracker = ShardTracker(layout, {"full": 3, "half": 2}, Progress(2, False, "", ""), rec)
+    marker = json.loads((tmp_path / "scored" / "_done" / "full.json").read_text())
+    assert marker["rows"] == 3 and len(marker["parts"]) == 4
+    assert marker["counters"]["fetch"]["counts"]["rows"] == 3
+    assert marker["nodes"] == {"fetch": ["node-a"], "write": ["node-b"]}
+    assert list(tracker.pending) == ["half"]
+    tracker.add({"shard_id": np.array(["half"], dtype=object), "n_rows": np.array([1]),
+                 "parts": np.array([json.dumps(["p"])], dtype=object),
+                 "counters": np.array([json.dumps(COUNTERS)], dtype=object),
+                 "node": np.array([json.dumps({"fetch": ["node-c"]})], dtype=object)})
+    assert not tracker.pending
+    marker = json.loads((tmp_path / "scored" / "_done" / "half.json").read_text())
+    assert marker["nodes"]["fetch"] == ["node-a", "node-c"]
+
+
+def test_stream_skips_rows_already_written(tmp_path):
+    layout = OutputLayout(str(tmp_path))
+    table = pa.table({"x": list(range(10))})
+    shards.write_bytes_atomic(layout.fs, layout.workshard_file("s"), shards.table_to_bytes(table, "zstd", 4))
+    shards.write_bytes_atomic(layout.fs, layout.workshard_file("t"), shards.table_to_bytes(table, "zstd", 4))
+    _part(layout, "s", "aaaa", [0, 1, 2, 3, 5])  # row group 0 (rows 0-3) done, row 5 of group 1
+    rec = recover_parts(layout, {"s": 10, "t": 10})
+    items = stream_items(layout, {"s": 10, "t": 10}, rec)
+    got = [(i["shard_id"], i["row_group"], i["skip"]) for i in items]
+    assert got == [("s", 1, "[5]"), ("s", 2, ""), ("t", 0, ""), ("t", 1, ""), ("t", 2, "")]
