@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Isolation: the tests never join a Ray cluster they did not start. Every Ray the tests start
+# (in process, in CLI subprocesses, with `ray start`) records itself under this run's own temp
+# folder, and neither Ray's `auto` discovery nor ours finds a cluster of another process there.
+os.environ.pop("RAY_ADDRESS", None)
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="lbt-", dir="/tmp" if os.name == "posix" else None)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_WARC = REPO.parent / "shared" / "data" / "warc"
@@ -74,6 +80,13 @@ def shared_warc_dir() -> Path:
     if not SHARED_WARC.is_dir():
         pytest.skip(f"real Common Crawl samples not available ({SHARED_WARC})")
     return SHARED_WARC
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove this run's Ray temp folder (sessions, logs, address records) once every test is done."""
+    import shutil
+
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
