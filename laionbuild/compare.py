@@ -46,6 +46,7 @@ import yaml
 
 from .config import ClipConfig
 from .errors import SetupError
+from .output.fs import open_fs
 from .report import _Doc, _fmt, _pct, _plt, _thousands, report_folder
 from .schema import SUBSETS
 
@@ -62,9 +63,7 @@ CONFIG_FILE = "config.yaml"
 
 def output_fs(output: str):
     """``(filesystem, root path)`` of an output folder or URL."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(output)
+    return open_fs(output)
 
 
 def _glob(fs, root: str, pattern: str) -> list[str]:
@@ -309,11 +308,9 @@ def load_ours(output: str) -> Ours:
 # --------------------------------------------------------------------------- reference side
 def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
     """``(filesystem, path)`` of every parquet file the patterns (globs, folders, files, URLs) name."""
-    import fsspec
-
     out: list[tuple[Any, str]] = []
     for pattern in patterns:
-        fs, path = fsspec.core.url_to_fs(pattern)
+        fs, path = open_fs(pattern)
         if any(ch in path for ch in "*?["):
             paths = sorted(fs.glob(path))
         elif fs.isdir(path):

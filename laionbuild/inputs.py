@@ -39,10 +39,11 @@ def _is_listing(path: str) -> bool:
 
 def _read_bytes(path: str) -> bytes:
     if is_url(path):
-        import fsspec
+        from .output.fs import open_fs
 
         try:
-            with fsspec.open(path, "rb") as fh:
+            fs, key = open_fs(path)
+            with fs.open(key, "rb") as fh:
                 return fh.read()
         except Exception as exc:  # network / auth / missing: all a set-up problem
             raise SetupError(f"cannot read listing {path}: {exc}") from None

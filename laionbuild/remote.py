@@ -364,9 +364,9 @@ class ResumableFsspecReader(_ResumableReader):
                  opener: Callable[[], Any] | None = None, sleep: Callable[[float], None] = time.sleep):
         super().__init__(url, policy or RetryPolicy(), sleep)
         if opener is None:
-            import fsspec
+            from .output.fs import open_fs
 
-            fs, path = fsspec.core.url_to_fs(url)
+            fs, path = open_fs(url)
             self.size = fs.size(path)
 
             def opener():

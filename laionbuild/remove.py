@@ -15,7 +15,7 @@
    rows removed, time) under ``removals`` in ``provenance.json``.
 
 The publish phase applies every list found in ``OUTPUT/removals/``
-(:meth:`~laionbuild.runner.layout.OutputLayout.removal_lists`), so a later ``laionbuild run`` into the same folder
+(:meth:`~laionbuild.output.layout.OutputLayout.removal_lists`), so a later ``laionbuild run`` into the same folder
 publishes the same rows minus the removed ones.
 
 URL lists and hash lists have the format of :mod:`laionbuild.stages.blocklist`
@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 
 from . import schema as S
 from .errors import LaionBuildError
+from .output.fs import open_fs
 from .stages import shards
-from .runner.layout import REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
+from .output.layout import REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
 from .stages.blocklist import Blocklist, filter_image_tars, filter_table, list_name, read_list_bytes
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def apply_to_published(fs, root: str, lists: list[Blocklist]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the command
 def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[str] = ()) -> dict[str, Any]:
     """Remove the rows named by the lists from a finished output folder (see the module docstring)."""
-    fs, root = shards.fs_and_path(output)
+    fs, root = open_fs(output)
     stats_path = posixpath.join(root, "stats.json")
     if not fs.exists(stats_path):
         raise LaionBuildError(f"{output} holds no stats.json: not a finished output folder "

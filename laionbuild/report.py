@@ -50,6 +50,7 @@ import yaml
 from .config import ClipConfig
 from .schema import SUBSETS
 from .errors import SetupError
+from .output.fs import open_fs
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,6 @@ TOP_REASONS = 15
 
 
 # --------------------------------------------------------------------------- reading
-def _fs(url: str):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
-
-
 def _glob(fs, pattern: str) -> list[str]:
     return sorted(fs.glob(pattern))
 
@@ -208,7 +203,7 @@ class _Data:
 
 
 def _load(output_dir: str) -> _Data:
-    fs, root = _fs(output_dir)
+    fs, root = open_fs(output_dir)
     stats_path = posixpath.join(root, "stats.json")
     if not fs.exists(stats_path):
         raise SetupError(f"{output_dir} holds no stats.json: not a finished output folder")
@@ -736,7 +731,7 @@ def report_folder(target: str) -> Iterator[Path]:
     try:
         yield work
         if not local:
-            tfs, troot = _fs(target)
+            tfs, troot = open_fs(target)
             tfs.makedirs(troot, exist_ok=True)
             for f in sorted(work.iterdir()):
                 tfs.put(str(f), posixpath.join(troot, f.name))

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from laionbuild.runner.commit import (SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta)
-from laionbuild.runner.layout import OutputLayout
+from laionbuild.output.layout import OutputLayout
 from laionbuild.runner.progress import Progress
 from laionbuild.runner.score import stream_items
 from laionbuild.stages import shards

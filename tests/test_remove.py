@@ -14,7 +14,7 @@ import pytest
 from laionbuild import cli
 from laionbuild import schema as S
 from laionbuild.config import load_config
-from laionbuild.runner.layout import OutputLayout
+from laionbuild.output.layout import OutputLayout
 from laionbuild.stages.blocklist import filter_table
 from laionbuild.stages.blocklist import Blocklist
 

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 from ..config import Config
 from ..errors import ModelMissingError, SetupError
+from ..output.fs import open_fs
 from .download import ModelDownloadError, HTTPStatusError, download_url, partial_path, sha256_file
 from .requirements import (
     RELEASE_PREFIX,
@@ -79,10 +80,8 @@ def read_lock(root: str | Path) -> dict[str, Any]:
     """The record of fetched files in a cache folder or URL (empty when there is none)."""
     root = str(root)
     if "://" in root:
-        import fsspec
-
         try:
-            fs, path = fsspec.core.url_to_fs(root)
+            fs, path = open_fs(root)
             target = path.rstrip("/") + "/" + LOCK_NAME
             if not fs.exists(target):
                 return {"format": LOCK_FORMAT, "files": {}}
@@ -325,16 +324,9 @@ def pull(cfg: Config, *, cache: str | None = None, progress: bool = True,
 
 
 # --------------------------------------------------------------------------- cluster cache
-def _fs(url: str):
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path.rstrip("/")
-
-
 def _upload(layout: CacheLayout, records: list[dict[str, Any]]) -> None:
     """Copy fetched files (those under the local root) to the cache, then its updated record."""
-    fs, base = _fs(layout.cache)
+    fs, base = open_fs(layout.cache)
     remote_lock = read_lock(layout.cache)
     for rec in records:
         if os.path.isabs(rec["file"]):
@@ -380,7 +372,7 @@ def localize_files(cfg: Config) -> dict[str, list[str]]:
     from filelock import FileLock
 
     layout.root.mkdir(parents=True, exist_ok=True)
-    fs, base = _fs(layout.cache) if "://" in layout.cache else _fs(Path(layout.cache).as_uri())
+    fs, base = open_fs(layout.cache) if "://" in layout.cache else open_fs(Path(layout.cache).as_uri())
     with FileLock(str(layout.root / _NODE_LOCK)):
         for rel, rec in sorted(todo.items()):
             dst = layout.root / rel

@@ -22,7 +22,7 @@ from ..config import Config
 from ..stages import shards
 from ..stats import FileResult, StageCounters
 from .adapter import actor_pool, node_id
-from .layout import OutputLayout
+from ..output.layout import OutputLayout
 from .progress import Progress
 from .resources import ClusterShape, candidates_plan
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..stages import shards
 from ..stats import sum_counters
-from .layout import SCORED, OutputLayout
+from ..output.layout import SCORED, OutputLayout
 from .progress import Progress
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from ..config import Config
 from ..stages import shards
 from ..stats import StageCounters
 from .adapter import node_id
-from .layout import WORKSHARDS, OutputLayout
+from ..output.layout import WORKSHARDS, OutputLayout
 
 log = logging.getLogger(__name__)
 

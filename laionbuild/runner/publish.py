@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 
 from .. import schema as S
 from ..config import Config
+from ..output.fs import open_fs
+from ..output.layout import OutputLayout
 from ..stages import shards
 from ..stages.blocklist import Blocklist, filter_image_tars, filter_table
 from ..stats import RunStats
-from .layout import OutputLayout
 
 _KEY = "_bucket"
 
@@ -80,7 +81,7 @@ class PublishBucket:
             table, filtered = self.row_filter(table)
         table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
         emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
-        fs, root = shards.fs_and_path(self.target_dir)
+        fs, root = open_fs(self.target_dir)
         name = f"part-{int(bucket):05d}.parquet"
         main = table.drop_columns(emb_cols)
         shards.write_bytes_atomic(fs, posixpath.join(root, subset, name), shards.table_to_bytes(main, self.compression))

@@ -23,7 +23,7 @@ from ..errors import ConfigError, SetupError
 from ..inputs import expand_inputs, file_id
 from ..stages import shards
 from ..stats import FileResult, RunStats
-from .layout import CANDIDATES, OutputLayout
+from ..output.layout import CANDIDATES, OutputLayout
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 
 from .. import schema as S
 from ..config import Config
+from ..output.fs import open_fs
+from ..output.layout import OutputLayout
 from ..stages import shards
 from ..stats import StageCounters
 from .adapter import StageActor, actor_pool, node_id, nodes_of
 from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
-from .layout import OutputLayout
 from .progress import Progress
 from .resources import ClusterShape, score_plan
 
@@ -91,7 +92,7 @@ def read_row_group(item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     without the rows (``skip``: their indices in the shard) that an earlier run already wrote."""
     path, group, shard_id = str(item["path"][0]), int(item["row_group"][0]), str(item[SHARD_ID][0])
     skip = json.loads(str(item["skip"][0]) or "[]")
-    fs, local = shards.fs_and_path(path)
+    fs, local = open_fs(path)
     with fs.open(local, "rb") as fh:
         pf = pq.ParquetFile(fh)
         table = pf.read_row_group(group)

@@ -169,9 +169,10 @@ def parse_hash(entry: str) -> tuple[str, int | str] | None:
 
 # --------------------------------------------------------------------------- reading lists
 def read_list_bytes(path: str) -> bytes:
-    import fsspec
+    from ..output.fs import open_fs
 
-    with fsspec.open(path, "rb") as fh:
+    fs, key = open_fs(path)
+    with fs.open(key, "rb") as fh:
         return fh.read()
 
 
@@ -437,12 +438,12 @@ def filter_image_tars(fs, folder: str, lists: Iterable[Blocklist], keys: set[str
 
 
 def _signature(paths: Iterable[str]) -> tuple:
-    import fsspec
+    from ..output.fs import open_fs
 
     sig = []
     for path in paths:
         try:
-            fs, p = fsspec.core.url_to_fs(path)
+            fs, p = open_fs(path)
             info = fs.info(p)
             sig.append((path, info.get("size"), info.get("mtime") or info.get("LastModified") or info.get("ETag")))
         except (OSError, ValueError):

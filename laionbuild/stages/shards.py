@@ -1,7 +1,7 @@
 """Writing rows as parquet files, atomically, through fsspec.
 
 Work files are written under a unique name and only count once the marker of
-their unit lists them (see :mod:`laionbuild.runner.layout`); anything not listed
+their unit lists them (see :mod:`laionbuild.output.layout`); anything not listed
 is a leftover of an interrupted run and is removed on resume. The output folder
 may live on a remote filesystem; there the marker, written last, is the commit.
 """
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import schema as S
+from ..output.fs import is_local
 
 #: columns of the work-score files used for the report's histograms
 SCORE_COLUMNS = {S.SUBSET: pa.string(), S.SIMILARITY: pa.float32(), S.LANGUAGE: pa.string(),
@@ -28,16 +29,6 @@ SCORE_COLUMNS = {S.SUBSET: pa.string(), S.SIMILARITY: pa.float32(), S.LANGUAGE: 
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
 #: optional float32 safety score columns (stages.safety), published when present
 SAFETY_COLUMNS = (S.PUNSAFE, S.PWATERMARK)
-
-
-def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 from ..stages import shards
+from .fs import open_fs, url_of
 
 CANDIDATES = "candidates"
 WORKSHARDS = "workshards"
@@ -45,7 +46,7 @@ class OutputLayout:
 
     def __init__(self, output: str):
         self.url = output
-        self.fs, self.root = shards.fs_and_path(output)
+        self.fs, self.root = open_fs(output)
 
     # ------------------------------------------------------------------ paths
     def path(self, *parts: str) -> str:
@@ -154,7 +155,4 @@ class OutputLayout:
 
     def url_of(self, path: str) -> str:
         """A path of this folder as a URL that another process (a Ray worker) can open."""
-        if shards.is_local(self.fs):
-            return path
-        protocol = self.fs.protocol[0] if isinstance(self.fs.protocol, tuple) else self.fs.protocol
-        return f"{protocol}://{path}"
+        return url_of(self.fs, path)

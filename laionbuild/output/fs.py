@@ -1,0 +1,29 @@
+"""The one way to open a filesystem: a local path, ``file://``, ``s3://``, ``gs://`` or any fsspec URL.
+
+Every reader and writer of an output folder, an input, a model cache or a reference
+goes through :func:`open_fs`, so that options (credentials, endpoints, caching) are
+set in one place.
+"""
+
+from __future__ import annotations
+
+import fsspec
+
+
+def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``(filesystem, path inside it)`` of a local path or an fsspec URL; the path has no trailing slash."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs, path.rstrip("/") or path
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path of ``fs`` as a URL that another process (a Ray worker) can open."""
+    if is_local(fs):
+        return path
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
+    return f"{protocol}://{path}"
