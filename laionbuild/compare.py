@@ -47,17 +47,13 @@ import yaml
 from .config import ClipConfig
 from .errors import SetupError
 from .output.fs import open_fs
+from .output.layout import OutputLayout
 from .report import _Doc, _fmt, _pct, _plt, _thousands, report_folder
 from .schema import SUBSETS
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- output layout
-#: where a run keeps each kind of file, relative to its output folder
-CANDIDATES_GLOB = "candidates/*.parquet"
-WORKSHARDS_GLOB = "workshards/*.parquet"
-FATES_GLOB = "scored/*/fates-*.parquet"
-PUBLISHED_GLOB = "{subset}/part-*.parquet"
 CONFIG_FILE = "config.yaml"
 
 
@@ -66,28 +62,25 @@ def output_fs(output: str):
     return open_fs(output)
 
 
-def _glob(fs, root: str, pattern: str) -> list[str]:
-    return sorted(fs.glob(posixpath.join(root, pattern)))
+# the committed files of a run, as its output layout lists them (never a leftover of unfinished work)
+def candidate_files(layout: OutputLayout) -> list[str]:
+    """Every candidate the run extracted, before the global de-dup (committed inputs only)."""
+    return layout.candidate_files()
 
 
-def candidate_files(fs, root: str) -> list[str]:
-    """Every candidate the run extracted, before the global de-dup."""
-    return _glob(fs, root, CANDIDATES_GLOB)
+def workshard_files(layout: OutputLayout) -> list[str]:
+    """The unique candidates after the global de-dup (work shards of committed generations)."""
+    return [layout.workshard_file(s["id"]) for m in layout.manifests() for s in m["shards"]]
 
 
-def workshard_files(fs, root: str) -> list[str]:
-    """The unique candidates after the global de-dup."""
-    return _glob(fs, root, WORKSHARDS_GLOB)
-
-
-def fate_files(fs, root: str) -> list[str]:
+def fate_files(layout: OutputLayout) -> list[str]:
     """Every row of every committed work shard, kept or dropped, with its ``drop_reason``."""
-    return _glob(fs, root, FATES_GLOB)
+    return layout.fate_files()
 
 
-def published_files(fs, root: str, subset: str) -> list[str]:
-    """The published rows of one subset."""
-    return _glob(fs, root, PUBLISHED_GLOB.format(subset=subset))
+def published_files(layout: OutputLayout, subset: str) -> list[str]:
+    """The published rows of one subset (the generation the pointer names)."""
+    return layout.published_files(subset)
 
 
 # --------------------------------------------------------------------------- settings
@@ -228,10 +221,11 @@ class Ours:
 
 def load_ours(output: str) -> Ours:
     """Read the run's candidates, work shards, fates and published rows into one table of pairs."""
-    fs, root = output_fs(output)
-    cand_paths = candidate_files(fs, root)
+    layout = OutputLayout(output)
+    fs, root = layout.fs, layout.root
+    cand_paths = candidate_files(layout)
     if not cand_paths:
-        raise SetupError(f"{output} holds no {CANDIDATES_GLOB}: not an output folder of a run")
+        raise SetupError(f"{output} holds no committed candidates (candidates/_done/): not an output folder of a run")
     config: dict[str, Any] = {}
     cfg_path = posixpath.join(root, CONFIG_FILE)
     if fs.exists(cfg_path):
@@ -248,14 +242,14 @@ def load_ours(output: str) -> Ours:
     candidate_rows = cand.num_rows
     pairs = _first_per_pair(cand)
 
-    ws_paths = workshard_files(fs, root)
+    ws_paths = workshard_files(layout)
     ws = _read_tables(fs, ws_paths, {"URL": s, "TEXT": s})
     ws = _fill(ws, {"URL": "", "TEXT": ""})
     ws = _first_per_pair(ws)
     ws = ws.append_column("in_workshards", pa.array(np.ones(ws.num_rows, dtype=bool)))
     ws_urls = pc.unique(ws.column("URL"))
 
-    fate_paths = fate_files(fs, root)
+    fate_paths = fate_files(layout)
     fates = _read_tables(fs, fate_paths, {"URL": s, "TEXT": s, "drop_reason": s, "status": s,
                                           "similarity": f64, "punsafe": f64, "pwatermark": f64})
     fates = _fill(fates, {"URL": "", "TEXT": "", "drop_reason": ""})
@@ -265,7 +259,7 @@ def load_ours(output: str) -> Ours:
     pubs = []
     n_pub_files = 0
     for subset in SUBSETS:
-        paths = published_files(fs, root, subset)
+        paths = published_files(layout, subset)
         n_pub_files += len(paths)
         t = _read_tables(fs, paths, {"URL": s, "TEXT": s, "similarity": f64, "hash": i64, "LANGUAGE": s})
         pubs.append(t.append_column("pub_subset", pa.array([subset] * t.num_rows, s)))

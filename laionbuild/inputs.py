@@ -3,7 +3,9 @@
 An input is one of:
 
 * a local file path or a glob (``data/*.warc.gz``),
-* a remote URL read through fsspec (``https://...``, ``s3://bucket/key``),
+* a remote URL read through fsspec (``https://...``, ``s3://bucket/key``); on a
+  filesystem that lists (``s3://``, ``gs://``...) also a glob or a folder, expanded
+  from one listing, in sorted order,
 * a Common Crawl listing (``warc.paths`` / ``warc.paths.gz``, local or remote):
   every line is a path relative to ``run.paths_base_url``.
 
@@ -26,6 +28,8 @@ from .config import RunConfig
 from .errors import SetupError
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+#: schemes read as single files: no listing, no folders (a ``*`` in such a URL is part of its name)
+_PLAIN_URL_SCHEMES = ("http", "https")
 
 
 def is_url(path: str) -> bool:
@@ -73,6 +77,36 @@ def read_listing(path: str, base_url: str) -> list[str]:
     return out
 
 
+def _is_warc(path: str) -> bool:
+    return ".warc" in path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _expand_remote(url: str) -> list[str]:
+    """A remote glob or folder (``s3://bucket/warc/*.warc.gz``, ``gs://bucket/crawl/``) as its files,
+    sorted; anything else (an ``https://`` file, a remote key) as itself."""
+    if url.split("://", 1)[0].lower() in _PLAIN_URL_SCHEMES:
+        return [url]
+    from .output.fs import open_fs, url_of
+
+    try:
+        fs, path = open_fs(url)
+        if any(ch in path for ch in "*?["):
+            found = sorted(fs.glob(path))  # one listing of the prefix before the first wildcard
+            if not found:
+                raise SetupError(f"input glob matches no file: {url}")
+            return [url_of(fs, p) for p in found]
+        if url.endswith("/") or fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if _is_warc(p))
+            if not found:
+                raise SetupError(f"input folder holds no *.warc* file: {url}")
+            return [url_of(fs, p) for p in found]
+    except SetupError:
+        raise
+    except Exception as exc:  # credentials, endpoint, missing bucket: a set-up problem
+        raise SetupError(f"cannot list input {url}: {type(exc).__name__}: {exc}") from None
+    return [url]
+
+
 def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[str]:
     """Expand globs and listings, check local paths exist, apply limit and shard."""
     if not inputs:
@@ -82,7 +116,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
         if _is_listing(item):
             files.extend(read_listing(item, run.paths_base_url))
         elif is_url(item):
-            files.append(item)
+            files.extend(_expand_remote(item))
         elif any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item))
             if not matches:
@@ -93,9 +127,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
             if not os.path.exists(local):
                 raise SetupError(f"input path does not exist: {item}")
             if os.path.isdir(local):
-                found = sorted(
-                    str(p) for p in Path(local).rglob("*") if p.is_file() and ".warc" in p.name
-                )
+                found = sorted(str(p) for p in Path(local).rglob("*") if p.is_file() and _is_warc(p.name))
                 if not found:
                     raise SetupError(f"input folder holds no *.warc* file: {item}")
                 files.extend(found)

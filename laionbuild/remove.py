@@ -38,9 +38,8 @@ import pyarrow.parquet as pq
 
 from . import schema as S
 from .errors import LaionBuildError
-from .output.fs import open_fs
 from .stages import shards
-from .output.layout import REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
+from .output.layout import IMAGES, OutputLayout, REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
 from .stages.blocklist import Blocklist, filter_image_tars, filter_table, list_name, read_list_bytes
 
 log = logging.getLogger(__name__)
@@ -79,30 +78,34 @@ def _rewrite(fs, path: str, keep_fn) -> int:
     return removed
 
 
-def _published_dirs(fs, root: str) -> tuple[list[str], list[str]]:
-    """Folders of published row tables and of their key-only companions (``*_embeddings``)."""
-    main, companions = [], []
-    try:
-        entries = sorted(fs.ls(root, detail=False))
-    except FileNotFoundError:
-        return main, companions
-    for path in entries:
-        name = posixpath.basename(path.rstrip("/"))
-        if not fs.isdir(path) or not any(name == s or name.startswith(s + "_") for s in S.SUBSETS):
+def _published_folders(layout: OutputLayout) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """Files of the published generation: row tables and key-only companions (``*_embeddings``) per
+    folder, and the image tars."""
+    pointer = layout.published()
+    if pointer is not None:
+        folders = sorted(pointer.get("files", {}))
+    else:  # a folder published before the pointer existed: its folders as listed
+        folders = sorted(posixpath.basename(p.rstrip("/")) for p in layout.ls(layout.root) if layout.fs.isdir(p))
+    main: dict[str, list[str]] = {}
+    companions: dict[str, list[str]] = {}
+    for name in folders:
+        if not any(name == s or name.startswith(s + "_") for s in S.SUBSETS):
             continue
-        (companions if name.endswith("_embeddings") else main).append(path)
-    return main, companions
+        subset, suffix = (name, "") if name in S.SUBSETS else name.split("_", 1)
+        files = layout.published_files(subset, "_" + suffix if suffix else "", pointer=pointer)
+        (companions if name.endswith("_embeddings") else main)[name] = files
+    return main, companions, layout.published_files(IMAGES, pointer=pointer)
 
 
-def apply_to_published(fs, root: str, lists: list[Blocklist]) -> dict[str, Any]:
+def apply_to_published(layout: OutputLayout, lists: list[Blocklist]) -> dict[str, Any]:
     """Remove the rows the lists name from every published file; counts per folder and per list."""
-    main, companions = _published_dirs(fs, root)
+    fs = layout.fs
+    main, companions, images = _published_folders(layout)
     per_dir: Counter = Counter()
     by_list: Counter = Counter()
     keys: set[str] = set()
-    for folder in main:
-        subset = posixpath.basename(folder.rstrip("/"))
-        for path in sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")):
+    for subset, paths in main.items():
+        for path in paths:
             def keep(table: pa.Table) -> pa.Table:
                 kept, counts, gone = filter_table(table, lists)
                 keys.update(gone)
@@ -111,9 +114,8 @@ def apply_to_published(fs, root: str, lists: list[Blocklist]) -> dict[str, Any]:
                 return kept
 
             per_dir[subset] += _rewrite(fs, path, keep)
-    for folder in companions:
-        name = posixpath.basename(folder.rstrip("/"))
-        for path in sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".parquet")):
+    for name, paths in companions.items():
+        for path in paths:
             def keep_keys(table: pa.Table) -> pa.Table:
                 if "key" not in table.column_names or not keys:
                     return table
@@ -121,14 +123,15 @@ def apply_to_published(fs, root: str, lists: list[Blocklist]) -> dict[str, Any]:
                 return table.filter(pa.array(mask, pa.bool_()))
 
             per_dir[name] += _rewrite(fs, path, keep_keys)
-    images = filter_image_tars(fs, posixpath.join(root, "images"), lists, keys)
-    return {"per_dir": dict(per_dir), "by_list": dict(by_list), "images": images}
+    dropped = filter_image_tars(fs, layout.path(IMAGES), lists, keys, paths=images) if images else 0
+    return {"per_dir": dict(per_dir), "by_list": dict(by_list), "images": dropped}
 
 
 # --------------------------------------------------------------------------- the command
 def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[str] = ()) -> dict[str, Any]:
     """Remove the rows named by the lists from a finished output folder (see the module docstring)."""
-    fs, root = open_fs(output)
+    layout = OutputLayout(output)
+    fs, root = layout.fs, layout.root
     stats_path = posixpath.join(root, "stats.json")
     if not fs.exists(stats_path):
         raise LaionBuildError(f"{output} holds no stats.json: not a finished output folder "
@@ -149,7 +152,7 @@ def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[s
         stored = _record(fs, root, kind, source, data)
         info = lists.add_bytes(data, _KIND_OF[kind], posixpath.basename(stored), stored)
         records.append((kind, source, stored, info))
-    result = apply_to_published(fs, root, [lists])
+    result = apply_to_published(layout, [lists])
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     per_subset = {s: int(result["per_dir"].get(s, 0)) for s in S.SUBSETS}
     by_list = {name.split(":", 1)[1]: n for name, n in result["by_list"].items()}

@@ -51,6 +51,7 @@ from .config import ClipConfig
 from .schema import SUBSETS
 from .errors import SetupError
 from .output.fs import open_fs
+from .output.layout import OutputLayout
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,6 @@ TOP_REASONS = 15
 
 
 # --------------------------------------------------------------------------- reading
-def _glob(fs, pattern: str) -> list[str]:
-    return sorted(fs.glob(pattern))
-
-
 def _read_json(fs, path: str) -> dict[str, Any]:
     with fs.open(path, "rb") as fh:
         return json.loads(fh.read().decode("utf-8"))
@@ -223,7 +220,9 @@ def _load(output_dir: str) -> _Data:
         d = defaults.models[s]
         models[s] = f"{m.get('arch', d.arch)} / {m.get('pretrained', d.pretrained)}"
 
-    shard_files = {s: _glob(fs, posixpath.join(root, s, "*.parquet")) for s in SUBSETS}
+    layout = OutputLayout(output_dir)
+    pointer = layout.published()
+    shard_files = {s: layout.published_files(s, pointer=pointer) for s in SUBSETS}
     shard_rows: Counter = Counter()
     languages = {s: Counter() for s in SUBSETS}
     sizes = _Sizes()
@@ -239,7 +238,7 @@ def _load(output_dir: str) -> _Data:
             if "similarity" in cols:
                 shard_sim[s].add(cols["similarity"], thresholds[s])
 
-    score_files = _glob(fs, posixpath.join(root, "scored", "*", "fates-*.parquet"))
+    score_files = layout.fate_files()  # committed work shards only
     similarity, source = shard_sim, "shards"
     if score_files:
         scored = {s: _Similarity() for s in SUBSETS}

@@ -23,6 +23,7 @@ from laionbuild import cli
 from laionbuild.compare import UrlSet, compare, drop_category, filter_reference_file, write_compare
 from laionbuild.errors import SetupError
 from laionbuild.schema import pair_hash
+from output_units import commit_units
 
 THRESHOLDS = {"en": 0.28, "multi": 0.26, "nolang": 0.26}
 NAN = math.nan
@@ -120,6 +121,10 @@ def _make_output(root: Path) -> Path:
            [r for r in fates if (r["URL"], r["TEXT"]) not in scored_ws])
     for subset, rows in published.items():
         _write(root / subset / "part-00000.parquet", rows)
+    # leftovers of an interrupted run (no marker): compare reads none of them
+    _write(root / "candidates" / "f9.parquet", cands[:3])
+    _write(root / "scored" / "s9" / "fates-0.parquet", fates[:3])
+    commit_units(root, skip=("f9", "s9"))
     return root
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -24,11 +25,22 @@ DIRS = ("en", "multi", "nolang", "en_embeddings", "multi_embeddings", "nolang_em
 
 
 def _snapshot(out: Path) -> dict[str, list[dict]]:
+    """Published rows per file, named by folder and bucket (a rerun publishes a new generation)."""
+    layout = OutputLayout(str(out))
     snap = {}
     for d in DIRS:
-        for f in sorted((out / d).glob("*.parquet")):
-            snap[f"{d}/{f.name}"] = pq.read_table(f).to_pylist()
+        subset, _, suffix = d.partition("_")
+        for f in layout.published_files(subset, f"_{suffix}" if suffix else ""):
+            snap[f"{d}/{re.sub(r'^part-g[0-9]{4}-', 'part-', Path(f).name)}"] = pq.read_table(f).to_pylist()
     return snap
+
+
+def _raw(out: Path, name: str) -> bytes:
+    """The bytes of the published file that :func:`_snapshot` calls ``name``."""
+    folder, _, part = name.partition("/")
+    (path,) = [f for f in (out / folder).glob("*.parquet")
+               if re.sub(r"^part-g[0-9]{4}-", "part-", f.name) == part]
+    return path.read_bytes()
 
 
 def _tar_names(out: Path) -> set[str]:
@@ -61,7 +73,7 @@ def removed(tmp_path_factory):
     result = run_demo(str(out), overrides=["clip.save_embeddings=true", "output.save_images=true"], progress=False)
     assert result.exit_code == 0
     before = _snapshot(out)
-    raw = {p: (out / p).read_bytes() for p in before}
+    raw = {p: _raw(out, p) for p in before}
     stats_before = json.loads((out / "stats.json").read_text())
     tars_before = _tar_names(out)
     tar_pairs = _tar_pairs(out)
@@ -78,7 +90,7 @@ def removed(tmp_path_factory):
     hash_list.write_text(f"{by_hash['hash']}\n")
     code = cli.main(["remove", str(out), "--urls", str(url_list), "--hashes", str(hash_list)])
     after = _snapshot(out)
-    raw_after = {p: (out / p).read_bytes() for p in after}
+    raw_after = {p: _raw(out, p) for p in after}
     stats_after = json.loads((out / "stats.json").read_text())
     prov_after = json.loads((out / "provenance.json").read_text())
     tars_after = _tar_names(out)

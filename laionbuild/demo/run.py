@@ -37,12 +37,16 @@ def compare_with_expectations(output: str, sample: DemoSample) -> dict[str, dict
     """Per subset: expected kept, kept, kept as expected, kept although not expected."""
     import pyarrow.parquet as pq
 
+    from ..output.layout import OutputLayout
+
+    layout = OutputLayout(output)
+    pointer = layout.published()
     report = {}
     for subset in ("en", "multi", "nolang"):
-        files = sorted(Path(output, subset).glob("*.parquet"))
         got = set()
-        for f in files:
-            t = pq.read_table(f, columns=["URL", "TEXT"])
+        for f in layout.published_files(subset, pointer=pointer):
+            with layout.fs.open(f, "rb") as fh:
+                t = pq.read_table(fh, columns=["URL", "TEXT"])
             got |= set(zip(t.column("URL").to_pylist(), t.column("TEXT").to_pylist()))
         want = {(e.url, e.alt_text) for e in sample.kept(subset)}
         report[subset] = {

@@ -9,12 +9,17 @@
     OUTPUT/workshards/_manifest-gNNNN.json   ... committed: one de-dup generation (inputs, shards)
     OUTPUT/scored/<shard_id>/                phase 3: kept rows per subset, fates of every row
     OUTPUT/scored/_done/<shard_id>.json      ... committed: parts, counters, node
-    OUTPUT/en|multi|nolang/part-NNNNN.parquet  phase 4: published shards
+    OUTPUT/en|multi|nolang/part-gNNNN-NNNNN.parquet  phase 4: published shards of generation gNNNN
+    OUTPUT/_published.json                   ... committed: the files of the published generation
     OUTPUT/removals/                         lists of ``laionbuild remove``, applied at every publish
     OUTPUT/stats.json, _SUCCESS              written last: the run is complete
 
 A unit (input file, de-dup generation, work shard) counts only once its marker
 exists; anything else under a phase folder is a leftover of an interrupted run.
+Publishing writes the files of a new generation next to the live ones, then the
+pointer ``_published.json`` (one object, replaced in one step), then removes the
+files of older generations: a reader that goes through :meth:`OutputLayout.published_files`
+sees the old generation or the new one, never a mix.
 This module has no Ray: ``report``, ``remove`` and ``compare`` use it too.
 """
 
@@ -39,6 +44,11 @@ REMOVED = "removed"
 STORED_REMOVAL = re.compile(r"^(\d+)-(urls|hashes)-(.+)$")
 REMOVAL_KINDS = {"urls": "url", "hashes": "hash"}
 _MANIFEST = re.compile(r"^_manifest-g(\d{4})\.json$")
+#: the pointer to the published generation, written last by publish
+PUBLISHED = "_published.json"
+#: folders a publish writes: ``<subset>``, ``<subset>_embeddings``, ``<subset>_safe``, ``images``
+PUBLISHED_SUFFIXES = ("", "_embeddings", "_safe")
+IMAGES = "images"
 
 
 class OutputLayout:
@@ -132,12 +142,58 @@ class OutputLayout:
         return dict(zip(found, self.read_json_many(found.values())))
 
     def fate_files(self) -> list[str]:
-        """The per-row fate tables of every committed work shard."""
-        return sorted(p for m in self.scored_markers().values() for p in m["parts"]
-                      if posixpath.basename(p).startswith("fates-"))
+        """The per-row fate tables of every committed work shard (found under this folder even when it
+        was copied or moved since: the markers name the files, the layout says where they are)."""
+        return sorted(self.path(SCORED, sid, posixpath.basename(p)) for sid, m in self.scored_markers().items()
+                      for p in m["parts"] if posixpath.basename(p).startswith("fates-"))
 
-    def published_files(self, subset: str, suffix: str = "") -> list[str]:
-        return [p for p in self.ls(self.subset_dir(subset, suffix)) if p.endswith(".parquet")]
+    def published(self) -> dict | None:
+        """The pointer of the published generation (None before the first publish)."""
+        path = self.path(PUBLISHED)
+        try:
+            return shards.read_json(self.fs, path)
+        except FileNotFoundError:
+            return None
+
+    def published_files(self, subset: str, suffix: str = "", pointer: dict | None = None) -> list[str]:
+        """The files of ``<subset><suffix>/`` (or ``images/``) in the published generation.
+
+        A folder written before publish kept a pointer holds no ``_published.json``: its
+        files are listed instead.
+        """
+        pointer = self.published() if pointer is None else pointer
+        folder = subset + suffix
+        if pointer is None:
+            ext = ".tar" if folder == IMAGES else ".parquet"
+            return [p for p in self.ls(self.subset_dir(folder)) if p.endswith(ext) and ".tmp-" not in p]
+        return [self.path(rel) for rel in pointer.get("files", {}).get(folder, [])]
+
+    def next_generation(self, pointer: dict | None) -> int:
+        return int(pointer["generation"]) + 1 if pointer else 1
+
+    def published_name(self, generation: int, index: int, ext: str = ".parquet") -> str:
+        return f"part-g{generation:04d}-{index:05d}{ext}"
+
+    def commit_published(self, generation: int, files: dict[str, list[str]], counts: dict) -> dict:
+        """Point readers at ``generation`` (one object written last), then remove every other file
+        of the published folders; returns the pointer."""
+        pointer = {"generation": generation,
+                   "files": {folder: sorted(posixpath.relpath(p, self.root) for p in paths)
+                             for folder, paths in sorted(files.items())},
+                   "counts": counts}
+        shards.write_json_atomic(self.fs, self.path(PUBLISHED), pointer)
+        self.clean_published(pointer)
+        return pointer
+
+    def clean_published(self, pointer: dict) -> None:
+        """Remove the files of the published folders that ``pointer`` does not list (older
+        generations, a publish that was interrupted), one listing per folder."""
+        from ..schema import SUBSETS
+
+        keep = {self.path(rel) for paths in pointer["files"].values() for rel in paths}
+        folders = [s + suffix for s in SUBSETS for suffix in PUBLISHED_SUFFIXES] + [IMAGES]
+        stale = [p for f in folders for p in self.ls(self.path(f)) if p not in keep]
+        self.rm_many(stale)
 
     def removal_lists(self):
         """Every list recorded by ``laionbuild remove`` in ``removals/``, in the order applied."""

@@ -1,8 +1,11 @@
 """Phase 4, publish: the kept rows of every committed work shard -> ``OUTPUT/{en,multi,nolang}/``.
 
 Rows are keyed by (subset, ``hash`` mod n_buckets) and each group is written as
-``part-<bucket>.parquet``, so the files depend neither on the order in which shards
-were scored nor on which node scored them. Rows are unique already (phase 2); the
+``part-g<generation>-<bucket>.parquet``, so the files depend neither on the order in
+which shards were scored nor on which node scored them. A publish writes a new
+generation next to the live one, then the pointer ``_published.json``, then removes
+the old generation (:meth:`~laionbuild.output.layout.OutputLayout.commit_published`):
+readers see one generation whole, and a publish cut short is redone by the rerun. Rows are unique already (phase 2); the
 block lists of the config and the lists recorded by ``laionbuild remove`` are
 applied here a second time (the first is before download), so a list that grew
 before a rerun also covers finished shards. Small outputs are published in the
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -23,12 +27,14 @@ import pyarrow.parquet as pq
 from .. import schema as S
 from ..config import Config
 from ..output.fs import open_fs
-from ..output.layout import OutputLayout
+from ..output.layout import IMAGES, OutputLayout
 from ..stages import shards
 from ..stages.blocklist import Blocklist, filter_image_tars, filter_table
 from ..stats import RunStats
 
 _KEY = "_bucket"
+#: concurrent footer reads for markers written before they recorded their parts' rows
+FOOTER_THREADS = 16
 
 
 class PublishFilter:
@@ -64,9 +70,10 @@ class PublishFilter:
 class PublishBucket:
     """Writes one (subset, bucket) group as ``part-<bucket>.parquet`` (+ embeddings, + safe view)."""
 
-    def __init__(self, target_dir: str, compression: str, row_filter: PublishFilter | None,
+    def __init__(self, target_dir: str, generation: int, compression: str, row_filter: PublishFilter | None,
                  safe: tuple[float | None, float | None] | None = None):
         self.target_dir = target_dir
+        self.generation = generation
         self.compression = compression
         self.row_filter = row_filter
         #: (punsafe_max, pwatermark_max): also write the ``<subset>_safe`` view
@@ -82,7 +89,7 @@ class PublishBucket:
         table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
         emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
         fs, root = open_fs(self.target_dir)
-        name = f"part-{int(bucket):05d}.parquet"
+        name = f"part-g{self.generation:04d}-{int(bucket):05d}.parquet"
         main = table.drop_columns(emb_cols)
         shards.write_bytes_atomic(fs, posixpath.join(root, subset, name), shards.table_to_bytes(main, self.compression))
         if emb_cols:
@@ -95,7 +102,7 @@ class PublishBucket:
             safe_rows = view.num_rows
             shards.write_bytes_atomic(fs, posixpath.join(root, f"{subset}_safe", name),
                                       shards.table_to_bytes(view, self.compression))
-        return pa.table({"subset": [subset], "bucket": [int(bucket)], "rows_in": [rows_in],
+        return pa.table({"subset": [subset], "bucket": [int(bucket)], "name": [name], "embeddings": [bool(emb_cols)], "rows_in": [rows_in],
                          "rows_out": [table.num_rows], "rows_safe": [safe_rows],
                          "safe_left_out": [json.dumps(left_out)], "filtered": [json.dumps(dict(filtered))]})
 
@@ -139,53 +146,74 @@ def _publish_on_engine(layout: OutputLayout, parts: list[str], n_buckets: dict[s
     return ds.groupby(_KEY).map_groups(publish_bucket, batch_format="pyarrow").take_all()
 
 
+def _part_rows(layout: OutputLayout, scored: list[dict], parts: list[str]) -> dict[str, int]:
+    """Rows of each part: from the markers (written by the scoring tasks), footers only for markers
+    of an older format, read concurrently."""
+    known = {p: n for m in scored for p, n in (m.get("part_rows") or {}).items()}
+    missing = [p for p in parts if p not in known]
+    if missing:
+        def rows(path: str) -> int:
+            with layout.fs.open(path, "rb") as fh:
+                return pq.ParquetFile(fh).metadata.num_rows
+
+        with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(missing))) as pool:
+            known.update(zip(missing, pool.map(rows, missing)))
+    return {p: known[p] for p in parts}
+
+
 def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunStats) -> dict[str, list[str]]:
     """Write the published subsets from the committed work shards; books what the filters took out."""
-    fs = layout.fs
     parts = sorted(p for m in scored for p in m["parts"] if part_subset(p) in S.SUBSETS)
+    rows = _part_rows(layout, scored, parts)
     n_buckets: dict[str, int] = {}
     totals: dict[str, int] = {}
     for subset in S.SUBSETS:
         mine = [p for p in parts if part_subset(p) == subset]
         if mine:
-            totals[subset] = sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in mine)
+            totals[subset] = sum(rows[p] for p in mine)
             n_buckets[subset] = max(1, -(-totals[subset] // cfg.output.rows_per_shard))
-    tmp = layout.path("_publish")
-    layout.rm(tmp)
-    fs.makedirs(tmp, exist_ok=True)
+    layout.rm(layout.path("_publish"))  # the staging folder of earlier versions
+    old = layout.published()
+    generation = layout.next_generation(old)
     row_filter = PublishFilter(cfg.blocklist, layout.url)
     results: list[dict] = []
     if parts:
         safe = (cfg.safety.punsafe_max, cfg.safety.pwatermark_max) if cfg.safety.write_safe_subsets else None
-        writer = PublishBucket(layout.url_of(tmp), cfg.output.compression,
+        writer = PublishBucket(layout.url, generation, cfg.output.compression,
                                None if row_filter.empty else row_filter, safe)
         if sum(totals.values()) <= cfg.ray.local_max_rows:
             results = _publish_in_driver(layout, parts, n_buckets, writer)
         else:
             results = _publish_on_engine(layout, parts, n_buckets, writer)
-    published: dict[str, list[str]] = {}
+    files: dict[str, list[str]] = {}
     for subset in S.SUBSETS:
-        mine = [r for r in results if r["subset"] == subset]
+        mine = sorted((r for r in results if r["subset"] == subset), key=lambda r: r["bucket"])
         _book_filtered(stats, mine, subset)
         stats.kept_per_subset[subset] = sum(r["rows_out"] for r in mine)
-        final = layout.subset_dir(subset)
-        for suffix in ("", "_embeddings", "_safe"):
-            layout.rm(final + suffix)
-            if fs.exists(posixpath.join(tmp, subset + suffix)):
-                fs.mv(posixpath.join(tmp, subset + suffix), final + suffix, recursive=True)
-        fs.makedirs(final, exist_ok=True)
-        published[subset] = layout.published_files(subset)
+        layout.fs.makedirs(layout.subset_dir(subset), exist_ok=True)
+        files[subset] = [layout.path(subset, r["name"]) for r in mine]
+        emb = [layout.path(f"{subset}_embeddings", r["name"]) for r in mine if r["embeddings"]]
+        if emb:
+            files[f"{subset}_embeddings"] = emb
         if cfg.safety.write_safe_subsets:
             left_out: Counter = Counter()
             for r in mine:
                 left_out.update(json.loads(r["safe_left_out"]))
-            fs.makedirs(final + "_safe", exist_ok=True)
+            layout.fs.makedirs(layout.subset_dir(subset, "_safe"), exist_ok=True)
             stats.extra.setdefault("safe_subsets", {})[subset] = {
                 "rows": sum(r["rows_safe"] for r in mine), "left_out": dict(sorted(left_out.items()))}
-            published[f"{subset}_safe"] = layout.published_files(subset, "_safe")
-    layout.rm(tmp)
-    _publish_images(layout, scored, row_filter)
-    return published
+            files[f"{subset}_safe"] = [layout.path(f"{subset}_safe", r["name"]) for r in mine]
+    images = _publish_images(layout, scored, row_filter, generation)
+    if images:
+        files[IMAGES] = images
+    pointer = layout.commit_published(generation, files, dict(stats.kept_per_subset))
+    return {folder: layout.published_files(*_folder_parts(folder), pointer=pointer)
+            for folder in [*S.SUBSETS, *(f"{s}_safe" for s in S.SUBSETS if cfg.safety.write_safe_subsets)]}
+
+
+def _folder_parts(folder: str) -> tuple[str, str]:
+    subset, sep, rest = folder.partition("_")
+    return (subset, sep + rest)
 
 
 def _book_filtered(stats: RunStats, results: list[dict], subset: str) -> None:
@@ -207,14 +235,18 @@ def _book_filtered(stats: RunStats, results: list[dict], subset: str) -> None:
         stats.extra.pop("removed")
 
 
-def _publish_images(layout: OutputLayout, scored: list[dict], row_filter: PublishFilter) -> None:
+def _publish_images(layout: OutputLayout, scored: list[dict], row_filter: PublishFilter,
+                    generation: int) -> list[str]:
+    """Copies of the scored image tars as ``images/part-g<generation>-NNNNN.tar``, filtered."""
     tars = sorted(p for m in scored for p in m["parts"] if p.endswith(".tar"))
-    target = layout.path("images")
-    layout.rm(target)
     if not tars:
-        return
+        return []
+    target = layout.path(IMAGES)
     layout.fs.makedirs(target, exist_ok=True)
+    written = []
     for i, path in enumerate(tars):
-        layout.fs.copy(path, posixpath.join(target, f"{i:05d}.tar"))
+        written.append(posixpath.join(target, layout.published_name(generation, i, ".tar")))
+        layout.fs.copy(path, written[-1])
     if not row_filter.empty:
-        filter_image_tars(layout.fs, target, row_filter.lists())
+        filter_image_tars(layout.fs, target, row_filter.lists(), paths=written)
+    return written

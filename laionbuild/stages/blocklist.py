@@ -395,15 +395,20 @@ def filter_table(table: pa.Table, lists: Iterable[Blocklist]) -> tuple[pa.Table,
     return table.filter(keep), counts, keys
 
 
-def filter_image_tars(fs, folder: str, lists: Iterable[Blocklist], keys: set[str] | None = None) -> int:
-    """Drop the members of ``folder/*.tar`` whose row a list names (or whose key is in ``keys``)."""
+def filter_image_tars(fs, folder: str, lists: Iterable[Blocklist], keys: set[str] | None = None,
+                      paths: Iterable[str] | None = None) -> int:
+    """Drop the members of ``folder/*.tar`` (or of the tars ``paths``) whose row a list names (or whose
+    key is in ``keys``)."""
     lists = [bl for bl in lists if not bl.empty]
     if not lists and not keys:
         return 0
-    try:
-        tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
-    except FileNotFoundError:
-        return 0
+    if paths is not None:
+        tars = sorted(paths)
+    else:
+        try:
+            tars = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".tar"))
+        except FileNotFoundError:
+            return 0
     total = 0
     for path in tars:
         with fs.open(path, "rb") as fh:
