@@ -101,3 +101,28 @@ class LoopbackS3:
     def keys(self) -> Counter:
         with self.counter.lock:
             return Counter(self.counter.keys)
+
+
+def s3_environment(s3: LoopbackS3):
+    """Point this process (and its children) at ``s3`` until the returned context ends."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def ctx():
+        import s3fs
+
+        saved = {k: os.environ.get(k) for k in s3.env()}
+        os.environ.update(s3.env())
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance made for another server
+        try:
+            yield s3
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    return ctx()

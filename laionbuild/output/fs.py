@@ -10,9 +10,20 @@ from __future__ import annotations
 import fsspec
 
 
+#: protocols whose filesystems keep no listing cache of their own
+_NO_LISTING_CACHE = ("file", "local", "memory")
+
+
 def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``(filesystem, path inside it)`` of a local path or an fsspec URL; the path has no trailing slash."""
-    fs, path = fsspec.core.url_to_fs(str(url))
+    """``(filesystem, path inside it)`` of a local path or an fsspec URL; the path has no trailing slash.
+
+    Listings are never cached: markers are written by other processes (Ray workers, another
+    run), and a listing remembered from before they were would hide committed units.
+    """
+    url = str(url)
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    options = {} if protocol in _NO_LISTING_CACHE else {"use_listings_cache": False}
+    fs, path = fsspec.core.url_to_fs(url, **options)
     return fs, path.rstrip("/") or path
 
 

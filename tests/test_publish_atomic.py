@@ -1,0 +1,113 @@
+"""Publish is atomic: a reader sees the old generation or the new one, never a mix, and a rerun
+completes a publish cut short -- on a local folder and on a loopback S3 server."""
+
+from __future__ import annotations
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from laionbuild.config import load_config
+from laionbuild.output.layout import OutputLayout
+from laionbuild.runner import publish as P
+from laionbuild.schema import pair_hash
+from laionbuild.stages import shards
+from laionbuild.stats import RunStats
+from s3_loopback import LoopbackS3, s3_environment
+
+BUCKET = "lbpublish"
+
+
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path):
+    if request.param == "local":
+        yield str(tmp_path / "out")
+        return
+    with LoopbackS3() as s3, s3_environment(s3):
+        s3.client().create_bucket(Bucket=BUCKET)
+        yield f"s3://{BUCKET}/out"
+
+
+def _shard(layout: OutputLayout, sid: str, rows: dict[str, list[int]]) -> dict:
+    """A committed work shard whose parts hold rows ``i`` of each subset; returns its marker."""
+    parts, part_rows = [], {}
+    for subset, ids in rows.items():
+        urls = [f"http://img.test/{subset}/{i}.jpg" for i in ids]
+        texts = [f"caption {i}" for i in ids]
+        table = pa.table({"URL": urls, "TEXT": texts, "hash": [pair_hash(u, t) for u, t in zip(urls, texts)],
+                          "similarity": pa.array([0.3] * len(ids), pa.float32())})
+        path = posixpath.join(layout.scored_dir(sid), f"{subset}-{sid}.parquet")
+        shards.write_bytes_atomic(layout.fs, path, shards.table_to_bytes(table, "zstd"))
+        parts.append(path)
+        part_rows[path] = len(ids)
+    return {"shard_id": sid, "rows": sum(part_rows.values()), "parts": parts, "part_rows": part_rows}
+
+
+def _seen(output: str) -> dict[str, set[str]]:
+    """What a reader of the published subsets sees (through the layout, as report and compare do)."""
+    layout = OutputLayout(output)
+    pointer = layout.published()
+    seen = {}
+    for subset in ("en", "multi"):
+        urls: list[str] = []
+        for path in layout.published_files(subset, pointer=pointer):
+            with layout.fs.open(path, "rb") as fh:
+                urls += pq.read_table(fh, columns=["URL"]).column(0).to_pylist()
+        assert len(urls) == len(set(urls)), subset  # never a row twice (two generations mixed)
+        seen[subset] = set(urls)
+    return seen
+
+
+def _files(layout: OutputLayout, folder: str) -> list[str]:
+    return [p for p in layout.ls(layout.path(folder)) if p.endswith(".parquet")]
+
+
+def test_publish_cut_short_shows_old_or_new_and_the_rerun_completes_it(output, monkeypatch):
+    cfg = load_config(None, ["output.rows_per_shard=3"])  # several parts per subset
+    layout = OutputLayout(output)
+    first = [_shard(layout, "s0", {"en": list(range(7)), "multi": list(range(5))})]
+    P.publish(cfg, layout, first, RunStats())
+    old = _seen(output)
+    assert {k: len(v) for k, v in old.items()} == {"en": 7, "multi": 5}
+    assert layout.published()["generation"] == 1
+
+    both = first + [_shard(layout, "s1", {"en": list(range(7, 15)), "multi": list(range(5, 9))})]
+    new_sizes = {"en": 15, "multi": 9}
+
+    # 1. cut short while writing the parts of the new generation: readers see the old one
+    real_call = P.PublishBucket.__call__
+    calls = {"n": 0}
+
+    def failing_call(self, table):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed while writing parts")
+        return real_call(self, table)
+
+    monkeypatch.setattr(P.PublishBucket, "__call__", failing_call)
+    with pytest.raises(RuntimeError):
+        P.publish(cfg, layout, both, RunStats())
+    monkeypatch.setattr(P.PublishBucket, "__call__", real_call)
+    assert _seen(output) == old
+    assert len(_files(layout, "en")) > len(layout.published_files("en"))  # new parts are there, unseen
+
+    # 2. cut short after the pointer, before the old generation is removed: readers see the new one
+    monkeypatch.setattr(OutputLayout, "clean_published", lambda self, pointer: (_ for _ in ()).throw(
+        RuntimeError("killed before clean-up")))
+    with pytest.raises(RuntimeError):
+        P.publish(cfg, layout, both, RunStats())
+    monkeypatch.undo()
+    seen = _seen(output)
+    assert {k: len(v) for k, v in seen.items()} == new_sizes and seen["en"] >= old["en"]
+
+    # 3. the rerun publishes again and leaves exactly one generation in each folder
+    stats = RunStats()
+    P.publish(cfg, layout, both, stats)
+    assert _seen(output) == seen
+    assert dict(stats.kept_per_subset) == {**new_sizes, "nolang": 0}
+    pointer = layout.published()
+    for subset in ("en", "multi"):
+        assert sorted(_files(layout, subset)) == sorted(layout.published_files(subset, pointer=pointer))
+        assert all(f"part-g{pointer['generation']:04d}-" in p for p in _files(layout, subset))
