@@ -58,6 +58,11 @@ class RunConfig:
     work_shard_rows: int = 10_000
     progress: bool = True
     log_level: str = "INFO"
+    #: one run per output folder: on an object store the run's lease is renewed every
+    #: ``lease_heartbeat_s`` and taken over by another run once not renewed for ``lease_expiry_s``
+    #: (a local folder is held by an OS lock, released when the process ends)
+    lease_expiry_s: float = 300.0
+    lease_heartbeat_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -695,6 +700,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'clip.tokenize_upstream' must be auto, always or never")
     if cfg.clip.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
+    if not 0 < cfg.run.lease_heartbeat_s < cfg.run.lease_expiry_s:
+        raise ConfigError(f"{source}: 'run' needs 0 < lease_heartbeat_s < lease_expiry_s")
     if cfg.run.shard:
         try:
             i, n = (int(x) for x in cfg.run.shard.split("/"))
@@ -785,7 +792,8 @@ def config_to_yaml(cfg: Config) -> str:
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
         "run.progress", "run.log_level", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
-        "run.paths_base_url", "run.file_retries", "ray", "models")) -> str:
+        "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s", "ray",
+        "models")) -> str:
     """Stable hash of everything that decides how rows are processed.
 
     Settings that only change how a run is executed (progress bar, log level,

@@ -146,6 +146,17 @@ def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[s
         except (OSError, ValueError) as exc:
             raise LaionBuildError(f"remove: cannot read {source}: {exc}") from None
         loaded.append((kind, source, data))
+    from .config import RunConfig
+    from .output.lease import RunLease
+
+    defaults = RunConfig()
+    with RunLease(layout, defaults.lease_expiry_s, defaults.lease_heartbeat_s):  # not while a run writes
+        return _remove_holding(layout, output, loaded)
+
+
+def _remove_holding(layout: OutputLayout, output: str, loaded: list[tuple[str, str, bytes]]) -> dict[str, Any]:
+    fs, root = layout.fs, layout.root
+    stats_path = posixpath.join(root, "stats.json")
     records = []
     lists = Blocklist(PREFIX)
     for kind, source, data in loaded:

@@ -24,6 +24,7 @@ from ..inputs import expand_inputs, file_id
 from ..stages import shards
 from ..stats import FileResult, RunStats
 from ..output.layout import CANDIDATES, OutputLayout
+from ..output.lease import RunLease
 
 log = logging.getLogger(__name__)
 
@@ -137,9 +138,6 @@ def _clean_uncommitted_candidates(layout: OutputLayout, committed: set[str]) -> 
 # --------------------------------------------------------------------------- the run
 def run(cfg: Config, command: str = "run") -> RunResult:
     """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
-    from .connect import connect
-    from .resources import cluster_shape
-
     scoring = command == "run"
     t0 = time.monotonic()
     local = cfg
@@ -159,6 +157,18 @@ def run(cfg: Config, command: str = "run") -> RunResult:
             log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
                         "no underage / animal drops")
     layout = OutputLayout(cfg.run.output)
+    # one run per output folder: a second one stops here with one line naming the holder
+    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
+        return _run_holding(cfg, command, layout, lease, files, local, t0)
+
+
+def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
+                 local: Config, t0: float) -> RunResult:
+    """The phases, while this run holds the output folder's lease."""
+    from .connect import connect
+    from .resources import cluster_shape
+
+    scoring = command == "run"
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
     on_disk = layout.candidate_markers()  # one listing, markers read concurrently
@@ -217,6 +227,7 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         for m in scored:
             stats.merge_stages(m["counters"])
         t = time.monotonic()
+        lease.check()  # never publish once another run holds the folder
         published = publish(cfg, layout, scored, stats)
         phases["publish"] = round(time.monotonic() - t, 2)
     else:
