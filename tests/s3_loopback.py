@@ -15,6 +15,8 @@ from urllib.parse import parse_qs
 REGION = "us-east-1"
 ACCESS_KEY = "loopback"
 SECRET_KEY = "loopback-secret"
+#: user-agent mark of the test's own client (:meth:`LoopbackS3.filesystem`), whose requests are not counted
+OBSERVER = "laionbuild-test-observer"
 
 
 class _Counting:
@@ -27,6 +29,8 @@ class _Counting:
         self.keys: Counter = Counter()
 
     def __call__(self, environ, start_response):
+        if OBSERVER in environ.get("HTTP_USER_AGENT", ""):  # the test looking: not counted
+            return self.app(environ, start_response)
         method = environ.get("REQUEST_METHOD", "")
         parts = environ.get("PATH_INFO", "/").lstrip("/").split("/", 1)
         key = parts[1] if len(parts) > 1 else ""
@@ -79,16 +83,25 @@ class LoopbackS3:
 
     def client(self):
         import boto3
+        from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION,
-                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id=ACCESS_KEY,
+                            aws_secret_access_key=SECRET_KEY, config=Config(user_agent_extra=OBSERVER))
+
+    def layout(self, url: str):
+        """An :class:`~laionbuild.output.layout.OutputLayout` that reads through the uncounted client."""
+        from laionbuild.output.layout import OutputLayout
+
+        layout = OutputLayout(url)
+        layout.fs = self.filesystem()
+        return layout
 
     def filesystem(self):
         import s3fs
 
         return s3fs.S3FileSystem(key=ACCESS_KEY, secret=SECRET_KEY, endpoint_url=self.endpoint,
                                  client_kwargs={"region_name": REGION}, skip_instance_cache=True,
-                                 use_listings_cache=False)
+                                 use_listings_cache=False, config_kwargs={"user_agent_extra": OBSERVER})
 
     def take(self) -> Counter:
         """The requests counted since the last call, by kind (and resets the count)."""

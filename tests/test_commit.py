@@ -11,7 +11,7 @@ import pyarrow as pa
 from laionbuild.runner.commit import (SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta)
 from laionbuild.output.layout import OutputLayout
 from laionbuild.runner.progress import Progress
-from laionbuild.runner.score import stream_items
+from laionbuild.runner.score import read_work_shard, stream_items
 from laionbuild.stages import shards
 
 COUNTERS = {"fetch": {"kept": 0, "dropped": 0, "dropped_by_reason": {}, "counts": {"rows": 0}}}
@@ -70,18 +70,23 @@ def test_tracker_commits_resumed_rows_with_their_counters(tmp_path):
     _part(layout, "half", "aaaa", [1])
     rec = recover_parts(layout, {"full": 3, "half": 2})
     tracker = ShardTracker(layout, {"full": 3, "half": 2}, Progress(2, False, "", ""), rec)
+    tracker.close()  # markers are written in the background
     marker = json.loads((tmp_path / "scored" / "_done" / "full.json").read_text())
     assert marker["rows"] == 3 and len(marker["parts"]) == 4
     assert marker["counters"]["fetch"]["counts"]["rows"] == 3
     assert marker["nodes"] == {"fetch": ["node-a"], "write": ["node-b"]}
     assert list(tracker.pending) == ["half"]
+    tracker = ShardTracker(layout, {"half": 2}, Progress(1, False, "", ""), {"half": rec["half"]})
     tracker.add({"shard_id": np.array(["half"], dtype=object), "n_rows": np.array([1]),
-                 "parts": np.array([json.dumps(["p"])], dtype=object),
+                 "parts": np.array([json.dumps({"p/en-x.parquet": 1, "p/fates-x.parquet": 1})], dtype=object),
                  "counters": np.array([json.dumps(COUNTERS)], dtype=object),
                  "node": np.array([json.dumps({"fetch": ["node-c"]})], dtype=object)})
     assert not tracker.pending
+    assert not tracker.parts and not tracker.counters and not tracker.nodes  # committed state is freed
+    tracker.close()
     marker = json.loads((tmp_path / "scored" / "_done" / "half.json").read_text())
     assert marker["nodes"]["fetch"] == ["node-a", "node-c"]
+    assert marker["part_rows"] == {"p/en-x.parquet": 1, "p/fates-x.parquet": 1}  # publish reads no footer
 
 
 def test_stream_skips_rows_already_written(tmp_path):
@@ -90,7 +95,13 @@ def test_stream_skips_rows_already_written(tmp_path):
     shards.write_bytes_atomic(layout.fs, layout.workshard_file("s"), shards.table_to_bytes(table, "zstd", 4))
     shards.write_bytes_atomic(layout.fs, layout.workshard_file("t"), shards.table_to_bytes(table, "zstd", 4))
     _part(layout, "s", "aaaa", [0, 1, 2, 3, 5])  # row group 0 (rows 0-3) done, row 5 of group 1
-    rec = recover_parts(layout, {"s": 10, "t": 10})
-    items = stream_items(layout, {"s": 10, "t": 10}, rec)
-    got = [(i["shard_id"], i["row_group"], i["skip"]) for i in items]
-    assert got == [("s", 1, "[5]"), ("s", 2, ""), ("t", 0, ""), ("t", 1, ""), ("t", 2, "")]
+    _part(layout, "u", "aaaa", list(range(10)))  # every row written: nothing to stream
+    rec = recover_parts(layout, {"s": 10, "t": 10, "u": 10})
+    # the driver reads no work shard: the items are made without any file (the manifest has the rows)
+    items = stream_items(OutputLayout(str(tmp_path / "elsewhere")), {"s": 10, "t": 10, "u": 10}, rec)
+    assert [(i["shard_id"], i["skip"]) for i in items] == [("s", "[0, 1, 2, 3, 5]"), ("t", "")]
+    # the task reads the shard a row group at a time, without the rows written already
+    for item, want in zip(stream_items(layout, {"s": 10, "t": 10}, rec), ([4, 6, 7, 8, 9], list(range(10)))):
+        batches = list(read_work_shard({k: np.array([v], dtype=object) for k, v in item.items()}))
+        assert len(batches) == (2 if item["shard_id"] == "s" else 3)  # row group 0 of s: all written
+        assert np.concatenate([b[SHARD_ROW] for b in batches]).tolist() == want

@@ -7,7 +7,15 @@ set in one place.
 
 from __future__ import annotations
 
+import logging
+
 import fsspec
+
+#: client libraries that log each credential and endpoint lookup at INFO: kept to warnings, so
+#: that a refused invocation stays one line and a run's log says what the run does
+QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth")
+for _name in QUIET_LOGGERS:
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 #: protocols whose filesystems keep no listing cache of their own

@@ -88,7 +88,7 @@ class RunLease:
             self._acquire_s3()
         else:
             self._acquire_emulated()
-        log.info("holding %s (lease %s)", self.layout.url, self.token[:8])
+        log.debug("holding %s (lease %s)", self.layout.url, self.token[:8])
 
     def check(self) -> None:
         """Raise when the lease was lost (another run took it over): the caller stops writing."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,9 @@ SHARD_ROW = "shard_row"
 #: schema-metadata key of a fates file: ``{"counters": {...}, "nodes": {...}}`` of its part
 PART_META = b"laionbuild.part"
 FATES = "fates"
+#: threads writing markers, so that a commit never holds up the stream
+MARKER_WRITERS = 4
+MARKERS_IN_FLIGHT = 64
 
 
 def part_name(kind: str, token: str) -> str:
@@ -147,20 +151,30 @@ def recover_parts(layout: OutputLayout, pending: dict[str, int], threads: int = 
 
 
 class ShardTracker:
-    """Commits a work shard once all its rows are written (parts first, marker last)."""
+    """Commits a work shard once all its rows are written (parts first, marker last).
+
+    The driver holds state only for the shards in flight: a committed shard's counters, parts
+    and nodes go into its marker and are freed; markers are written by a small thread pool, so
+    that the stream of results never waits on the object store (:meth:`close` waits for them).
+    """
 
     def __init__(self, layout: OutputLayout, pending: dict[str, int], progress: Progress,
-                 recovered: dict[str, Recovered] | None = None):
+                 recovered: dict[str, Recovered] | None = None, writers: int = MARKER_WRITERS):
         self.layout = layout
         self.pending = dict(pending)
         self.rows: Counter = Counter()
-        self.parts: dict[str, list[str]] = defaultdict(list)
+        self.parts: dict[str, dict[str, int | None]] = defaultdict(dict)
         self.counters: dict[str, list[dict]] = defaultdict(list)
         self.nodes: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
         self.progress = progress
+        self.committed = 0
+        self._pool = ThreadPoolExecutor(max_workers=writers, thread_name_prefix="marker")
+        #: markers submitted and not written yet, bounded: past it the stream waits (backpressure)
+        self._in_flight = threading.BoundedSemaphore(MARKERS_IN_FLIGHT)
+        self._errors: list[BaseException] = []
         for sid, rec in (recovered or {}).items():
             self.rows[sid] = len(rec.rows)
-            self.parts[sid] = list(rec.parts)
+            self.parts[sid] = {p: None for p in rec.parts}
             self.counters[sid] = list(rec.counters)
             for stage, ids in rec.nodes.items():
                 self.nodes[sid][stage].update(ids)
@@ -171,7 +185,8 @@ class ShardTracker:
         for sid, n, parts, counters, node in zip(batch[SHARD_ID], batch["n_rows"], batch["parts"],
                                                  batch["counters"], batch["node"]):
             self.rows[sid] += int(n)
-            self.parts[sid].extend(json.loads(parts))
+            written = json.loads(parts)
+            self.parts[sid].update(written if isinstance(written, dict) else {p: None for p in written})
             self.counters[sid].append(json.loads(counters))
             for stage, ids in json.loads(node).items():
                 self.nodes[sid][stage].update(ids)
@@ -180,12 +195,34 @@ class ShardTracker:
                 self.commit(sid)
 
     def commit(self, sid: str) -> None:
-        counters = sum_counters(self.counters[sid])
-        marker = {SHARD_ID: sid, "rows": self.pending.pop(sid), "parts": sorted(self.parts[sid]),
-                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes[sid].items()},
+        counters = sum_counters(self.counters.pop(sid))
+        parts = self.parts.pop(sid)
+        marker = {SHARD_ID: sid, "rows": self.pending.pop(sid), "parts": sorted(parts),
+                  #: rows of each subset table, so that publish needs no footer
+                  "part_rows": {p: n for p, n in sorted(parts.items()) if n is not None},
+                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes.pop(sid).items()},
                   "counters": {k: c.to_dict() for k, c in counters.items()}}
-        shards.write_json_atomic(self.layout.fs, self.layout.scored_marker(sid), marker)
+        self.rows.pop(sid, None)
+        if self._errors:
+            raise self._errors[0]
+        self._in_flight.acquire()
+        self._pool.submit(self._write_marker, sid, marker)
+        self.committed += 1
         self.progress.update(units=1)
+
+    def _write_marker(self, sid: str, marker: dict) -> None:
+        try:
+            shards.write_json_atomic(self.layout.fs, self.layout.scored_marker(sid), marker)
+        except BaseException as exc:  # noqa: BLE001 - raised in the driver by the next commit or close()
+            self._errors.append(exc)
+        finally:
+            self._in_flight.release()
+
+    def close(self) -> None:
+        """Wait for every marker write; the first error is raised here."""
+        self._pool.shutdown(wait=True)
+        if self._errors:
+            raise self._errors[0]
 
 
 __all__ = ["FATES", "PART_META", "SHARD_ID", "SHARD_ROW", "Recovered", "ShardTracker", "part_name",

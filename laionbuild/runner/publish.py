@@ -33,8 +33,8 @@ from ..stages.blocklist import Blocklist, filter_image_tars, filter_table
 from ..stats import RunStats
 
 _KEY = "_bucket"
-#: concurrent footer reads for markers written before they recorded their parts' rows
-FOOTER_THREADS = 16
+#: concurrent reads of parts (and footers, for markers written before they recorded their parts' rows)
+READ_THREADS = 16
 
 
 class PublishFilter:
@@ -119,13 +119,16 @@ def _add_bucket(table: pa.Table, n_buckets: dict[str, int]) -> pa.Table:
 
 
 def _publish_in_driver(layout: OutputLayout, parts: list[str], n_buckets: dict[str, int], writer) -> list[dict]:
+    def read(path: str) -> pa.Table:
+        with layout.fs.open(path, "rb") as fh:
+            return pq.read_table(fh)
+
     results: list[dict] = []
     for subset, n in n_buckets.items():
-        tables = []
-        for path in (p for p in parts if part_subset(p) == subset):
-            with layout.fs.open(path, "rb") as fh:
-                tables.append(pq.read_table(fh))
-        table = pa.concat_tables(tables, promote_options="default")
+        mine = [p for p in parts if part_subset(p) == subset]
+        with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(mine)))) as pool:
+            tables = list(pool.map(read, mine))  # object stores answer each read in tens of ms
+        table = pa.concat_tables(tables, promote_options="default").combine_chunks()
         buckets = (table.column("hash").to_numpy().astype(np.uint64) % np.uint64(n)).astype(np.int64)
         for b in np.unique(buckets):
             group = table.filter(pa.array(buckets == b))
@@ -156,7 +159,7 @@ def _part_rows(layout: OutputLayout, scored: list[dict], parts: list[str]) -> di
             with layout.fs.open(path, "rb") as fh:
                 return pq.ParquetFile(fh).metadata.num_rows
 
-        with ThreadPoolExecutor(max_workers=min(FOOTER_THREADS, len(missing))) as pool:
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(missing))) as pool:
             known.update(zip(missing, pool.map(rows, missing)))
     return {p: known[p] for p in parts}
 

@@ -138,6 +138,17 @@ def _clean_uncommitted_candidates(layout: OutputLayout, committed: set[str]) -> 
 # --------------------------------------------------------------------------- the run
 def run(cfg: Config, command: str = "run") -> RunResult:
     """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
+    layout = OutputLayout(cfg.run.output)
+    # one run per output folder: a second one stops here, first, with one line naming the holder
+    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
+        return _run_holding(cfg, command, layout, lease)
+
+
+def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease) -> RunResult:
+    """Checks and the phases, while this run holds the output folder's lease."""
+    from .connect import connect
+    from .resources import cluster_shape
+
     scoring = command == "run"
     t0 = time.monotonic()
     local = cfg
@@ -156,19 +167,6 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         if not cfg.safety.laion_filter.enabled:
             log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
                         "no underage / animal drops")
-    layout = OutputLayout(cfg.run.output)
-    # one run per output folder: a second one stops here with one line naming the holder
-    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
-        return _run_holding(cfg, command, layout, lease, files, local, t0)
-
-
-def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
-                 local: Config, t0: float) -> RunResult:
-    """The phases, while this run holds the output folder's lease."""
-    from .connect import connect
-    from .resources import cluster_shape
-
-    scoring = command == "run"
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
     on_disk = layout.candidate_markers()  # one listing, markers read concurrently

@@ -16,6 +16,7 @@ import json
 import logging
 import posixpath
 import uuid
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -87,42 +88,42 @@ def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
 
 
 # --------------------------------------------------------------------------- reading and writing
-def read_row_group(item: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``map_batches`` body (batch of one item): one row group of one work shard, as a batch,
-    without the rows (``skip``: their indices in the shard) that an earlier run already wrote."""
-    path, group, shard_id = str(item["path"][0]), int(item["row_group"][0]), str(item[SHARD_ID][0])
-    skip = json.loads(str(item["skip"][0]) or "[]")
+def read_work_shard(item: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+    """``map_batches`` body (batch of one item): the rows of one work shard, a batch per row group,
+    without the rows (``skip``: their indices in the shard) that an earlier run already wrote.
+    The footer is read here, in a task, never by the driver."""
+    path, shard_id = str(item["path"][0]), str(item[SHARD_ID][0])
+    skip = np.asarray(json.loads(str(item["skip"][0]) or "[]"), dtype=np.int64)
     fs, local = open_fs(path)
     with fs.open(local, "rb") as fh:
         pf = pq.ParquetFile(fh)
-        table = pf.read_row_group(group)
-        start = sum(pf.metadata.row_group(g).num_rows for g in range(group))
-    rows = np.arange(start, start + table.num_rows, dtype=np.int64)
-    if skip:
-        keep = ~np.isin(rows, np.asarray(skip, dtype=np.int64))
-        table, rows = table.filter(pa.array(keep)), rows[keep]
-    batch = S.candidate_table_to_batch(table)
-    batch[SHARD_ID] = np.full(table.num_rows, shard_id, dtype=object)
-    batch[SHARD_ROW] = rows
-    return batch
+        start = 0
+        for group in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(group).num_rows
+            rows = np.arange(start, start + n, dtype=np.int64)
+            start += n
+            keep = ~np.isin(rows, skip) if len(skip) else np.ones(n, bool)
+            if not keep.any():
+                continue
+            table = pf.read_row_group(group)
+            if not keep.all():
+                table, rows = table.filter(pa.array(keep)), rows[keep]
+            batch = S.candidate_table_to_batch(table)
+            batch[SHARD_ID] = np.full(table.num_rows, shard_id, dtype=object)
+            batch[SHARD_ROW] = rows
+            yield batch
 
 
 def stream_items(layout: OutputLayout, pending: dict[str, int], recovered: dict) -> list[dict]:
-    """One item per row group of each pending shard that still has rows to do, in shard order."""
+    """One item per pending shard that still has rows to do, in shard order; no I/O (the manifest
+    gave the rows, the recovered parts the rows already written)."""
     items = []
     for sid in sorted(pending):  # shard order = commit order, roughly
-        path = layout.workshard_file(sid)
-        with layout.fs.open(path, "rb") as fh:
-            meta = pq.ParquetFile(fh).metadata
         done = recovered[sid].rows if sid in recovered else np.zeros(0, np.int64)
-        start = 0
-        for g in range(meta.num_row_groups):
-            n = meta.row_group(g).num_rows
-            skip = done[(done >= start) & (done < start + n)]
-            if len(skip) < n:
-                items.append({"path": layout.url_of(path), "row_group": g, SHARD_ID: sid,
-                              "skip": json.dumps(skip.tolist()) if len(skip) else ""})
-            start += n
+        if len(done) >= pending[sid]:
+            continue
+        items.append({"path": layout.url_of(layout.workshard_file(sid)), SHARD_ID: sid,
+                      "skip": json.dumps(done.tolist()) if len(done) else ""})
     return items
 
 
@@ -137,6 +138,7 @@ class ShardPartWriter:
         layout = OutputLayout(self.output)
         ids = np.asarray(batch[SHARD_ID], dtype=object)
         out: dict[str, list] = {SHARD_ID: [], "n_rows": [], "parts": [], "counters": [], "node": []}
+        #: parts: ``{path: rows}`` (rows of the subset tables; 0 for fates and images)
         for shard_id in sorted(set(ids)):
             mask = ids == shard_id
             sub = {k: v[mask] for k, v in batch.items()}
@@ -156,27 +158,28 @@ class ShardPartWriter:
                 "node": np.array(out["node"], dtype=object)}
 
     def _write(self, layout: OutputLayout, shard_id: str, sub: dict[str, np.ndarray], counters: dict,
-               nodes: dict) -> list[str]:
+               nodes: dict) -> dict[str, int]:
         token = uuid.uuid4().hex[:12]
         compression = self.cfg.output.compression
         folder = layout.scored_dir(shard_id)
-        written = []
+        written: dict[str, int] = {}
 
-        def put(kind: str, data: bytes) -> None:
+        def put(kind: str, data: bytes, rows: int) -> None:
             path = posixpath.join(folder, part_name(kind, token))
             shards.write_bytes_atomic(layout.fs, path, data)
-            written.append(path)
+            written[path] = rows
 
         alive = np.asarray(sub[S.DROP_REASON], dtype=object) == ""
         subsets = np.asarray(sub[S.SUBSET], dtype=object)
         for subset in S.SUBSETS:
             mask = alive & (subsets == subset)
             if mask.any():
-                put(subset, shards.table_to_bytes(shards.output_table(sub, mask), compression))
+                put(subset, shards.table_to_bytes(shards.output_table(sub, mask), compression), int(mask.sum()))
         if self.cfg.output.save_images and S.IMAGE_BYTES in sub and alive.any():
-            put("images", shards.images_tar(sub, alive))
+            put("images", shards.images_tar(sub, alive), int(alive.sum()))
         # the fates file last: a part exists once it does (a rerun keeps it, see .commit)
-        put(FATES, shards.table_to_bytes(with_part_meta(fate_table(sub), counters, nodes), compression))
+        put(FATES, shards.table_to_bytes(with_part_meta(fate_table(sub), counters, nodes), compression),
+            S.batch_len(sub))
         return written
 
 
@@ -224,10 +227,11 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
     tracker = ShardTracker(layout, pending, progress, recovered)
     if not items:
+        tracker.close()
         progress.close()
         return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
-    ds = ds.map_batches(read_row_group, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
+    ds = ds.map_batches(read_work_shard, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
     ds = ds.map_batches(StageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
                         batch_size=cfg.fetch.batch_size, compute=actor_pool(plan.fetch_actors),
                         num_cpus=plan.fetch_cpus)
@@ -248,11 +252,12 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data execution stats:\n%s", ds.stats())
     finally:
+        tracker.close()  # every marker written
         progress.close()
     for sid in tracker.pending:
         log.error("work shard %s ended with %d of %d rows written", sid, tracker.rows[sid], pending[sid])
     return sorted(tracker.pending), kept
 
 
-__all__ = ["FATE_COLUMNS", "STAGES", "ShardPartWriter", "fate_table", "run_score_phase", "stage_counters",
-           "stream_items"]
+__all__ = ["FATE_COLUMNS", "STAGES", "ShardPartWriter", "fate_table", "read_work_shard", "run_score_phase",
+           "stage_counters", "stream_items"]

@@ -1,0 +1,138 @@
+"""The driver's bookkeeping of a run, by number of work shards: does it stay O(1) per unit?
+
+A synthetic output folder with N work shards of a few rows each (a committed de-dup
+manifest, work files, then the parts a scoring task writes for each shard). The driver's
+own steps are timed apart from the work the tasks do:
+
+* ``plan``: pending shards from the manifests and markers, recovery of interrupted parts,
+  the stream's items (no work file opened);
+* ``commit``: the results of the stream fed to :class:`ShardTracker` (markers written in
+  the background, committed state freed), up to the last marker written;
+* ``publish``: counts from the markers (no footer read) and the published generation;
+
+and, as the baseline measured in the same run, what the former driver did first: one
+footer read per pending work shard, one after the other.
+
+Each N runs in its own process, so that its peak RSS (``ru_maxrss``) is its own.
+
+    python scripts/bench_bookkeeping.py --shards 200 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROWS_PER_SHARD = 4
+
+
+def _one(n_shards: int, rows: int) -> dict:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from laionbuild.config import load_config
+    from laionbuild.output.layout import OutputLayout
+    from laionbuild.runner.commit import SHARD_ID, ShardTracker, recover_parts
+    from laionbuild.runner.dedup import pending_shards
+    from laionbuild.runner.progress import Progress
+    from laionbuild.runner.publish import publish
+    from laionbuild.runner.score import stream_items
+    from laionbuild.schema import pair_hash
+    from laionbuild.stages import shards
+    from laionbuild.stats import RunStats
+
+    tmp = tempfile.mkdtemp(prefix="bench-bookkeeping-")
+    layout = OutputLayout(str(Path(tmp) / "out"))
+    cfg = load_config(None, [f"output.rows_per_shard={max(1000, n_shards * rows // 8)}"])
+    ids = [f"g0000-b{i:05d}-00" for i in range(n_shards)]
+    # the de-dup phase's output (not timed): work files and the manifest
+    for i, sid in enumerate(ids):
+        urls = [f"http://img.test/{i}/{j}.jpg" for j in range(rows)]
+        table = pa.table({"URL": urls, "TEXT": [f"t{j}" for j in range(rows)]})
+        shards.write_bytes_atomic(layout.fs, layout.workshard_file(sid), shards.table_to_bytes(table, "zstd"))
+    shards.write_json_atomic(layout.fs, layout.manifest(0), {"generation": 0, "counters": {},
+                                                             "shards": [{"id": s, "rows": rows} for s in ids]})
+
+    timings = {}
+    t = time.perf_counter()
+    pending = pending_shards(layout, layout.manifests())
+    recovered = recover_parts(layout, pending)
+    items = stream_items(layout, pending, recovered)
+    timings["plan"] = time.perf_counter() - t
+    assert len(items) == n_shards
+
+    t = time.perf_counter()
+    for sid in sorted(pending):  # the former driver: a footer per shard, one after the other
+        with layout.fs.open(layout.workshard_file(sid), "rb") as fh:
+            pq.ParquetFile(fh).metadata
+    timings["baseline_footer_reads"] = time.perf_counter() - t
+
+    # the scoring tasks' output (not timed): one part per shard, and the summary row the stream returns
+    summaries = []
+    for i, sid in enumerate(ids):
+        urls = [f"http://img.test/{i}/{j}.jpg" for j in range(rows)]
+        texts = [f"t{j}" for j in range(rows)]
+        en = pa.table({"URL": urls, "TEXT": texts, "hash": [pair_hash(u, x) for u, x in zip(urls, texts)],
+                       "similarity": pa.array([0.3] * rows, pa.float32())})
+        path = f"{layout.scored_dir(sid)}/en-{i:08x}.parquet"
+        shards.write_bytes_atomic(layout.fs, path, shards.table_to_bytes(en, "zstd"))
+        summaries.append({SHARD_ID: np.array([sid], dtype=object), "n_rows": np.array([rows]),
+                          "parts": np.array([json.dumps({path: rows})], dtype=object),
+                          "counters": np.array([json.dumps({})], dtype=object),
+                          "node": np.array([json.dumps({"write": ["node"]})], dtype=object)})
+
+    t = time.perf_counter()
+    tracker = ShardTracker(layout, pending, Progress(len(pending), False, "", ""), recovered)
+    for batch in summaries:
+        tracker.add(batch)
+    tracker.close()
+    timings["commit"] = time.perf_counter() - t
+    assert not tracker.pending and not tracker.parts
+
+    t = time.perf_counter()
+    scored = list(layout.scored_markers().values())
+    stats = RunStats()
+    publish(cfg, layout, scored, stats)
+    timings["publish"] = time.perf_counter() - t
+    assert stats.kept_per_subset["en"] == n_shards * rows
+
+    driver = timings["plan"] + timings["commit"]
+    return {"shards": n_shards, "rows_per_shard": rows,
+            "seconds": {k: round(v, 4) for k, v in timings.items()},
+            "driver_us_per_shard": round(1e6 * driver / n_shards, 1),
+            "publish_us_per_shard": round(1e6 * timings["publish"] / n_shards, 1),
+            "baseline_footer_us_per_shard": round(1e6 * timings["baseline_footer_reads"] / n_shards, 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shards", type=int, nargs="+", default=[200, 2000])
+    ap.add_argument("--rows", type=int, default=ROWS_PER_SHARD, help="rows per work shard")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(_one(args.one, args.rows)))
+        return
+    runs = []
+    for n in args.shards:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--rows", str(args.rows)],
+                             capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, last = runs[0], runs[-1]
+    print(json.dumps({"runs": runs,
+                      "driver_us_per_shard_ratio": round(last["driver_us_per_shard"] / first["driver_us_per_shard"], 2),
+                      "publish_us_per_shard_ratio": round(last["publish_us_per_shard"]
+                                                          / first["publish_us_per_shard"], 2),
+                      "peak_rss_ratio": round(last["peak_rss_mib"] / first["peak_rss_mib"], 2)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
