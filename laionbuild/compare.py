@@ -413,13 +413,9 @@ def ray_attached() -> bool:
 
 
 def _filter_with_ray(files, urls: UrlSet, subset, batch_rows):
-    import ray
+    from .runner.tasks import map_with_shared  # Ray stays inside the runner
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, logging_level=logging.WARNING)
-    task = ray.remote(filter_reference_file)
-    urls_ref = ray.put(urls)
-    return ray.get([task.remote(fs, path, urls_ref, subset, batch_rows) for fs, path in files])
+    return map_with_shared(filter_reference_file, [((fs, path), (subset, batch_rows)) for fs, path in files], urls)
 
 
 def load_reference(patterns: Iterable[str], urls: pa.Array, subset: str | None = None,

@@ -49,8 +49,11 @@ log = logging.getLogger(__name__)
 def _record(fs, root: str, kind: str, source: str, data: bytes) -> str:
     folder = posixpath.join(root, REMOVALS_DIR)
     fs.makedirs(folder, exist_ok=True)
-    seqs = [int(m.group(1)) for p in fs.ls(folder, detail=False)
-            if (m := _STORED.match(posixpath.basename(p)))]
+    try:
+        listed = fs.ls(folder, detail=False)
+    except FileNotFoundError:  # an object store has no empty folders
+        listed = []
+    seqs = [int(m.group(1)) for p in listed if (m := _STORED.match(posixpath.basename(p)))]
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", posixpath.basename(source.rstrip("/"))) or "list"
     path = posixpath.join(folder, f"{max(seqs, default=0) + 1:04d}-{kind}-{safe}")
     shards.write_bytes_atomic(fs, path, data)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,18 @@ def test_a_run_whose_lease_was_taken_over_knows_it(tmp_path):
             assert stale.lost
             with pytest.raises(LeaseHeld):
                 stale.check()
+
+
+def test_cli_run_into_a_held_folder_exits_2_with_one_line(output, tmp_path):
+    warc = tmp_path / "in.warc.gz"
+    warc.write_bytes(b"")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with _lease(output) as held:
+        r = subprocess.run([sys.executable, "-m", "laionbuild", "run", "--config", "configs/smoke.yaml", "--input",
+                            str(warc), "--output", output, "--no-progress"], capture_output=True, text=True, env=env,
+                           timeout=300, cwd=Path(__file__).resolve().parents[1])
+        assert r.returncode == 2, r.stderr[-2000:]
+        line = r.stderr.strip()
+        assert len(line.splitlines()) == 1 and f"PID {os.getpid()}" in line and held.holder["started"] in line
+        layout = OutputLayout(output)
+        assert json.loads(layout.fs.cat_file(layout.path(LEASE)))["token"] == held.token  # ours, untouched

@@ -68,15 +68,6 @@ def test_publish_cut_short_shows_old_or_new_and_the_rerun_completes_it(output, m
     cfg = load_config(None, ["output.rows_per_shard=3"])  # several parts per subset
     layout = OutputLayout(output)
     first = [_shard(layout, "s0", {"en": list(range(7)), "multi": list(range(5))})]
-    P.publish(cfg, layout, first, RunStats())
-    old = _seen(output)
-    assert {k: len(v) for k, v in old.items()} == {"en": 7, "multi": 5}
-    assert layout.published()["generation"] == 1
-
-    both = first + [_shard(layout, "s1", {"en": list(range(7, 15)), "multi": list(range(5, 9))})]
-    new_sizes = {"en": 15, "multi": 9}
-
-    # 1. cut short while writing the parts of the new generation: readers see the old one
     real_call = P.PublishBucket.__call__
     calls = {"n": 0}
 
@@ -86,6 +77,23 @@ def test_publish_cut_short_shows_old_or_new_and_the_rerun_completes_it(output, m
             raise RuntimeError("killed while writing parts")
         return real_call(self, table)
 
+    # 0. the very first publish cut short: there is no published state yet, and readers see none
+    monkeypatch.setattr(P.PublishBucket, "__call__", failing_call)
+    with pytest.raises(RuntimeError):
+        P.publish(cfg, layout, first, RunStats())
+    monkeypatch.setattr(P.PublishBucket, "__call__", real_call)
+    assert _files(layout, "en") and _seen(output) == {"en": set(), "multi": set()}
+
+    P.publish(cfg, layout, first, RunStats())
+    old = _seen(output)
+    assert {k: len(v) for k, v in old.items()} == {"en": 7, "multi": 5}
+    assert layout.published()["generation"] == 1
+
+    both = first + [_shard(layout, "s1", {"en": list(range(7, 15)), "multi": list(range(5, 9))})]
+    new_sizes = {"en": 15, "multi": 9}
+
+    # 1. cut short while writing the parts of the new generation: readers see the old one
+    calls["n"] = 0
     monkeypatch.setattr(P.PublishBucket, "__call__", failing_call)
     with pytest.raises(RuntimeError):
         P.publish(cfg, layout, both, RunStats())

@@ -1,6 +1,6 @@
 """End to end on a loopback S3 server: inputs as an ``s3://`` glob, model cache and output on ``s3://``.
 
-A full run killed once its first work shard is committed, its resume (which takes over the
+A full run killed once its de-dup generation is committed, its resume (which takes over the
 killed run's lease after expiry) while a second copy of the command is refused, an
 incremental add, ``report``, ``compare`` and ``remove`` -- all through the CLI, as a user
 runs them. The server counts its requests; each command's counts are printed by phase
@@ -141,12 +141,12 @@ def test_s3_end_to_end(world, tmp_path):
     written = {key for kind, key in keys if kind in ("put", "delete", "copy", "multipart")}
     assert written <= {"out/_lease.json"}  # nothing written but the lease, taken and given back
 
-    # 1. a full run, killed once its first work shard is committed
+    # 1. a full run, killed once the de-dup phase is committed (before any work shard is)
     proc = subprocess.Popen(_cmd(sample, "run", "--input", first_glob), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
-        if layout.ls(layout.path("scored", "_done")):
+        if any(p.endswith(".json") for p in layout.ls(layout.path("workshards"))):
             proc.kill()
             break
         time.sleep(0.2)

@@ -44,6 +44,8 @@ REMOVED = "removed"
 STORED_REMOVAL = re.compile(r"^(\d+)-(urls|hashes)-(.+)$")
 REMOVAL_KINDS = {"urls": "url", "hashes": "hash"}
 _MANIFEST = re.compile(r"^_manifest-g(\d{4})\.json$")
+#: a published file of a generation (``part-g0003-00012.parquet``), which only the pointer makes visible
+_GENERATION_PART = re.compile(r"^part-g\d{4}-")
 #: the pointer to the published generation, written last by publish
 PUBLISHED = "_published.json"
 #: folders a publish writes: ``<subset>``, ``<subset>_embeddings``, ``<subset>_safe``, ``images``
@@ -158,14 +160,15 @@ class OutputLayout:
     def published_files(self, subset: str, suffix: str = "", pointer: dict | None = None) -> list[str]:
         """The files of ``<subset><suffix>/`` (or ``images/``) in the published generation.
 
-        A folder written before publish kept a pointer holds no ``_published.json``: its
-        files are listed instead.
+        A folder published before publish kept a pointer holds no ``_published.json``: its
+        files are listed instead, except those of a generation (a first publish cut short).
         """
         pointer = self.published() if pointer is None else pointer
         folder = subset + suffix
         if pointer is None:
             ext = ".tar" if folder == IMAGES else ".parquet"
-            return [p for p in self.ls(self.subset_dir(folder)) if p.endswith(ext) and ".tmp-" not in p]
+            return [p for p in self.ls(self.subset_dir(folder)) if p.endswith(ext) and ".tmp-" not in p
+                    and not _GENERATION_PART.match(posixpath.basename(p))]
         return [self.path(rel) for rel in pointer.get("files", {}).get(folder, [])]
 
     def next_generation(self, pointer: dict | None) -> int:
