@@ -320,8 +320,9 @@ def _start_generation(cfg: Config, layout: OutputLayout, generation: int, new: d
     return plan
 
 
-def run_dedup_phase(cfg: Config, layout: OutputLayout, committed: dict[str, dict]) -> dict | None:
-    """De-duplicate the committed inputs that no earlier generation holds; returns the new manifest."""
+def begin_generation(cfg: Config, layout: OutputLayout, committed: dict[str, dict]) -> dict | None:
+    """The plan of the generation that de-duplicates the committed inputs no earlier generation
+    holds (the one an interrupted run started, if it still holds); ``None`` when there are none."""
     manifests = layout.manifests()
     consumed = {(fid, tok) for m in manifests for fid, tok in m["inputs"].items()}
     new = {fid: m for fid, m in committed.items() if (fid, m["token"]) not in consumed}
@@ -332,14 +333,18 @@ def run_dedup_phase(cfg: Config, layout: OutputLayout, committed: dict[str, dict
     if manifests and "ranges" not in manifests[-1]:
         raise SetupError(f"{layout.url}: its de-dup generations were made by an older laionbuild "
                          "(no per-range index); write new inputs to a new output folder")
-    started = time.monotonic()
     generation = max((m["generation"] for m in manifests), default=-1) + 1
     new = {fid: _ensure_keys(cfg, layout, fid, m) for fid, m in new.items()}
-    plan = _start_generation(cfg, layout, generation, new, manifests[-1] if manifests else None, groups)
-    groups = layout.group_markers()
-    total = sum(inp["rows"] for inp in plan["inputs"])
-    engine = "driver" if total <= cfg.ray.local_max_rows else "ray"
-    # units: hash ranges, then groups of inputs; each skipped when its marker exists
+    return _start_generation(cfg, layout, generation, new, manifests[-1] if manifests else None, groups)
+
+
+def engine_for(cfg: Config, plan: dict) -> str:
+    return "driver" if sum(inp["rows"] for inp in plan["inputs"]) <= cfg.ray.local_max_rows else "ray"
+
+
+def run_ranges(cfg: Config, layout: OutputLayout, plan: dict, engine: str) -> dict[int, dict]:
+    """Every hash range of the generation committed; ``{range: marker}`` (one listing first)."""
+    generation = plan["generation"]
     ranges = layout.dedup_range_markers(generation)
     todo = [r for r in range(plan["ranges"]) if r not in ranges]
     if todo and len(todo) < plan["ranges"]:
@@ -347,16 +352,36 @@ def run_dedup_phase(cfg: Config, layout: OutputLayout, committed: dict[str, dict
                  plan["ranges"] - len(todo), plan["ranges"])
     for m in _run_units(cfg, engine, dedup_range, plan, todo, "phase 2/4 de-dup ranges", "range"):
         ranges[m["range"]] = m
+    return ranges
+
+
+def run_groups(cfg: Config, layout: OutputLayout, plan: dict, engine: str) -> dict[int, dict]:
+    """Every group of inputs of the generation committed as work shards; ``{group: marker}``."""
+    groups = layout.group_markers()
     clean_uncommitted(layout, groups)
-    prefix = f"g{generation:04d}-"
+    prefix = f"g{plan['generation']:04d}-"
     mine = {m["group"]: m for name, m in groups.items() if name.startswith(prefix)}
     todo = [g for g in range(len(plan["group_starts"]) - 1) if g not in mine]
     for m in _run_units(cfg, engine, assemble_group, plan, todo, "phase 2/4 work shards", "group"):
         mine[m["group"]] = m
+    return mine
+
+
+def run_dedup_phase(cfg: Config, layout: OutputLayout, committed: dict[str, dict]) -> dict | None:
+    """De-duplicate the committed inputs that no earlier generation holds; returns the new manifest."""
+    started = time.monotonic()
+    plan = begin_generation(cfg, layout, committed)
+    if plan is None:
+        return None
+    generation = plan["generation"]
+    engine = engine_for(cfg, plan)
+    ranges = run_ranges(cfg, layout, plan, engine)
+    mine = run_groups(cfg, layout, plan, engine)
     counters = StageCounters()
     for m in ranges.values():
         counters.merge(m["counters"])
     units = [*ranges.values(), *mine.values()]
+    total = sum(inp["rows"] for inp in plan["inputs"])
     manifest = {
         "generation": generation, "key": plan["key"], "engine": engine,
         "inputs": {inp["fid"]: inp["token"] for inp in plan["inputs"]},
@@ -388,5 +413,5 @@ def pending_shards(layout: OutputLayout, shards_rows: dict[str, int]) -> dict[st
     return {sid: rows for sid, rows in shards_rows.items() if sid not in done}
 
 
-__all__ = ["assemble_group", "committed_shards", "dedup_range", "dedup_rows", "key_columns", "make_plan",
-           "pending_shards", "run_dedup_phase", "shard_sizes"]
+__all__ = ["assemble_group", "begin_generation", "committed_shards", "dedup_range", "dedup_rows", "key_columns", "make_plan",
+           "pending_shards", "run_dedup_phase", "run_groups", "run_ranges", "shard_sizes"]
