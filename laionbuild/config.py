@@ -455,6 +455,8 @@ class RayConfig:
     dedup_group_candidates: int = 0
     #: CPUs reserved per de-dup task (one hash range, or one group of inputs)
     dedup_num_cpus: float = 1.0
+    #: concurrent reads per de-dup task (key-file slices of every input, winners of every range)
+    dedup_read_threads: int = 8
 
 
 @dataclass(frozen=True)
@@ -710,7 +712,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if not (n > 0 and 0 <= i < n):
             raise ConfigError(f"{source}: 'run.shard' needs 0 <= i < n, got '{cfg.run.shard}'")
     for section, name in (("run", "work_shard_rows"), ("ray", "stream_rows"), ("ray", "max_blocks"),
-                          ("ray", "extract_num_cpus"), ("ray", "dedup_ranges"), ("ray", "dedup_num_cpus")):
+                          ("ray", "extract_num_cpus"), ("ray", "dedup_ranges"), ("ray", "dedup_num_cpus"),
+                          ("ray", "dedup_read_threads")):
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{source}: '{section}.{name}' must be positive")
     if cfg.ray.dedup_group_candidates < 0:

@@ -221,3 +221,26 @@ def test_400k_candidates_fill_cluster_sized_shards(tmp_path):
         got += t.column("TEXT").to_pylist()
     assert len(got) == len(set(got)) == unique  # alt text "alt <pair id>" names the pair
     assert manifest["bytes_read"] / manifest["candidates"] <= 32 + 12  # keys in, winners' locators out
+
+
+@pytest.mark.ray
+def test_ray_tasks_write_the_files_of_the_driver_path(tmp_path):
+    import ray
+
+    a, b = tmp_path / "driver", tmp_path / "ray"
+    markers = write_inputs(str(a), _mixed_inputs(13), "url_text")
+    shutil.copytree(a / "candidates", b / "candidates")
+    run_dedup_phase(_cfg(a), OutputLayout(str(a)), markers)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = config_from_dict({"run": {"output": str(b), "work_shard_rows": 100, "progress": False},
+                                "ray": {"dedup_ranges": 8, "dedup_group_candidates": 300, "local_max_rows": 0}})
+        manifest = run_dedup_phase(cfg, OutputLayout(str(b)), markers)
+    finally:
+        ray.shutdown()
+    assert manifest["engine"] == "ray"
+    for p in sorted((a / "dedup" / "g0000").glob("*.bin")):
+        assert (b / "dedup" / "g0000" / p.name).read_bytes() == p.read_bytes(), p.name
+    assert sorted(_shard_rows(a, OutputLayout(str(a)))) == sorted(_shard_rows(b, OutputLayout(str(b))))
+    assert sorted(p.name for p in (a / "workshards").glob("*.parquet")) == \
+        sorted(p.name for p in (b / "workshards").glob("*.parquet"))

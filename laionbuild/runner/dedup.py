@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
@@ -119,6 +120,7 @@ def make_plan(cfg: Config, layout: OutputLayout, generation: int, new: dict[str,
         "enabled": cfg.run.global_dedup, "ranges": cfg.ray.dedup_ranges,
         "prev_generation": prev["generation"] if prev else -1, "prev_ranges": prev["ranges"] if prev else 0,
         "shard_rows": shard_rows, "compression": cfg.output.compression, "row_group_rows": cfg.ray.stream_rows,
+        "read_threads": cfg.ray.dedup_read_threads,
         "group_starts": _group_starts([new[f]["keys"]["rows"] for f in order], target),
         "inputs": [{"fid": f, "token": new[f]["token"], "rows": new[f]["keys"]["rows"],
                     "bits": new[f]["keys"]["bits"], "keys": layout.candidates_keys(f),
@@ -126,8 +128,12 @@ def make_plan(cfg: Config, layout: OutputLayout, generation: int, new: dict[str,
     }
 
 
+#: plan entries that change how units run, not what they write
+_EXECUTION_ONLY = ("read_threads",)
+
+
 def _same_plan(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in b)
+    return all(a.get(k) == b.get(k) for k in b if k not in _EXECUTION_ONLY)
 
 
 def _ensure_keys(cfg: Config, layout: OutputLayout, fid: str, marker: dict) -> dict:
@@ -143,6 +149,14 @@ def _ensure_keys(cfg: Config, layout: OutputLayout, fid: str, marker: dict) -> d
 
 
 # --------------------------------------------------------------------------- the units
+def _read_many(read: Callable[[Any], Any], items: list, threads: int) -> list:
+    """``read`` of every item, in order; concurrent reads (object stores answer each in tens of ms)."""
+    if threads <= 1 or len(items) <= 1:
+        return [read(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(read, items))
+
+
 def dedup_range(plan: dict, r: int) -> dict:
     """One hash range: winners among the new keys, minus keys held before; commits its marker."""
     started = time.monotonic()
@@ -151,10 +165,10 @@ def dedup_range(plan: dict, r: int) -> dict:
     generation = plan["generation"]
     lo, hi = K.range_bounds(r, plan["ranges"])
     parts, which, moved = [], [], 0
-    for i, source in enumerate(plan["inputs"]):
-        if not source["rows"]:
-            continue
-        rec, nbytes = K.read_key_slice(fs, source["keys"], source["bits"], lo, hi)
+    sources = [(i, s) for i, s in enumerate(plan["inputs"]) if s["rows"]]
+    slices = _read_many(lambda item: K.read_key_slice(fs, item[1]["keys"], item[1]["bits"], lo, hi),
+                        sources, plan["read_threads"])
+    for (i, _), (rec, nbytes) in zip(sources, slices):
         moved += nbytes
         if len(rec):
             parts.append(rec)
@@ -228,8 +242,9 @@ def assemble_group(plan: dict, group: int) -> dict:
     generation = plan["generation"]
     n_groups = len(plan["group_starts"]) - 1
     parts, moved = [], 0
-    for r in range(plan["ranges"]):
-        loc, nbytes = K.read_winners_group(fs, layout.dedup_winners(generation, r), n_groups, group)
+    slices = _read_many(lambda r: K.read_winners_group(fs, layout.dedup_winners(generation, r), n_groups, group),
+                        list(range(plan["ranges"])), plan["read_threads"])
+    for loc, nbytes in slices:
         moved += nbytes
         if len(loc):
             parts.append(loc)
@@ -309,7 +324,7 @@ def _start_generation(cfg: Config, layout: OutputLayout, generation: int, new: d
     if layout.exists(path):
         old = shards.read_json(layout.fs, path)
         if _same_plan(old, plan):
-            return old
+            return {**old, **{k: plan[k] for k in _EXECUTION_ONLY}}
         log.info("de-dup generation %d: inputs or settings changed since it was started; starting it again",
                  generation)
     prefix = f"g{generation:04d}-"
