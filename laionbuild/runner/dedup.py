@@ -123,8 +123,7 @@ def make_plan(cfg: Config, layout: OutputLayout, generation: int, new: dict[str,
         "read_threads": cfg.ray.dedup_read_threads,
         "group_starts": _group_starts([new[f]["keys"]["rows"] for f in order], target),
         "inputs": [{"fid": f, "token": new[f]["token"], "rows": new[f]["keys"]["rows"],
-                    "bits": new[f]["keys"]["bits"], "keys": layout.candidates_keys(f),
-                    "table": layout.candidates_file(f)} for f in order],
+                    "bits": new[f]["keys"]["bits"]} for f in order],
     }
 
 
@@ -166,7 +165,7 @@ def dedup_range(plan: dict, r: int) -> dict:
     lo, hi = K.range_bounds(r, plan["ranges"])
     parts, which, moved = [], [], 0
     sources = [(i, s) for i, s in enumerate(plan["inputs"]) if s["rows"]]
-    slices = _read_many(lambda item: K.read_key_slice(fs, item[1]["keys"], item[1]["bits"], lo, hi),
+    slices = _read_many(lambda item: K.read_key_slice(fs, layout.candidates_keys(item[1]["fid"]), item[1]["bits"], lo, hi),
                         sources, plan["read_threads"])
     for (i, _), (rec, nbytes) in zip(sources, slices):
         moved += nbytes
@@ -270,7 +269,7 @@ def assemble_group(plan: dict, group: int) -> dict:
         bounds = np.flatnonzero(np.diff(loc["input"].astype(np.int64))) + 1
         for chunk in np.split(loc, bounds):
             inp = plan["inputs"][int(chunk["input"][0])]
-            with fs.open(inp["table"], "rb") as fh:
+            with fs.open(layout.candidates_file(inp["fid"]), "rb") as fh:
                 table = pq.read_table(fh)
             pending.append(table.take(pa.array(chunk["row"].astype(np.int64))))
             buffered += len(chunk)
