@@ -450,9 +450,18 @@ class RayConfig:
     stream_rows: int = 1024
     #: at most this many blocks in one dataset (large inputs are grouped)
     max_blocks: int = 10_000
-    #: the de-dup and publish phases run in the driver up to this many rows, as a shuffle on
-    #: the Ray engine above; both give the same files
+    #: the de-dup and publish phases run in the driver up to this many rows, as Ray tasks
+    #: (de-dup) or a shuffle (publish) above; both give the same files
     local_max_rows: int = 1_000_000
+    #: hash ranges of the de-dup phase: its units of work and of commit (thousands at LAION scale)
+    dedup_ranges: int = 64
+    #: candidates per group of inputs whose winners are assembled into work shards together
+    #: (0 = 100 x run.work_shard_rows); larger groups give fuller shards, more reads per group
+    dedup_group_candidates: int = 0
+    #: CPUs reserved per de-dup task (one hash range, or one group of inputs)
+    dedup_num_cpus: float = 1.0
+    #: concurrent reads per de-dup task (key-file slices of every input, winners of every range)
+    dedup_read_threads: int = 8
 
 
 @dataclass(frozen=True)
@@ -710,9 +719,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if not (n > 0 and 0 <= i < n):
             raise ConfigError(f"{source}: 'run.shard' needs 0 <= i < n, got '{cfg.run.shard}'")
     for section, name in (("run", "work_shard_rows"), ("ray", "stream_rows"), ("ray", "max_blocks"),
-                          ("ray", "extract_num_cpus")):
+                          ("ray", "extract_num_cpus"), ("ray", "dedup_ranges"), ("ray", "dedup_num_cpus"),
+                          ("ray", "dedup_read_threads")):
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{source}: '{section}.{name}' must be positive")
+    if cfg.ray.dedup_group_candidates < 0:
+        raise ConfigError(f"{source}: 'ray.dedup_group_candidates' must not be negative")
     for name in ("input_retries", "input_backoff_s", "input_max_backoff_s"):
         if getattr(cfg.extract, name) < 0:
             raise ConfigError(f"{source}: 'extract.{name}' must not be negative")

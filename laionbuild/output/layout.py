@@ -5,8 +5,14 @@
     OUTPUT/config.yaml, provenance.json      the exact config, models, package versions
     OUTPUT/candidates/<file_id>.parquet      phase 1: candidates + language of one input
     OUTPUT/candidates/_done/<file_id>.json   ... committed: file outcome, counters, node
-    OUTPUT/workshards/<shard_id>.parquet     phase 2: unique candidates in fixed-size work shards
-    OUTPUT/workshards/_manifest-gNNNN.json   ... committed: one de-dup generation (inputs, shards)
+    OUTPUT/candidates/<file_id>.keys         ... its de-dup keys, sorted by hash (runner/dedupkeys.py)
+    OUTPUT/dedup/gNNNN/plan.json             phase 2: the generation's inputs, ranges, groups
+    OUTPUT/dedup/gNNNN/winners-rRRRRR.bin    ... per hash range: the winners' locators
+    OUTPUT/dedup/gNNNN/index-rRRRRR.bin      ... per hash range: every key held so far
+    OUTPUT/dedup/gNNNN/_done/rRRRRR.json     ... committed: one hash range (counts, node)
+    OUTPUT/workshards/<shard_id>.parquet     phase 2: unique candidates in work shards
+    OUTPUT/workshards/_groups/gNNNN-sGGGGG.json  ... committed: the shards of one group of inputs
+    OUTPUT/workshards/_manifest-gNNNN.json   ... committed: one de-dup generation (inputs, counts)
     OUTPUT/scored/<shard_id>/                phase 3: kept rows per subset, fates of every row
     OUTPUT/scored/_done/<shard_id>.json      ... committed: parts, counters, node
     OUTPUT/en|multi|nolang/part-gNNNN-NNNNN.parquet  phase 4: published shards of generation gNNNN
@@ -34,7 +40,9 @@ from ..stages import shards
 from .fs import open_fs, url_of
 
 CANDIDATES = "candidates"
+DEDUP = "dedup"
 WORKSHARDS = "workshards"
+GROUPS = "_groups"
 SCORED = "scored"
 DONE = "_done"
 REMOVALS = "removals"
@@ -69,6 +77,37 @@ class OutputLayout:
 
     def candidates_marker(self, fid: str) -> str:
         return self.path(CANDIDATES, DONE, f"{fid}.json")
+
+    def candidates_keys(self, fid: str) -> str:
+        return self.path(CANDIDATES, f"{fid}.keys")
+
+    def dedup_dir(self, generation: int) -> str:
+        return self.path(DEDUP, f"g{generation:04d}")
+
+    def dedup_plan(self, generation: int) -> str:
+        return posixpath.join(self.dedup_dir(generation), "plan.json")
+
+    def dedup_winners(self, generation: int, r: int) -> str:
+        return posixpath.join(self.dedup_dir(generation), f"winners-r{r:06d}.bin")
+
+    def dedup_index(self, generation: int, r: int) -> str:
+        return posixpath.join(self.dedup_dir(generation), f"index-r{r:06d}.bin")
+
+    def dedup_range_marker(self, generation: int, r: int) -> str:
+        return posixpath.join(self.dedup_dir(generation), DONE, f"r{r:06d}.json")
+
+    def dedup_range_markers(self, generation: int) -> dict[int, dict]:
+        """``{range: marker}`` of the committed hash ranges of one generation (one listing)."""
+        found = self.names(posixpath.join(self.dedup_dir(generation), DONE), ".json")
+        return {int(stem[1:]): m for stem, m in zip(found, self.read_json_many(found.values()))}
+
+    def group_marker(self, generation: int, group: int) -> str:
+        return self.path(WORKSHARDS, GROUPS, f"g{generation:04d}-s{group:05d}.json")
+
+    def group_markers(self) -> dict[str, dict]:
+        """``{name: marker}`` of every committed group of work shards, all generations (one listing)."""
+        found = self.names(self.path(WORKSHARDS, GROUPS), ".json")
+        return dict(zip(found, self.read_json_many(found.values())))
 
     def workshard_file(self, shard_id: str) -> str:
         return self.path(WORKSHARDS, f"{shard_id}.parquet")

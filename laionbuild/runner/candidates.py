@@ -2,7 +2,8 @@
 
 One actor pool; each actor loads the language model once and, per input file,
 extracts the candidates, routes them by language, writes
-``candidates/<file_id>.parquet`` and then its marker. The actor returns one
+``candidates/<file_id>.parquet``, its de-dup keys ``candidates/<file_id>.keys`` (20 bytes per
+candidate, sorted by key hash: see :mod:`.dedupkeys`) and then its marker. The actor returns one
 summary row per file to the driver (no side files, no polling). A file that
 failed is not committed and is tried again by the next run; a file that ends
 early is committed as ``partial`` (its bytes will not change).
@@ -22,6 +23,7 @@ from ..config import Config
 from ..stages import shards
 from ..stats import FileResult, StageCounters
 from .adapter import actor_pool, node_id
+from .dedupkeys import encode_keys
 from ..output.layout import OutputLayout
 from .progress import Progress
 from .resources import ClusterShape, candidates_plan
@@ -74,6 +76,8 @@ class CandidatesWorker:
             fs = self.layout.fs
             shards.write_bytes_atomic(fs, self.layout.candidates_file(fid),
                                       shards.table_to_bytes(table, self.cfg.output.compression))
+            keys, marker["keys"] = encode_keys(table, self.cfg.run.dedup_key)
+            shards.write_bytes_atomic(fs, self.layout.candidates_keys(fid), keys)
             shards.write_json_atomic(fs, self.layout.candidates_marker(fid), marker)  # the commit
         return marker
 

@@ -202,7 +202,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     published: dict[str, list[str]] = {}
     left: list[str] = []
     if scoring:
-        from .dedup import pending_shards, run_dedup_phase
+        from .dedup import committed_shards, pending_shards, run_dedup_phase
         from .publish import publish
         from .score import run_score_phase
 
@@ -212,13 +212,14 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         phases["dedup"] = round(time.monotonic() - t, 2)
         for m in manifests:
             stats.merge_stages(m["counters"])
-        todo = pending_shards(layout, manifests)
-        n_shards = sum(len(m["shards"]) for m in manifests)
+        work = committed_shards(layout, manifests)
+        todo = pending_shards(layout, work)
+        n_shards = len(work)
         t = time.monotonic()
         left, resumed_rows = run_score_phase(cfg, layout, todo, shape) if todo else ([], 0)
         #: rows_resumed: rows of interrupted shards that an earlier run had already written
         stats.extra["work_shards"] = {"total": n_shards, "skipped_as_complete": n_shards - len(todo),
-                                      "rows": sum(s["rows"] for m in manifests for s in m["shards"]),
+                                      "rows": sum(work.values()),
                                       "rows_resumed": resumed_rows}
         phases["score"] = round(time.monotonic() - t, 2)
         scored = list(layout.scored_markers().values())
