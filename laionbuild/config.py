@@ -209,6 +209,12 @@ class FetchConfig:
     policy_cache_size: int = 10_000
     #: rows per fetch task
     batch_size: int = 256
+    #: batches one worker downloads at once (their rows share the ``threads`` downloads, so a
+    #: slow URL holds back none of the others)
+    batches_in_flight: int = 4
+    #: a downloaded row waits at most this long for others to travel on with it (fast rows
+    #: move on while the slow rows of their batch are still downloading)
+    emit_after_s: float = 1.0
     #: download each distinct URL of a batch once and share the result between its rows
     dedup_urls_in_batch: bool = True
 

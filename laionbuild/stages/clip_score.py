@@ -54,7 +54,7 @@ import numpy as np
 
 from ..config import ClipConfig, LaionFilterConfig, SafetyConfig
 from ..errors import ConfigError
-from ..schema import ALT_TEXT, DROP_REASON, IMAGE, NSFW, PUNSAFE, PWATERMARK, SIMILARITY, SUBSET
+from ..schema import ALT_TEXT, DROP_REASON, IMAGE, NSFW, PUNSAFE, PWATERMARK, SIMILARITY, SUBSET, image_rows
 from ..stats import StageCounters
 from . import laion_filter as lf
 from .model_loading import (  # noqa: F401  (re-exported: the loading API used to live here)
@@ -375,25 +375,7 @@ class ClipScorer:
     # ..................................................................... helpers
     def _image_rows(self, images: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [k, S, S, 3] for rows ``idx``; also the mask of rows whose image is unusable."""
-        s = self.image_size
-        if images.dtype != object and images.ndim == 4:
-            if images.shape[1:] != (s, s, 3):
-                return np.zeros((len(idx), s, s, 3), np.uint8), np.ones(len(idx), bool)
-            if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
-                sel = images[idx[0] : idx[-1] + 1]  # a contiguous run: a view, no copy
-            else:
-                sel = images[idx]
-            return (sel if sel.dtype == np.uint8 else np.clip(sel, 0, 255).astype(np.uint8)), np.zeros(len(idx), bool)
-        out = np.zeros((len(idx), s, s, 3), np.uint8)
-        bad = np.zeros(len(idx), bool)
-        for j, i in enumerate(idx):
-            img = images[i]
-            a = np.asarray(img) if img is not None else None
-            if a is None or a.shape != (s, s, 3):
-                bad[j] = True
-            else:
-                out[j] = a
-        return out, bad
+        return image_rows(images, idx, self.image_size)
 
     # ..................................................................... call
     def _tokens(self, text_runner: _TextRunner, rows: np.ndarray, texts, tokens_col):
