@@ -25,7 +25,7 @@ from .. import schema as S
 from ..config import Config
 from ..stages import shards
 from ..stats import StageCounters
-from .adapter import StageActor, actor_pool, node_id, nodes_of
+from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of
 from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
 from .layout import OutputLayout
 from .progress import Progress
@@ -56,6 +56,10 @@ class FetchStage:
 
     def __call__(self, batch):
         return self.fetcher(self.blocklist(batch))
+
+    def stream(self, batch):
+        """The batch's rows in the order they complete (several calls may run at once)."""
+        return self.fetcher.stream([self.blocklist(batch)])
 
 
 def tokenize_stage(cfg: Config):
@@ -227,8 +231,9 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
     ds = ds.map_batches(read_row_group, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
-    ds = ds.map_batches(StageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
-                        batch_size=cfg.fetch.batch_size, compute=actor_pool(plan.fetch_actors),
+    ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
+                        batch_size=cfg.fetch.batch_size,
+                        compute=actor_pool(plan.fetch_actors, concurrent_calls=cfg.fetch.batches_in_flight),
                         num_cpus=plan.fetch_cpus)
     if plan.tokenize_upstream:
         ds = ds.map_batches(StageActor, fn_constructor_args=(tokenize_stage, cfg, "tokenize"), batch_format="numpy",
