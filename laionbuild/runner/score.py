@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from .. import schema as S
 from ..config import Config
-from ..stages import shards
+from ..stages import registry, shards
 from ..stats import StageCounters
 from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of
 from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
@@ -34,7 +34,7 @@ from .resources import ClusterShape, score_plan
 log = logging.getLogger(__name__)
 
 #: stages of this phase, in order; each reports its own counters (``<stage>:<reason>`` drops)
-STAGES = ("blocklist", "fetch", "clip", "laion_filter")
+STAGES = tuple(s.name for s in registry.of_phase("score"))
 #: columns of the per-row fate files
 FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SUBSET, "LANGUAGE": S.LANGUAGE,
                 "status": S.STATUS, "similarity": S.SIMILARITY, "drop_reason": S.DROP_REASON,
@@ -77,16 +77,11 @@ def clip_stage(cfg: Config):
     return ClipScorer(cfg.clip, cfg.resize.image_size, safety=cfg.safety)
 
 
-def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
-    """Each stage's own counters, read off a batch that went through every stage."""
-    from ..stages.blocklist import blocklist_counters
-    from ..stages.clip_score import clip_counters
-    from ..stages.fetch import fetch_counters
-    from ..stages.laion_filter import laion_filter_counters
-
-    blocked = blocklist_counters(batch, later=STAGES[STAGES.index("blocklist") + 1:])
-    return {"blocklist": blocked, "fetch": fetch_counters(batch), "clip": clip_counters(batch),
-            "laion_filter": laion_filter_counters(batch)}
+def stage_counters(batch: dict[str, np.ndarray], cfg: Config | None = None) -> dict[str, StageCounters]:
+    """Each stage's own counters, read off a batch that went through every stage (only the
+    stages that ran when ``cfg`` is given)."""
+    return {spec.name: spec.function("counters")(batch, registry.later_than(spec.name))
+            for spec in registry.of_phase("score") if cfg is None or spec.is_enabled(cfg)}
 
 
 # --------------------------------------------------------------------------- reading and writing
@@ -143,9 +138,7 @@ class ShardPartWriter:
         for shard_id in sorted(set(ids)):
             mask = ids == shard_id
             sub = {k: v[mask] for k, v in batch.items()}
-            counters = stage_counters(sub)
-            if not self.cfg.safety.laion_filter.enabled:
-                counters.pop("laion_filter")  # it did not run: stats.json says it was off
+            counters = stage_counters(sub, self.cfg)  # a stage that did not run reports nothing
             counters = {k: c.to_dict() for k, c in counters.items()}
             nodes = {k: sorted(v) for k, v in nodes_of(sub).items()}
             nodes["write"] = [node_id()]

@@ -539,3 +539,30 @@ def clip_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
         c.count(f"kept.{subset}", int((alive & in_subset).sum()))
         c.count(f"{BELOW_THRESHOLD}.{subset}", int((in_subset & (drop == DROP_BELOW)).sum()))
     return c
+
+
+# --------------------------------------------------------------------------- registry hooks
+def stage_counters(batch: Mapping[str, np.ndarray], later=()) -> StageCounters:
+    """The stage's counters for :mod:`.registry`."""
+    return clip_counters(batch)
+
+
+def check_config(cfg) -> None:
+    """Before any work: every model matches ``resize.image_size`` and every model file is usable."""
+    for subset, model_cfg in cfg.clip.models.items():
+        size = model_input_size(model_cfg)
+        if size != cfg.resize.image_size:
+            raise ConfigError(
+                f"clip.models.{subset} ({model_cfg.arch}) expects {size} px images but "
+                f"resize.image_size is {cfg.resize.image_size}; set --set resize.image_size={size}"
+            )
+    check_node_models(cfg)
+
+
+def check_node_models(cfg) -> None:
+    """The CLIP and safety model files of ``cfg`` load (on the node that runs this)."""
+    check_models_available(cfg.clip)
+    if cfg.safety.punsafe_heads or cfg.safety.watermark_model:
+        from .safety import check_safety_models
+
+        check_safety_models(cfg.safety, cfg.clip)

@@ -622,5 +622,11 @@ def dns_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
     return counters
 
 
+
+def stage_counters(batch: Mapping[str, np.ndarray], later=()) -> StageCounters:
+    """The stage's counters for :mod:`..registry`."""
+    return fetch_counters(batch)
+
+
 __all__ = ["IO_COLUMNS", "ImageFetcher", "SKIPPED", "STAGE", "STATUSES", "dns_counters", "fetch_counters",
            "is_transient"]
