@@ -158,7 +158,7 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         from .nodes import prepare_nodes
 
         prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
-    shape = cluster_shape()
+    shape = cluster_shape(cfg.ray.cpu_node_resource)
     phases = {"start": round(time.monotonic() - t0, 2)}
 
     from .candidates import run_candidates_phase

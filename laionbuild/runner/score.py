@@ -223,22 +223,23 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         progress.close()
         return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
-    ds = ds.map_batches(read_row_group, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
+    ds = ds.map_batches(read_row_group, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
+                        **plan.cpu_resources)
     ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
                         batch_size=cfg.fetch.batch_size,
                         compute=actor_pool(plan.fetch_actors, concurrent_calls=cfg.fetch.batches_in_flight),
-                        num_cpus=plan.fetch_cpus)
+                        num_cpus=plan.fetch_cpus, **plan.cpu_resources)
     if plan.tokenize_upstream:
         ds = ds.map_batches(StageActor, fn_constructor_args=(tokenize_stage, cfg, "tokenize"), batch_format="numpy",
                             batch_size=cfg.clip.batch_size, compute=actor_pool(plan.tokenize_actors),
-                            num_cpus=plan.tokenize_cpus)
+                            num_cpus=plan.tokenize_cpus, **plan.cpu_resources)
     ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
                         batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
                         **plan.clip_resources)
     # one part per CLIP batch: without a batch size, Ray Data would gather the (small, image-free)
     # scored blocks into about a MiB per write, holding back commits by hundreds of rows
     ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=cfg.clip.batch_size,
-                        num_cpus=plan.write_cpus)
+                        num_cpus=plan.write_cpus, **plan.cpu_resources)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)
