@@ -478,3 +478,24 @@ def test_stream_lets_fast_rows_pass_a_slow_one():
         assert {len(v) for v in c.values()} == {len(c[S.URL])}
         ok = c[S.STATUS] == "success"
         assert all(len(p) == 32 * 32 * 3 for p in c[S.IMAGE][ok]) and all(p is None for p in c[S.IMAGE][~ok])
+
+
+def test_failed_rows_carry_no_pixels_through_the_object_store(server):
+    """What a fetched batch costs in the object store (its Arrow block, as Ray Data stores it):
+    a failed row adds nothing beyond its metadata, a successful row its resized pixels."""
+    from ray.data.block import BlockAccessor
+
+    def block_bytes(batch) -> int:
+        return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).size_bytes()
+
+    n = 64
+    cfg = make_cfg(dedup_urls_in_batch=False)
+    failed = fetch(server, ["/404"] * n, cfg)
+    assert set(failed[S.STATUS]) == {"http_error_404"}
+    without_image = {k: v for k, v in failed.items() if k != S.IMAGE}
+    # the IMAGE column of n failed rows: an offset and a validity bit per row, no pixel data
+    assert block_bytes(failed) - block_bytes(without_image) <= n * 8 + 64
+    assert block_bytes(failed) < n * 1024  # the whole row, metadata included, is far below a KiB
+    ok = fetch(server, ["/ok.png"] * n, cfg)
+    per_row = (block_bytes(ok) - block_bytes({k: v for k, v in ok.items() if k != S.IMAGE})) / n
+    assert 224 * 224 * 3 <= per_row <= 224 * 224 * 3 + 16
