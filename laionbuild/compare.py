@@ -50,6 +50,7 @@ from .output.fs import open_fs
 from .output.layout import OutputLayout
 from .report import _Doc, _fmt, _pct, _plt, _thousands, report_folder
 from .schema import SUBSETS
+from .stages import registry
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +142,15 @@ OURS_ONLY = {
     "not_in_reference": "the URL is not in the reference: page crawled in another snapshot, or not a "
                         "LAION candidate",
 }
-#: drop_reason (whole or its stage) -> category
+#: drop_reason (whole or its stage) -> category: each stage's own (stages/registry.py), then
+#: the reasons whose category is not their stage's, and prefixes written outside the stages
 _REASON_CATEGORY = {
+    **{spec.name: spec.category for spec in registry.STAGES},
     "clip:below_threshold": "threshold",
     "clip:bad_image": "fetch",
-    "fetch": "fetch",
-    "resize": "fetch",
-    "dedup": "dedup",
-    "blocklist": "blocklist",
     "blocklisted": "blocklist",
     "optout": "blocklist",
     "removed": "blocklist",
-    "laion_filter": "safety",
     "safety": "safety",
     "nsfw": "safety",
     "watermark": "safety",

@@ -214,6 +214,12 @@ class FetchConfig:
     policy_cache_size: int = 10_000
     #: rows per fetch task
     batch_size: int = 256
+    #: batches one worker downloads at once (their rows share the ``threads`` downloads, so a
+    #: slow URL holds back none of the others)
+    batches_in_flight: int = 4
+    #: a downloaded row waits at most this long for others to travel on with it (fast rows
+    #: move on while the slow rows of their batch are still downloading)
+    emit_after_s: float = 1.0
     #: download each distinct URL of a batch once and share the result between its rows
     dedup_urls_in_batch: bool = True
 
@@ -355,6 +361,8 @@ class ClipConfig:
     #: CPUs reserved per actor when running on CPU (fractional, so the CPU stages
     #: of a small machine are not starved)
     num_cpus_per_actor: float = 0.5
+    #: CPUs a scoring actor reserves on its GPU node (data loading, tokenising when not upstream)
+    num_cpus_per_gpu_actor: float = 1.0
     #: tokenise alt texts in a CPU actor before the scoring actors: ``auto`` (when
     #: scoring on GPU, where tokenising in the GPU actor would cost it a whole core),
     #: ``always`` or ``never``
@@ -448,6 +456,10 @@ class RayConfig:
     write_num_cpus: float = 0.25
     #: rows per block read into the fetch-and-score stream (row groups of the work shards)
     stream_rows: int = 1024
+    #: custom Ray resource that CPU worker nodes advertise (the cluster configs set it); when
+    #: some node does, the CPU stages run only there, off the GPU nodes; when none does
+    #: (one machine, a local instance) every node is a CPU node
+    cpu_node_resource: str = "laionbuild_cpu_node"
     #: at most this many blocks in one dataset (large inputs are grouped)
     max_blocks: int = 10_000
     #: the de-dup and publish phases run in the driver up to this many rows, as Ray tasks

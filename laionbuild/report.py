@@ -49,22 +49,14 @@ import yaml
 
 from .config import ClipConfig
 from .schema import SUBSETS
+from .stages import registry
 from .errors import SetupError
 from .output.fs import open_fs
 from .output.layout import OutputLayout
 
 log = logging.getLogger(__name__)
 
-STAGE_LABELS = {
-    "extract": "candidates (after HTML filters)",
-    "langid": "after language routing",
-    "fetch": "images downloaded",
-    "resize": "images decoded + resized",
-    "clip": "above the CLIP threshold",
-    "dedup": "after global de-duplication",
-    "blocklist": "after block lists",
-    "output": "written",
-}
+STAGE_LABELS = {spec.name: spec.label for spec in registry.STAGES}
 SUBSET_COLOURS = {"en": "#1f77b4", "multi": "#ff7f0e", "nolang": "#7f7f7f"}
 STAGE_COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 

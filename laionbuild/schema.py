@@ -45,7 +45,9 @@ STATUS = "status"
 ERROR_MESSAGE = "error_message"
 WIDTH = "width"
 HEIGHT = "height"
-IMAGE = "image"  # uint8 [S, S, 3], zeros when the fetch failed
+#: resized RGB pixels: raw uint8 bytes of an [S, S, 3] array from the fetch stage (None when
+#: the fetch failed: no pixels travel for it), or a uint8 [N, S, S, 3] array; see image_rows
+IMAGE = "image"
 IMAGE_BYTES = "image_bytes"  # encoded resized image, only with output.save_images
 # clip scoring
 SIMILARITY = "similarity"
@@ -171,6 +173,37 @@ def row_key(warc_path: str, warc_offset: int, url: str) -> str:
     """Stable per-row key (names saved images and embedding rows)."""
     h = mmh3.hash64(f"{warc_path}|{warc_offset}|{url}".encode("utf-8"), signed=False)[0]
     return f"{h:016x}"
+
+
+def image_rows(images, idx: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 ``[k, size, size, 3]`` of rows ``idx`` of an ``IMAGE`` column, and the mask of rows
+    without a usable image. The column is a dense uint8 array or one value per row: raw
+    bytes (the fetch stage's), an array, or None."""
+    if images is not None and getattr(images, "dtype", None) != object and getattr(images, "ndim", 0) == 4:
+        if images.shape[1:] != (size, size, 3):
+            return np.zeros((len(idx), size, size, 3), np.uint8), np.ones(len(idx), bool)
+        if len(idx) and idx[-1] - idx[0] == len(idx) - 1 and np.all(np.diff(idx) == 1):
+            sel = images[idx[0]: idx[-1] + 1]  # a contiguous run: a view, no copy
+        else:
+            sel = images[idx]
+        return (sel if sel.dtype == np.uint8 else np.clip(sel, 0, 255).astype(np.uint8)), np.zeros(len(idx), bool)
+    out = np.zeros((len(idx), size, size, 3), np.uint8)
+    bad = np.zeros(len(idx), bool)
+    n_bytes = size * size * 3
+    for j, i in enumerate(idx):
+        value = images[i] if images is not None else None
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            if len(value) != n_bytes:
+                bad[j] = True
+            else:
+                out[j] = np.frombuffer(value, np.uint8).reshape(size, size, 3)
+            continue
+        a = np.asarray(value) if value is not None else None
+        if a is None or a.shape != (size, size, 3):
+            bad[j] = True
+        else:
+            out[j] = a
+    return out, bad
 
 
 def batch_len(batch: dict) -> int:

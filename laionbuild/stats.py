@@ -12,8 +12,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from .stages.registry import NAMES
+
 #: the stages of a run in the order rows meet them (stats.json lists them in this order)
-STAGES = ("extract", "langid", "dedup", "blocklist", "fetch", "clip", "laion_filter")
+STAGES = NAMES
 
 
 @dataclass

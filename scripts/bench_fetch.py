@@ -12,12 +12,21 @@
   ``download()`` (parquet output to a temp dir, ``processes_count=1``).
   img2dataset's fixed start-up cost (spawned pool + logger process imports) is
   measured with a one-URL run and reported separately.
+* Latency scenarios (``--scenarios``): ``none`` (answers at once), ``uniform``
+  (every image answers after 150-350 ms) and ``slow_tail`` (the same, but 3 %
+  of the images answer after 8 s, as the web's slow hosts do); ours streams
+  (``ImageFetcher.stream``: every download thread busy over several batches),
+  ``ours_per_batch`` (one batch at a time, each waiting for its slowest URL)
+  is measured too with ``--per-batch``.
 * Measures decode + resize alone on a ~1 MP JPEG, one thread: PIL plain
   decoding versus reduced-size (draft) decoding, OpenCV for reference.
+* Measures what a successful row costs to move to the GPU node: resized uint8
+  pixels against the same pixels re-encoded (JPEG, PNG, WEBP lossless), with
+  the encoding and decoding CPU each needs.
 
 Prints one JSON object. Ratios compare numbers measured in the same run.
 
-    .venv/bin/python scripts/bench_fetch.py --n 2000
+    .venv/bin/python scripts/bench_fetch.py --n 3000 --threads 64 --scenarios slow_tail,uniform
 """
 
 from __future__ import annotations
@@ -42,6 +51,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "laionbuild" / "bench_images"
 MIN_BYTES, MAX_BYTES = 50_000, 2_000_000
+#: answer delays of the latency scenarios: most images after FAST_S seconds, SLOW_SHARE of them after SLOW_S
+FAST_S = (0.15, 0.35)
+SLOW_S = 8.0
+SLOW_SHARE = 0.03
+SCENARIOS = ("none", "uniform", "slow_tail")
 
 
 # --------------------------------------------------------------------------- images
@@ -129,16 +143,30 @@ def plan_urls(files: list[Path], n: int, mix: dict[str, float]) -> list[Path]:
     return plan
 
 
-def _serve(plan: list[str], ready, stop) -> None:
+def plan_delays(n: int, scenario: str, seed: int = 5) -> list[float]:
+    """Seconds each of the ``n`` URLs waits before answering in a latency scenario."""
+    if scenario == "none":
+        return [0.0] * n
+    rng = np.random.default_rng(seed)
+    delays = rng.uniform(*FAST_S, n)
+    if scenario == "slow_tail":
+        delays[rng.permutation(n)[: int(round(SLOW_SHARE * n))]] = SLOW_S
+    return [float(d) for d in delays]
+
+
+def _serve(plan: list[str], delays: dict[str, list[float]], ready, stop) -> None:
+    """One loopback server; scenario ``s`` serves URL ``i`` at ``/<s>/<i>`` after ``delays[s][i]``."""
     from laionbuild.demo.image_server import LoopbackServer
 
     types = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp"}
     bodies: dict[str, bytes] = {}
     with LoopbackServer("127.0.0.1") as srv:
-        for i, f in enumerate(plan):
-            if f not in bodies:
-                bodies[f] = Path(f).read_bytes()
-            srv.add(f"/img/{i:06d}{Path(f).suffix}", bodies[f], content_type=types[Path(f).suffix])
+        for scenario, delay in delays.items():
+            for i, f in enumerate(plan):
+                if f not in bodies:
+                    bodies[f] = Path(f).read_bytes()
+                srv.add(f"/{scenario}/{i:06d}{Path(f).suffix}", bodies[f], content_type=types[Path(f).suffix],
+                        delay_s=delay[i])
         ready.put(srv.base_url)
         stop.wait()
 
@@ -150,7 +178,7 @@ def _cpu() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: bool) -> dict:
+def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: bool, per_batch: bool = False) -> dict:
     from laionbuild import schema as S
     from laionbuild.config import FetchConfig, ResizeConfig
     from laionbuild.stages.fetch import ImageFetcher
@@ -164,10 +192,15 @@ def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: boo
     )
     statuses: Counter = Counter()
     fetcher = ImageFetcher(cfg, ResizeConfig(), keep_image_bytes=keep_bytes)
+
+    def batches():
+        for start in range(0, len(urls), cfg.batch_size):
+            chunk = np.array(urls[start:start + cfg.batch_size], dtype=object)
+            yield {S.URL: chunk, S.DROP_REASON: np.full(len(chunk), "", dtype=object)}
+
     t0, c0 = time.perf_counter(), _cpu()
-    for start in range(0, len(urls), cfg.batch_size):
-        chunk = np.array(urls[start:start + cfg.batch_size], dtype=object)
-        out = fetcher({S.URL: chunk, S.DROP_REASON: np.full(len(chunk), "", dtype=object)})
+    outputs = (fetcher(b) for b in batches()) if per_batch else fetcher.stream(batches())
+    for out in outputs:
         statuses.update(out[S.STATUS])
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
     fetcher.close()
@@ -293,14 +326,81 @@ def bench_decode(seconds: float) -> dict:
     return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in res.items()}
 
 
+# --------------------------------------------------------------------------- pixels to the GPU node
+def bench_transfer(files: list[Path], sample: int, seconds: float) -> dict:
+    """Bytes per successful row and CPU per image for each way of moving resized pixels to the
+    GPU node: raw uint8 (what the fetch stage sends), or re-encoded on the CPU node and decoded
+    on the GPU node's CPUs."""
+    import cv2
+    from PIL import Image
+
+    from laionbuild.config import FetchConfig, ResizeConfig
+    from laionbuild.stages.resize import decode_and_resize
+
+    fc, rc = FetchConfig(), ResizeConfig()
+    arrays = []
+    for f in files[:sample]:
+        arr, _, _ = decode_and_resize(f.read_bytes(), rc, max_pixels=fc.max_pixels, min_size=fc.min_image_size,
+                                      formats=fc.formats)
+        arrays.append(arr)
+
+    def per_image_ms(fn, items) -> float:
+        n, t0 = 0, time.process_time()
+        while time.process_time() - t0 < seconds:
+            fn(items[n % len(items)])
+            n += 1
+        return (time.process_time() - t0) / n * 1000
+
+    def enc_jpeg(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=rc.encode_quality)
+        return buf.getvalue()
+
+    def enc_png(a):
+        return cv2.imencode(".png", a[:, :, ::-1], [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+
+    def enc_webp_lossless(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "WEBP", lossless=True, method=0)
+        return buf.getvalue()
+
+    def dec_cv2(b):
+        return cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+
+    def dec_pil(b):
+        return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+
+    cv2.setNumThreads(1)
+    res = {"images": len(arrays), "raw_uint8": {"bytes_per_row": int(arrays[0].nbytes), "exact": True,
+                                                "encode_ms": 0.0, "decode_ms": 0.0}}
+    for name, enc, dec in (("jpeg_q%d" % rc.encode_quality, enc_jpeg, dec_cv2), ("png_level1", enc_png, dec_cv2),
+                           ("webp_lossless", enc_webp_lossless, dec_pil)):
+        blobs = [enc(a) for a in arrays]
+        exact = all(np.array_equal(dec(b)[:, :, ::-1] if dec is dec_cv2 else dec(b), a)
+                    for a, b in zip(arrays[:8], blobs[:8]))
+        res[name] = {"bytes_per_row": int(np.mean([len(b) for b in blobs])), "exact": bool(exact),
+                     "encode_ms": round(per_image_ms(enc, arrays), 3), "decode_ms": round(per_image_ms(dec, blobs), 3)}
+    return res
+
+
 # --------------------------------------------------------------------------- main
+def _rates(res: dict) -> None:
+    for key in ("wall_s", "cpu_s", "images_per_s", "images_per_cpu_s"):
+        res[key] = round(res[key], 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=2000, help="URLs to fetch per client")
+    ap.add_argument("--n", type=int, default=3000, help="URLs to fetch per client")
     ap.add_argument("--unique", type=int, default=400, help="distinct generated images (URLs cycle over them)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
-    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=64, help="concurrent downloads per process")
+    ap.add_argument("--scenarios", default="slow_tail,uniform", help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    ap.add_argument("--per-batch", action="store_true", help="also measure ours one batch at a time")
+    ap.add_argument("--variants", action="store_true",
+                    help="in scenario none, also ours without keep-alive and ours encoding image_bytes")
     ap.add_argument("--decode-seconds", type=float, default=3.0)
+    ap.add_argument("--transfer-seconds", type=float, default=1.0, help="0 skips the pixels-transfer measurement")
     ap.add_argument("--mix", default="jpg=0.7,png=0.2,webp=0.1", help="share of each format among the URLs")
     ap.add_argument("--skip-img2dataset", action="store_true")
     # worker mode (internal)
@@ -313,50 +413,73 @@ def main() -> None:
     if args.worker:
         urls = Path(args.url_file).read_text().split()
         if args.worker == "ours":
-            res = worker_ours(urls, args.threads, args.keep_alive, args.keep_bytes)
+            res = worker_ours(urls, args.threads, args.keep_alive, args.keep_bytes, args.per_batch)
         else:
             res = worker_img2dataset(urls, args.threads)
         print(json.dumps(res))
         return
 
+    scenarios = [x.strip() for x in args.scenarios.split(",") if x.strip()]
+    unknown = set(scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     t0 = time.perf_counter()
     files = ensure_images(Path(args.cache_dir), args.unique)
     gen_s = time.perf_counter() - t0
     mix = {k.strip(): float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
     plan = plan_urls(files, args.n, mix)
     sizes = [f.stat().st_size for f in plan]
+    delays = {sc: plan_delays(args.n, sc) for sc in scenarios}
 
     ctx = mp.get_context("spawn")
     ready, stop = ctx.Queue(), ctx.Event()
-    server = ctx.Process(target=_serve, args=([str(f) for f in plan], ready, stop), daemon=True)
+    server = ctx.Process(target=_serve, args=([str(f) for f in plan], delays, ready, stop), daemon=True)
     server.start()
     result: dict = {}
+    runs: dict[str, dict] = {}
     try:
-        base = ready.get(timeout=120)
+        base = ready.get(timeout=300)
         with tempfile.TemporaryDirectory() as tmp:
-            url_file = Path(tmp) / "urls.txt"
-            urls = [f"{base}/img/{i:06d}{f.suffix}" for i, f in enumerate(plan)]
-            url_file.write_text("\n".join(urls))
             one_file = Path(tmp) / "one.txt"
-            one_file.write_text(urls[0])
-
-            clients = {
-                "ours": run_client("ours", url_file, args.threads),
-                "ours_keep_alive": run_client("ours", url_file, args.threads, keep_alive=True),
-                "ours_keep_bytes": run_client("ours", url_file, args.threads, keep_bytes=True),
-            }
+            one_file.write_text(f"{base}/{scenarios[0]}/000000{plan[0].suffix}")
+            fixed = None
             if not args.skip_img2dataset:
-                clients["img2dataset"] = run_client("img2dataset", url_file, args.threads)
-                clients["img2dataset_one_url"] = run_client("img2dataset", one_file, args.threads)
+                fixed = run_client("img2dataset", one_file, args.threads)["cpu_s"]
+            for sc in scenarios:
+                url_file = Path(tmp) / f"{sc}.txt"
+                url_file.write_text("\n".join(f"{base}/{sc}/{i:06d}{f.suffix}" for i, f in enumerate(plan)))
+                clients = {"ours": run_client("ours", url_file, args.threads, keep_alive=True)}
+                if args.per_batch:
+                    clients["ours_per_batch"] = run_client("ours", url_file, args.threads, keep_alive=True,
+                                                           per_batch=True)
+                if args.variants and sc == "none":
+                    clients["ours_new_connection_per_image"] = run_client("ours", url_file, args.threads)
+                    clients["ours_keep_bytes"] = run_client("ours", url_file, args.threads, keep_alive=True,
+                                                            keep_bytes=True)
+                if not args.skip_img2dataset:
+                    clients["img2dataset"] = run_client("img2dataset", url_file, args.threads)
+                for res in clients.values():
+                    _rates(res)
+                run: dict = {"clients": clients}
+                if "img2dataset" in clients:
+                    i2d, ours = clients["img2dataset"], clients["ours"]
+                    run["ratios"] = {
+                        "ours_vs_img2dataset_images_per_s": round(ours["images_per_s"] / i2d["images_per_s"], 3),
+                        "ours_vs_img2dataset_images_per_cpu_s": round(
+                            ours["images_per_cpu_s"] / i2d["images_per_cpu_s"], 3),
+                        "ours_vs_img2dataset_without_its_startup_cost": round(
+                            ours["images_per_cpu_s"] / (i2d["images"] / max(1e-9, i2d["cpu_s"] - fixed)), 3),
+                    }
+                    if "ours_per_batch" in clients:
+                        run["ratios"]["ours_per_batch_vs_img2dataset_images_per_s"] = round(
+                            clients["ours_per_batch"]["images_per_s"] / i2d["images_per_s"], 3)
+                runs[sc] = run
     finally:
         stop.set()
         server.join(timeout=10)
         if server.is_alive():
             server.terminate()
 
-    for res in clients.values():
-        for key in ("wall_s", "cpu_s", "images_per_s", "images_per_cpu_s"):
-            res[key] = round(res[key], 3)
     result["setup"] = {
         "n_urls": args.n,
         "unique_images": len(set(plan)),
@@ -366,29 +489,16 @@ def main() -> None:
         "megapixels_mean": round(float(np.mean([_megapixels(f) for f in set(plan)])), 2),
         "formats": dict(Counter(f.suffix.lstrip(".") for f in plan)),
         "threads": args.threads,
+        "latency": {"fast_s": list(FAST_S), "slow_s": SLOW_S, "slow_share": SLOW_SHARE},
         "cpu_count": os.cpu_count(),
         "image_generation_s": round(gen_s, 1),
+        "img2dataset_startup_cpu_s": fixed,
     }
-    result["clients"] = clients
-    if "img2dataset" in clients:
-        i2d = clients["img2dataset"]
-        fixed = clients["img2dataset_one_url"]["cpu_s"]
-        i2d_steady = i2d["images"] / max(1e-9, i2d["cpu_s"] - fixed)
-        ours = clients["ours"]["images_per_cpu_s"]
-        result["ratios"] = {
-            "ours_vs_img2dataset_images_per_cpu_s": round(ours / i2d["images_per_cpu_s"], 3),
-            "ours_vs_img2dataset_without_its_startup_cost": round(ours / i2d_steady, 3),
-            "ours_keep_alive_vs_img2dataset_images_per_cpu_s": round(
-                clients["ours_keep_alive"]["images_per_cpu_s"] / i2d["images_per_cpu_s"], 3
-            ),
-            "ours_keep_bytes_vs_img2dataset_images_per_cpu_s": round(
-                clients["ours_keep_bytes"]["images_per_cpu_s"] / i2d["images_per_cpu_s"], 3
-            ),
-            "ours_vs_img2dataset_images_per_s": round(clients["ours"]["images_per_s"] / i2d["images_per_s"], 3),
-            "img2dataset_startup_cpu_s": fixed,
-            "img2dataset_images_per_cpu_s_without_startup": round(i2d_steady, 2),
-        }
-    result["decode_resize_1mp_jpeg_per_core"] = bench_decode(args.decode_seconds)
+    result["scenarios"] = runs
+    if args.decode_seconds > 0:
+        result["decode_resize_1mp_jpeg_per_core"] = bench_decode(args.decode_seconds)
+    if args.transfer_seconds > 0:
+        result["pixels_to_gpu_node"] = bench_transfer(files, 64, args.transfer_seconds)
     print(json.dumps(result, indent=2))
 
 

@@ -186,6 +186,8 @@ def test_fetch_reports_dns_time_and_failures_by_reason(monkeypatch):
     counts = fetch_counters(out).counts
     assert counts["dns_error:nxdomain"] == 2 and counts["dns_error:transient"] == 1
     assert counts["dns_ms"] == int(out[DNS_MS].sum()) >= 40
+    # three names looked up; the second gone.example row answered from the cache (or from the lookup it waited for)
+    assert counts["dns_lookups"] == 3 and counts["dns_cache_hits"] == 1
     assert resolver_stats["retries"] == 2 and resolver_stats["failed:nxdomain"] == 1
 
 

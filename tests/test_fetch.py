@@ -26,6 +26,13 @@ from laionbuild.stages.fetch import (
 HOST = "127.0.0.1"
 
 
+def pixels(out: dict, i: int, size: int = 224) -> np.ndarray:
+    """Row ``i``'s resized image from a fetched batch (its ``IMAGE`` holds raw bytes)."""
+    images, bad = S.image_rows(out[S.IMAGE], np.array([i]), size)
+    assert not bad[0]
+    return images[0]
+
+
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **kw)
@@ -136,8 +143,9 @@ def test_good_images_all_formats(server):
     assert list(out[S.DROP_REASON]) == [""] * 4
     assert out[S.WIDTH].dtype == np.int32 and out[S.HEIGHT].dtype == np.int32
     assert list(zip(out[S.WIDTH], out[S.HEIGHT])) == [(640, 480), (300, 700), (200, 150), (1000, 800)]
-    assert out[S.IMAGE].shape == (4, 224, 224, 3) and out[S.IMAGE].dtype == np.uint8
-    assert all(out[S.IMAGE][i].std() > 5 for i in range(4))
+    images, bad = S.image_rows(out[S.IMAGE], np.arange(4), 224)
+    assert not bad.any() and all(len(out[S.IMAGE][i]) == 224 * 224 * 3 for i in range(4))
+    assert all(images[i].std() > 5 for i in range(4))
     assert S.IMAGE_BYTES not in out
 
 
@@ -149,12 +157,12 @@ def test_image_matches_direct_decode(server):
     expected, _, _ = decode_and_resize(
         WEBP, ResizeConfig(), max_pixels=cfg.max_pixels, min_size=cfg.min_image_size, formats=cfg.formats
     )
-    assert np.array_equal(out[S.IMAGE][0], expected)
+    assert np.array_equal(pixels(out, 0), expected)
 
 
 def test_keep_image_bytes_and_image_size(server):
     out = fetch(server, ["/ok.jpg", "/404"], resize=ResizeConfig(image_size=96), keep_image_bytes=True)
-    assert out[S.IMAGE].shape == (2, 96, 96, 3)
+    assert pixels(out, 0, 96).shape == (96, 96, 3) and out[S.IMAGE][1] is None
     blob = out[S.IMAGE_BYTES][0]
     assert Image.open(io.BytesIO(blob)).size == (96, 96) and blob[:2] == b"\xff\xd8"
     assert out[S.IMAGE_BYTES][1] == b""
@@ -181,7 +189,7 @@ def test_dropped_rows_pass_through_unchanged(server):
     assert list(out[S.ALT_TEXT]) == ["a", "b", "c", "d"]
     assert list(out[S.STATUS]) == ["success", "http_error_404", "skipped", "success"]
     assert list(out[S.DROP_REASON]) == ["", "fetch:http_error_404", "langid:nolang_empty", ""]
-    assert out[S.WIDTH][2] == 0 and not out[S.IMAGE][2].any() and not out[S.IMAGE][1].any()
+    assert out[S.WIDTH][2] == 0 and out[S.IMAGE][2] is None and out[S.IMAGE][1] is None
     assert server.request_count("/ok.png") == before  # the dropped row was not fetched
     assert list(batch[S.DROP_REASON]) == ["", "", "langid:nolang_empty", ""]  # input untouched
 
@@ -194,7 +202,7 @@ def test_dropped_rows_pass_through_unchanged(server):
 def test_empty_batch_and_missing_drop_reason(server):
     with ImageFetcher(make_cfg(), ResizeConfig(image_size=32), resolver=Resolver(lookup=NoDNS())) as f:
         out = f({S.URL: np.array([], dtype=object)})
-        assert out[S.IMAGE].shape == (0, 32, 32, 3) and len(out[S.STATUS]) == 0
+        assert len(out[S.IMAGE]) == 0 and len(out[S.STATUS]) == 0
         out = f({S.URL: np.array([server.base_url + "/ok.png"], dtype=object)})
         assert list(out[S.STATUS]) == ["success"] and list(out[S.DROP_REASON]) == [""]
 
@@ -237,10 +245,10 @@ def test_status(server, path, status):
     assert (message == "") == (status == "success")
 
 
-def test_every_failure_sets_drop_reason_and_zero_image(server):
+def test_every_failure_sets_drop_reason_and_no_image(server):
     out = fetch(server, ["/404", "/text", "/ok.jpg"])
     assert list(out[S.DROP_REASON]) == ["fetch:http_error_404", "fetch:not_an_image", ""]
-    assert not out[S.IMAGE][:2].any() and out[S.IMAGE][2].any()
+    assert out[S.IMAGE][0] is None and out[S.IMAGE][1] is None and pixels(out, 2).any()
     assert list(out[S.WIDTH][:2]) == [0, 0]
 
 
@@ -327,6 +335,12 @@ def test_keep_alive_reuses_connections(server):
         out = f({S.URL: urls})
         assert set(out[S.STATUS]) == {"success"}
         assert f.stats["connections_opened"] <= 2 and f.stats["connections_reused"] >= 10
+        # each row carries its own connection counts; their sum is the stage's counters (stats.json)
+        counts = fetch_counters(out).counts
+        assert counts["connections_opened"] == f.stats["connections_opened"]
+        assert counts["connections_reused"] == f.stats["connections_reused"]
+        assert counts["connections_opened"] + counts["connections_reused"] == len(paths)
+        assert counts["dns_lookups"] == 0  # an IP literal: nothing to resolve
     with ImageFetcher(make_cfg(threads=2, keep_alive=False, dedup_urls_in_batch=False), ResizeConfig(image_size=32),
                       resolver=Resolver(lookup=NoDNS())) as f:
         f({S.URL: urls})
@@ -427,7 +441,61 @@ def test_same_url_in_a_batch_is_downloaded_once():
         assert srv.request_count("/logo.jpg") == 1 and srv.request_count("/404") == 1
         assert list(out[S.STATUS]) == ["success", "http_error_404", "success", "success", "http_error_404"]
         assert list(out[S.DROP_REASON])[1] == list(out[S.DROP_REASON])[4] == "fetch:http_error_404"
-        assert np.array_equal(out[S.IMAGE][0], out[S.IMAGE][3]) and out[S.WIDTH][2] == 640
+        assert np.array_equal(pixels(out, 0), pixels(out, 3)) and out[S.WIDTH][2] == 640
         srv.reset_counts()
         fetch(srv, paths, make_cfg(dedup_urls_in_batch=False))
         assert srv.request_count("/logo.jpg") == 3
+
+
+def test_stream_lets_fast_rows_pass_a_slow_one():
+    """A slow URL in the first batch holds back none of the other rows: every fast row of both
+    batches is yielded before it; every row comes out once, with the same fate as a plain call."""
+    with LoopbackServer(HOST) as srv:
+        srv.add("/slow.png", PNG, content_type="image/png", delay_s=2.0)
+        for i in range(12):
+            srv.add(f"/fast{i}.png", PNG, content_type="image/png")
+        srv.add("/404", b"not here", status=404, content_type="text/plain")
+
+        def batch(paths, tag):
+            return {S.URL: np.array([srv.base_url + p for p in paths], dtype=object),
+                    S.ALT_TEXT: np.array([f"{tag}{i}" for i in range(len(paths))], dtype=object),
+                    S.DROP_REASON: np.array(["langid:x" if p == "-" else "" for p in paths], dtype=object)}
+
+        first = batch(["/fast0.png", "/slow.png", "/fast1.png", "/404", "-", "/fast2.png"], "a")
+        second = batch([f"/fast{i}.png" for i in range(3, 12)], "b")
+        cfg = make_cfg(threads=4, per_host_concurrency=4, timeout_s=10.0, emit_after_s=0.05, batches_in_flight=2)
+        with ImageFetcher(cfg, ResizeConfig(image_size=32), resolver=Resolver(lookup=NoDNS())) as f:
+            chunks = list(f.stream([first, second], emit_rows=4))
+            plain = f(first)
+    rows = [(str(t), str(s)) for c in chunks for t, s in zip(c[S.ALT_TEXT], c[S.STATUS])]
+    assert sorted(t for t, _ in rows) == sorted([f"a{i}" for i in range(6)] + [f"b{i}" for i in range(9)])
+    assert rows[-1] == ("a1", "success")  # the slow row comes out last ...
+    assert len(chunks[-1][S.URL]) == 1  # ... alone: nothing waited for it
+    assert all(len(c[S.URL]) <= 4 for c in chunks)
+    assert {t: s for t, s in rows if t[0] == "a"} == dict(zip(plain[S.ALT_TEXT], plain[S.STATUS]))
+    assert dict(rows)["a3"] == "http_error_404" and dict(rows)["a4"] == "skipped"
+    for c in chunks:  # every chunk is a whole batch: fetch columns line up with the rows
+        assert {len(v) for v in c.values()} == {len(c[S.URL])}
+        ok = c[S.STATUS] == "success"
+        assert all(len(p) == 32 * 32 * 3 for p in c[S.IMAGE][ok]) and all(p is None for p in c[S.IMAGE][~ok])
+
+
+def test_failed_rows_carry_no_pixels_through_the_object_store(server):
+    """What a fetched batch costs in the object store (its Arrow block, as Ray Data stores it):
+    a failed row adds nothing beyond its metadata, a successful row its resized pixels."""
+    from ray.data.block import BlockAccessor
+
+    def block_bytes(batch) -> int:
+        return BlockAccessor.for_block(BlockAccessor.batch_to_block(batch)).size_bytes()
+
+    n = 64
+    cfg = make_cfg(dedup_urls_in_batch=False)
+    failed = fetch(server, ["/404"] * n, cfg)
+    assert set(failed[S.STATUS]) == {"http_error_404"}
+    without_image = {k: v for k, v in failed.items() if k != S.IMAGE}
+    # the IMAGE column of n failed rows: an offset and a validity bit per row, no pixel data
+    assert block_bytes(failed) - block_bytes(without_image) <= n * 8 + 64
+    assert block_bytes(failed) < n * 1024  # the whole row, metadata included, is far below a KiB
+    ok = fetch(server, ["/ok.png"] * n, cfg)
+    per_row = (block_bytes(ok) - block_bytes({k: v for k, v in ok.items() if k != S.IMAGE})) / n
+    assert 224 * 224 * 3 <= per_row <= 224 * 224 * 3 + 16

@@ -33,17 +33,34 @@ class StageActor:
         return out
 
 
+class StreamStageActor(StageActor):
+    """A stage that yields its output as rows complete (``stage.stream(batch)``, a generator):
+    fast rows move on while slow ones of the same batch are still in work. Run it in a pool
+    from :func:`actor_pool` with ``concurrent_calls`` > 1, so that one actor works on several
+    batches at once (the stage must be thread-safe)."""
+
+    def __call__(self, batch: Batch):
+        for out in self.stage.stream(batch):
+            if self.name:
+                out[NODE_COLUMN + self.name] = np.full(len(next(iter(out.values()))), self.node, dtype=object)
+            yield out
+
+
 def nodes_of(batch: Batch) -> dict[str, set[str]]:
     """``{stage: nodes}`` recorded in a batch by the actors it went through."""
     return {k[len(NODE_COLUMN):]: {str(v) for v in vals if v} for k, vals in batch.items() if k.startswith(NODE_COLUMN)}
 
 
-def actor_pool(size: int, in_flight: int | None = None):
+def actor_pool(size: int, in_flight: int | None = None, concurrent_calls: int = 1):
     """A fixed-size actor pool; ``in_flight=1`` for long units (an input file), so that
-    work spreads over every actor instead of queueing at the first ones."""
+    work spreads over every actor instead of queueing at the first ones; ``concurrent_calls``
+    > 1 lets each actor run that many batches at once, in threads."""
     import ray
 
     kwargs = {} if in_flight is None else {"max_tasks_in_flight_per_actor": in_flight}
+    if concurrent_calls > 1:
+        kwargs = {"max_tasks_in_flight_per_actor": max(concurrent_calls, in_flight or 0),
+                  "max_concurrent_calls_per_actor": int(concurrent_calls), "enable_true_multi_threading": True}
     return ray.data.ActorPoolStrategy(size=max(1, int(size)), **kwargs)
 
 

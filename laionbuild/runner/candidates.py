@@ -26,7 +26,7 @@ from .adapter import actor_pool, node_id
 from .dedupkeys import encode_keys
 from ..output.layout import OutputLayout
 from .progress import Progress
-from .resources import ClusterShape, candidates_plan
+from .resources import ClusterShape, candidates_plan, cpu_stage_resources
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
     blocks = max(1, min(len(items), cfg.ray.max_blocks))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,
-                        batch_format="numpy", compute=actor_pool(actors, in_flight=1), num_cpus=cpus)
+                        batch_format="numpy", compute=actor_pool(actors, in_flight=1), num_cpus=cpus,
+                        **cpu_stage_resources(cfg, shape))
     done: dict[str, dict] = {}
     failed: dict[str, dict] = {}
     progress = Progress(len(items), cfg.run.progress, "phase 1/4 candidates", "file")

@@ -28,19 +28,14 @@ def check_node(cfg: Config, load_clip: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"node": node_id(), "host": socket.gethostname(), "error": ""}
     try:
         from ..models import localize_files, local_config
-        from ..stages.langid import LanguageRouter
+        from ..stages import registry
 
         out["files"] = localize_files(cfg)
         local = local_config(cfg)
-        LanguageRouter(local.langid)
-        if load_clip:
-            from ..stages.clip_score import check_models_available
-
-            check_models_available(local.clip)
-            if local.safety.punsafe_heads or local.safety.watermark_model:
-                from ..stages.safety import check_safety_models
-
-                check_safety_models(local.safety, local.clip)
+        for spec in registry.STAGES:  # each stage's own node check, GPU stages where CLIP runs
+            check = spec.function("check_node")
+            if check is not None and (load_clip or spec.resources != "gpu") and spec.is_enabled(local):
+                check(local)
     except Exception as exc:  # noqa: BLE001 - reported to the driver as data
         out["error"] = f"{type(exc).__name__}: {exc}"
     return out

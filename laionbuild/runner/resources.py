@@ -9,18 +9,35 @@ warning) instead.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..config import Config
 
 log = logging.getLogger(__name__)
 
 
+#: how much of the CPU-node resource one task or actor asks for: the resource only says
+#: where CPU stages may run (nodes advertise far more of it, see configs/cluster/), the CPUs
+#: themselves are reserved with ``num_cpus``
+PLACEMENT_SHARE = 0.001
+
+
 @dataclass(frozen=True)
 class ClusterShape:
+    """What the plans need of a cluster. ``cpu_node_cpus``: CPUs of the nodes that run CPU stages
+    (those advertising ``ray.cpu_node_resource``; every node's when none does); ``gpu_node_cpus``:
+    CPUs of the nodes with GPUs; ``placement``: some node advertises the CPU-node resource."""
+
     cpus: float
     gpus: float
     nodes: int = 1
+    cpu_node_cpus: float | None = None
+    gpu_node_cpus: float = 0.0
+    placement: bool = False
+
+    @property
+    def cpu_stage_cpus(self) -> float:
+        return self.cpus if self.cpu_node_cpus is None else self.cpu_node_cpus
 
 
 @dataclass(frozen=True)
@@ -37,14 +54,27 @@ class ScorePlan:
     clip_resources: dict
     read_cpus: float
     write_cpus: float
+    #: extra arguments of every CPU stage: the CPU-node resource when the cluster has such nodes
+    cpu_resources: dict = field(default_factory=dict)
 
 
-def cluster_shape() -> ClusterShape:
+def cluster_shape(cpu_node_resource: str = "") -> ClusterShape:
     import ray
 
     res = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return ClusterShape(float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)), max(1, nodes))
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cpu_nodes = [n for n in alive if cpu_node_resource and n.get("Resources", {}).get(cpu_node_resource, 0) > 0]
+    cpu_node_cpus = sum(float(n["Resources"].get("CPU", 0.0)) for n in cpu_nodes) if cpu_nodes else None
+    gpu_node_cpus = sum(float(n.get("Resources", {}).get("CPU", 0.0)) for n in alive
+                        if n.get("Resources", {}).get("GPU", 0) > 0)
+    return ClusterShape(float(res.get("CPU", 0.0)), float(res.get("GPU", 0.0)), max(1, len(alive)),
+                        cpu_node_cpus=cpu_node_cpus, gpu_node_cpus=gpu_node_cpus, placement=bool(cpu_nodes))
+
+
+def cpu_stage_resources(cfg: Config, shape: ClusterShape) -> dict:
+    """``map_batches`` / remote arguments that keep a CPU stage on the CPU nodes (none when
+    every node is one)."""
+    return {"resources": {cfg.ray.cpu_node_resource: PLACEMENT_SHARE}} if shape.placement else {}
 
 
 def _scale(plan: dict[str, float], need: float, cpus: float, what: str) -> dict[str, float]:
@@ -59,9 +89,10 @@ def _scale(plan: dict[str, float], need: float, cpus: float, what: str) -> dict[
 def candidates_plan(cfg: Config, shape: ClusterShape, n_inputs: int) -> tuple[int, float]:
     """Phase 1: (actors, CPUs per actor). One actor per CPU by default, never more than inputs."""
     r = cfg.ray
-    actors = r.extract_actors or max(1, int(shape.cpus // max(r.extract_num_cpus, 1e-3)))
+    cpus_there = shape.cpu_stage_cpus
+    actors = r.extract_actors or max(1, int(cpus_there // max(r.extract_num_cpus, 1e-3)))
     actors = max(1, min(actors, n_inputs))
-    cpus = _scale({"extract": r.extract_num_cpus}, actors * r.extract_num_cpus, shape.cpus, "the candidates phase")
+    cpus = _scale({"extract": r.extract_num_cpus}, actors * r.extract_num_cpus, cpus_there, "the candidates phase")
     return actors, cpus["extract"]
 
 
@@ -75,7 +106,16 @@ def score_plan(cfg: Config, shape: ClusterShape) -> ScorePlan:
     need = plan["read"] + plan["write"] + r.fetch_actors * plan["fetch"]
     need += 0.0 if use_gpu else c.actors * plan["clip"]
     need += r.tokenize_actors * plan["tokenize"] if tokenize else 0.0
-    plan = _scale(plan, need, shape.cpus, "the fetch-and-score phase")
-    clip_resources = {"num_gpus": c.num_gpus_per_actor} if use_gpu else {"num_cpus": plan["clip"]}
+    # CPU stages fit the CPU nodes; GPU actors the CPUs of the GPU nodes
+    plan = _scale(plan, need, shape.cpu_stage_cpus, "the fetch-and-score phase")
+    cpu_resources = cpu_stage_resources(cfg, shape)
+    if use_gpu:
+        gpu_cpus = c.num_cpus_per_gpu_actor
+        gpu_node_cpus = shape.gpu_node_cpus if shape.gpus > 0 else 0.0
+        if gpu_node_cpus > 0:
+            gpu_cpus = _scale({"clip": gpu_cpus}, c.actors * gpu_cpus, gpu_node_cpus, "the GPU scoring actors")["clip"]
+        clip_resources = {"num_gpus": c.num_gpus_per_actor, "num_cpus": gpu_cpus}
+    else:
+        clip_resources = {"num_cpus": plan["clip"], **cpu_resources}
     return ScorePlan(use_gpu, tokenize, r.fetch_actors, plan["fetch"], r.tokenize_actors, plan["tokenize"],
-                     c.actors, clip_resources, plan["read"], plan["write"])
+                     c.actors, clip_resources, plan["read"], plan["write"], cpu_resources)

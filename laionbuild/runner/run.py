@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import Config, config_hash, config_to_dict, config_to_yaml
-from ..errors import ConfigError, SetupError
+from ..errors import SetupError
 from ..inputs import expand_inputs, file_id
-from ..stages import shards
+from ..stages import registry, shards
 from ..stats import FileResult, RunStats
 from ..output.layout import CANDIDATES, OutputLayout
 from ..output.lease import RunLease
@@ -44,27 +44,11 @@ def preflight(cfg: Config, *, need_clip: bool = True) -> list[str]:
     files = expand_inputs(cfg.run.inputs, cfg.run)
     if not files:
         raise SetupError("no input file left after run.limit / run.shard")
-    from ..stages.langid import LanguageRouter
-
-    LanguageRouter(cfg.langid)  # a missing or unreadable model file fails here, not in a worker
-    from ..stages.blocklist import Blocklist
-
-    Blocklist.from_config(cfg.blocklist)  # so does a missing block list
-    if need_clip:
-        from ..stages.clip_score import check_models_available, model_input_size
-
-        for subset, model_cfg in cfg.clip.models.items():
-            size = model_input_size(model_cfg)
-            if size != cfg.resize.image_size:
-                raise ConfigError(
-                    f"clip.models.{subset} ({model_cfg.arch}) expects {size} px images but "
-                    f"resize.image_size is {cfg.resize.image_size}; set --set resize.image_size={size}"
-                )
-        check_models_available(cfg.clip)
-        if cfg.safety.punsafe_heads or cfg.safety.watermark_model:
-            from ..stages.safety import check_safety_models
-
-            check_safety_models(cfg.safety, cfg.clip)
+    # each stage's own check (stages/registry.py): a missing model or list fails here, not in a worker
+    for spec in registry.STAGES:
+        check = spec.function("check")
+        if check is not None and (need_clip or spec.resources != "gpu") and spec.is_enabled(cfg):
+            check(cfg)
     return files
 
 
@@ -110,6 +94,7 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
             **({f"safety.punsafe.{k}": v for k, v in cfg.safety.punsafe_heads.items() if v} if scoring else {}),
             **({"safety.watermark": cfg.safety.watermark_model} if scoring and cfg.safety.watermark_model else {}),
         },
+        "stages": [spec.describe(cfg) for spec in registry.STAGES if scoring or spec.phase != "score"],
         "package_versions": _package_versions(),
         "inputs": len(files),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -181,7 +166,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         from .nodes import prepare_nodes
 
         prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
-    shape = cluster_shape()
+    shape = cluster_shape(cfg.ray.cpu_node_resource)
     phases = {"start": round(time.monotonic() - t0, 2)}
 
     from .candidates import run_candidates_phase

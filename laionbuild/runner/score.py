@@ -26,9 +26,9 @@ from .. import schema as S
 from ..config import Config
 from ..output.fs import open_fs
 from ..output.layout import OutputLayout
-from ..stages import shards
+from ..stages import registry, shards
 from ..stats import StageCounters
-from .adapter import StageActor, actor_pool, node_id, nodes_of
+from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of
 from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
 from .progress import Progress
 from .resources import ClusterShape, score_plan
@@ -36,7 +36,7 @@ from .resources import ClusterShape, score_plan
 log = logging.getLogger(__name__)
 
 #: stages of this phase, in order; each reports its own counters (``<stage>:<reason>`` drops)
-STAGES = ("blocklist", "fetch", "clip", "laion_filter")
+STAGES = tuple(s.name for s in registry.of_phase("score"))
 #: columns of the per-row fate files
 FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SUBSET, "LANGUAGE": S.LANGUAGE,
                 "status": S.STATUS, "similarity": S.SIMILARITY, "drop_reason": S.DROP_REASON,
@@ -59,6 +59,10 @@ class FetchStage:
     def __call__(self, batch):
         return self.fetcher(self.blocklist(batch))
 
+    def stream(self, batch):
+        """The batch's rows in the order they complete (several calls may run at once)."""
+        return self.fetcher.stream([self.blocklist(batch)])
+
 
 def tokenize_stage(cfg: Config):
     from ..models import localize_models
@@ -75,16 +79,11 @@ def clip_stage(cfg: Config):
     return ClipScorer(cfg.clip, cfg.resize.image_size, safety=cfg.safety)
 
 
-def stage_counters(batch: dict[str, np.ndarray]) -> dict[str, StageCounters]:
-    """Each stage's own counters, read off a batch that went through every stage."""
-    from ..stages.blocklist import blocklist_counters
-    from ..stages.clip_score import clip_counters
-    from ..stages.fetch import fetch_counters
-    from ..stages.laion_filter import laion_filter_counters
-
-    blocked = blocklist_counters(batch, later=STAGES[STAGES.index("blocklist") + 1:])
-    return {"blocklist": blocked, "fetch": fetch_counters(batch), "clip": clip_counters(batch),
-            "laion_filter": laion_filter_counters(batch)}
+def stage_counters(batch: dict[str, np.ndarray], cfg: Config | None = None) -> dict[str, StageCounters]:
+    """Each stage's own counters, read off a batch that went through every stage (only the
+    stages that ran when ``cfg`` is given)."""
+    return {spec.name: spec.function("counters")(batch, registry.later_than(spec.name))
+            for spec in registry.of_phase("score") if cfg is None or spec.is_enabled(cfg)}
 
 
 # --------------------------------------------------------------------------- reading and writing
@@ -142,9 +141,7 @@ class ShardPartWriter:
         for shard_id in sorted(set(ids)):
             mask = ids == shard_id
             sub = {k: v[mask] for k, v in batch.items()}
-            counters = stage_counters(sub)
-            if not self.cfg.safety.laion_filter.enabled:
-                counters.pop("laion_filter")  # it did not run: stats.json says it was off
+            counters = stage_counters(sub, self.cfg)  # a stage that did not run reports nothing
             counters = {k: c.to_dict() for k, c in counters.items()}
             nodes = {k: sorted(v) for k, v in nodes_of(sub).items()}
             nodes["write"] = [node_id()]
@@ -231,21 +228,23 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         progress.close()
         return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
-    ds = ds.map_batches(read_work_shard, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus)
-    ds = ds.map_batches(StageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
-                        batch_size=cfg.fetch.batch_size, compute=actor_pool(plan.fetch_actors),
-                        num_cpus=plan.fetch_cpus)
+    ds = ds.map_batches(read_work_shard, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
+                        **plan.cpu_resources)
+    ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
+                        batch_size=cfg.fetch.batch_size,
+                        compute=actor_pool(plan.fetch_actors, concurrent_calls=cfg.fetch.batches_in_flight),
+                        num_cpus=plan.fetch_cpus, **plan.cpu_resources)
     if plan.tokenize_upstream:
         ds = ds.map_batches(StageActor, fn_constructor_args=(tokenize_stage, cfg, "tokenize"), batch_format="numpy",
                             batch_size=cfg.clip.batch_size, compute=actor_pool(plan.tokenize_actors),
-                            num_cpus=plan.tokenize_cpus)
+                            num_cpus=plan.tokenize_cpus, **plan.cpu_resources)
     ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
                         batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
                         **plan.clip_resources)
     # one part per CLIP batch: without a batch size, Ray Data would gather the (small, image-free)
     # scored blocks into about a MiB per write, holding back commits by hundreds of rows
     ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=cfg.clip.batch_size,
-                        num_cpus=plan.write_cpus)
+                        num_cpus=plan.write_cpus, **plan.cpu_resources)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)

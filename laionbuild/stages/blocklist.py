@@ -473,5 +473,17 @@ def cached(cfg: BlocklistConfig, prefix: str = STAGE) -> Blocklist:
     return bl
 
 
+
+# --------------------------------------------------------------------------- registry hooks
+def stage_counters(batch: dict[str, np.ndarray], later: Sequence[str] = ()) -> StageCounters:
+    """The stage's counters for :mod:`.registry`."""
+    return blocklist_counters(batch, later=later)
+
+
+def check_config(cfg) -> None:
+    """A missing or unreadable block list fails here, before any work."""
+    Blocklist.from_config(cfg.blocklist)
+
+
 __all__ = ["Blocklist", "ListInfo", "STAGE", "blocklist_counters", "cached", "filter_image_tars", "filter_table", "normalize_domain", "normalize_url",
            "parse_hash", "url_host"]

@@ -54,7 +54,7 @@ import numpy as np
 
 from ..config import ClipConfig, LaionFilterConfig, SafetyConfig
 from ..errors import ConfigError
-from ..schema import ALT_TEXT, DROP_REASON, IMAGE, NSFW, PUNSAFE, PWATERMARK, SIMILARITY, SUBSET
+from ..schema import ALT_TEXT, DROP_REASON, IMAGE, NSFW, PUNSAFE, PWATERMARK, SIMILARITY, SUBSET, image_rows
 from ..stats import StageCounters
 from . import laion_filter as lf
 from .model_loading import (  # noqa: F401  (re-exported: the loading API used to live here)
@@ -375,25 +375,7 @@ class ClipScorer:
     # ..................................................................... helpers
     def _image_rows(self, images: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [k, S, S, 3] for rows ``idx``; also the mask of rows whose image is unusable."""
-        s = self.image_size
-        if images.dtype != object and images.ndim == 4:
-            if images.shape[1:] != (s, s, 3):
-                return np.zeros((len(idx), s, s, 3), np.uint8), np.ones(len(idx), bool)
-            if len(idx) and idx[-1] - idx[0] == len(idx) - 1:
-                sel = images[idx[0] : idx[-1] + 1]  # a contiguous run: a view, no copy
-            else:
-                sel = images[idx]
-            return (sel if sel.dtype == np.uint8 else np.clip(sel, 0, 255).astype(np.uint8)), np.zeros(len(idx), bool)
-        out = np.zeros((len(idx), s, s, 3), np.uint8)
-        bad = np.zeros(len(idx), bool)
-        for j, i in enumerate(idx):
-            img = images[i]
-            a = np.asarray(img) if img is not None else None
-            if a is None or a.shape != (s, s, 3):
-                bad[j] = True
-            else:
-                out[j] = a
-        return out, bad
+        return image_rows(images, idx, self.image_size)
 
     # ..................................................................... call
     def _tokens(self, text_runner: _TextRunner, rows: np.ndarray, texts, tokens_col):
@@ -557,3 +539,30 @@ def clip_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
         c.count(f"kept.{subset}", int((alive & in_subset).sum()))
         c.count(f"{BELOW_THRESHOLD}.{subset}", int((in_subset & (drop == DROP_BELOW)).sum()))
     return c
+
+
+# --------------------------------------------------------------------------- registry hooks
+def stage_counters(batch: Mapping[str, np.ndarray], later=()) -> StageCounters:
+    """The stage's counters for :mod:`.registry`."""
+    return clip_counters(batch)
+
+
+def check_config(cfg) -> None:
+    """Before any work: every model matches ``resize.image_size`` and every model file is usable."""
+    for subset, model_cfg in cfg.clip.models.items():
+        size = model_input_size(model_cfg)
+        if size != cfg.resize.image_size:
+            raise ConfigError(
+                f"clip.models.{subset} ({model_cfg.arch}) expects {size} px images but "
+                f"resize.image_size is {cfg.resize.image_size}; set --set resize.image_size={size}"
+            )
+    check_node_models(cfg)
+
+
+def check_node_models(cfg) -> None:
+    """The CLIP and safety model files of ``cfg`` load (on the node that runs this)."""
+    check_models_available(cfg.clip)
+    if cfg.safety.punsafe_heads or cfg.safety.watermark_model:
+        from .safety import check_safety_models
+
+        check_safety_models(cfg.safety, cfg.clip)

@@ -151,3 +151,8 @@ def laion_filter_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
         c.drop(reason, k)
     c.kept = int((drop == "").sum())
     return c
+
+
+def stage_counters(batch: Mapping[str, np.ndarray], later: Sequence[str] = ()) -> StageCounters:
+    """The stage's counters for :mod:`.registry`."""
+    return laion_filter_counters(batch)

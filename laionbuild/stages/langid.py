@@ -359,6 +359,12 @@ def routing_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
     return counters
 
 
+
+def check_config(cfg) -> None:
+    """A missing or unreadable language model fails here, not in a worker."""
+    LanguageRouter(cfg.langid)
+
+
 __all__ = [
     "ENGINES",
     "LanguageRouter",

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import schema
 from ..errors import ConfigError, ModelMissingError
 from ..schema import DROP_REASON, IMAGE, PWATERMARK
 
@@ -424,20 +425,7 @@ def preprocess_images(images, input_size: int, mean: Sequence[float], std: Seque
 
 def image_rows(images: Any, idx: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """uint8 ``[k, size, size, 3]`` of rows ``idx`` and the mask of rows whose image is unusable."""
-    if images is not None and getattr(images, "dtype", None) != object and getattr(images, "ndim", 0) == 4:
-        if images.shape[1:] != (size, size, 3):
-            return np.zeros((len(idx), size, size, 3), np.uint8), np.ones(len(idx), bool)
-        sel = images[idx]
-        return (sel if sel.dtype == np.uint8 else np.clip(sel, 0, 255).astype(np.uint8)), np.zeros(len(idx), bool)
-    out = np.zeros((len(idx), size, size, 3), np.uint8)
-    bad = np.zeros(len(idx), bool)
-    for j, i in enumerate(idx):
-        a = np.asarray(images[i]) if images is not None and images[i] is not None else None
-        if a is None or a.shape != (size, size, 3):
-            bad[j] = True
-        else:
-            out[j] = a
-    return out, bad
+    return schema.image_rows(images, idx, size)
 
 
 class WatermarkScorer:

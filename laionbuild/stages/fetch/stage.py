@@ -1,0 +1,632 @@
+"""The fetch stage: download the live rows of a batch, decode and resize them.
+
+See the package documentation (:mod:`laionbuild.stages.fetch`) for the statuses,
+the safety model and the columns. :class:`ImageFetcher` is built once per worker;
+``fetcher(batch)`` returns the batch with every row fetched, in order;
+``fetcher.stream(batches)`` keeps ``fetch.threads`` downloads in flight over
+several batches and yields the rows as they complete, so that a slow URL holds
+back no other row.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Mapping
+from urllib.parse import quote, urljoin, urlsplit
+
+import numpy as np
+
+from ... import schema as S
+from ...config import FetchConfig, ResizeConfig
+from ...stats import StageCounters
+from ..optout import (
+    ROBOTS_PATH,
+    TDMREP_PATH,
+    OriginCache,
+    RobotsRules,
+    parse_robots,
+    parse_tdmrep,
+    tdm_header_reserved,
+    tdm_reserved,
+)
+from ..resize import ImageRejected, decode_and_resize, encode_image
+from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
+from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
+from .policy import AddressPolicy
+
+logger = logging.getLogger(__name__)
+
+STAGE = "fetch"
+SKIPPED = "skipped"
+STATUSES = (
+    "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
+    "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
+    "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
+    "too_small_bytes",
+)  # plus http_error_<code> and blocklisted:<list>
+
+#: per-row columns counting the connections and DNS work of the row's download; summed into
+#: the stage's counters (stats.json) by :func:`fetch_counters` under the key named here
+IO_COLUMNS = {
+    "connections_opened": "fetch_connections_opened",
+    "connections_reused": "fetch_connections_reused",
+    "dns_lookups": "fetch_dns_lookups",
+    "dns_cache_hits": "fetch_dns_cache_hits",
+}
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+# X-Robots-Tag directives that carry a value after a colon (not a user-agent prefix)
+_VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
+
+
+def is_transient(status: str) -> bool:
+    """Failures worth retrying: timeouts, connection errors, 5xx and 429."""
+    if status in ("timeout", "connection_error", "http_error_429"):
+        return True
+    return status.startswith("http_error_5")
+
+
+def _opted_out(values: list[str], ua_token: str, directives: frozenset[str]) -> bool:
+    for value in values:
+        agent = None
+        for item in value.split(","):
+            item = item.strip().lower()
+            if not item:
+                continue
+            if ":" in item:
+                head, rest = (p.strip() for p in item.split(":", 1))
+                if head not in _VALUED_DIRECTIVES:
+                    agent, item = head, rest
+            if (agent is None or agent == ua_token) and item in directives:
+                return True
+    return False
+
+
+class _Row:
+    """The outcome of one row's download."""
+
+    __slots__ = ("status", "message", "pixels", "width", "height", "final_url", "blob", "dns_ms", "io")
+
+    def __init__(self, status: str = SKIPPED, message: str = ""):
+        self.status, self.message = status, message
+        self.pixels: bytes | None = None
+        self.width = self.height = self.dns_ms = 0
+        self.final_url: str | None = None
+        self.blob = b""
+        self.io = (0, 0, 0, 0)
+
+
+class _Pending:
+    """One input batch whose rows are being downloaded."""
+
+    __slots__ = ("batch", "n", "rows", "copies", "left")
+
+    def __init__(self, batch: Mapping[str, np.ndarray]):
+        self.batch = batch
+        self.n = S.batch_len(batch)
+        self.rows: list[_Row | None] = [None] * self.n
+        self.copies: dict[int, list[int]] = {}  # row downloaded -> rows of the same URL that share it
+        self.left = 0
+
+
+# --------------------------------------------------------------------------- fetcher
+class ImageFetcher:
+    """Download + decode + resize the live rows of batches (see the module documentation)."""
+
+    def __init__(
+        self,
+        fetch_cfg: FetchConfig,
+        resize_cfg: ResizeConfig,
+        *,
+        resolver: Resolver | None = None,
+        keep_image_bytes: bool = False,
+        url_filter: Callable[[str], str | None] | None = None,
+    ):
+        """``url_filter(url)`` names the block list holding a URL (or None); it is asked
+        on every hop, so a redirect never leads to a block-listed URL."""
+        self.cfg = fetch_cfg
+        self.url_filter = url_filter
+        self._policies = OriginCache(fetch_cfg.policy_cache_size)
+        self.resize_cfg = resize_cfg
+        self.keep_image_bytes = keep_image_bytes
+        self.resolver = resolver or Resolver.from_config(fetch_cfg)
+        self._dns = threading.local()  # seconds the current row spent resolving, per download thread
+        self.policy = AddressPolicy(fetch_cfg.allow_addresses)
+        self.formats = tuple(f.upper() for f in fetch_cfg.formats)
+        self.opt_out_directives = frozenset(d.strip().lower() for d in fetch_cfg.opt_out_directives)
+        self.ua_token = fetch_cfg.user_agent.split("/", 1)[0].split()[0].lower() if fetch_cfg.user_agent else ""
+        self._headers = {
+            "User-Agent": fetch_cfg.user_agent,
+            "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8,*/*;q=0.5",
+            "Accept-Encoding": "identity",
+        }
+        self.connections = ConnectionPool(keep_alive=fetch_cfg.keep_alive,
+                                          max_idle=fetch_cfg.per_host_concurrency, timeout_s=fetch_cfg.timeout_s,
+                                          ssl_context=ssl.create_default_context())
+        self._pool = ThreadPoolExecutor(max_workers=max(1, fetch_cfg.threads), thread_name_prefix="fetch")
+        self._host_slots: dict[str, threading.BoundedSemaphore] = {}
+        self._lock = threading.Lock()
+        self._stats: Counter = Counter()
+        self._closed = False
+
+    @property
+    def stats(self) -> Counter:
+        """This worker's counters: retries, URLs shared, connections opened and reused..."""
+        with self._lock:
+            return self._stats + self.connections.stats
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._stats[name] += n
+
+    # ------------------------------------------------------------------ batches
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every row of ``batch`` fetched, in order."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        pend = self._start(batch, done)
+        while pend.left:
+            self._settle(done.get(), done)
+        return self._assemble(pend, np.arange(pend.n))
+
+    def stream(self, batches: Iterable[Mapping[str, np.ndarray]], emit_rows: int | None = None,
+               emit_after_s: float | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """The rows of ``batches``, fetched with every download thread busy, in batches of rows
+        that completed: a batch is yielded once ``emit_rows`` rows (default ``fetch.batch_size``)
+        are done, or once its first row has waited ``emit_after_s`` (``fetch.emit_after_s``), or
+        at the end. At most ``fetch.batches_in_flight`` input batches are read ahead.
+        Rows keep their columns; their order changes (each carries its own identity)."""
+        emit_rows = max(1, int(emit_rows or self.cfg.batch_size))
+        wait_s = self.cfg.emit_after_s if emit_after_s is None else emit_after_s
+        ahead = max(1, self.cfg.batches_in_flight)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        source = iter(batches)
+        exhausted = False
+        open_batches: set[int] = set()  # ids of batches with rows still downloading
+        ready: list[tuple[_Pending, int]] = []
+        first_ready = 0.0
+        while True:
+            while not exhausted and len(open_batches) < ahead:
+                try:
+                    batch = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pend = self._start(batch, done)
+                if pend.left:
+                    open_batches.add(id(pend))
+                before = len(ready)
+                ready.extend((pend, i) for i in range(pend.n) if pend.rows[i] is not None)
+                if ready and not before:
+                    first_ready = time.monotonic()
+            if ready and (len(ready) >= emit_rows or not open_batches
+                          or time.monotonic() - first_ready >= wait_s):
+                chunk, ready = ready[:emit_rows], ready[emit_rows:]
+                first_ready = time.monotonic()
+                yield self._assemble_rows(chunk)
+                continue
+            if not open_batches:
+                if exhausted:
+                    return
+                continue
+            timeout = max(0.0, first_ready + wait_s - time.monotonic()) if ready else None
+            try:
+                item = done.get(timeout=timeout)
+            except queue.Empty:
+                continue
+            pend = item[0]
+            settled = self._settle(item, done)
+            if settled:
+                if not ready:
+                    first_ready = time.monotonic()
+                ready.extend((pend, i) for i in settled)
+            if not pend.left:
+                open_batches.discard(id(pend))
+
+    def _start(self, batch: Mapping[str, np.ndarray], done: queue.SimpleQueue) -> _Pending:
+        """Submit the downloads of a batch; rows dropped earlier are settled at once."""
+        if self._closed:
+            raise RuntimeError("ImageFetcher is closed")
+        pend = _Pending(batch)
+        urls = batch.get(S.URL)
+        drop = batch.get(S.DROP_REASON)
+        first: dict = {}
+        todo = []
+        for i in range(pend.n):
+            if drop is not None and drop[i]:
+                pend.rows[i] = _Row()
+                continue
+            url = urls[i] if urls is not None else ""
+            if self.cfg.dedup_urls_in_batch:
+                j = first.setdefault(url, i)
+                if j != i:
+                    pend.copies.setdefault(j, []).append(i)
+                    pend.left += 1
+                    continue
+            todo.append((i, url))
+        pend.left += len(todo)
+        for i, url in todo:
+            self._pool.submit(self._work, pend, i, url, done)
+        return pend
+
+    def _work(self, pend: _Pending, i: int, url, done: queue.SimpleQueue) -> None:
+        try:
+            row = self._fetch_row(url)
+        except BaseException as exc:  # noqa: BLE001 - the row must settle whatever happens
+            row = _Row("connection_error", f"unexpected {type(exc).__name__}: {exc}")
+        done.put((pend, i, row))
+
+    def _settle(self, item, done) -> list[int]:
+        """Record a finished download (and the rows sharing its URL); returns the rows settled."""
+        pend, i, row = item
+        pend.rows[i] = row
+        settled = [i] + pend.copies.pop(i, [])
+        for j in settled[1:]:
+            pend.rows[j] = row
+        if len(settled) > 1:
+            self._bump("url_reused", len(settled) - 1)
+        pend.left -= len(settled)
+        return settled
+
+    def _fetch_row(self, url) -> _Row:
+        """Download, decode and resize one URL; never raises."""
+        row = _Row("success")
+        self._dns.seconds = 0.0
+        self.connections.take_row_counts()
+        self.resolver.take_row_counts()
+        try:
+            arr, w, h, final = self._fetch_image(url)
+            row.pixels = np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+            row.width, row.height, row.final_url = w, h, final
+            if self.keep_image_bytes:
+                row.blob = encode_image(arr, self.resize_cfg)
+        except FetchFailure as exc:
+            row.status, row.message = exc.status, exc.message
+        except ImageRejected as exc:
+            row.status, row.message = exc.status, exc.message
+        except Exception as exc:  # noqa: BLE001 - one record never stops the batch
+            logger.warning("unexpected error fetching %r", url, exc_info=True)
+            row.status, row.message = "connection_error", f"unexpected {type(exc).__name__}: {exc}"
+        row.dns_ms = int(round(self._dns.seconds * 1000))
+        row.io = self.connections.take_row_counts() + self.resolver.take_row_counts()
+        return row
+
+    def _assemble_rows(self, chunk: list[tuple[_Pending, int]]) -> dict[str, np.ndarray]:
+        """One output batch from settled rows of (possibly) several input batches."""
+        groups: dict[int, tuple[_Pending, list[int]]] = {}
+        for pend, i in chunk:
+            groups.setdefault(id(pend), (pend, []))[1].append(i)
+        parts = [self._assemble(pend, np.asarray(idx, dtype=np.int64)) for pend, idx in groups.values()]
+        if len(parts) == 1:
+            return parts[0]
+        keys = set(parts[0])
+        if any(set(p) != keys for p in parts[1:]):  # batches of different columns: keep what all have
+            keys = set.intersection(*(set(p) for p in parts))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k in keys}
+
+    def _assemble(self, pend: _Pending, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows ``idx`` of a batch (all settled) with the fetch columns added."""
+        batch = pend.batch
+        k = len(idx)
+        whole = k == pend.n and bool(np.all(idx == np.arange(pend.n)))
+        out = {name: (np.asarray(col) if whole else np.asarray(col)[idx]) for name, col in batch.items()}
+        rows = [pend.rows[i] for i in idx]
+        status = np.array([r.status for r in rows], dtype=object)
+        drop = (np.array(out[S.DROP_REASON], dtype=object, copy=True) if S.DROP_REASON in out
+                else np.full(k, "", dtype=object))
+        for j, r in enumerate(rows):
+            if r.status != SKIPPED and r.status != "success":
+                drop[j] = f"{STAGE}:{r.status}"
+        if self.cfg.url_after_redirects and S.URL in out:
+            urls = np.array(out[S.URL], dtype=object, copy=True)
+            changed = [j for j, r in enumerate(rows) if r.final_url is not None and r.final_url != urls[j]]
+            if changed:
+                for j in changed:
+                    urls[j] = rows[j].final_url
+                out[S.URL] = urls
+                if S.HASH in out and S.ALT_TEXT in out:
+                    hashes = np.array(out[S.HASH], dtype=np.int64, copy=True)
+                    for j in changed:
+                        hashes[j] = S.pair_hash(str(urls[j]), str(out[S.ALT_TEXT][j]))
+                    out[S.HASH] = hashes
+                self._bump("url_after_redirects", len(changed))
+        out[S.STATUS] = status
+        out[S.ERROR_MESSAGE] = np.array([r.message for r in rows], dtype=object)
+        out[DNS_MS] = np.array([r.dns_ms for r in rows], dtype=np.int32)
+        for c, column in enumerate(IO_COLUMNS.values()):
+            out[column] = np.array([r.io[c] for r in rows], dtype=np.int16)
+        out[S.WIDTH] = np.array([r.width for r in rows], dtype=np.int32)
+        out[S.HEIGHT] = np.array([r.height for r in rows], dtype=np.int32)
+        # resized RGB pixels of successful rows only; a failed row carries nothing
+        pixels = np.empty(k, dtype=object)
+        pixels[:] = [r.pixels for r in rows]
+        out[S.IMAGE] = pixels
+        if self.keep_image_bytes:
+            blobs = np.empty(k, dtype=object)
+            blobs[:] = [r.blob for r in rows]
+            out[S.IMAGE_BYTES] = blobs
+        out[S.DROP_REASON] = drop
+        return out
+
+    def fetch_image(self, url) -> tuple[np.ndarray, int, int]:
+        """Download and decode one URL; raises ``FetchFailure`` / ``ImageRejected``."""
+        return self._fetch_image(url)[:3]
+
+    def _fetch_image(self, url) -> tuple[np.ndarray, int, int, str]:
+        """``(image, width, height, URL after redirects)``; raises ``FetchFailure`` / ``ImageRejected``."""
+        data, final = self._fetch_with_url(url)
+        if len(data) < self.cfg.min_bytes:
+            raise FetchFailure("too_small_bytes", f"{len(data)} bytes is less than {self.cfg.min_bytes}")
+        arr, w, h = decode_and_resize(
+            data,
+            self.resize_cfg,
+            max_pixels=self.cfg.max_pixels,
+            min_size=self.cfg.min_image_size,
+            formats=self.formats,
+            accept_truncated=self.cfg.accept_truncated,
+        )
+        return arr, w, h, final
+
+    # ------------------------------------------------------------------ download
+    def fetch_bytes(self, url) -> bytes:
+        """The body of ``url`` after redirects, with retries for transient failures."""
+        return self._fetch_with_url(url)[0]
+
+    def _fetch_with_url(self, url) -> tuple[bytes, str]:
+        """``(body, URL it was read from after redirects)``, with retries for transient failures."""
+        if not isinstance(url, str) or not url:
+            raise FetchFailure("bad_url", f"not a URL: {url!r}")
+        attempts = max(0, self.cfg.retries) + 1
+        for attempt in range(attempts):
+            try:
+                return self._attempt(url)
+            except FetchFailure as exc:
+                if attempt + 1 >= attempts or not is_transient(exc.status):
+                    raise
+                self._bump("retries")
+                delay = self.cfg.retry_backoff_s * (2 ** attempt)
+                logger.debug("retrying %s after %s (%.2fs)", url, exc.status, delay)
+                if delay > 0:
+                    time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _attempt(self, url: str, policy_file: bool = False) -> tuple[bytes, str]:
+        """One download with its redirects: ``(body, final URL)``; ``policy_file``: an opt-out
+        file, not an image."""
+        deadline = time.monotonic() + self.cfg.timeout_s
+        current = url
+        for hop in range(self.cfg.max_redirects + 1):
+            target = self._vet(current)
+            if not policy_file:
+                started = time.monotonic()
+                self._check_opt_outs(current, target)
+                deadline += time.monotonic() - started  # opt-out files do not eat the image's time
+            slot = self._slot(target[1])
+            with slot:
+                location = self._request(target, deadline, policy_file)
+            if isinstance(location, bytes):
+                return location, current
+            current = urljoin(current, location)
+        raise FetchFailure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
+
+    def _vet(self, url: str) -> tuple[str, str, int, str, tuple[str, ...]]:
+        """Check scheme, host and addresses of one hop BEFORE any connection."""
+        try:
+            parts = urlsplit(url.strip())
+            scheme = parts.scheme.lower()
+            if scheme not in ("http", "https"):
+                raise FetchFailure("bad_scheme", f"scheme {scheme or '(none)'!r} is not fetched")
+            host = parts.hostname or ""
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError as exc:
+            raise FetchFailure("bad_url", f"{url[:200]!r}: {exc}") from None
+        if not host:
+            raise FetchFailure("bad_url", f"no host in {url[:200]!r}")
+        try:
+            host = host.encode("idna").decode("ascii") if not host.isascii() else host
+        except UnicodeError as exc:
+            raise FetchFailure("bad_url", f"host {host!r}: {exc}") from None
+        started = time.monotonic()
+        try:
+            addresses = self.resolver.resolve(host)
+        except ResolveError as exc:
+            raise FetchFailure("dns_error", str(exc)) from None
+        finally:
+            self._dns.seconds = getattr(self._dns, "seconds", 0.0) + time.monotonic() - started
+        for address in addresses:
+            reason = self.policy.check(address)
+            if reason is not None:
+                self._bump("blocked")
+                raise FetchFailure("blocked_address", f"{host} -> {reason}")
+        path = quote(parts.path or "/", safe="/%:@!$&'()*+,;=-._~")
+        if parts.query:
+            path += "?" + quote(parts.query, safe="/%:@!$&'()*+,;=-._~?")
+        return scheme, host, port, path, addresses
+
+    def _slot(self, host: str) -> threading.BoundedSemaphore:
+        with self._lock:
+            slot = self._host_slots.get(host)
+            if slot is None:
+                slot = threading.BoundedSemaphore(max(1, self.cfg.per_host_concurrency))
+                self._host_slots[host] = slot
+            return slot
+
+    # ------------------------------------------------------------------ opt-out files
+    def _check_opt_outs(self, url: str, target) -> None:
+        """Block lists, tdmrep.json and robots.txt for one hop; raises ``FetchFailure``."""
+        if self.url_filter is not None:
+            name = self.url_filter(url)
+            if name:
+                raise FetchFailure(f"blocklisted:{name}", f"{url[:200]} is on block list {name}")
+        if not (self.cfg.honour_tdmrep_json or self.cfg.honour_robots_txt):
+            return
+        scheme, host, port, path, _ = target
+        if self.cfg.honour_tdmrep_json:
+            rules = self._policies.get(("tdmrep", scheme, host, port),
+                                       lambda: parse_tdmrep(self._policy_file(scheme, host, port, TDMREP_PATH)[1]))
+            rule = tdm_reserved(rules, path.split("?", 1)[0])
+            if rule is not None:
+                raise FetchFailure("opt_out_tdmrep", f"{TDMREP_PATH}: location {rule.location!r} reserved"
+                               + (f" (policy {rule.policy})" if rule.policy else ""))
+        if self.cfg.honour_robots_txt:
+            robots: RobotsRules = self._policies.get(("robots", scheme, host, port),
+                                                     lambda: parse_robots(*self._policy_file(scheme, host, port,
+                                                                                             ROBOTS_PATH)))
+            if not robots.allowed(self.ua_token or "*", path):
+                raise FetchFailure("opt_out_robots_txt", robots.note or f"{ROBOTS_PATH} disallows {path[:200]}")
+
+    def _policy_file(self, scheme: str, host: str, port: int, path: str) -> tuple[int | None, bytes]:
+        """(HTTP status, body) of an opt-out file; status None when the host cannot be reached."""
+        netloc = f"[{host}]" if ":" in host else host
+        url = f"{scheme}://{netloc}:{port}{path}"
+        self._bump("policy_fetches")
+        try:
+            return 200, self._attempt(url, policy_file=True)[0]
+        except FetchFailure as exc:
+            if exc.status.startswith("http_error_") and exc.status[11:].isdigit():
+                return int(exc.status[11:]), b""
+            if exc.status == "too_large_bytes":
+                return 200, b""
+            logger.debug("opt-out file %s: %s", url, exc)
+            return None, b""
+        except Exception:  # noqa: BLE001 - an opt-out file never stops the batch
+            logger.warning("unexpected error fetching %s", url, exc_info=True)
+            return None, b""
+
+    def _request(self, target, deadline: float, policy_file: bool = False) -> bytes | str:
+        """One HTTP exchange; returns the body (bytes) or a redirect location (str)."""
+        scheme, host, port, path, addresses = target
+        for fresh_try in range(2):
+            conn = self.connections.checkout(scheme, host, port, addresses, deadline, fresh=fresh_try > 0)
+            try:
+                set_timeout(conn, deadline)
+                conn.http.request("GET", path, headers=self._headers)
+                resp = conn.http.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
+                conn.http.close()
+                if conn.reused:
+                    continue  # a kept-alive connection the server had closed: open a new one
+                raise FetchFailure("connection_error", f"{type(exc).__name__}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001
+                conn.http.close()
+                raise net_failure(exc, self.cfg.timeout_s) from None
+            try:
+                return self._response(conn, resp, deadline, policy_file)
+            except BaseException:
+                conn.http.close()
+                raise
+        raise FetchFailure("connection_error", "connection closed by the server")
+
+    def _response(self, conn: Conn, resp: http.client.HTTPResponse, deadline: float,
+                  policy_file: bool = False) -> bytes | str:
+        code = resp.status
+        if code in _REDIRECTS:
+            location = resp.getheader("Location")
+            self.connections.discard(conn, resp, deadline)
+            if not location:
+                raise FetchFailure(f"http_error_{code}", f"HTTP {code} without Location")
+            return location
+        if not 200 <= code < 300:
+            self.connections.discard(conn, resp, deadline)
+            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip())
+        if self.cfg.honour_opt_out and self.opt_out_directives and not policy_file:
+            tags = resp.headers.get_all("X-Robots-Tag") or []
+            if tags and _opted_out(tags, self.ua_token, self.opt_out_directives):
+                conn.http.close()
+                raise FetchFailure("opt_out", f"X-Robots-Tag: {'; '.join(tags)[:200]}")
+        if self.cfg.honour_tdm_header and not policy_file:
+            reservation = resp.headers.get_all("tdm-reservation") or []
+            if reservation and tdm_header_reserved(reservation):
+                conn.http.close()
+                raise FetchFailure("opt_out_tdm_header", f"tdm-reservation: {'; '.join(reservation)[:200]}")
+        limit = self.cfg.policy_max_bytes if policy_file else self.cfg.max_bytes
+        declared = resp.getheader("Content-Length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    conn.http.close()
+                    raise FetchFailure("too_large_bytes", f"Content-Length {declared} > {limit}")
+            except ValueError:
+                pass
+        body = self.connections.read_body(conn, resp, limit, deadline)
+        if resp.will_close:
+            conn.http.close()
+        else:
+            self.connections.checkin(conn)
+        return body
+
+    # ------------------------------------------------------------------ life cycle
+    def close(self) -> None:
+        """Stop the thread pool and close kept-alive connections."""
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        self.connections.close()
+
+    def __enter__(self) -> "ImageFetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            if not self._closed:
+                self._pool.shutdown(wait=False)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# --------------------------------------------------------------------------- counters
+def fetch_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
+    """Counters of one fetched batch: successes kept, failures by status, connection and DNS work."""
+    counters = StageCounters()
+    statuses = batch.get(S.STATUS)
+    if statuses is None:
+        return counters
+    counts = Counter(str(s) for s in statuses)
+    skipped = counts.pop(SKIPPED, 0)
+    counters.kept = counts.pop("success", 0)
+    for status, n in counts.items():
+        counters.drop(status, n)
+    counters.count("rows", len(statuses))
+    counters.count("attempted", len(statuses) - skipped)
+    counters.count("skipped", skipped)
+    for name, column in IO_COLUMNS.items():
+        if column in batch:
+            counters.count(name, int(np.asarray(batch[column], dtype=np.int64).sum()))
+    return counters.merge(dns_counters(batch))
+
+
+def dns_counters(batch: Mapping[str, np.ndarray]) -> StageCounters:
+    """DNS counters of one fetched batch: ``dns_ms`` (milliseconds spent resolving, summed
+    over rows) and ``dns_error:<reason>`` (failed rows by :data:`DNS_REASONS`)."""
+    counters = StageCounters()
+    statuses = batch.get(S.STATUS)
+    if statuses is None:
+        return counters
+    ms = batch.get(DNS_MS)
+    if ms is not None:
+        counters.count("dns_ms", int(np.asarray(ms, dtype=np.int64).sum()))
+    messages = batch.get(S.ERROR_MESSAGE)
+    if messages is not None:
+        for status, message in zip(statuses, messages):
+            if status == "dns_error":
+                reason = str(message).partition(":")[0]
+                counters.count(f"dns_error:{reason if reason in DNS_REASONS else 'error'}")
+    return counters
+
+
+
+def stage_counters(batch: Mapping[str, np.ndarray], later=()) -> StageCounters:
+    """The stage's counters for :mod:`..registry`."""
+    return fetch_counters(batch)
+
+
+__all__ = ["IO_COLUMNS", "ImageFetcher", "SKIPPED", "STAGE", "STATUSES", "dns_counters", "fetch_counters",
+           "is_transient"]
