@@ -60,6 +60,78 @@ def test_running_cluster_is_joined_and_stale_address_ignored(no_cluster):
     assert C.choose_address(None, local=False) == ("local", None)        # recorded, but gone
 
 
+@pytest.fixture()
+def no_token(monkeypatch, tmp_path):
+    """A home without ~/.ray/auth_token and none of Ray's authentication variables."""
+    for var in (C.AUTH_MODE_VAR, C.TOKEN_VAR, C.TOKEN_PATH_VAR):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    return tmp_path / "home"
+
+
+def test_token_is_found_where_ray_looks(no_token, monkeypatch, tmp_path):
+    assert C.token_source() is None
+    assert C.use_token_if_available() is False and C.AUTH_MODE_VAR not in os.environ
+    (no_token / ".ray").mkdir()
+    (no_token / ".ray" / "auth_token").write_text("abc")
+    assert C.token_source() == str(no_token / ".ray" / "auth_token")
+    path = tmp_path / "elsewhere"
+    monkeypatch.setenv(C.TOKEN_PATH_VAR, str(path))
+    assert C.token_source() is None                               # the path Ray was told of wins
+    path.write_text("def")
+    assert C.token_source().startswith(C.TOKEN_PATH_VAR)
+    monkeypatch.setenv(C.TOKEN_VAR, "xyz")
+    assert C.token_source() == C.TOKEN_VAR
+
+
+def test_token_authentication_turned_on_only_when_unset(no_token, monkeypatch):
+    monkeypatch.setenv(C.TOKEN_VAR, "xyz")
+    monkeypatch.setenv(C.AUTH_MODE_VAR, "disabled")
+    assert C.use_token_if_available() is False and os.environ[C.AUTH_MODE_VAR] == "disabled"
+    monkeypatch.delenv(C.AUTH_MODE_VAR)
+    monkeypatch.delitem(sys.modules, "ray._raylet", raising=False)  # Ray's settings are not re-read here
+    assert C.use_token_if_available() is True and os.environ[C.AUTH_MODE_VAR] == "token"
+
+
+def test_join_failures_name_address_cause_and_fix(no_token, monkeypatch):
+    address = "10.1.2.3:6379"
+    unreachable = str(C.join_failure(address, None))
+    assert address in unreachable and "unreachable" in unreachable and "Fix:" in unreachable
+    # what Ray 2.60 raises and prints when the cluster wants a token
+    exc = ConnectionError(f"Failed to connect to Ray cluster at {address}")
+    printed = ("gcs_client.cc:210: Failed to get cluster ID from GCS server: Unauthenticated: RPC error: "
+               "InvalidAuthToken: Authentication token is missing or incorrect\n")
+    auth = str(C.join_failure(address, exc, printed))
+    assert address in auth and "authentication failed" in auth and "no token" in auth
+    assert "~/.ray/auth_token" in auth and "RAY_AUTH_TOKEN" in auth
+    monkeypatch.setenv(C.TOKEN_VAR, "wrong")
+    monkeypatch.setenv(C.AUTH_MODE_VAR, "token")
+    assert f"refused the token from {C.TOKEN_VAR}" in str(C.join_failure(address, exc, printed))
+    mismatch = RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.59.0\n    Python: 3.11.9\n"
+                            "This process on node 10.1.2.4 was started with:\n    Ray: 2.60.0\n    Python: 3.11.9\n")
+    version = str(C.join_failure(address, mismatch))
+    assert "version mismatch" in version and "Ray: 2.59.0" in version and "Ray: 2.60.0" in version
+    assert "constraints" in version
+    for msg in (unreachable, auth, version):
+        assert "\n" not in msg
+
+
+def test_unreachable_address_is_one_line_and_exit_2(tmp_path):
+    from laionbuild.demo.sample_warc import build_demo_sample
+
+    sample = build_demo_sample(str(tmp_path / "sample"), image_base="http://images.demo.test:9")
+    port = _free_port("127.0.0.1")  # nothing listens there
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run([sys.executable, "-m", "laionbuild", "extract", sample.warc_paths[0], "--output",
+                        str(tmp_path / "out"), "--no-progress", "--address", f"127.0.0.1:{port}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [errors[0]] and f"127.0.0.1:{port}: unreachable" in errors[0]
+    assert "Traceback" not in r.stderr
+
+
 def test_cli_flags_reach_the_config():
     from laionbuild.cli import _overrides, build_parser
     from laionbuild.config import load_config

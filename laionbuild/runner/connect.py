@@ -14,6 +14,14 @@ Which Ray the run uses, in this order:
 ``local=True`` (``--local``) skips 1-3 and always starts a local instance.
 A connection to a loopback address stays on loopback (Ray would otherwise rewrite
 it to the machine's outward IP).
+
+Token authentication: in case 3 Ray's own discovery runs (``ray.init()`` without an
+address), which turns token authentication on when a token is found. Ray does not do
+that for an address given explicitly (1, 2); there the token is used wherever Ray looks
+for it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) unless
+``RAY_AUTH_MODE`` says otherwise. A client with a token also joins a cluster without
+authentication. Every failure to join is a :class:`~laionbuild.errors.ClusterJoinError`
+naming the address, the cause and the fix (the CLI prints it as one line, exit 2).
 """
 
 from __future__ import annotations
@@ -24,9 +32,22 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
+from ..errors import ClusterJoinError
+
 log = logging.getLogger(__name__)
+
+#: seconds the GCS port of a cluster address has to take a TCP connection before joining is
+#: given up as unreachable (Ray itself retries for minutes)
+REACHABLE_TIMEOUT_S = 5.0
+#: Ray's authentication settings, in the order Ray reads the token
+AUTH_MODE_VAR, TOKEN_VAR, TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+#: what Ray's client prints or raises when the cluster refuses its token (or the lack of one)
+AUTH_FAILURE_MARKERS = ("InvalidAuthToken", "Unauthenticated", "AuthenticationError",
+                        "authentication token", "Token authentication is enabled")
+VERSION_FAILURE_MARKERS = ("Version mismatch",)
 
 #: how the address was chosen, reported in the summary ("connected": this process already was)
 MODES = ("explicit", "env", "auto", "local", "connected")
@@ -87,10 +108,10 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
 
 
 def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
-    """Whether the GCS port of ``host:port`` takes TCP connections."""
+    """Whether the GCS port of ``[scheme://]host:port`` takes TCP connections."""
     import socket
 
-    host, _, port = address.rpartition(":")
+    host, _, port = address.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return True
@@ -99,21 +120,106 @@ def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_stderr(enabled: bool):
-    """Silence the process's stderr (file descriptor 2) while Ray's engine starts: it announces its
-    log level there. Errors still surface as exceptions."""
-    if not enabled:
-        yield
-        return
+def _captured_stderr(echo: bool):
+    """Catch the process's stderr (file descriptor 2) while Ray's engine starts: it announces its
+    log level there, and says there (only) why a cluster refused the connection. Yields a list
+    that holds the captured text afterwards; ``echo`` writes it back to stderr too (``-v``)."""
+    captured: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        try:
+            os.dup2(buf.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            captured.append(buf.read().decode(errors="replace"))
+            if echo and captured[0]:
+                sys.stderr.write(captured[0])
+
+
+def token_source() -> str | None:
+    """Where Ray would take the authentication token from on this machine, if anywhere."""
+    if os.environ.get(TOKEN_VAR, "").strip():
+        return TOKEN_VAR
+    path = os.environ.get(TOKEN_PATH_VAR, "").strip()
+    if path:
+        return f"{TOKEN_PATH_VAR} ({path})" if Path(path).expanduser().is_file() else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def use_token_if_available() -> bool:
+    """Token authentication for a connection to an explicit address, as Ray's own discovery
+    turns it on: when ``RAY_AUTH_MODE`` is unset and a token is found. Returns whether it is on."""
+    mode = os.environ.get(AUTH_MODE_VAR)
+    if mode is not None:
+        return mode.strip().lower() == "token"
+    if token_source() is None:
+        return False
+    os.environ[AUTH_MODE_VAR] = "token"
+    if "ray._raylet" in sys.modules:  # Ray already read its settings: read them again
+        from ray._raylet import Config
+
+        Config.initialize("")
+    return True
+
+
+def join_failure(address: str, exc: BaseException | None, output: str = "") -> ClusterJoinError:
+    """One line naming the address, why joining failed and what to do about it."""
+    text = f"{type(exc).__name__}: {exc}\n{output}" if exc is not None else output
+    chain = (exc.__cause__ or exc.__context__) if exc is not None else None
+    if chain is not None:
+        text += f"\n{type(chain).__name__}: {chain}"
+    where = f"cannot join the Ray cluster at {address}"
+    if exc is None:
+        return ClusterJoinError(
+            f"{where}: unreachable (nothing accepts connections on that port from this machine). Fix: check "
+            "the address (`ray start --head` prints it; `ray status` on the head), that the head is running "
+            "and that its port is open to this machine; or leave out the address to start a local Ray")
+    if any(m in text for m in VERSION_FAILURE_MARKERS):
+        versions = " ".join(line.strip() for line in text.splitlines()
+                            if line.strip().startswith(("Ray:", "Python:", "The cluster", "This process")))
+        return ClusterJoinError(
+            f"{where}: version mismatch between the cluster and this machine ({versions or exc}). Fix: install "
+            "the cluster's versions here (pip install -c configs/cluster/constraints.txt -e '.[cluster]', "
+            "the constraints file the cluster was set up with)")
+    if any(m in text for m in AUTH_FAILURE_MARKERS):
+        source = token_source()
+        why = (f"the cluster refused the token from {source}" if source and
+               os.environ.get(AUTH_MODE_VAR, "").lower() == "token" else
+               "the cluster uses token authentication and this machine has no token" if not source else
+               f"RAY_AUTH_MODE={os.environ.get(AUTH_MODE_VAR)} sends no token")
+        return ClusterJoinError(
+            f"{where}: authentication failed ({why}). Fix: put the cluster's token (`ray get-auth-token` "
+            "on the head) in ~/.ray/auth_token on this machine, or set RAY_AUTH_TOKEN to it or "
+            "RAY_AUTH_TOKEN_PATH to its file, and leave RAY_AUTH_MODE unset or set it to token")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ClusterJoinError(
+        f"{where}: {type(exc).__name__}: {first}. Fix: check that the address names a running Ray "
+        "cluster of the same Ray version (`ray status --address ADDRESS` from this machine)")
+
+
+def _join(ray: Any, mode: str, target: str, kwargs: dict[str, Any], verbose: bool) -> None:
+    """``ray.init`` to an existing cluster; every failure becomes one :class:`ClusterJoinError`."""
+    if not _accepts_connections(target, REACHABLE_TIMEOUT_S):
+        raise join_failure(target, None)
+    if mode == "auto":
+        # Ray's own discovery of the cluster `ray start` runs here, token authentication included
+        address = None
+    else:
+        address = target
+        use_token_if_available()
+    output: list[str] = []
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        with _captured_stderr(echo=verbose) as output:
+            ray.init(address=address, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every cause of a failed join is reported as one line
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise join_failure(target, exc, "".join(output)) from None
 
 
 def cluster_summary() -> dict[str, Any]:
@@ -167,14 +273,13 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
                 # with --node-ip-address=127.0.0.x), not to the machine's outward IP
                 host = address_host(target)
                 kwargs["_node_ip_address"] = "127.0.0.1" if host == "localhost" else host
-            with _quiet_stderr(not verbose):
-                ray.init(address=target, **kwargs)
+            _join(ray, mode, target, kwargs, verbose)
         else:
             n = num_cpus or os.cpu_count() or 1
             log.info("starting a local Ray instance with %d CPUs%s", n,
                      " (--local)" if local else " (no running cluster found)")
             # "local" never reads RAY_ADDRESS; the instance stays on loopback, without dashboard
-            with _quiet_stderr(not verbose):
+            with _captured_stderr(echo=verbose):
                 ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
                          **kwargs)
     for name in ("ray.data", "ray"):
@@ -188,4 +293,5 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     return summary
 
 
-__all__ = ["MODES", "choose_address", "cluster_summary", "connect", "running_cluster_address"]
+__all__ = ["MODES", "choose_address", "cluster_summary", "connect", "join_failure", "running_cluster_address",
+           "token_source", "use_token_if_available"]
