@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from laionbuild.errors import ClusterJoinError
 from laionbuild.runner import connect as C
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,27 +72,72 @@ def no_token(monkeypatch, tmp_path):
 
 
 def test_token_is_found_where_ray_looks(no_token, monkeypatch, tmp_path):
-    assert C.token_source() is None
-    assert C.use_token_if_available() is False and C.AUTH_MODE_VAR not in os.environ
+    assert C.token_source() is None and C.read_token() is None
     (no_token / ".ray").mkdir()
-    (no_token / ".ray" / "auth_token").write_text("abc")
-    assert C.token_source() == str(no_token / ".ray" / "auth_token")
+    (no_token / ".ray" / "auth_token").write_text("abc\n")
+    assert C.token_source() == str(no_token / ".ray" / "auth_token") and C.read_token() == "abc"
     path = tmp_path / "elsewhere"
     monkeypatch.setenv(C.TOKEN_PATH_VAR, str(path))
-    assert C.token_source() is None                               # the path Ray was told of wins
+    assert C.token_source() is None and C.read_token() is None    # the path Ray was told of wins
     path.write_text("def")
-    assert C.token_source().startswith(C.TOKEN_PATH_VAR)
+    assert C.token_source().startswith(C.TOKEN_PATH_VAR) and C.read_token() == "def"
     monkeypatch.setenv(C.TOKEN_VAR, "xyz")
-    assert C.token_source() == C.TOKEN_VAR
+    assert C.token_source() == C.TOKEN_VAR and C.read_token() == "xyz"
 
 
-def test_token_authentication_turned_on_only_when_unset(no_token, monkeypatch):
-    monkeypatch.setenv(C.TOKEN_VAR, "xyz")
-    monkeypatch.setenv(C.AUTH_MODE_VAR, "disabled")
-    assert C.use_token_if_available() is False and os.environ[C.AUTH_MODE_VAR] == "disabled"
-    monkeypatch.delenv(C.AUTH_MODE_VAR)
+@pytest.fixture()
+def fake_gcs(monkeypatch):
+    """A cluster that wants ``state["token"]`` (None: no authentication); records the probes."""
+    state = {"token": None, "probes": []}
+
+    def probe(address, token=None, timeout_s=0):
+        state["probes"].append(token)
+        if state["token"] is None:
+            return "accepted"
+        return "accepted" if token == state["token"] else "refused"
+
+    monkeypatch.setattr(C, "probe_authentication", probe)
     monkeypatch.delitem(sys.modules, "ray._raylet", raising=False)  # Ray's settings are not re-read here
-    assert C.use_token_if_available() is True and os.environ[C.AUTH_MODE_VAR] == "token"
+    return state
+
+
+def test_driver_takes_the_clusters_authentication_mode(no_token, fake_gcs, monkeypatch):
+    # a token on the machine, a cluster without authentication: the driver must not send it
+    (no_token / ".ray").mkdir()
+    (no_token / ".ray" / "auth_token").write_text("abc")
+    C.match_authentication("127.0.0.1:6379")
+    assert os.environ[C.AUTH_MODE_VAR] == "disabled"
+    # the cluster wants the token this machine has
+    monkeypatch.delenv(C.AUTH_MODE_VAR)
+    fake_gcs["token"] = "abc"
+    C.match_authentication("127.0.0.1:6379")
+    assert os.environ[C.AUTH_MODE_VAR] == "token" and fake_gcs["probes"][-1] == "abc"
+    # a wrong token, or none: one line at once
+    monkeypatch.delenv(C.AUTH_MODE_VAR)
+    fake_gcs["token"] = "other"
+    with pytest.raises(ClusterJoinError, match="authentication failed .the cluster refused the token from"):
+        C.match_authentication("127.0.0.1:6379")
+    (no_token / ".ray" / "auth_token").unlink()
+    with pytest.raises(ClusterJoinError, match="this machine has no token"):
+        C.match_authentication("127.0.0.1:6379")
+    assert C.AUTH_MODE_VAR not in os.environ
+    # a mode set by the user is kept when it fits, and named when it cannot work
+    monkeypatch.setenv(C.AUTH_MODE_VAR, "disabled")
+    with pytest.raises(ClusterJoinError, match="RAY_AUTH_MODE=disabled sends no token"):
+        C.match_authentication("127.0.0.1:6379")
+    fake_gcs["token"] = None
+    C.match_authentication("127.0.0.1:6379")
+    monkeypatch.setenv(C.AUTH_MODE_VAR, "token")
+    with pytest.raises(ClusterJoinError, match="authentication mismatch"):
+        C.match_authentication("127.0.0.1:6379")
+
+
+def test_probe_of_a_port_that_is_no_ray_gcs_is_unknown():
+    with socket.socket() as srv:                       # listens, but speaks no gRPC
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        assert C.probe_authentication(f"127.0.0.1:{srv.getsockname()[1]}", timeout_s=1.0) == "unknown"
+    assert C.probe_authentication(f"127.0.0.1:{_free_port('127.0.0.1')}", timeout_s=1.0) == "unknown"
 
 
 def test_join_failures_name_address_cause_and_fix(no_token, monkeypatch):

@@ -16,12 +16,15 @@ A connection to a loopback address stays on loopback (Ray would otherwise rewrit
 it to the machine's outward IP).
 
 Token authentication: in case 3 Ray's own discovery runs (``ray.init()`` without an
-address), which turns token authentication on when a token is found. Ray does not do
-that for an address given explicitly (1, 2); there the token is used wherever Ray looks
-for it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) unless
-``RAY_AUTH_MODE`` says otherwise. A client with a token also joins a cluster without
-authentication. Every failure to join is a :class:`~laionbuild.errors.ClusterJoinError`
-naming the address, the cause and the fix (the CLI prints it as one line, exit 2).
+address). Ray turns token authentication on by itself only there, and whenever a token
+exists on the machine, whether the cluster uses it or not; a driver whose mode differs
+from the cluster's connects but loses its actors. So before joining, the cluster's GCS
+is asked once, without a token, whether it wants one (one gRPC call), and, unless
+``RAY_AUTH_MODE`` is set, the driver's mode is set to match: ``token`` with the token
+from wherever Ray looks for it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``), else ``disabled``. Every failure to join is a
+:class:`~laionbuild.errors.ClusterJoinError` naming the address, the cause and the fix
+(the CLI prints it as one line, exit 2).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ log = logging.getLogger(__name__)
 REACHABLE_TIMEOUT_S = 5.0
 #: Ray's authentication settings, in the order Ray reads the token
 AUTH_MODE_VAR, TOKEN_VAR, TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+#: a GCS method any client may call first; the answer says whether the cluster wants a token
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 #: what Ray's client prints or raises when the cluster refuses its token (or the lack of one)
 AUTH_FAILURE_MARKERS = ("InvalidAuthToken", "Unauthenticated", "AuthenticationError",
                         "authentication token", "Token authentication is enabled")
@@ -151,20 +156,82 @@ def token_source() -> str | None:
     return str(default) if default.is_file() else None
 
 
-def use_token_if_available() -> bool:
-    """Token authentication for a connection to an explicit address, as Ray's own discovery
-    turns it on: when ``RAY_AUTH_MODE`` is unset and a token is found. Returns whether it is on."""
-    mode = os.environ.get(AUTH_MODE_VAR)
-    if mode is not None:
-        return mode.strip().lower() == "token"
-    if token_source() is None:
-        return False
-    os.environ[AUTH_MODE_VAR] = "token"
+def read_token() -> str | None:
+    """The authentication token, read where Ray reads it (see :func:`token_source`)."""
+    value = os.environ.get(TOKEN_VAR, "").strip()
+    if value:
+        return value
+    path = os.environ.get(TOKEN_PATH_VAR, "").strip()
+    target = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
+    try:
+        return target.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def probe_authentication(address: str, token: str | None = None,
+                         timeout_s: float = REACHABLE_TIMEOUT_S) -> str:
+    """Ask the GCS at ``host:port`` one question, with ``token`` or without: ``"accepted"``,
+    ``"refused"`` (it wants a (valid) token) or ``"unknown"`` (no answer, or not a Ray GCS)."""
+    try:
+        import grpc
+    except ImportError:
+        return "unknown"
+    target = address.split("://", 1)[-1].split("/", 1)[0]
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            channel.unary_unary(GCS_PROBE_METHOD)(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as exc:
+            return "refused" if exc.code() == grpc.StatusCode.UNAUTHENTICATED else "unknown"
+    return "accepted"
+
+
+def set_auth_mode(mode: str) -> None:
+    """This process's (and its children's) Ray authentication mode; Ray reads it again if loaded."""
+    os.environ[AUTH_MODE_VAR] = mode
     if "ray._raylet" in sys.modules:  # Ray already read its settings: read them again
         from ray._raylet import Config
 
         Config.initialize("")
-    return True
+
+
+def match_authentication(address: str) -> None:
+    """Set this driver's token authentication to what the cluster at ``address`` uses (unless
+    ``RAY_AUTH_MODE`` is set); a missing or refused token is a :class:`ClusterJoinError` now,
+    not after Ray's minute of retries."""
+    if address.startswith("ray://"):
+        return  # Ray Client: the client server, not the GCS, answers on that port
+    answer = probe_authentication(address)
+    if answer == "unknown":
+        return  # no answer to go by: Ray decides
+    wants_token = answer == "refused"
+    mode = os.environ.get(AUTH_MODE_VAR)
+    if mode is not None and mode.strip().lower() != ("token" if wants_token else "disabled"):
+        if wants_token:
+            raise auth_failure(address, f"RAY_AUTH_MODE={mode} sends no token")
+        raise ClusterJoinError(
+            f"cannot join the Ray cluster at {address}: authentication mismatch (the cluster uses no token "
+            f"authentication, this process has RAY_AUTH_MODE={mode}; Ray's workers could not answer it). "
+            f"Fix: unset RAY_AUTH_MODE, or start the cluster with RAY_AUTH_MODE={mode}")
+    if not wants_token:
+        if mode is None:
+            set_auth_mode("disabled")
+        return
+    token = read_token()
+    if token is None:
+        raise auth_failure(address, "the cluster uses token authentication and this machine has no token")
+    if probe_authentication(address, token) == "refused":
+        raise auth_failure(address, f"the cluster refused the token from {token_source()}")
+    if mode is None:
+        set_auth_mode("token")
+
+
+def auth_failure(address: str, why: str) -> ClusterJoinError:
+    return ClusterJoinError(
+        f"cannot join the Ray cluster at {address}: authentication failed ({why}). Fix: put the cluster's "
+        "token (`ray get-auth-token` on the head) in ~/.ray/auth_token on this machine, or set "
+        "RAY_AUTH_TOKEN to it or RAY_AUTH_TOKEN_PATH to its file, and leave RAY_AUTH_MODE unset")
 
 
 def join_failure(address: str, exc: BaseException | None, output: str = "") -> ClusterJoinError:
@@ -192,10 +259,7 @@ def join_failure(address: str, exc: BaseException | None, output: str = "") -> C
                os.environ.get(AUTH_MODE_VAR, "").lower() == "token" else
                "the cluster uses token authentication and this machine has no token" if not source else
                f"RAY_AUTH_MODE={os.environ.get(AUTH_MODE_VAR)} sends no token")
-        return ClusterJoinError(
-            f"{where}: authentication failed ({why}). Fix: put the cluster's token (`ray get-auth-token` "
-            "on the head) in ~/.ray/auth_token on this machine, or set RAY_AUTH_TOKEN to it or "
-            "RAY_AUTH_TOKEN_PATH to its file, and leave RAY_AUTH_MODE unset or set it to token")
+        return auth_failure(address, why)
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return ClusterJoinError(
         f"{where}: {type(exc).__name__}: {first}. Fix: check that the address names a running Ray "
@@ -206,12 +270,9 @@ def _join(ray: Any, mode: str, target: str, kwargs: dict[str, Any], verbose: boo
     """``ray.init`` to an existing cluster; every failure becomes one :class:`ClusterJoinError`."""
     if not _accepts_connections(target, REACHABLE_TIMEOUT_S):
         raise join_failure(target, None)
-    if mode == "auto":
-        # Ray's own discovery of the cluster `ray start` runs here, token authentication included
-        address = None
-    else:
-        address = target
-        use_token_if_available()
+    match_authentication(target)
+    # "auto": Ray's own discovery of the cluster `ray start` runs here
+    address = None if mode == "auto" else target
     output: list[str] = []
     try:
         with _captured_stderr(echo=verbose) as output:
@@ -294,4 +355,4 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
 
 
 __all__ = ["MODES", "choose_address", "cluster_summary", "connect", "join_failure", "running_cluster_address",
-           "token_source", "use_token_if_available"]
+           "match_authentication", "probe_authentication", "read_token", "token_source"]
