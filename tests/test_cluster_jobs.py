@@ -332,3 +332,44 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
     finally:
         _stop_cluster(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- the same versions everywhere
+def test_version_mismatches_name_node_and_versions():
+    from laionbuild.runner.nodes import node_versions, version_mismatches
+
+    mine = node_versions()
+    assert {"laionbuild", "laionbuild code", "ray", "torch", "open_clip_torch", "pyarrow"} <= set(mine)
+    same = {"node": "a" * 40, "host": "head", "versions": dict(mine)}
+    other = {"node": "b" * 40, "host": "gpu-7", "versions": {**mine, "torch": "2.1.0"}}
+    assert version_mismatches(mine, [same]) == []
+    [line] = version_mismatches(mine, [same, other])
+    assert line == f"node gpu-7 ({'b' * 12}): torch 2.1.0 (driver {mine['torch']})"
+
+
+@pytest.mark.ray
+def test_a_node_with_other_versions_stops_the_run_before_any_work(tmp_path):
+    """A worker whose Python finds another pyarrow release first (as a node set up by hand would):
+    the run stops with a setup error (exit 2) naming the node and both versions."""
+    import ray
+
+    from laionbuild.config import load_config
+    from laionbuild.errors import SetupError
+    from laionbuild.runner.nodes import prepare_nodes
+
+    fake = tmp_path / "site"
+    (fake / "pyarrow-0.0.1.dist-info").mkdir(parents=True)
+    (fake / "pyarrow-0.0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: pyarrow\nVersion: 0.0.1\n")
+    path = os.pathsep.join([str(fake), str(REPO), os.environ.get("PYTHONPATH", "")])
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output={tmp_path / 'out'}"])
+        with pytest.raises(SetupError, match=r"version mismatch between the driver and node .*: pyarrow 0\.0\.1 "
+                                             r"\(driver \d+\.\d+\.\d+\)") as err:
+            prepare_nodes(cfg, scoring=False)
+        assert "constraints.txt" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        ray.shutdown()

@@ -6,6 +6,12 @@ node's local disk (``models.local_dir``, once per node) and loads what that node
 run: the language model everywhere, the CLIP and safety models on GPU nodes (or on
 every node when the cluster has no GPU). A node that cannot is a setup error
 (exit status 2) naming the node and the files, raised before any input is read.
+
+The same task reports the node's releases of the packages that decide the output
+(:data:`CHECKED_PACKAGES`, and a digest of laionbuild's own code); any that differs
+from the driver's is a setup error naming the node and both versions. Every node
+installs configs/cluster/constraints.txt, so a mismatch means a node was set up by hand
+or from another checkout.
 """
 
 from __future__ import annotations
@@ -18,6 +24,43 @@ from ..errors import SetupError
 
 log = logging.getLogger(__name__)
 
+#: compared between the driver and every node before any work (distribution names)
+CHECKED_PACKAGES = ("ray", "torch", "open_clip_torch", "pyarrow")
+
+
+def node_versions() -> dict[str, str]:
+    """This process's laionbuild (version and a digest of its code) and :data:`CHECKED_PACKAGES`."""
+    import hashlib
+    import importlib.metadata
+    from pathlib import Path
+
+    from .. import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    out = {"laionbuild": __version__, "laionbuild code": digest.hexdigest()[:12]}
+    for name in CHECKED_PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def version_mismatches(driver: dict[str, str], results: list[dict[str, Any]]) -> list[str]:
+    """One phrase per node whose versions differ from the driver's, naming the node and both versions."""
+    found = []
+    for r in results:
+        theirs = r.get("versions") or {}
+        diff = [f"{name} {theirs.get(name, 'unknown')} (driver {mine})" for name, mine in driver.items()
+                if theirs.get(name) != mine]
+        if diff:
+            found.append(f"node {r['host']} ({r['node'][:12]}): " + ", ".join(diff))
+    return found
+
 
 def check_node(cfg: Config, load_clip: bool) -> dict[str, Any]:
     """Runs on one node: copy the models there and load them; returns what happened, never raises."""
@@ -26,6 +69,7 @@ def check_node(cfg: Config, load_clip: bool) -> dict[str, Any]:
     from .adapter import node_id
 
     out: dict[str, Any] = {"node": node_id(), "host": socket.gethostname(), "error": ""}
+    out["versions"] = node_versions()
     try:
         from ..models import localize_files, local_config
         from ..stages.langid import LanguageRouter
@@ -61,6 +105,11 @@ def prepare_nodes(cfg: Config, *, scoring: bool) -> list[dict[str, Any]]:
         strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
         refs.append(task.options(scheduling_strategy=strategy).remote(cfg, load_clip))
     results = ray.get(refs)
+    mismatches = version_mismatches(node_versions(), results)
+    if mismatches:
+        raise SetupError("version mismatch between the driver and " + "; ".join(mismatches) + ". Fix: install "
+                         "configs/cluster/constraints.txt on every node and the driver (pip install -c "
+                         "configs/cluster/constraints.txt -e '.[cluster]' from the same checkout), then run again")
     failed = [r for r in results if r["error"]]
     if failed:
         raise SetupError("model files missing or unusable on " + "; ".join(
