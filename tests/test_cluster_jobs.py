@@ -1,9 +1,10 @@
-"""Connecting to Ray, and the command sequence of docs/cluster.md run for real on loopback.
+"""Connecting to Ray, the same versions on every node, and the command sequence of
+docs/cluster.md run for real on loopback.
 
-The cluster test starts Ray as separate processes (``ray start --head`` and
-``ray start --address`` for a second node), submits the run with ``ray job submit``
-as docs/cluster.md does, then runs the CLI on the head with ``RAY_ADDRESS`` unset
-(what ``ray exec`` does), and checks that both nodes did work and the output is complete.
+The cluster test starts Ray as separate processes with Ray's default settings (``ray start
+--head`` on a machine with a token, so token authentication is on; ``ray start --address``
+for a second node), then runs the full ``laionbuild run`` on the head without an address, with
+``--address``, and through ``ray job submit``, and checks that every run publishes every pair.
 """
 
 from __future__ import annotations
@@ -255,83 +256,100 @@ def _run(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subpro
     return r
 
 
-def _markers(out: Path) -> list[dict]:
-    paths = list((out / "candidates" / "_done").glob("*.json"))
-    return [json.loads(p.read_text()) for p in paths]
+def _published(out: Path) -> dict:
+    stats = json.loads((out / "stats.json").read_text())
+    return {"kept": stats["kept_per_subset"], "fetched": stats["stages"]["fetch"]["kept"],
+            "files": stats["files"]["total"], "failed": stats["files"]["failed"],
+            "success": (out / "_SUCCESS").is_file()}
 
 
 @pytest.mark.ray
 @pytest.mark.slow
 def test_documented_sequence_on_a_two_node_cluster(tmp_path):
-    from laionbuild.demo.sample_warc import build_demo_sample
+    """docs/cluster.md, "The command sequence", as a user types it: Ray's defaults (token
+    authentication on once the head has a token), a second node, then the full ``run`` on the
+    head without an address, with ``--address``, and as a ``ray job submit``.
 
-    sample = build_demo_sample(str(tmp_path / "sample"), image_base="http://images.demo.test:9")
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    for i in range(6):
-        shutil.copy(sample.warc_paths[0], inputs / f"part-{i}.warc.gz")
+    Set here and not by the docs, for the harness only: RAY_TMPDIR (this cluster's own temp
+    folder: nothing of another cluster on the machine is found, and the test finds only its own
+    processes to stop), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (two nodes on one machine's loopback
+    addresses keep them), PATH/PYTHONPATH (the checkout instead of an installed package)."""
+    from laionbuild.demo.crawl import build_crawl
+    from laionbuild.demo.image_server import LoopbackServer
 
     ray_tmp = tempfile.mkdtemp(prefix="lbr", dir="/tmp")  # short: Ray's socket paths live under it
-    token = Path(ray_tmp, "auth_token")
-    token.write_text(os.urandom(32).hex())
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", C.AUTH_MODE_VAR, C.TOKEN_VAR,
+                                                            C.TOKEN_PATH_VAR)}
     env.update({
-        "RAY_TMPDIR": ray_tmp,                       # this cluster's files, address record included
+        "RAY_TMPDIR": ray_tmp,
         "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",    # a second node may join (127.0.0.x stay as given)
-        "RAY_AUTH_MODE": "token",                    # Ray's token authentication, as on a real cluster
-        "RAY_AUTH_TOKEN_PATH": str(token),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(REPO),
     })
+    # what docs/cluster.md tells the user to set on the commands that talk to a token cluster
+    token_env = {**env, C.AUTH_MODE_VAR: "token"}
     port, dashboard = _free_port(HEAD_IP), _free_port(HEAD_IP)
-    try:
-        # 1. the cluster: a head and a second node (docs/cluster.md, "Any machines")
-        _run([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--num-cpus=2",
-              "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard}",
-              "--disable-usage-stats"], env, 120)
-        _run([RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
-              "--disable-usage-stats"], env, 120)
-        for _ in range(30):  # the autoscaler's status shows a joined node a few seconds later
-            status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], env, 60).stdout
-            if re.search(r"0\.0/4\.0 CPU", status):
-                break
-            time.sleep(2)
-        assert re.search(r"0\.0/4\.0 CPU", status), status
+    with LoopbackServer("127.0.0.1") as server:
+        crawl = build_crawl(str(tmp_path / "inputs"), n_files=2, pages_per_file=2, images_per_page=3,
+                            image_base=f"http://images.crawl.test:{server.port}")
+        crawl.register(server)
+        sets = []
+        for s in [*crawl.config_overrides("127.0.0.1"), "ray.extract_num_cpus=1", "clip.num_cpus_per_actor=0.5"]:
+            sets += ["--set", s]
+        run_args = ["run", "-c", "configs/smoke.yaml", "--input", str(tmp_path / "inputs"), "--no-progress", *sets]
+        try:
+            # 1. the cluster: a token on the head (Ray then turns token authentication on), the head,
+            #    a second node
+            _run([RAY, "get-auth-token", "--generate"], env, 60)
+            head = _run([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--num-cpus=2",
+                         "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard}",
+                         "--disable-usage-stats"], env, 120)
+            assert "Token authentication is enabled" in head.stdout + head.stderr
+            assert C.probe_authentication(f"{HEAD_IP}:{port}") == "refused"   # it really wants the token
+            _run([RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
+                  "--disable-usage-stats"], token_env, 120)
+            for _ in range(30):  # the autoscaler's status shows a joined node a few seconds later
+                status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], token_env, 60).stdout
+                if re.search(r"0\.0/4\.0 CPU", status):
+                    break
+                time.sleep(2)
+            assert re.search(r"0\.0/4\.0 CPU", status), status
 
-        # 2. the run, submitted as a Ray job through the dashboard's job server
-        out = tmp_path / "out"
-        submit = [RAY, "job", "submit", "--address", f"http://{HEAD_IP}:{dashboard}", "--working-dir", ".",
-                  "--", "laionbuild", "extract", str(inputs), "--output", str(out), "--no-progress",
-                  "--set", "ray.extract_num_cpus=1"]
-        for _ in range(30):  # the job server answers as soon as the head's dashboard agent is up
-            job = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-            if "No available agent to submit job" not in job.stderr:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-        log = job.stdout + job.stderr
-        assert "connecting to the Ray cluster at" in log and "(RAY_ADDRESS)" in log, log[-3000:]
-        assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in log, log[-3000:]
-        markers = _markers(out)
-        assert len(markers) == 6
-        nodes = {m["node"] for m in markers}
-        assert len(nodes) == 2, f"extraction ran on {len(nodes)} node(s)"
-        stats = json.loads((out / "stats.json").read_text())
-        assert stats["files"]["total"] == 6 and stats["files"]["failed"] == 0
-        assert (out / "_SUCCESS").is_file()
-
-        # 3. the CLI on the head with RAY_ADDRESS unset (what `ray exec` runs): joins the cluster
-        out2 = tmp_path / "out2"
-        r = _run([sys.executable, "-m", "laionbuild", "extract", str(inputs), "--output", str(out2),
-                  "--no-progress", "--set", "ray.extract_num_cpus=1"], env, 240)
-        log = r.stdout + r.stderr
-        assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (started on this machine" in log, log[-3000:]
-        assert {m["node"] for m in _markers(out2)} == nodes
-        assert (out2 / "_SUCCESS").is_file()
-    finally:
-        _stop_cluster(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+            results = {}
+            # 2. on the head, no address: the run joins the cluster ray start runs here
+            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(tmp_path / "auto")], env, 600)
+            log = r.stdout + r.stderr
+            assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (started on this machine" in log, log[-3000:]
+            results["auto"] = (log, _published(tmp_path / "auto"))
+            # 3. --address
+            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(tmp_path / "explicit"),
+                      "--address", f"{HEAD_IP}:{port}"], env, 600)
+            log = r.stdout + r.stderr
+            assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (--address" in log, log[-3000:]
+            results["explicit"] = (log, _published(tmp_path / "explicit"))
+            # 4. the full run as a Ray job through the dashboard's job server
+            submit = [RAY, "job", "submit", "--address", f"http://{HEAD_IP}:{dashboard}", "--working-dir", ".",
+                      "--", "laionbuild", *run_args, "--output", str(tmp_path / "job")]
+            for _ in range(30):  # the job server answers as soon as the head's dashboard agent is up
+                job = subprocess.run(submit, cwd=REPO, env=token_env, capture_output=True, text=True, timeout=600)
+                if "No available agent to submit job" not in job.stderr:
+                    break
+                time.sleep(2)
+            log = job.stdout + job.stderr
+            assert job.returncode == 0, log[-3000:]
+            assert "connecting to the Ray cluster at" in log and "(RAY_ADDRESS)" in log, log[-3000:]
+            results["job"] = (log, _published(tmp_path / "job"))
+        finally:
+            _stop_cluster(ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    for how, (log, published) in results.items():
+        assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in log, (how, log[-3000:])
+        assert "models ready on 2 node(s)" in log, (how, log[-3000:])
+        assert published["success"] and published["files"] == 2 and published["failed"] == 0, (how, published)
+        assert published["fetched"] == len(crawl.pairs), (how, published)
+        assert published["kept"] == results["auto"][1]["kept"], (how, published)
+    assert sum(results["auto"][1]["kept"].values()) > 0
 
 
 # --------------------------------------------------------------------------- the same versions everywhere
@@ -373,3 +391,29 @@ def test_a_node_with_other_versions_stops_the_run_before_any_work(tmp_path):
         assert "constraints.txt" in str(err.value) and "\n" not in str(err.value)
     finally:
         ray.shutdown()
+
+
+def test_local_output_refused_on_a_cluster_of_several_machines():
+    from laionbuild.errors import SetupError
+    from laionbuild.runner.nodes import check_output_location
+
+    one_machine = [{"NodeManagerHostname": "box", "NodeManagerAddress": "127.0.0.2"},
+                   {"NodeManagerHostname": "box", "NodeManagerAddress": "127.0.0.3"}]
+    two_machines = [{"NodeManagerHostname": "head", "NodeManagerAddress": "10.0.0.1"},
+                    {"NodeManagerHostname": "gpu-1", "NodeManagerAddress": "10.0.0.2"}]
+    check_output_location("/data/out", one_machine)               # two nodes, one disk
+    check_output_location("s3://bucket/out", two_machines)
+    check_output_location("gs://bucket/out", two_machines)
+    for local in ("/data/out", "out", "file:///data/out"):
+        with pytest.raises(SetupError, match=r"local folder, but the Ray cluster spans 2 machines \(gpu-1, head\)"):
+            check_output_location(local, two_machines)
+
+
+def test_node_check_builds_the_tokenizers_from_the_nodes_copy(tmp_path):
+    """A node that may host an upstream tokenizer actor builds the CLIP tokenizers in its check."""
+    from laionbuild.config import load_config
+    from laionbuild.runner.nodes import check_node
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output={tmp_path / 'out'}"])
+    result = check_node(cfg, load_clip=False, tokenize=True)
+    assert result["error"] == "" and result["versions"]["ray"]

@@ -62,8 +62,10 @@ def version_mismatches(driver: dict[str, str], results: list[dict[str, Any]]) ->
     return found
 
 
-def check_node(cfg: Config, load_clip: bool) -> dict[str, Any]:
-    """Runs on one node: copy the models there and load them; returns what happened, never raises."""
+def check_node(cfg: Config, load_clip: bool, tokenize: bool = False) -> dict[str, Any]:
+    """Runs on one node: copy the models there and load them (``tokenize``: the CLIP tokenizers too,
+    from this node's copy, as an upstream tokenizer actor there would); returns what happened,
+    never raises."""
     import socket
 
     from .adapter import node_id
@@ -77,6 +79,10 @@ def check_node(cfg: Config, load_clip: bool) -> dict[str, Any]:
         out["files"] = localize_files(cfg)
         local = local_config(cfg)
         LanguageRouter(local.langid)
+        if tokenize:
+            from ..stages.clip_score import ClipTokenizer
+
+            ClipTokenizer(local.clip)
         if load_clip:
             from ..stages.clip_score import check_models_available
 
@@ -90,6 +96,19 @@ def check_node(cfg: Config, load_clip: bool) -> dict[str, Any]:
     return out
 
 
+def check_output_location(output: str, nodes: list[dict[str, Any]]) -> None:
+    """A local output folder works on one machine only: on a cluster of several machines each
+    node would write its part to its own disk. Refused there, naming the hosts."""
+    if "://" in output and not output.startswith("file://"):
+        return
+    hosts = sorted({n.get("NodeManagerHostname") or n.get("NodeManagerAddress", "?") for n in nodes})
+    if len(hosts) > 1:
+        raise SetupError(
+            f"the output {output} is a local folder, but the Ray cluster spans {len(hosts)} machines "
+            f"({', '.join(hosts[:3])}{', ...' if len(hosts) > 3 else ''}): each would write to its own disk. "
+            "Fix: --output s3://BUCKET/PATH (or gs://), a location every node reaches")
+
+
 def prepare_nodes(cfg: Config, *, scoring: bool) -> list[dict[str, Any]]:
     """Run :func:`check_node` on every alive node; raise SetupError naming the nodes that failed."""
     import ray
@@ -97,13 +116,18 @@ def prepare_nodes(cfg: Config, *, scoring: bool) -> list[dict[str, Any]]:
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     any_gpu = any(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+    check_output_location(cfg.run.output, nodes)
+    c = cfg.clip
+    # upstream tokenizer actors are CPU actors: any node may host one (see resources.score_plan)
+    tokenize = scoring and (c.tokenize_upstream == "always" or (
+        c.tokenize_upstream == "auto" and (c.device == "cuda" or (c.device == "auto" and any_gpu))))
     task = ray.remote(num_cpus=0)(check_node)
     refs = []
     for n in nodes:
         gpu = bool(n.get("Resources", {}).get("GPU", 0))
         load_clip = scoring and (gpu or not any_gpu)
         strategy = NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
-        refs.append(task.options(scheduling_strategy=strategy).remote(cfg, load_clip))
+        refs.append(task.options(scheduling_strategy=strategy).remote(cfg, load_clip, tokenize))
     results = ray.get(refs)
     mismatches = version_mismatches(node_versions(), results)
     if mismatches:
