@@ -121,6 +121,10 @@ def test_every_install_goes_through_the_constraints():
     for node_type in aws["available_node_types"].values():
         commands += node_type.get("worker_setup_commands", [])
     installs = [c for c in commands if "pip install" in c and " -U pip" not in c]
+    # the nodes' Python 3.11 environment (the AMI's Python is older than the pins allow)
+    assert all(c.startswith("~/lbenv/bin/python -m pip") for c in installs), installs
+    starts = [*aws["head_start_ray_commands"], *aws["worker_start_ray_commands"]]
+    assert all("~/lbenv/bin/ray" in c for c in starts if "ray " in c), starts
     docker = (CLUSTER / "Dockerfile").read_text()
     installs += [line for line in docker.splitlines() if "pip install" in line]
     make = (REPO / "Makefile").read_text()
