@@ -290,6 +290,9 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
     # what docs/cluster.md tells the user to set on the commands that talk to a token cluster
     token_env = {**env, C.AUTH_MODE_VAR: "token"}
     port, dashboard = _free_port(HEAD_IP), _free_port(HEAD_IP)
+    # each node's dashboard agent on a free port (Ray's default, 52365, may be taken by another
+    # Ray on the machine; the job server then never finds an agent)
+    agents = [f"--dashboard-agent-listen-port={_free_port(ip)}" for ip in (HEAD_IP, WORKER_IP)]
     with LoopbackServer("127.0.0.1") as server:
         crawl = build_crawl(str(tmp_path / "inputs"), n_files=2, pages_per_file=2, images_per_page=3,
                             image_base=f"http://images.crawl.test:{server.port}")
@@ -304,11 +307,11 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
             _run([RAY, "get-auth-token", "--generate"], env, 60)
             head = _run([RAY, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={port}", "--num-cpus=2",
                          "--include-dashboard=true", f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard}",
-                         "--disable-usage-stats"], env, 120)
+                         agents[0], "--disable-usage-stats"], env, 120)
             assert "Token authentication is enabled" in head.stdout + head.stderr
             assert C.probe_authentication(f"{HEAD_IP}:{port}") == "refused"   # it really wants the token
             _run([RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
-                  "--disable-usage-stats"], token_env, 120)
+                  agents[1], "--disable-usage-stats"], token_env, 120)
             for _ in range(30):  # the autoscaler's status shows a joined node a few seconds later
                 status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], token_env, 60).stdout
                 if re.search(r"0\.0/4\.0 CPU", status):
