@@ -420,3 +420,22 @@ def test_node_check_builds_the_tokenizers_from_the_nodes_copy(tmp_path):
     cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output={tmp_path / 'out'}"])
     result = check_node(cfg, load_clip=False, tokenize=True)
     assert result["error"] == "" and result["versions"]["ray"]
+
+
+# --------------------------------------------------------------------------- isolation
+def test_demo_uses_a_ray_of_its_own_unless_given_an_address(monkeypatch, tmp_path):
+    """Even with a cluster recorded in the Ray temp folder and RAY_ADDRESS set, the demo starts
+    its own Ray (``ray.local``) in a temp folder of its own, removed afterwards."""
+    from laionbuild.demo.run import own_ray
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    monkeypatch.delitem(sys.modules, "ray", raising=False)      # this process has no Ray connection
+    with own_ray("") as isolation:
+        folder = os.environ["RAY_TMPDIR"]
+        assert isolation == ["ray.local=true"] and folder != str(tmp_path) and Path(folder).is_dir()
+        assert C.choose_address(None, local=True) == ("local", None)
+    assert os.environ["RAY_TMPDIR"] == str(tmp_path) and not Path(folder).exists()
+    with own_ray("127.0.0.1:6379") as isolation:                   # an address given: used as given
+        assert isolation == [] and os.environ["RAY_TMPDIR"] == str(tmp_path)
+
