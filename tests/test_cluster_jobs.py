@@ -48,6 +48,22 @@ def test_explicit_address_wins_over_ray_address(no_cluster, monkeypatch):
     assert C.choose_address("10.0.0.9:6379", local=True) == ("local", None)
 
 
+def test_ray_address_keywords(no_cluster, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert C.choose_address(None, local=False) == ("local", None)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(ClusterJoinError, match=r"'auto' \(RAY_ADDRESS\): no Ray cluster runs on this machine"):
+        C.choose_address(None, local=False)
+    (no_cluster / "ray").mkdir()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        address = f"127.0.0.1:{srv.getsockname()[1]}"
+        (no_cluster / "ray" / "ray_current_cluster").write_text(address)
+        assert C.choose_address(None, local=False) == ("auto", address)
+        assert C.choose_address("auto", local=False) == ("auto", address)
+
+
 def test_running_cluster_is_joined_and_stale_address_ignored(no_cluster):
     (no_cluster / "ray").mkdir()
     address_file = no_cluster / "ray" / "ray_current_cluster"

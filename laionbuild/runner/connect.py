@@ -99,10 +99,10 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
     if local:
         return "local", None
     if address:
-        return "explicit", address
+        return _ray_keyword("explicit", address.strip())
     env = os.environ.get("RAY_ADDRESS", "").strip()
     if env:
-        return "env", env
+        return _ray_keyword("env", env)
     found = running_cluster_address()
     if found:
         if _accepts_connections(found):
@@ -110,6 +110,22 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
         log.warning("the Ray cluster recorded at %s is not running (stale address file); starting a local one",
                     found)
     return "local", None
+
+
+def _ray_keyword(mode: str, address: str) -> tuple[str, str | None]:
+    """Ray's address keywords: ``local`` starts a local instance, ``auto`` is the cluster that
+    ``ray start`` runs on this machine (an error when there is none, as in ``ray.init``)."""
+    if address == "local":
+        return "local", None
+    if address != "auto":
+        return mode, address
+    found = running_cluster_address()
+    if found and _accepts_connections(found):
+        return "auto", found
+    raise ClusterJoinError(
+        f"cannot join the Ray cluster at 'auto' ({'RAY_ADDRESS' if mode == 'env' else '--address'}): no Ray "
+        "cluster runs on this machine (`ray start` records one in the Ray temp folder). Fix: start one with "
+        "`ray start --head`, or give its HOST:PORT")
 
 
 def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
