@@ -289,7 +289,10 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
     Set here and not by the docs, for the harness only: RAY_TMPDIR (this cluster's own temp
     folder: nothing of another cluster on the machine is found, and the test finds only its own
     processes to stop), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (two nodes on one machine's loopback
-    addresses keep them), PATH/PYTHONPATH (the checkout instead of an installed package)."""
+    addresses keep them), PATH/PYTHONPATH (the checkout instead of an installed package); the
+    second node gets a temp folder of its own (``--temp-dir``), as a second machine has its own
+    disk (sharing one, its runtime-env agent removes the job's working folder under the driver
+    on the head once its own workers are done), and each node's dashboard agent a free port."""
     from laionbuild.demo.crawl import build_crawl
     from laionbuild.demo.image_server import LoopbackServer
 
@@ -327,7 +330,7 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
             assert "Token authentication is enabled" in head.stdout + head.stderr
             assert C.probe_authentication(f"{HEAD_IP}:{port}") == "refused"   # it really wants the token
             _run([RAY, "start", f"--address={HEAD_IP}:{port}", f"--node-ip-address={WORKER_IP}", "--num-cpus=2",
-                  agents[1], "--disable-usage-stats"], token_env, 120)
+                  agents[1], f"--temp-dir={ray_tmp}/w", "--disable-usage-stats"], token_env, 120)
             for _ in range(30):  # the autoscaler's status shows a joined node a few seconds later
                 status = _run([RAY, "status", f"--address={HEAD_IP}:{port}"], token_env, 60).stdout
                 if re.search(r"0\.0/4\.0 CPU", status):
