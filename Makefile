@@ -7,16 +7,18 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # torch with a torchvision that imports beside it (open_clip needs both)
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
+# the releases the project was tested with (scripts/lock_constraints.py); the cluster nodes install the same
+CONSTRAINTS := configs/cluster/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_PKGS)
-	$(BIN)/python -m pip install -q -e '.[all]'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) $(TORCH_PKGS)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[all]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +30,10 @@ test: $(STAMP)
 # GPU tests too (on a machine with CUDA)
 test-all: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# after a change of the environment (an upgrade, a new package): pin it again
+lock: $(STAMP)
+	$(BIN)/python scripts/lock_constraints.py
 
 clean:
 	rm -rf demo-output .pytest_cache build *.egg-info

@@ -25,5 +25,10 @@ class SetupError(LaionBuildError):
     """Something the run needs before it starts is missing (input path, model file...)."""
 
 
+class ClusterJoinError(SetupError):
+    """The driver cannot join the Ray cluster it was pointed at (authentication, unreachable,
+    version mismatch); the message names the address, the cause and the fix."""
+
+
 class ModelMissingError(SetupError):
     """Model weights or tokenizer files are not available locally."""

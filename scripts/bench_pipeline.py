@@ -36,18 +36,24 @@ from laionbuild.demo.crawl import build_crawl  # noqa: E402
 from laionbuild.demo.image_server import LoopbackServer  # noqa: E402
 
 
-def _run_cli(crawl, inputs: Path, out: Path, cpus: int, sets: list[str]) -> dict:
+def _run_cli(crawl, inputs: Path, out: Path, cpus: int, sets: list[str], address: str = "") -> dict:
+    """One run of the CLI: on a Ray instance of its own (``--local``, in its own temp folder), never a
+    cluster that runs on the machine, unless ``address`` names one."""
     cmd = [sys.executable, "-m", "laionbuild", "run", "-c", str(REPO / "configs" / "smoke.yaml"),
            "-i", str(inputs), "-o", str(out), "--no-progress", "--set", f"ray.num_cpus={cpus}",
-           "--set", f"ray.fetch_actors={cpus}"]
+           "--set", f"ray.fetch_actors={cpus}", *(["--address", address] if address else ["--local"])]
     for s in [*crawl.config_overrides("127.0.0.1"), *sets]:
         cmd += ["--set", s]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if not address:
+        env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="lbb-", dir="/tmp")  # short: Ray's socket paths
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if not address:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     if r.returncode != 0:
         raise SystemExit(f"run failed ({r.returncode}):\n{r.stderr[-3000:]}")
     stats = json.loads((out / "stats.json").read_text())
@@ -119,6 +125,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=10, help="images per page (default 10)")
     ap.add_argument("--cpus", type=int, nargs="+", default=[2], help="Ray CPU counts to compare")
     ap.add_argument("--shard-rows", type=int, default=2000, help="run.work_shard_rows (default 2000)")
+    ap.add_argument("--address", default="", help="run on this Ray cluster (default: a Ray instance of its own)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     sets = [f"run.work_shard_rows={args.shard_rows}", "fetch.threads=16", "fetch.per_host_concurrency=16"]
@@ -129,7 +136,7 @@ def main() -> None:
             crawl.register(server)
             mb = sum(Path(p).stat().st_size for p in crawl.warc_paths) / 1e6
             costs = _stage_costs(crawl, crawl.warc_paths[: max(1, args.files // 6)], sets)
-            runs = [_run_cli(crawl, work / "inputs", work / f"out-{c}", c, sets) for c in args.cpus]
+            runs = [_run_cli(crawl, work / "inputs", work / f"out-{c}", c, sets, args.address) for c in args.cpus]
         for r in runs:
             ideal = {"candidates": r["candidates"] * costs["s_per_candidate"] / r["cpus"],
                      "score": r["unique_pairs"] * (costs["s_per_pair_fetch"] + costs["s_per_pair_clip"]) / r["cpus"]}

@@ -88,9 +88,51 @@ def test_cluster_extra_installs_what_the_configs_need():
     assert any(p.startswith("transformers") for p in extras["multilingual"])
     docker = (CLUSTER / "Dockerfile").read_text()
     assert '-e ".[cluster]"' in docker and "RAY_VERSION=" + RAY_VERSION in docker
-    assert re.search(r"^ARG BASE_IMAGE=rayproject/ray:\d+\.\d+\.\d+-py31[0-9]-gpu$", docker, re.M)
+    # the base image is Ray's image of the Ray version in use
+    assert re.search(r"^ARG BASE_IMAGE=rayproject/ray:\$\{RAY_VERSION\}-py31[0-9]-gpu$", docker, re.M)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".git" in ignored and ".venv" in ignored
+
+
+KEY_PACKAGES = ("ray", "torch", "torchvision", "open-clip-torch", "pyarrow")
+
+
+def test_constraints_pin_the_tested_environment():
+    """configs/cluster/constraints.txt pins what this environment runs (scripts/lock_constraints.py)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_constraints", REPO / "scripts" / "lock_constraints.py")
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    pins = lock.read_pins(CLUSTER / "constraints.txt")
+    assert pins["ray"] == RAY_VERSION
+    for package in KEY_PACKAGES:
+        assert pins[package] == md.version(package), f"{package}: run scripts/lock_constraints.py"
+    assert "laionbuild" not in pins
+    # the file is what the script writes: rendering its own pins gives the file back
+    assert lock.render(pins) == (CLUSTER / "constraints.txt").read_text(encoding="utf-8")
+
+
+def test_every_install_goes_through_the_constraints():
+    """The Makefile, every setup command of the launcher and the Dockerfile install through the file."""
+    aws = _aws()
+    commands = [*aws["setup_commands"], *aws["head_setup_commands"]]
+    for node_type in aws["available_node_types"].values():
+        commands += node_type.get("worker_setup_commands", [])
+    installs = [c for c in commands if "pip install" in c and " -U pip" not in c]
+    # the nodes' Python 3.11 environment (the AMI's Python is older than the pins allow)
+    assert all(c.startswith("~/lbenv/bin/python -m pip") for c in installs), installs
+    starts = [*aws["head_start_ray_commands"], *aws["worker_start_ray_commands"]]
+    assert all("~/lbenv/bin/ray" in c for c in starts if "ray " in c), starts
+    docker = (CLUSTER / "Dockerfile").read_text()
+    installs += [line for line in docker.splitlines() if "pip install" in line]
+    make = (REPO / "Makefile").read_text()
+    installs += [line for line in make.splitlines() if "pip install" in line]
+    assert len(installs) >= 7
+    for command in installs:
+        assert "-c " in command and "constraints" in command or "-c $(CONSTRAINTS)" in command, command
+    assert "CONSTRAINTS := configs/cluster/constraints.txt" in make
 
 
 def test_aws_config_matches_ray_schema():

@@ -6,13 +6,21 @@
 3. run the whole pipeline with ``configs/smoke.yaml`` (tiny CLIP trained on
    coloured shapes, the real fastText lid.176, the real thresholds),
 4. compare what was kept with what the sample says should be kept.
+
+The demo runs on a Ray instance of its own, in a temp folder of its own, and never
+joins a cluster running on the machine (its images are served on this machine's
+loopback only); ``--set ray.address=HOST:PORT`` points it at a cluster all the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 from ..config import load_config
@@ -22,6 +30,31 @@ from .sample_warc import DemoSample, build_demo_sample
 log = logging.getLogger(__name__)
 
 SMOKE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+
+
+@contextlib.contextmanager
+def own_ray(address: str):
+    """A Ray instance of the demo's own (``ray.local``) in a temp folder of its own, stopped and
+    removed afterwards; nothing changes when an address is given or this process already uses Ray."""
+    ray = sys.modules.get("ray")
+    if address or (ray is not None and ray.is_initialized()):
+        yield []
+        return
+    saved = os.environ.get("RAY_TMPDIR")
+    # short: Ray's socket paths live under it
+    folder = tempfile.mkdtemp(prefix="lbd-", dir="/tmp" if os.name == "posix" else None)
+    os.environ["RAY_TMPDIR"] = folder
+    try:
+        yield ["ray.local=true"]
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = saved
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def demo_overrides(sample: DemoSample, output: str, progress: bool = True) -> list[str]:
@@ -79,7 +112,11 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
             log.info("demo: LAION-5B's safety filter is off (safety.laion_filter.enabled=false in %s): its "
                      "prompts are words the tiny shapes model never learned, so its tags and drops would be "
                      "noise; configs/laion5b.yaml keeps it on", Path(config or SMOKE_CONFIG).name)
-        result = run(cfg)
+        with own_ray(cfg.ray.address) as isolation:
+            if isolation:
+                cfg = load_config(config or SMOKE_CONFIG,
+                                  [*demo_overrides(sample, str(out), progress), *(overrides or []), *isolation])
+            result = run(cfg)
         log.info("image server answered %d requests", server.request_count())
     check = compare_with_expectations(str(out), sample)
     (out / "demo_check.json").write_text(json.dumps(check, indent=1))

@@ -14,6 +14,17 @@ Which Ray the run uses, in this order:
 ``local=True`` (``--local``) skips 1-3 and always starts a local instance.
 A connection to a loopback address stays on loopback (Ray would otherwise rewrite
 it to the machine's outward IP).
+
+Token authentication: in case 3 Ray's own discovery runs (``ray.init()`` without an
+address). Ray turns token authentication on by itself only there, and whenever a token
+exists on the machine, whether the cluster uses it or not; a driver whose mode differs
+from the cluster's connects but loses its actors. So before joining, the cluster's GCS
+is asked once, without a token, whether it wants one (one gRPC call), and, unless
+``RAY_AUTH_MODE`` is set, the driver's mode is set to match: ``token`` with the token
+from wherever Ray looks for it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``,
+``~/.ray/auth_token``), else ``disabled``. Every failure to join is a
+:class:`~laionbuild.errors.ClusterJoinError` naming the address, the cause and the fix
+(the CLI prints it as one line, exit 2).
 """
 
 from __future__ import annotations
@@ -24,9 +35,24 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
+from ..errors import ClusterJoinError
+
 log = logging.getLogger(__name__)
+
+#: seconds the GCS port of a cluster address has to take a TCP connection before joining is
+#: given up as unreachable (Ray itself retries for minutes)
+REACHABLE_TIMEOUT_S = 5.0
+#: Ray's authentication settings, in the order Ray reads the token
+AUTH_MODE_VAR, TOKEN_VAR, TOKEN_PATH_VAR = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+#: a GCS method any client may call first; the answer says whether the cluster wants a token
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
+#: what Ray's client prints or raises when the cluster refuses its token (or the lack of one)
+AUTH_FAILURE_MARKERS = ("InvalidAuthToken", "Unauthenticated", "AuthenticationError",
+                        "authentication token", "Token authentication is enabled")
+VERSION_FAILURE_MARKERS = ("Version mismatch",)
 
 #: how the address was chosen, reported in the summary ("connected": this process already was)
 MODES = ("explicit", "env", "auto", "local", "connected")
@@ -73,10 +99,10 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
     if local:
         return "local", None
     if address:
-        return "explicit", address
+        return _ray_keyword("explicit", address.strip())
     env = os.environ.get("RAY_ADDRESS", "").strip()
     if env:
-        return "env", env
+        return _ray_keyword("env", env)
     found = running_cluster_address()
     if found:
         if _accepts_connections(found):
@@ -86,11 +112,27 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
     return "local", None
 
 
+def _ray_keyword(mode: str, address: str) -> tuple[str, str | None]:
+    """Ray's address keywords: ``local`` starts a local instance, ``auto`` is the cluster that
+    ``ray start`` runs on this machine (an error when there is none, as in ``ray.init``)."""
+    if address == "local":
+        return "local", None
+    if address != "auto":
+        return mode, address
+    found = running_cluster_address()
+    if found and _accepts_connections(found):
+        return "auto", found
+    raise ClusterJoinError(
+        f"cannot join the Ray cluster at 'auto' ({'RAY_ADDRESS' if mode == 'env' else '--address'}): no Ray "
+        "cluster runs on this machine (`ray start` records one in the Ray temp folder). Fix: start one with "
+        "`ray start --head`, or give its HOST:PORT")
+
+
 def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
-    """Whether the GCS port of ``host:port`` takes TCP connections."""
+    """Whether the GCS port of ``[scheme://]host:port`` takes TCP connections."""
     import socket
 
-    host, _, port = address.rpartition(":")
+    host, _, port = address.split("://", 1)[-1].split("/", 1)[0].rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
             return True
@@ -99,21 +141,162 @@ def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_stderr(enabled: bool):
-    """Silence the process's stderr (file descriptor 2) while Ray's engine starts: it announces its
-    log level there. Errors still surface as exceptions."""
-    if not enabled:
-        yield
-        return
+def _captured_stderr(echo: bool):
+    """Catch the process's stderr (file descriptor 2) while Ray's engine starts: it announces its
+    log level there, and says there (only) why a cluster refused the connection. Yields a list
+    that holds the captured text afterwards; ``echo`` writes it back to stderr too (``-v``)."""
+    captured: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
+    with tempfile.TemporaryFile() as buf:
+        try:
+            os.dup2(buf.fileno(), 2)
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            buf.seek(0)
+            captured.append(buf.read().decode(errors="replace"))
+            if echo and captured[0]:
+                sys.stderr.write(captured[0])
+
+
+def token_source() -> str | None:
+    """Where Ray would take the authentication token from on this machine, if anywhere."""
+    if os.environ.get(TOKEN_VAR, "").strip():
+        return TOKEN_VAR
+    path = os.environ.get(TOKEN_PATH_VAR, "").strip()
+    if path:
+        return f"{TOKEN_PATH_VAR} ({path})" if Path(path).expanduser().is_file() else None
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def read_token() -> str | None:
+    """The authentication token, read where Ray reads it (see :func:`token_source`)."""
+    value = os.environ.get(TOKEN_VAR, "").strip()
+    if value:
+        return value
+    path = os.environ.get(TOKEN_PATH_VAR, "").strip()
+    target = Path(path).expanduser() if path else Path.home() / ".ray" / "auth_token"
     try:
-        with open(os.devnull, "wb") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        return target.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def probe_authentication(address: str, token: str | None = None,
+                         timeout_s: float = REACHABLE_TIMEOUT_S) -> str:
+    """Ask the GCS at ``host:port`` one question, with ``token`` or without: ``"accepted"``,
+    ``"refused"`` (it wants a (valid) token) or ``"unknown"`` (no answer, or not a Ray GCS)."""
+    try:
+        import grpc
+    except ImportError:
+        return "unknown"
+    target = address.split("://", 1)[-1].split("/", 1)[0]
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(target, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        try:
+            channel.unary_unary(GCS_PROBE_METHOD)(b"", timeout=timeout_s, metadata=metadata)
+        except grpc.RpcError as exc:
+            return "refused" if exc.code() == grpc.StatusCode.UNAUTHENTICATED else "unknown"
+    return "accepted"
+
+
+def set_auth_mode(mode: str) -> None:
+    """This process's (and its children's) Ray authentication mode; Ray reads it again if loaded."""
+    os.environ[AUTH_MODE_VAR] = mode
+    if "ray._raylet" in sys.modules:  # Ray already read its settings: read them again
+        from ray._raylet import Config
+
+        Config.initialize("")
+
+
+def match_authentication(address: str) -> None:
+    """Set this driver's token authentication to what the cluster at ``address`` uses (unless
+    ``RAY_AUTH_MODE`` is set); a missing or refused token is a :class:`ClusterJoinError` now,
+    not after Ray's minute of retries."""
+    if address.startswith("ray://"):
+        return  # Ray Client: the client server, not the GCS, answers on that port
+    answer = probe_authentication(address)
+    if answer == "unknown":
+        return  # no answer to go by: Ray decides
+    wants_token = answer == "refused"
+    mode = os.environ.get(AUTH_MODE_VAR)
+    if mode is not None and mode.strip().lower() != ("token" if wants_token else "disabled"):
+        if wants_token:
+            raise auth_failure(address, f"RAY_AUTH_MODE={mode} sends no token")
+        raise ClusterJoinError(
+            f"cannot join the Ray cluster at {address}: authentication mismatch (the cluster uses no token "
+            f"authentication, this process has RAY_AUTH_MODE={mode}; Ray's workers could not answer it). "
+            f"Fix: unset RAY_AUTH_MODE, or start the cluster with RAY_AUTH_MODE={mode}")
+    if not wants_token:
+        if mode is None:
+            set_auth_mode("disabled")
+        return
+    token = read_token()
+    if token is None:
+        raise auth_failure(address, "the cluster uses token authentication and this machine has no token")
+    if probe_authentication(address, token) == "refused":
+        raise auth_failure(address, f"the cluster refused the token from {token_source()}")
+    if mode is None:
+        set_auth_mode("token")
+
+
+def auth_failure(address: str, why: str) -> ClusterJoinError:
+    return ClusterJoinError(
+        f"cannot join the Ray cluster at {address}: authentication failed ({why}). Fix: put the cluster's "
+        "token (`ray get-auth-token` on the head) in ~/.ray/auth_token on this machine, or set "
+        "RAY_AUTH_TOKEN to it or RAY_AUTH_TOKEN_PATH to its file, and leave RAY_AUTH_MODE unset")
+
+
+def join_failure(address: str, exc: BaseException | None, output: str = "") -> ClusterJoinError:
+    """One line naming the address, why joining failed and what to do about it."""
+    text = f"{type(exc).__name__}: {exc}\n{output}" if exc is not None else output
+    chain = (exc.__cause__ or exc.__context__) if exc is not None else None
+    if chain is not None:
+        text += f"\n{type(chain).__name__}: {chain}"
+    where = f"cannot join the Ray cluster at {address}"
+    if exc is None:
+        return ClusterJoinError(
+            f"{where}: unreachable (nothing accepts connections on that port from this machine). Fix: check "
+            "the address (`ray start --head` prints it; `ray status` on the head), that the head is running "
+            "and that its port is open to this machine; or leave out the address to start a local Ray")
+    if any(m in text for m in VERSION_FAILURE_MARKERS):
+        versions = " ".join(line.strip() for line in text.splitlines()
+                            if line.strip().startswith(("Ray:", "Python:", "The cluster", "This process")))
+        return ClusterJoinError(
+            f"{where}: version mismatch between the cluster and this machine ({versions or exc}). Fix: install "
+            "the cluster's versions here (pip install -c configs/cluster/constraints.txt -e '.[cluster]', "
+            "the constraints file the cluster was set up with)")
+    if any(m in text for m in AUTH_FAILURE_MARKERS):
+        source = token_source()
+        why = (f"the cluster refused the token from {source}" if source and
+               os.environ.get(AUTH_MODE_VAR, "").lower() == "token" else
+               "the cluster uses token authentication and this machine has no token" if not source else
+               f"RAY_AUTH_MODE={os.environ.get(AUTH_MODE_VAR)} sends no token")
+        return auth_failure(address, why)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ClusterJoinError(
+        f"{where}: {type(exc).__name__}: {first}. Fix: check that the address names a running Ray "
+        "cluster of the same Ray version (`ray status --address ADDRESS` from this machine)")
+
+
+def _join(ray: Any, mode: str, target: str, kwargs: dict[str, Any], verbose: bool) -> None:
+    """``ray.init`` to an existing cluster; every failure becomes one :class:`ClusterJoinError`."""
+    if not _accepts_connections(target, REACHABLE_TIMEOUT_S):
+        raise join_failure(target, None)
+    match_authentication(target)
+    # "auto": Ray's own discovery of the cluster `ray start` runs here
+    address = None if mode == "auto" else target
+    output: list[str] = []
+    try:
+        with _captured_stderr(echo=verbose) as output:
+            ray.init(address=address, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - every cause of a failed join is reported as one line
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        raise join_failure(target, exc, "".join(output)) from None
 
 
 def cluster_summary() -> dict[str, Any]:
@@ -167,14 +350,13 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
                 # with --node-ip-address=127.0.0.x), not to the machine's outward IP
                 host = address_host(target)
                 kwargs["_node_ip_address"] = "127.0.0.1" if host == "localhost" else host
-            with _quiet_stderr(not verbose):
-                ray.init(address=target, **kwargs)
+            _join(ray, mode, target, kwargs, verbose)
         else:
             n = num_cpus or os.cpu_count() or 1
             log.info("starting a local Ray instance with %d CPUs%s", n,
                      " (--local)" if local else " (no running cluster found)")
             # "local" never reads RAY_ADDRESS; the instance stays on loopback, without dashboard
-            with _quiet_stderr(not verbose):
+            with _captured_stderr(echo=verbose):
                 ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
                          **kwargs)
     for name in ("ray.data", "ray"):
@@ -188,4 +370,5 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     return summary
 
 
-__all__ = ["MODES", "choose_address", "cluster_summary", "connect", "running_cluster_address"]
+__all__ = ["MODES", "choose_address", "cluster_summary", "connect", "join_failure", "running_cluster_address",
+           "match_authentication", "probe_authentication", "read_token", "token_source"]
