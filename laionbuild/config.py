@@ -27,6 +27,8 @@ from .schema import SUBSETS
 
 #: de-duplication keys: the image URL (LAION-5B) or the (URL, TEXT) pair
 DEDUP_KEYS = ("url", "url_text")
+#: ``extract.link_rules``: our filters, or LAION-5B's per-link decisions
+LINK_RULES = ("ours", "laion")
 
 
 # --------------------------------------------------------------------------- sections
@@ -104,6 +106,12 @@ class ExtractConfig:
     #: space, cut and right-stripped; ``laion``: LAION-5B's cleaning (line breaks -> spaces,
     #: ftfy, strip, non-printable characters removed, cut, tabs and ``|`` -> spaces)
     alt_normalization: str = "collapse"
+    #: ``ours``: the filters above, on ``<img>`` elements; ``laion``: LAION-5B's per-link
+    #: decisions as a whole (laionbuild/stages/laion_links.py): every link with an ``alt``
+    #: (``<img src>``, ``<a href>``) in WAT link order, Django's URL validation, ftfy with its
+    #: defaults, LICENSE in link order; the URL / alt length, substring and host settings
+    #: above still apply, the other filters do not
+    link_rules: str = "ours"
     #: HTML payloads larger than this are cut (bounded memory and time)
     max_html_bytes: int = 5_000_000
     #: pages nested deeper than this are cut where the depth is reached (HTML tree
@@ -675,6 +683,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
         if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
             raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
+    if cfg.extract.link_rules not in LINK_RULES:
+        raise ConfigError(
+            f"{source}: 'extract.link_rules' must be {' or '.join(LINK_RULES)}, got '{cfg.extract.link_rules}'"
+        )
     if cfg.extract.alt_normalization not in ("collapse", "laion"):
         raise ConfigError(
             f"{source}: 'extract.alt_normalization' must be collapse or laion, got '{cfg.extract.alt_normalization}'"

@@ -39,6 +39,7 @@ from selectolax.lexbor import LexborHTMLParser
 from .. import schema
 from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
+from .laion_links import PageLink, page_rows
 from .warc import HtmlDocument, iter_html_documents
 
 log = logging.getLogger(__name__)
@@ -443,6 +444,8 @@ def _candidates_from_tree(
     counters.count("imgs", n_imgs)
     if not n_imgs:
         return []
+    if cfg.link_rules == "laion":
+        return _laion_candidates(doc, tree, cfg, counters, seen)
     dropped = counters.dropped_by_reason
 
     # looked up on the first image that has an alt text (most pages have none)
@@ -570,6 +573,97 @@ def _candidates_from_tree(
     counters.count("imgs_with_alt", with_alt)
     if opted_out:
         counters.count("pages_opted_out")
+    if rows:
+        counters.count("candidates", len(rows))
+        counters.kept += len(rows)
+    return rows
+
+
+#: elements whose URL attributes Common Crawl's WAT generator lists among a page's ``Links``
+#: (what LAION-5B's licence rule saw), and the attributes read
+_WAT_LINK_ATTRIBUTES = {
+    "img": ("src", "longdesc"),
+    "a": ("href",),
+    "area": ("href",),
+    "iframe": ("src",),
+    "frame": ("src",),
+    "embed": ("src",),
+    "source": ("src",),
+    "audio": ("src",),
+    "track": ("src",),
+    "video": ("src", "poster"),
+    "input": ("src", "formaction"),
+    "form": ("action",),
+}
+#: the elements whose link carries the ``alt`` attribute in a WAT
+_WAT_ALT_LINKS = {("img", "src"), ("a", "href")}
+
+
+def wat_order_links(tree: LexborHTMLParser) -> tuple[list[PageLink], bool]:
+    """A page's links as Common Crawl's WAT generator lists them, and whether one is an ``<img>`` link.
+
+    Elements in document order, except that an ``<a>`` is listed when it closes
+    (after the links inside it); ``<img src>`` and ``<a href>`` carry their ``alt``.
+    """
+    links: list[PageLink] = []
+    has_img = False
+    root = tree.root
+    if root is None:
+        return links, False
+    stack: list[tuple[object, bool]] = [(root, False)]
+    while stack:
+        node, closing = stack.pop()
+        tag = node.tag
+        if closing:
+            href = node.attrs.get("href")
+            if href is not None:
+                links.append(PageLink(href, node.attrs.get("alt")))
+            continue
+        names = _WAT_LINK_ATTRIBUTES.get(tag)
+        if names is not None:
+            attrs = node.attrs
+            if tag == "a":
+                stack.append((node, True))
+            else:
+                for name in names:
+                    value = attrs.get(name)
+                    if value is None:
+                        continue
+                    if tag == "img":
+                        has_img = True
+                    alt = attrs.get("alt") if (tag, name) in _WAT_ALT_LINKS else None
+                    links.append(PageLink(value, alt))
+        children = []
+        child = node.child
+        while child is not None:
+            if child.tag and not child.tag.startswith("-"):
+                children.append(child)
+            child = child.next
+        stack.extend((c, False) for c in reversed(children))
+    return links, has_img
+
+
+def _laion_candidates(
+    doc: HtmlDocument, tree: LexborHTMLParser, cfg: ExtractConfig, counters: StageCounters, seen: set[int]
+) -> list[dict]:
+    links, has_img = wat_order_links(tree)
+    if not has_img:
+        counters.count("pages_without_img_link")
+        return []
+    found = page_rows(links, doc.page_url, cfg, counters, seen, by_url=cfg.dedup_key == "url")
+    rows = [
+        {
+            schema.URL: url,
+            schema.ALT_TEXT: text,
+            schema.PAGE_URL: doc.page_url,
+            schema.WARC_PATH: doc.warc_path,
+            schema.WARC_RECORD_ID: doc.record_id,
+            schema.WARC_OFFSET: doc.offset,
+            schema.HASH: h,
+            schema.LICENSE: license_,
+        }
+        for url, text, license_, h in found
+    ]
     if rows:
         counters.count("candidates", len(rows))
         counters.kept += len(rows)
