@@ -41,6 +41,7 @@ from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
 from .laion_links import PageLink, page_rows
 from .warc import HtmlDocument, iter_html_documents
+from .wat import input_kind, iter_wat_pages
 
 log = logging.getLogger(__name__)
 
@@ -617,7 +618,7 @@ def wat_order_links(tree: LexborHTMLParser) -> tuple[list[PageLink], bool]:
         if closing:
             href = node.attrs.get("href")
             if href is not None:
-                links.append(PageLink(href, node.attrs.get("alt")))
+                links.append(PageLink(href, node.attrs.get("alt"), "A@/href"))
             continue
         names = _WAT_LINK_ATTRIBUTES.get(tag)
         if names is not None:
@@ -632,7 +633,7 @@ def wat_order_links(tree: LexborHTMLParser) -> tuple[list[PageLink], bool]:
                     if tag == "img":
                         has_img = True
                     alt = attrs.get("alt") if (tag, name) in _WAT_ALT_LINKS else None
-                    links.append(PageLink(value, alt))
+                    links.append(PageLink(value, alt, f"{tag.upper()}@/{name}"))
         children = []
         child = node.child
         while child is not None:
@@ -681,12 +682,59 @@ class FileExtraction:
     file: FileResult
 
 
+def _extract_other_kind(
+    path: str, kind: str, cfg: ExtractConfig, counters: StageCounters, result: FileResult
+) -> FileExtraction:
+    """Candidates of a WAT file (LAION-5B's link rules); a WET file fails (it holds no links)."""
+    rows: list[dict] = []
+    if kind == "wet":
+        result.status, result.reason = "failed", "wet_file"
+        result.message = "WET files hold plain text without links: give the WARC or WAT file"
+        return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+    if cfg.link_rules != "laion":
+        result.status, result.reason = "failed", "wat_needs_laion_link_rules"
+        result.message = "WAT input carries links, not HTML: it is read with extract.link_rules: laion"
+        return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+    seen: set[int] = set()
+    by_url = cfg.dedup_key == "url"
+    try:
+        for page in iter_wat_pages(path, cfg, counters, result):
+            for url, text, license_, h in page_rows(page.links, page.page_url, cfg, counters, seen, by_url):
+                rows.append(
+                    {
+                        schema.URL: url,
+                        schema.ALT_TEXT: text,
+                        schema.PAGE_URL: page.page_url,
+                        schema.WARC_PATH: page.wat_path,
+                        schema.WARC_RECORD_ID: page.record_id,
+                        schema.WARC_OFFSET: page.offset,
+                        schema.HASH: h,
+                        schema.LICENSE: license_,
+                    }
+                )
+    except Exception as exc:  # noqa: BLE001 - the reader reports bad files; this is a last guard
+        log.warning("extraction of %s stopped: %s: %s", path, type(exc).__name__, exc)
+        result.status = "partial" if rows else "failed"
+        result.reason, result.message = "error", f"{type(exc).__name__}: {exc}"
+    if rows:
+        counters.count("candidates", len(rows))
+        counters.kept += len(rows)
+    return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+
+
 def extract_file(path: str, cfg: ExtractConfig) -> FileExtraction:
-    """Extract all candidates of one WARC file; never raises (a bad file is in ``.file``)."""
+    """Extract all candidates of one input file; never raises (a bad file is in ``.file``).
+
+    WARC files (``*.warc.gz``) are parsed as HTML; WAT files (``*.wat.gz``, with
+    ``extract.link_rules: laion``) give their pages' links to LAION-5B's rules.
+    """
     counters = StageCounters()
     result = FileResult(path=path)
     rows: list[dict] = []
     seen: set[int] = set()
+    kind = input_kind(path)
+    if kind != "warc":
+        return _extract_other_kind(path, kind, cfg, counters, result)
     try:
         for doc in iter_html_documents(path, cfg, counters, result):
             rows.extend(extract_candidates(doc, cfg, counters, seen if cfg.dedup_within_file else None))

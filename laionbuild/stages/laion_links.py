@@ -30,7 +30,7 @@ extractor (:mod:`.candidates`) both feed it.
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 from urllib.parse import urljoin, urlsplit
 
@@ -51,10 +51,12 @@ IMG_PATH_MARKER = "IMG@"
 
 @dataclass(frozen=True)
 class PageLink:
-    """One entry of a page's ``Links``: the ``url`` and the ``alt`` (None when absent)."""
+    """One entry of a page's ``Links``: the ``url``, the ``alt`` (None when absent) and the
+    WAT ``path`` (``IMG@/src``, ``A@/href``...; informative, not compared)."""
 
     url: str
     alt: str | None = None
+    path: str = field(default="", compare=False)
 
 
 def laion_clean_alt(alt: str) -> str:
