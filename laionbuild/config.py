@@ -29,6 +29,8 @@ from .schema import SUBSETS
 DEDUP_KEYS = ("url", "url_text")
 #: ``extract.link_rules``: our filters, or LAION-5B's per-link decisions
 LINK_RULES = ("ours", "laion")
+#: ``fetch.url_form``: the URL as linked / redirected to, or as LAION-5B's downloader wrote it
+URL_FORMS = ("raw", "laion")
 
 
 # --------------------------------------------------------------------------- sections
@@ -174,6 +176,10 @@ class FetchConfig:
     #: the row's URL becomes the URL the image was read from after redirects (LAION-5B's
     #: ``URL``); off: the URL the page linked
     url_after_redirects: bool = False
+    #: ``raw``: the URL as linked (or as redirected to); ``laion``: as LAION-5B's downloader
+    #: reported it (``asks``' ``response.url``: percent-encoded, fragment dropped, ``/`` for an
+    #: empty path; laionbuild/stages/url_normalization.py), ``hash`` computed from it
+    url_form: str = "raw"
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
     user_agent: str = "laionbuild/0.1 (+https://github.com/laionbuild/laionbuild)"
     #: concurrent downloads in one worker
@@ -683,6 +689,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
         if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
             raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
+    if cfg.fetch.url_form not in URL_FORMS:
+        raise ConfigError(f"{source}: 'fetch.url_form' must be {' or '.join(URL_FORMS)}, got '{cfg.fetch.url_form}'")
     if cfg.extract.link_rules not in LINK_RULES:
         raise ConfigError(
             f"{source}: 'extract.link_rules' must be {' or '.join(LINK_RULES)}, got '{cfg.extract.link_rules}'"

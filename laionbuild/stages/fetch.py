@@ -21,7 +21,9 @@ Statuses
 and ``too_small_bytes`` (a body under ``fetch.min_bytes``; LAION-5B: 5,000).
 Truncated images are used with ``fetch.accept_truncated`` (LAION-5B did);
 with ``fetch.url_after_redirects`` the row's ``URL`` becomes the URL the image
-was finally read from, and its ``hash`` is computed again (LAION-5B's ``URL``).
+was finally read from, and its ``hash`` is computed again (LAION-5B's ``URL``);
+``fetch.url_form: laion`` writes it as LAION-5B's downloader reported it
+(:func:`~laionbuild.stages.url_normalization.laion_response_url`).
 Only ``timeout``, ``connection_error``, ``http_error_5xx`` and ``http_error_429``
 are retried (``fetch.retries`` times, exponential back-off from
 ``fetch.retry_backoff_s``).
@@ -96,6 +98,7 @@ from .optout import (
     tdm_reserved,
 )
 from .resize import ImageRejected, decode_and_resize, encode_image
+from .url_normalization import laion_response_url
 
 logger = logging.getLogger(__name__)
 
@@ -461,7 +464,9 @@ class ImageFetcher:
         image = np.zeros((n, size, size, 3), dtype=np.uint8)
         blobs = np.full(n, b"", dtype=object) if self.keep_image_bytes else None
         dns_ms = np.zeros(n, dtype=np.int32)
-        final_urls = np.array(urls, dtype=object, copy=True) if self.cfg.url_after_redirects else None
+        laion_form = self.cfg.url_form == "laion"
+        final_urls = (np.array(urls, dtype=object, copy=True)
+                      if self.cfg.url_after_redirects or laion_form else None)
 
         def work(i: int) -> None:
             st, msg = "success", ""
@@ -470,7 +475,7 @@ class ImageFetcher:
                 arr, w, h, final = self._fetch_image(urls[i])
                 image[i] = arr
                 width[i], height[i] = w, h
-                if final_urls is not None:
+                if final_urls is not None and self.cfg.url_after_redirects:
                     final_urls[i] = final
                 if blobs is not None:
                     blobs[i] = encode_image(arr, self.resize_cfg)
@@ -512,6 +517,8 @@ class ImageFetcher:
         if copies:
             self.stats["url_reused"] += len(copies)
         if final_urls is not None:
+            if laion_form:
+                final_urls = np.array([laion_response_url(str(u)) for u in final_urls], dtype=object)
             changed = [i for i in range(n) if final_urls[i] != urls[i]]
             if changed:
                 out[S.URL] = final_urls
@@ -520,7 +527,7 @@ class ImageFetcher:
                     for i in changed:
                         hashes[i] = S.pair_hash(str(final_urls[i]), str(batch[S.ALT_TEXT][i]))
                     out[S.HASH] = hashes
-                self.stats["url_after_redirects"] += len(changed)
+                self.stats["url_rewritten" if laion_form else "url_after_redirects"] += len(changed)
         out[S.STATUS] = status
         out[S.ERROR_MESSAGE] = message
         out[DNS_MS] = dns_ms
