@@ -31,6 +31,8 @@ DEDUP_KEYS = ("url", "url_text")
 LINK_RULES = ("ours", "laion")
 #: ``fetch.url_form``: the URL as linked / redirected to, or as LAION-5B's downloader wrote it
 URL_FORMS = ("raw", "laion")
+#: ``resize.pixel_path``: our decode and resize, or LAION-5B's image path into CLIP
+PIXEL_PATHS = ("ours", "laion")
 
 
 # --------------------------------------------------------------------------- sections
@@ -237,6 +239,12 @@ class ResizeConfig:
     mode: str = "center_crop"
     #: use reduced-size JPEG decoding (PIL draft mode)
     fast_decode: bool = True
+    #: ``ours``: decode to RGB (alpha composited on white), then ``mode``; ``laion``:
+    #: LAION-5B's path (resize in the image's own mode, RGB conversion dropping alpha,
+    #: re-encode in the source format with Pillow's defaults -- JPEG 75, WEBP 80 --, then
+    #: CLIP's resize and crop; decodable-but-corrupt data accepted with
+    #: ``fetch.accept_truncated``). ``mode`` and ``fast_decode`` are not used then
+    pixel_path: str = "ours"
     #: format of the kept resized images (``jpeg``, ``png`` or ``webp``; img2dataset's default is jpg)
     encode_format: str = "jpeg"
     #: JPEG / WEBP quality of the kept resized images (img2dataset's default: 95)
@@ -689,6 +697,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
         if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
             raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
+    if cfg.resize.pixel_path not in PIXEL_PATHS:
+        raise ConfigError(
+            f"{source}: 'resize.pixel_path' must be {' or '.join(PIXEL_PATHS)}, got '{cfg.resize.pixel_path}'"
+        )
     if cfg.fetch.url_form not in URL_FORMS:
         raise ConfigError(f"{source}: 'fetch.url_form' must be {' or '.join(URL_FORMS)}, got '{cfg.fetch.url_form}'")
     if cfg.extract.link_rules not in LINK_RULES:
