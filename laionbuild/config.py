@@ -57,6 +57,10 @@ class RunConfig:
     #: drop duplicate keys in the global de-dup phase (before any download); with false every
     #: candidate is fetched and scored
     global_dedup: bool = True
+    #: publish one row per (URL, TEXT) as the URL stands after download (redirects,
+    #: ``fetch.url_form``): LAION-5B's filter of scored pairs; the first by
+    #: (warc_path, warc_offset) is kept, the others count ``fetch:duplicate_after_download``
+    dedup_after_download: bool = False
     #: the global de-dup key: ``url`` (LAION-5B: one row per image URL) or ``url_text``
     #: (one row per (URL, TEXT) pair); ``extract.dedup_key`` follows it
     dedup_key: str = "url_text"
