@@ -141,3 +141,12 @@ def test_remote_wat_and_wat_paths_listing(tmp_path):
         assert paths == [f"{server.base_url}/{rel}"]
         got = extract_file(paths[0], LAION)
     assert got.file.status == "ok" and _triples(got.rows) == EXPECTED
+
+
+def test_laion_counters_add_up_on_the_real_samples():
+    from conftest_extract import SHARED_WARC
+
+    for path in sorted(SHARED_WARC.glob("*.warc.gz")):
+        got = extract_file(str(path), LAION)
+        c = got.counters
+        assert c.kept + sum(c.dropped_by_reason.values()) == c.counts.get("links_with_alt", 0), path.name
