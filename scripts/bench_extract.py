@@ -118,62 +118,13 @@ def ours(path: Path, reader: str, dedup: bool, config: str | None = None) -> tup
 
 def warc_to_wat(samples: list[Path], repeat: int, out_dir: Path) -> Path:
     """A WAT file of the samples' records (see the module text), repeated ``repeat`` times."""
-    import io
+    from laionbuild.stages.wat import write_wat_from_warc
 
-    from warcio.archiveiterator import ArchiveIterator
-    from warcio.warcwriter import WARCWriter
-
-    from laionbuild.stages.candidates import parse_html, wat_order_links
-    from laionbuild.stages.wat import wat_json
-    from laionbuild.stages.warc import split_content_type
-
-    buf = io.BytesIO()
-    writer = WARCWriter(buf, gzip=True)
-    for sample in samples:
-        with open(sample, "rb") as fh:
-            for record in ArchiveIterator(fh):
-                warc_headers = dict(record.rec_headers.headers)
-                uri = warc_headers.get("WARC-Target-URI", "")
-                http = dict(record.http_headers.headers) if record.http_headers is not None else {}
-                links: list[dict] = []
-                title, metas = "", []
-                extra: dict = {}
-                if record.rec_type == "response":
-                    mime, charset = split_content_type(http.get("Content-Type", ""))
-                    if mime in ("text/html", "application/xhtml+xml"):
-                        try:
-                            tree = parse_html(record.content_stream().read(), charset)
-                        except Exception:  # noqa: BLE001 - a page that cannot be read has no links
-                            tree = None
-                        if tree is not None:
-                            page_links, _ = wat_order_links(tree)
-                            for link in page_links:
-                                entry = {"path": link.path, "url": link.url}
-                                if link.alt is not None:
-                                    entry["alt"] = link.alt
-                                links.append(entry)
-                            node = tree.css_first("title")
-                            title = node.text() if node is not None else ""
-                            metas = [{k: v for k, v in m.attrs.items() if v is not None} for m in tree.tags("meta")]
-                            extra = {
-                                "Link": [{"path": "LINK@/href", **{k: v for k, v in n.attrs.items() if v}}
-                                         for n in tree.tags("link")],
-                                "Scripts": [{"path": "SCRIPT@/src", "url": n.attrs.get("src")}
-                                            for n in tree.tags("script") if n.attrs.get("src")],
-                            }
-                payload = wat_json(uri, links, warc_headers.get("WARC-Record-ID", ""), http, warc_headers,
-                                   title, metas)
-                if extra:
-                    import json as _json
-
-                    data = _json.loads(payload)
-                    data["Envelope"]["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"]["Head"].update(
-                        extra)
-                    payload = _json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
-                writer.write_record(writer.create_warc_record(uri, "metadata", payload=io.BytesIO(payload),
-                                                              warc_content_type="application/json"))
+    one = out_dir / "one.warc.wat.gz"
+    write_wat_from_warc([str(p) for p in samples], str(one))
+    blob = one.read_bytes()
+    one.unlink()
     path = out_dir / "bench.warc.wat.gz"
-    blob = buf.getvalue()
     with open(path, "wb") as fh:
         for _ in range(repeat):
             fh.write(blob)

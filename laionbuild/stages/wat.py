@@ -223,4 +223,67 @@ def wat_json(
                       ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-__all__ = ["WAT_SUFFIXES", "WET_SUFFIXES", "WatPage", "input_kind", "iter_wat_pages", "page_from_json", "wat_json"]
+def write_wat_from_warc(warc_paths: list[str], out_path: str) -> int:
+    """Write a WAT file for the records of ``warc_paths`` (for tests and benchmarks); returns its records.
+
+    One JSON ``metadata`` record per WARC record in Common Crawl's layout: the
+    WARC and HTTP headers and, for HTML responses, the title, ``<meta>``,
+    ``<link>`` and ``<script>`` entries and the ``Links`` listed as Common
+    Crawl's generator lists them (:func:`~laionbuild.stages.candidates.wat_order_links`,
+    values as parsed: entities decoded; anchor texts left out).
+    """
+    import io
+
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.warcwriter import WARCWriter
+
+    from .candidates import parse_html, wat_order_links
+    from .warc import split_content_type
+
+    written = 0
+    with open(out_path, "wb") as out:
+        writer = WARCWriter(out, gzip=True)
+        for path in warc_paths:
+            with open(path, "rb") as fh:
+                for record in ArchiveIterator(fh):
+                    warc_headers = dict(record.rec_headers.headers)
+                    uri = warc_headers.get("WARC-Target-URI", "")
+                    http = dict(record.http_headers.headers) if record.http_headers is not None else {}
+                    links: list[dict] = []
+                    title, metas, head = "", [], {}
+                    mime, charset = split_content_type(http.get("Content-Type", ""))
+                    if record.rec_type == "response" and mime in ("text/html", "application/xhtml+xml"):
+                        try:
+                            tree = parse_html(record.content_stream().read(), charset)
+                        except Exception:  # noqa: BLE001 - a page that cannot be read has no links
+                            tree = None
+                        if tree is not None:
+                            page_links, _ = wat_order_links(tree)
+                            for link in page_links:
+                                entry = {"path": link.path, "url": link.url}
+                                if link.alt is not None:
+                                    entry["alt"] = link.alt
+                                links.append(entry)
+                            node = tree.css_first("title")
+                            title = node.text() if node is not None else ""
+                            metas = [{k: v for k, v in m.attrs.items() if v is not None} for m in tree.tags("meta")]
+                            head = {
+                                "Link": [{"path": "LINK@/href", **{k: v for k, v in n.attrs.items() if v}}
+                                         for n in tree.tags("link")],
+                                "Scripts": [{"path": "SCRIPT@/src", "url": n.attrs.get("src")}
+                                            for n in tree.tags("script") if n.attrs.get("src")],
+                            }
+                    payload = wat_json(uri, links, warc_headers.get("WARC-Record-ID", ""), http, warc_headers,
+                                       title, metas)
+                    if head:
+                        data = json.loads(payload)
+                        data["Envelope"]["Payload-Metadata"]["HTTP-Response-Metadata"]["HTML-Metadata"][
+                            "Head"].update(head)
+                        payload = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                    writer.write_record(writer.create_warc_record(uri, "metadata", payload=io.BytesIO(payload),
+                                                                  warc_content_type="application/json"))
+                    written += 1
+    return written
+
+
+__all__ = ["WAT_SUFFIXES", "WET_SUFFIXES", "WatPage", "input_kind", "iter_wat_pages", "page_from_json", "wat_json", "write_wat_from_warc"]
