@@ -5,7 +5,8 @@ This script runs those steps with the real libraries in a second Python process
 (``--reference-path`` names a folder where Django 3.2 and ftfy 6.0 are installed,
 e.g. ``pip install --target /tmp/ref "django==3.2.*" "ftfy==6.0.3"``) and prints,
 as JSON, how many links of ``tests/laion_link_table.py`` (and of links taken from
-the sample WARC files with ``--warc``) get the same decision from
+the sample WARC files with ``--warc``, and ``--fuzz N`` links generated from
+tricky pieces) get the same decision from
 :func:`laionbuild.stages.laion_links.decide_link`, listing the differences.
 
 ``--emit`` prints the reference decisions (run under the reference path).
@@ -78,6 +79,44 @@ def table_links() -> list[tuple[str, str, str]]:
     return links
 
 
+_SCHEMES = ["http", "https", "HTTP", "Https", "ftp", "ftps", "file", "mailto", "", "//", "javascript"]
+_HOSTS = ["example.com", "Example.COM", "b\u00fccher.de", "xn--bcher-kva.de", "exa_mple.com", "-bad.com", "bad-.com",
+          "example", "localhost", "1.2.3.4", "256.1.1.1", "01.2.3.4", "[::1]", "[2001:db8::1]", "[::g]",
+          "a.b.c.example.museum", "example.c", "example.123", "\u4f8b\u3048.\u30c6\u30b9\u30c8", "exa mple.com",
+          "user:pw@example.com", "us er@example.com", "\uff25\uff38.com", "a..com", "example.com.", "e.xn--p1ai",
+          "a" * 61 + ".com", "a" * 64 + ".com", "x.y-z.co.uk"]
+_PORTS = ["", ":80", ":8", ":8080", ":123456", ":abc", ":", ":\uff18\uff10"]
+_PATHS = ["", "/", "/a.jpg", "/a b.jpg", "/\u00e9t\u00e9.jpg", "/a.svg", "/a.SVG", "/img.php?f=x.gif", "/a%20b.jpg",
+          "/a.jpg#frag", "/a.jpg?", "/a.jpg?x=1&amp;y=2", "/data:image/x", "/a\tb", "/a\nb", "/a\rb",
+          "/a\u3000b", "/a\\b", "?q=javascript:1", "/creativecommons.org/licenses/by/x.jpg", "/" + "p" * 2100]
+_ALT_PIECES = ["a caption", "  ", "&amp;", "&#8217;", "&lt;b&gt;", "<", "\u2018q\u2019", "\u201cq\u201d", "\u201e",
+               "\u0132", "\u01c4", "\ufb01", "\ufffc", "\x1b[31m", "\r", "\n", "\r\n", "\t", "|", "\u200b",
+               "\u200d", "\uff46\uff55\uff4c\uff4c", "caf\u00c3\u00a9", "\u00a0", "\u3000", "\x85", "\x00",
+               "\u00ad", "\u202e", "\U0001f600", "e\u0301", "\u212b", "\uff8a\uff9d", "&nbsp;", "&quot;",
+               "\u0645\u0631\u062d\u0628\u0627", "x", "ab", "Photo", "\u2028", "x" * 1998]
+
+
+def fuzz_links(n: int, seed: int) -> list[tuple[str, str, str]]:
+    """``n`` links built from the pieces above (each URL with a plain alt, each alt with a plain URL,
+    and mixed ones)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        scheme = rng.choice(_SCHEMES)
+        lead = rng.choice(["", "", "", " ", "\t"])
+        sep = "" if scheme in ("", "//") else ("://" if scheme not in ("mailto", "javascript") else ":")
+        url = lead + scheme + sep + rng.choice(_HOSTS) + rng.choice(_PORTS) + rng.choice(_PATHS)
+        alt = "".join(rng.choice(_ALT_PIECES) for _ in range(rng.randint(1, 5)))
+        if i % 3 == 0:
+            url = "http://example.com/p.jpg"
+        elif i % 3 == 1:
+            alt = "a plain caption"
+        out.append((url, alt, "http://example.com/dir/page.html"))
+    return out
+
+
 def warc_links(paths: list[str]) -> list[tuple[str, str, str]]:
     from laionbuild.config import ExtractConfig
     from laionbuild.stages.candidates import parse_html, wat_order_links
@@ -96,13 +135,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference-path", default="", help="folder holding Django 3.2 and ftfy 6.0")
     ap.add_argument("--warc", nargs="*", default=[], help="also links of these WARC files")
+    ap.add_argument("--fuzz", type=int, default=0, help="also this many generated links (seeded)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--emit", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.emit:
         links = json.load(sys.stdin)
         json.dump([reference_decision(u, a, p) for u, a, p in links], sys.stdout)
         return 0
-    links = table_links() + warc_links(args.warc)
+    links = table_links() + warc_links(args.warc) + fuzz_links(args.fuzz, args.seed)
     env = dict(os.environ, PYTHONPATH=args.reference_path)
     proc = subprocess.run(
         [sys.executable, __file__, "--emit"],
