@@ -119,14 +119,15 @@ def fuzz_links(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 def warc_links(paths: list[str]) -> list[tuple[str, str, str]]:
     from laionbuild.config import ExtractConfig
-    from laionbuild.stages.candidates import parse_html, wat_order_links
+    from laionbuild.stages.candidates import decode_html
+    from laionbuild.stages.wat_links import page_links
     from laionbuild.stages.warc import iter_html_documents
     from laionbuild.stats import FileResult, StageCounters
 
     out = []
     for path in paths:
         for doc in iter_html_documents(path, ExtractConfig(), StageCounters(), FileResult(path=path)):
-            links, _ = wat_order_links(parse_html(doc.html, doc.http_charset))
+            links, _ = page_links(decode_html(doc.html, doc.http_charset))
             out.extend((link.url, link.alt, doc.page_url) for link in links if link.alt is not None)
     return out
 

@@ -10,7 +10,8 @@ from laion_link_table import ALT, ALT_CASES, IMG, PAGE, URL_CASES
 from laionbuild import schema
 from laionbuild.config import config_from_dict, load_config
 from laionbuild.errors import ConfigError
-from laionbuild.stages.candidates import extract_candidates, parse_html, wat_order_links
+from laionbuild.stages.candidates import extract_candidates
+from laionbuild.stages.wat_links import page_links
 from laionbuild.stages.laion_links import PageLink, decide_link, page_base_url, page_rows
 from laionbuild.stages.url_validation import is_valid_url
 from laionbuild.stages.warc import HtmlDocument
@@ -103,17 +104,27 @@ def _html_rows(body: str, cfg=LAION):
     return extract_candidates(doc, cfg, counters), counters
 
 
-def test_warc_pages_list_links_in_wat_order():
-    html = (b"<a href='http://e.com/outer' alt='anchor alt'><img src='http://e.com/in.jpg' alt='inner'></a>"
-            b"<area href='http://e.com/map'><img longdesc='http://e.com/d'>")
-    links, has_img = wat_order_links(parse_html(html, "utf-8"))
+def test_warc_pages_list_links_in_wat_order_with_raw_values():
+    html = ("<a href='http://e.com/outer' alt='anchor alt'><IMG SRC=\"http://e.com/in.jpg?a=1&amp;b=2\" "
+            "alt='Tom &amp; Jerry'></a>"
+            "<!-- <img src='http://e.com/commented.jpg' alt='in a comment'> -->"
+            "<script>var s = '<img src=\"http://e.com/script.jpg\" alt=\"in a script\">';</script>"
+            "<area href=http://e.com/map><img longdesc='http://e.com/d'><div background='http://e.com/bg.png'>"
+            "<a href='http://e.com/never-closed' alt='unclosed anchor'><a name='x'></a>"
+            "<a href='http://e.com/self' alt='self closing'/>")
+    links, has_img = page_links(html)
     assert has_img
     assert links == [
-        PageLink("http://e.com/in.jpg", "inner"),
+        PageLink("http://e.com/in.jpg?a=1&amp;b=2", "Tom &amp; Jerry"),
         PageLink("http://e.com/outer", "anchor alt"),
         PageLink("http://e.com/map", None),
         PageLink("http://e.com/d", None),
+        PageLink("http://e.com/bg.png", None),
+        PageLink("http://e.com/self", "self closing"),
     ]
+    assert [link.path for link in links][:2] == ["IMG@/src", "A@/href"]
+    assert page_links("<a href='x' alt='no image on this page'>x</a>") == (
+        [PageLink("x", "no image on this page")], False)
 
 
 def test_warc_page_in_laion_mode():

@@ -39,7 +39,8 @@ from selectolax.lexbor import LexborHTMLParser
 from .. import schema
 from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
-from .laion_links import PageLink, page_rows
+from .laion_links import page_rows
+from .wat_links import page_links
 from .warc import HtmlDocument, iter_html_documents
 from .wat import input_kind, iter_wat_pages
 
@@ -424,6 +425,8 @@ def nesting_cut(html: bytes, limit: int) -> int | None:
 
 def _extract(doc: HtmlDocument, cfg: ExtractConfig, counters: StageCounters, seen: set[int]) -> list[dict]:
     html = doc.html
+    if cfg.link_rules == "laion":
+        return _laion_candidates(doc, decode_html(html, doc.http_charset, counters), cfg, counters, seen)
     cut = nesting_cut(html, cfg.max_nesting_depth)
     if cut is not None:
         counters.count("html_too_deep")
@@ -445,8 +448,6 @@ def _candidates_from_tree(
     counters.count("imgs", n_imgs)
     if not n_imgs:
         return []
-    if cfg.link_rules == "laion":
-        return _laion_candidates(doc, tree, cfg, counters, seen)
     dropped = counters.dropped_by_reason
 
     # looked up on the first image that has an alt text (most pages have none)
@@ -580,74 +581,22 @@ def _candidates_from_tree(
     return rows
 
 
-#: elements whose URL attributes Common Crawl's WAT generator lists among a page's ``Links``
-#: (what LAION-5B's licence rule saw), and the attributes read
-_WAT_LINK_ATTRIBUTES = {
-    "img": ("src", "longdesc"),
-    "a": ("href",),
-    "area": ("href",),
-    "iframe": ("src",),
-    "frame": ("src",),
-    "embed": ("src",),
-    "source": ("src",),
-    "audio": ("src",),
-    "track": ("src",),
-    "video": ("src", "poster"),
-    "input": ("src", "formaction"),
-    "form": ("action",),
-}
-#: the elements whose link carries the ``alt`` attribute in a WAT
-_WAT_ALT_LINKS = {("img", "src"), ("a", "href")}
-
-
-def wat_order_links(tree: LexborHTMLParser) -> tuple[list[PageLink], bool]:
-    """A page's links as Common Crawl's WAT generator lists them, and whether one is an ``<img>`` link.
-
-    Elements in document order, except that an ``<a>`` is listed when it closes
-    (after the links inside it); ``<img src>`` and ``<a href>`` carry their ``alt``.
-    """
-    links: list[PageLink] = []
-    has_img = False
-    root = tree.root
-    if root is None:
-        return links, False
-    stack: list[tuple[object, bool]] = [(root, False)]
-    while stack:
-        node, closing = stack.pop()
-        tag = node.tag
-        if closing:
-            href = node.attrs.get("href")
-            if href is not None:
-                links.append(PageLink(href, node.attrs.get("alt"), "A@/href"))
-            continue
-        names = _WAT_LINK_ATTRIBUTES.get(tag)
-        if names is not None:
-            attrs = node.attrs
-            if tag == "a":
-                stack.append((node, True))
-            else:
-                for name in names:
-                    value = attrs.get(name)
-                    if value is None:
-                        continue
-                    if tag == "img":
-                        has_img = True
-                    alt = attrs.get("alt") if (tag, name) in _WAT_ALT_LINKS else None
-                    links.append(PageLink(value, alt, f"{tag.upper()}@/{name}"))
-        children = []
-        child = node.child
-        while child is not None:
-            if child.tag and not child.tag.startswith("-"):
-                children.append(child)
-            child = child.next
-        stack.extend((c, False) for c in reversed(children))
-    return links, has_img
+def decode_html(html: bytes, http_charset: str | None, counters: StageCounters | None = None) -> str:
+    """The text of a page, decoded as :func:`parse_html` decodes it (invalid bytes replaced)."""
+    codec, source = sniff_charset(html, http_charset)
+    if counters is not None:
+        counters.count(f"charset_from_{source}")
+    if codec == "utf-8" and html[:3] == b"\xef\xbb\xbf":
+        html = html[3:]
+    return html.decode(codec, "replace")
 
 
 def _laion_candidates(
-    doc: HtmlDocument, tree: LexborHTMLParser, cfg: ExtractConfig, counters: StageCounters, seen: set[int]
+    doc: HtmlDocument, text: str, cfg: ExtractConfig, counters: StageCounters, seen: set[int]
 ) -> list[dict]:
-    links, has_img = wat_order_links(tree)
+    """LAION-5B's rules on the page's links as the WAT generator records them (raw attribute values)."""
+    links, has_img = page_links(text)
+    counters.count("imgs", sum(1 for link in links if link.path == "IMG@/src"))
     if not has_img:
         counters.count("pages_without_img_link")
         return []

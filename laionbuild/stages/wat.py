@@ -229,15 +229,16 @@ def write_wat_from_warc(warc_paths: list[str], out_path: str) -> int:
     One JSON ``metadata`` record per WARC record in Common Crawl's layout: the
     WARC and HTTP headers and, for HTML responses, the title, ``<meta>``,
     ``<link>`` and ``<script>`` entries and the ``Links`` listed as Common
-    Crawl's generator lists them (:func:`~laionbuild.stages.candidates.wat_order_links`,
-    values as parsed: entities decoded; anchor texts left out).
+    Crawl's generator lists them (:func:`~laionbuild.stages.wat_links.page_links`: raw
+    attribute values; anchor texts left out).
     """
     import io
 
     from warcio.archiveiterator import ArchiveIterator
     from warcio.warcwriter import WARCWriter
 
-    from .candidates import parse_html, wat_order_links
+    from .candidates import decode_html, parse_html
+    from .wat_links import page_links
     from .warc import split_content_type
 
     written = 0
@@ -253,13 +254,13 @@ def write_wat_from_warc(warc_paths: list[str], out_path: str) -> int:
                     title, metas, head = "", [], {}
                     mime, charset = split_content_type(http.get("Content-Type", ""))
                     if record.rec_type == "response" and mime in ("text/html", "application/xhtml+xml"):
+                        body = record.content_stream().read()
                         try:
-                            tree = parse_html(record.content_stream().read(), charset)
+                            tree = parse_html(body, charset)
                         except Exception:  # noqa: BLE001 - a page that cannot be read has no links
                             tree = None
                         if tree is not None:
-                            page_links, _ = wat_order_links(tree)
-                            for link in page_links:
+                            for link in page_links(decode_html(body, charset))[0]:
                                 entry = {"path": link.path, "url": link.url}
                                 if link.alt is not None:
                                     entry["alt"] = link.alt
