@@ -150,3 +150,26 @@ def test_laion_counters_add_up_on_the_real_samples():
         got = extract_file(str(path), LAION)
         c = got.counters
         assert c.kept + sum(c.dropped_by_reason.values()) == c.counts.get("links_with_alt", 0), path.name
+
+
+def test_both_reader_engines_read_wat_alike(tmp_path):
+    import dataclasses
+
+    wat = write_wat(tmp_path / "r.wat.gz", PAGES)
+    data = wat.read_bytes()
+    big = write_wat(tmp_path / "big.wat.gz", PAGES * 20).read_bytes()
+    results = {}
+    for engine in ("warcio", "fastwarc"):
+        cfg = dataclasses.replace(LAION, reader=engine)
+        whole = extract_file(str(wat), cfg)
+        assert whole.file.status == "ok", engine
+        partial_rows = []
+        for k in (5, 13, 14, 15):  # cut inside a payload and inside a WARC header block
+            cut = tmp_path / f"cut{k}.wat.gz"
+            cut.write_bytes(big[: len(data) * k])
+            partial = extract_file(str(cut), cfg)
+            assert (partial.file.status, partial.file.reason) == ("partial", "truncated"), (engine, k)
+            partial_rows.append(len(partial.rows))
+        results[engine] = (_triples(whole.rows), partial_rows)
+    assert results["warcio"] == results["fastwarc"]
+    assert results["warcio"][0] == EXPECTED

@@ -108,6 +108,8 @@ def _metadata_payloads(stream, reader: str, counters: StageCounters) -> Iterator
         for record in ArchiveIterator(stream, record_types=WarcRecordType.any_type, parse_http=False,
                                       fsspec_args=False):
             counters.count("records")
+            if record.headers.get("Content-Length") is None:
+                raise EOFError("a WARC header block cut short (no Content-Length)")
             if record.record_type != WarcRecordType.metadata:
                 counters.count(f"records_{record.record_type}")
                 continue
@@ -120,6 +122,8 @@ def _metadata_payloads(stream, reader: str, counters: StageCounters) -> Iterator
         it = ArchiveIterator(stream, no_record_parse=True, check_digests=False)
         for record in it:
             counters.count("records")
+            if record.rec_headers.get_header("Content-Length") is None:
+                raise EOFError("a WARC header block cut short (no Content-Length)")
             rec_type = (record.rec_type or "").lower()
             if rec_type != WAT_RECORD_TYPE:
                 counters.count(f"records_{rec_type or 'unknown'}")
