@@ -98,6 +98,10 @@ def test_warc_reader_refuses_wat_and_wet_files(tmp_path):
         got = extract_file(str(wat_named_warc), cfg)
         assert (got.file.status, got.file.reason, got.rows) == ("failed", "wat_file", [])
         assert "WAT" in got.file.message
+    cut = tmp_path / "cut.warc.gz"
+    cut.write_bytes(write_wat(tmp_path / "long.warc.gz", PAGES * 10).read_bytes()[:5000])
+    got = extract_file(str(cut), LAION)
+    assert (got.file.status, got.file.reason) == ("failed", "wat_file")  # a cut WAT is still a WAT
     wet_named_warc = write_wat(tmp_path / "text.warc.gz", [], extra_records=[("conversion", b"plain text")])
     got = extract_file(str(wet_named_warc), LAION)
     assert (got.file.status, got.file.reason) == ("failed", "wet_file")

@@ -522,7 +522,7 @@ def _note_other_record(counters: StageCounters, rec_type: str) -> None:
 
 def _check_kind(counters: StageCounters, file_result: FileResult) -> None:
     """A file of WAT ``metadata`` or WET ``conversion`` records and no ``response`` is the wrong kind."""
-    if file_result.status != "ok" or counters.counts.get("responses", 0):
+    if file_result.status not in ("ok", "partial") or counters.counts.get("responses", 0):
         return
     for rec_type, reason in _OTHER_KIND_RECORDS.items():
         if counters.counts.get(f"records_{rec_type}", 0):
