@@ -56,12 +56,12 @@ GLOBAL_URL_ATTRIBUTES = ("background", "data-href", "data-uri")
 #: (element, attribute) whose entry carries the element's ``alt``
 ALT_LINKS = frozenset((("img", "src"),))
 
-_SKIPPED = re.compile(
-    r"<!--.*?(?:-->|\Z)|<(script|style)\b(?:[^>\"']|\"[^\"]*\"|'[^']*')*>.*?(?:</\1\s*>|\Z)",
-    re.IGNORECASE | re.DOTALL,
-)
-_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)((?:[^>\"']|\"[^\"]*\"|'[^']*')*)>")
+_TAG_NAME = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)")
+_TAG_SPECIAL = re.compile(r"[>\"']")
 _ATTRIBUTE = re.compile(r"""([^\s"'=<>/]+)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]+)))?""")
+_RAW_TEXT_END = {name: re.compile(rf"</{name}\s*>", re.IGNORECASE) for name in ("script", "style")}
+_COMMENT_START, _COMMENT_END = "<!--", "-->"
+_GLOBAL_HINT = re.compile("|".join(GLOBAL_URL_ATTRIBUTES), re.IGNORECASE)
 
 
 def _attributes(text: str) -> dict[str, str | None]:
@@ -79,30 +79,68 @@ def _attributes(text: str) -> dict[str, str | None]:
     return attrs
 
 
+def _tag_end(text: str, pos: int) -> int:
+    """Index of the ``>`` that ends the tag whose attributes start at ``pos`` (quotes respected; an
+    unclosed quote does not count), or -1 when the text ends first. Each character is read once."""
+    while True:
+        m = _TAG_SPECIAL.search(text, pos)
+        if m is None:
+            return -1
+        if m.group() == ">":
+            return m.start()
+        close = text.find(m.group(), m.start() + 1)
+        if close < 0:
+            return text.find(">", m.start() + 1)
+        pos = close + 1
+
+
+def iter_tags(text: str):
+    """``(closing, name, attribute text)`` of every tag of a page, in order; comments and the
+    content of ``<script>`` / ``<style>`` skipped. Linear in the length of the text."""
+    pos = 0
+    size = len(text)
+    while pos < size:
+        lt = text.find("<", pos)
+        if lt < 0:
+            return
+        if text.startswith(_COMMENT_START, lt):
+            end = text.find(_COMMENT_END, lt + len(_COMMENT_START))
+            if end < 0:
+                return
+            pos = end + len(_COMMENT_END)
+            continue
+        m = _TAG_NAME.match(text, lt)
+        if m is None:
+            pos = lt + 1
+            continue
+        gt = _tag_end(text, m.end())
+        if gt < 0:
+            return
+        closing, name = bool(m.group(1)), m.group(2).lower()
+        yield closing, name, text[m.end():gt]
+        pos = gt + 1
+        if not closing and name in _RAW_TEXT_END:
+            end = _RAW_TEXT_END[name].search(text, pos)
+            if end is None:
+                return
+            pos = end.end()
+
+
 def page_links(text: str) -> tuple[list[PageLink], bool]:
     """The links of a page's decoded HTML in WAT order, and whether one is an ``<img>`` link."""
     links: list[PageLink] = []
     has_img = False
     open_anchors: list[PageLink | None] = []
-    pos = 0
-    for skipped in _SKIPPED.finditer(text):
-        has_img |= _scan(text[pos:skipped.start()], links, open_anchors)
-        pos = skipped.end()
-    has_img |= _scan(text[pos:], links, open_anchors)
-    return links, has_img
-
-
-def _scan(text: str, links: list[PageLink], open_anchors: list[PageLink | None]) -> bool:
-    has_img = False
-    for m in _TAG.finditer(text):
-        closing, name, rest = m.group(1), m.group(2).lower(), m.group(3)
+    for closing, name, rest in iter_tags(text):
         if closing:
             if name == "a" and open_anchors:
                 anchor = open_anchors.pop()
                 if anchor is not None:
                     links.append(anchor)
             continue
-        if "=" not in rest and name not in ("a",):
+        if name != "a" and (
+            "=" not in rest or (name not in URL_ATTRIBUTES and _GLOBAL_HINT.search(rest) is None)
+        ):
             continue
         attrs = _attributes(rest)
         for attr in GLOBAL_URL_ATTRIBUTES:
@@ -126,7 +164,7 @@ def _scan(text: str, links: list[PageLink], open_anchors: list[PageLink | None])
                 has_img = True
             alt = attrs.get("alt") if (name, attr) in ALT_LINKS else None
             links.append(PageLink(value, alt, f"{name.upper()}@/{attr}"))
-    return has_img
+    return links, has_img
 
 
-__all__ = ["page_links"]
+__all__ = ["iter_tags", "page_links"]
