@@ -155,3 +155,13 @@ def test_link_rules_setting_is_checked():
         config_from_dict({"extract": {"link_rules": "django"}})
     assert LAION.link_rules == "laion"
     assert config_from_dict({}).extract.link_rules == "ours"
+
+
+@pytest.mark.parametrize("html", [
+    '<a"' + "<b " * 20000,  # a quote never closed, no ">" after it
+    "<b " * 20000,  # tags never closed
+    "<!--" + "<img src='http://e.com/a.jpg' alt='inside a comment never closed'>" * 100,
+    "<script>" + "<img src='http://e.com/a.jpg' alt='inside a script never closed'>" * 100,
+])
+def test_broken_markup_gives_no_links_and_ends(html):
+    assert page_links(html) == ([], False)
