@@ -27,6 +27,12 @@ from .schema import SUBSETS
 
 #: de-duplication keys: the image URL (LAION-5B) or the (URL, TEXT) pair
 DEDUP_KEYS = ("url", "url_text")
+#: ``extract.link_rules``: our filters, or LAION-5B's per-link decisions
+LINK_RULES = ("ours", "laion")
+#: ``fetch.url_form``: the URL as linked / redirected to, or as LAION-5B's downloader wrote it
+URL_FORMS = ("raw", "laion")
+#: ``resize.pixel_path``: our decode and resize, or LAION-5B's image path into CLIP
+PIXEL_PATHS = ("ours", "laion")
 
 
 # --------------------------------------------------------------------------- sections
@@ -51,6 +57,10 @@ class RunConfig:
     #: drop duplicate keys in the global de-dup phase (before any download); with false every
     #: candidate is fetched and scored
     global_dedup: bool = True
+    #: publish one row per (URL, TEXT) as the URL stands after download (redirects,
+    #: ``fetch.url_form``): LAION-5B's filter of scored pairs; the first by
+    #: (warc_path, warc_offset) is kept, the others count ``fetch:duplicate_after_download``
+    dedup_after_download: bool = False
     #: the global de-dup key: ``url`` (LAION-5B: one row per image URL) or ``url_text``
     #: (one row per (URL, TEXT) pair); ``extract.dedup_key`` follows it
     dedup_key: str = "url_text"
@@ -109,6 +119,12 @@ class ExtractConfig:
     #: space, cut and right-stripped; ``laion``: LAION-5B's cleaning (line breaks -> spaces,
     #: ftfy, strip, non-printable characters removed, cut, tabs and ``|`` -> spaces)
     alt_normalization: str = "collapse"
+    #: ``ours``: the filters above, on ``<img>`` elements; ``laion``: LAION-5B's per-link
+    #: decisions as a whole (laionbuild/stages/laion_links.py): every link with an ``alt``
+    #: (``<img src>``, ``<a href>``) in WAT link order, Django's URL validation, ftfy with its
+    #: defaults, LICENSE in link order; the URL / alt length, substring and host settings
+    #: above still apply, the other filters do not
+    link_rules: str = "ours"
     #: HTML payloads larger than this are cut (bounded memory and time)
     max_html_bytes: int = 5_000_000
     #: pages nested deeper than this are cut where the depth is reached (HTML tree
@@ -144,6 +160,9 @@ class LangIdConfig:
     min_letters: int = 3
     #: ``cld3`` engine: gcld3 ``NNetLanguageIdentifier(min_num_bytes, max_num_bytes)``
     #: (LAION-5B: 5 and 2000)
+    #: ``LANGUAGE`` written for nolang rows: ``und`` (ISO 639-2 "undetermined"); LAION-5B's
+    #: downloader wrote ``en`` for rows without a language (``configs/laion5b.yaml``)
+    nolang_language: str = "und"
     cld3_min_bytes: int = 5
     cld3_max_bytes: int = 2000
     batch_size: int = 512
@@ -171,6 +190,10 @@ class FetchConfig:
     #: the row's URL becomes the URL the image was read from after redirects (LAION-5B's
     #: ``URL``); off: the URL the page linked
     url_after_redirects: bool = False
+    #: ``raw``: the URL as linked (or as redirected to); ``laion``: as LAION-5B's downloader
+    #: reported it (``asks``' ``response.url``: percent-encoded, fragment dropped, ``/`` for an
+    #: empty path; laionbuild/stages/url_normalization.py), ``hash`` computed from it
+    url_form: str = "raw"
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
     user_agent: str = "laionbuild/0.1 (+https://github.com/laionbuild/laionbuild)"
     #: concurrent downloads in one worker
@@ -234,6 +257,12 @@ class ResizeConfig:
     mode: str = "center_crop"
     #: use reduced-size JPEG decoding (PIL draft mode)
     fast_decode: bool = True
+    #: ``ours``: decode to RGB (alpha composited on white), then ``mode``; ``laion``:
+    #: LAION-5B's path (resize in the image's own mode, RGB conversion dropping alpha,
+    #: re-encode in the source format with Pillow's defaults -- JPEG 75, WEBP 80 --, then
+    #: CLIP's resize and crop; decodable-but-corrupt data accepted with
+    #: ``fetch.accept_truncated``). ``mode`` and ``fast_decode`` are not used then
+    pixel_path: str = "ours"
     #: format of the kept resized images (``jpeg``, ``png`` or ``webp``; img2dataset's default is jpg)
     encode_format: str = "jpeg"
     #: JPEG / WEBP quality of the kept resized images (img2dataset's default: 95)
@@ -701,6 +730,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for where, key in (("run.dedup_key", cfg.run.dedup_key), ("extract.dedup_key", cfg.extract.dedup_key)):
         if key not in DEDUP_KEYS and not (where == "extract.dedup_key" and key == ""):
             raise ConfigError(f"{source}: '{where}' must be url or url_text, got '{key}'")
+    if cfg.resize.pixel_path not in PIXEL_PATHS:
+        raise ConfigError(
+            f"{source}: 'resize.pixel_path' must be {' or '.join(PIXEL_PATHS)}, got '{cfg.resize.pixel_path}'"
+        )
+    if cfg.fetch.url_form not in URL_FORMS:
+        raise ConfigError(f"{source}: 'fetch.url_form' must be {' or '.join(URL_FORMS)}, got '{cfg.fetch.url_form}'")
+    if cfg.extract.link_rules not in LINK_RULES:
+        raise ConfigError(
+            f"{source}: 'extract.link_rules' must be {' or '.join(LINK_RULES)}, got '{cfg.extract.link_rules}'"
+        )
     if cfg.extract.alt_normalization not in ("collapse", "laion"):
         raise ConfigError(
             f"{source}: 'extract.alt_normalization' must be collapse or laion, got '{cfg.extract.alt_normalization}'"

@@ -85,3 +85,27 @@ def write_raw(path: Path, records: list[bytes], gzip_records: bool = True) -> Pa
         for rec in records:
             fh.write(gzip.compress(rec) if gzip_records else rec)
     return path
+
+
+def write_wat(path: Path, pages: list[dict], extra_records: list[tuple[str, bytes]] = ()) -> Path:
+    """A WAT file in Common Crawl's layout: a ``warcinfo`` record, then one ``metadata``
+    record of JSON per page. ``pages``: dicts with ``url`` and ``links`` (entries as
+    Common Crawl writes them: ``path``, ``url``, optional ``alt`` / ``text``).
+    ``extra_records``: ``(warc type, payload)`` written after the pages."""
+    from laionbuild.stages.wat import wat_json
+
+    with open(path, "wb") as fh:
+        writer = WARCWriter(fh, gzip=True)
+        writer.write_record(
+            writer.create_warcinfo_record(path.name, {"software": "laionbuild-tests", "format": "WARC Metadata"})
+        )
+        for page in pages:
+            payload = wat_json(page["url"], page["links"], record_id=f"<urn:uuid:{uuid.uuid4()}>")
+            rec = writer.create_warc_record(page["url"], "metadata", payload=io.BytesIO(payload),
+                                            warc_content_type="application/json")
+            writer.write_record(rec)
+        for rtype, payload in extra_records:
+            rec = writer.create_warc_record("http://example.com/x", rtype, payload=io.BytesIO(payload),
+                                            warc_content_type="text/plain")
+            writer.write_record(rec)
+    return path

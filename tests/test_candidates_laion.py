@@ -17,6 +17,7 @@ from laionbuild.stages.candidates import (
     extract_file,
     normalize_alt_laion,
 )
+from laionbuild.stages.laion_links import laion_clean_alt
 from laionbuild.stages.warc import HtmlDocument
 from laionbuild.stats import StageCounters
 
@@ -46,12 +47,12 @@ def test_relative_links_are_dropped_only_in_the_faithful_config():
     body = "<img src='/a.jpg' alt='a relative image'><img src='http://cdn.example.org/b.jpg' alt='an absolute image'>"
     rows, c = run(body, LAION)
     assert [r[schema.URL] for r in rows] == ["http://cdn.example.org/b.jpg"]
-    assert c.dropped_by_reason["relative_url"] == 1
+    assert c.dropped_by_reason["invalid_url"] == 1  # LAION's URL validator refused them
     rows, _ = run(body, DEFAULT)
     assert [r[schema.URL] for r in rows] == ["http://example.com/a.jpg", "http://cdn.example.org/b.jpg"]
     # protocol-relative links have no scheme: LAION's validator refused them too
     rows, c = run("<img src='//cdn.example.org/c.jpg' alt='protocol relative'>", LAION)
-    assert rows == [] and c.dropped_by_reason["relative_url"] == 1
+    assert rows == [] and c.dropped_by_reason["invalid_url"] == 1
 
 
 @pytest.mark.parametrize(
@@ -93,6 +94,7 @@ def test_long_urls_are_cut_faithfully_and_dropped_by_default():
 
 def test_laion_alt_cleaning_keeps_spaces_and_removes_non_printables():
     assert normalize_alt_laion("  two  spaces\tand\u200ba tab\nline  ") == "two  spacesanda tab line"
+    assert laion_clean_alt("  two  spaces\tand\u200ba tab\nline  ") == "two  spacesanda tab line"
     rows, _ = run("<img src='http://e.com/a.jpg' alt='a | b  c&#9;d'>", LAION)
     assert rows[0][schema.ALT_TEXT] == "a   b  cd"  # the tab is not printable: removed, | -> space
     rows, _ = run("<img src='http://e.com/a.jpg' alt='a | b  c&#9;d'>", DEFAULT)
@@ -104,13 +106,15 @@ def test_laion_alt_cleaning_keeps_spaces_and_removes_non_printables():
     assert len(rows[0][schema.ALT_TEXT]) == 2000 and c.counts["alt_truncated"] == 1
 
 
-def test_license_is_the_first_creative_commons_link():
+def test_license_first_cc_link_by_default_and_the_last_one_seen_so_far_in_laion_mode():
     cc = "https://creativecommons.org/licenses/by-sa/4.0/deed.en_GB_with_a_long_tail_that_goes_past_eighty_chars"
     body = (f"<img src='http://e.com/a.jpg' alt='licensed picture'><a href='{cc}'>CC</a>"
-            "<a href='http://creativecommons.org/licenses/by/2.0/'>other</a>")
-    for cfg in (LAION, DEFAULT):
-        rows, _ = run(body, cfg)
-        assert rows[0][schema.LICENSE] == cc[:80]
+            "<a href='http://creativecommons.org/licenses/by/2.0/'>other</a>"
+            "<img src='http://e.com/b.jpg' alt='second picture'>")
+    rows, _ = run(body, DEFAULT)
+    assert [r[schema.LICENSE] for r in rows] == [cc[:80], cc[:80]]
+    rows, _ = run(body, LAION)
+    assert [r[schema.LICENSE] for r in rows] == ["?", "http://creativecommons.org/licenses/by/2.0/"]
     rows, _ = run("<img src='http://e.com/a.jpg' alt='unlicensed picture'><a href='/about'>x</a>", DEFAULT)
     assert rows[0][schema.LICENSE] == NO_LICENSE == "?"
     rows, _ = run("<link rel=license href='http://creativecommons.org/licenses/by/3.0/'>"

@@ -177,3 +177,15 @@ def test_eval_script_reports_ours_not_worse_than_raw(capsys):
     assert held["ours"]["subset_accuracy"] >= held["raw_fasttext_tuned_threshold"]["subset_accuracy"]
     assert result["chosen_on_tune_half"]["ours"]["threshold"] == LangIdConfig().threshold
     assert result["chosen_on_tune_half"]["ours"]["min_letters"] == LangIdConfig().min_letters
+
+
+def test_nolang_language_value_is_a_setting():
+    from laionbuild.config import load_config
+
+    faithful = load_config(Path(__file__).resolve().parents[1] / "configs" / "laion5b.yaml").langid
+    assert faithful.nolang_language == "en" and LangIdConfig().nolang_language == "und"
+    router = LanguageRouter(dataclasses.replace(LangIdConfig(), nolang_language="en"))
+    batch = {schema.ALT_TEXT: np.array(["a photo of a red bicycle on the street", "IMG_1234.JPG"], dtype=object)}
+    out = router(batch)
+    assert list(out[schema.SUBSET]) == ["en", "nolang"]
+    assert list(out[schema.LANGUAGE]) == ["en", "en"]

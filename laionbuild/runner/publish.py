@@ -30,6 +30,7 @@ from ..output.fs import open_fs
 from ..output.layout import IMAGES, OutputLayout
 from ..stages import shards
 from ..stages.blocklist import Blocklist, filter_image_tars, filter_table
+from ..stages.pair_dedup import drop_repeated_pairs
 from ..stats import RunStats
 
 _KEY = "_bucket"
@@ -71,7 +72,9 @@ class PublishBucket:
     """Writes one (subset, bucket) group as ``part-<bucket>.parquet`` (+ embeddings, + safe view)."""
 
     def __init__(self, target_dir: str, generation: int, compression: str, row_filter: PublishFilter | None,
-                 safe: tuple[float | None, float | None] | None = None):
+                 safe: tuple[float | None, float | None] | None = None, dedup_pairs: bool = False):
+        #: one row per (URL, TEXT) after download (``run.dedup_after_download``)
+        self.dedup_pairs = dedup_pairs
         self.target_dir = target_dir
         self.generation = generation
         self.compression = compression
@@ -86,6 +89,10 @@ class PublishBucket:
         filtered: dict = {}
         if self.row_filter is not None:
             table, filtered = self.row_filter(table)
+        if self.dedup_pairs:
+            table, repeated = drop_repeated_pairs(table)
+            if repeated:
+                filtered = {**filtered, "fetch:duplicate_after_download": repeated}
         table = table.sort_by([("hash", "ascending"), ("URL", "ascending"), ("TEXT", "ascending")])
         emb_cols = [c for c in shards.EMBEDDING_COLUMNS if c in table.column_names]
         fs, root = open_fs(self.target_dir)
@@ -183,7 +190,7 @@ def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunSta
     if parts:
         safe = (cfg.safety.punsafe_max, cfg.safety.pwatermark_max) if cfg.safety.write_safe_subsets else None
         writer = PublishBucket(layout.url, generation, cfg.output.compression,
-                               None if row_filter.empty else row_filter, safe)
+                               None if row_filter.empty else row_filter, safe, cfg.run.dedup_after_download)
         if sum(totals.values()) <= cfg.ray.local_max_rows:
             results = _publish_in_driver(layout, parts, n_buckets, writer)
         else:

@@ -39,7 +39,10 @@ from selectolax.lexbor import LexborHTMLParser
 from .. import schema
 from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
+from .laion_links import page_rows
+from .wat_links import page_links
 from .warc import HtmlDocument, iter_html_documents
+from .wat import input_kind, iter_wat_pages
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +425,8 @@ def nesting_cut(html: bytes, limit: int) -> int | None:
 
 def _extract(doc: HtmlDocument, cfg: ExtractConfig, counters: StageCounters, seen: set[int]) -> list[dict]:
     html = doc.html
+    if cfg.link_rules == "laion":
+        return _laion_candidates(doc, decode_html(html, doc.http_charset, counters), cfg, counters, seen)
     cut = nesting_cut(html, cfg.max_nesting_depth)
     if cut is not None:
         counters.count("html_too_deep")
@@ -576,6 +581,45 @@ def _candidates_from_tree(
     return rows
 
 
+def decode_html(html: bytes, http_charset: str | None, counters: StageCounters | None = None) -> str:
+    """The text of a page, decoded as :func:`parse_html` decodes it (invalid bytes replaced)."""
+    codec, source = sniff_charset(html, http_charset)
+    if counters is not None:
+        counters.count(f"charset_from_{source}")
+    if codec == "utf-8" and html[:3] == b"\xef\xbb\xbf":
+        html = html[3:]
+    return html.decode(codec, "replace")
+
+
+def _laion_candidates(
+    doc: HtmlDocument, text: str, cfg: ExtractConfig, counters: StageCounters, seen: set[int]
+) -> list[dict]:
+    """LAION-5B's rules on the page's links as the WAT generator records them (raw attribute values)."""
+    links, has_img = page_links(text)
+    counters.count("imgs", sum(1 for link in links if link.path == "IMG@/src"))
+    if not has_img:
+        counters.count("pages_without_img_link")
+        return []
+    found = page_rows(links, doc.page_url, cfg, counters, seen, by_url=cfg.dedup_key == "url")
+    rows = [
+        {
+            schema.URL: url,
+            schema.ALT_TEXT: text,
+            schema.PAGE_URL: doc.page_url,
+            schema.WARC_PATH: doc.warc_path,
+            schema.WARC_RECORD_ID: doc.record_id,
+            schema.WARC_OFFSET: doc.offset,
+            schema.HASH: h,
+            schema.LICENSE: license_,
+        }
+        for url, text, license_, h in found
+    ]
+    if rows:
+        counters.count("candidates", len(rows))
+        counters.kept += len(rows)
+    return rows
+
+
 # --------------------------------------------------------------------------- files
 @dataclass
 class FileExtraction:
@@ -587,12 +631,59 @@ class FileExtraction:
     file: FileResult
 
 
+def _extract_other_kind(
+    path: str, kind: str, cfg: ExtractConfig, counters: StageCounters, result: FileResult
+) -> FileExtraction:
+    """Candidates of a WAT file (LAION-5B's link rules); a WET file fails (it holds no links)."""
+    rows: list[dict] = []
+    if kind == "wet":
+        result.status, result.reason = "failed", "wet_file"
+        result.message = "WET files hold plain text without links: give the WARC or WAT file"
+        return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+    if cfg.link_rules != "laion":
+        result.status, result.reason = "failed", "wat_needs_laion_link_rules"
+        result.message = "WAT input carries links, not HTML: it is read with extract.link_rules: laion"
+        return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+    seen: set[int] = set()
+    by_url = cfg.dedup_key == "url"
+    try:
+        for page in iter_wat_pages(path, cfg, counters, result):
+            for url, text, license_, h in page_rows(page.links, page.page_url, cfg, counters, seen, by_url):
+                rows.append(
+                    {
+                        schema.URL: url,
+                        schema.ALT_TEXT: text,
+                        schema.PAGE_URL: page.page_url,
+                        schema.WARC_PATH: page.wat_path,
+                        schema.WARC_RECORD_ID: page.record_id,
+                        schema.WARC_OFFSET: page.offset,
+                        schema.HASH: h,
+                        schema.LICENSE: license_,
+                    }
+                )
+    except Exception as exc:  # noqa: BLE001 - the reader reports bad files; this is a last guard
+        log.warning("extraction of %s stopped: %s: %s", path, type(exc).__name__, exc)
+        result.status = "partial" if rows else "failed"
+        result.reason, result.message = "error", f"{type(exc).__name__}: {exc}"
+    if rows:
+        counters.count("candidates", len(rows))
+        counters.kept += len(rows)
+    return FileExtraction(path=path, rows=rows, counters=counters, file=result)
+
+
 def extract_file(path: str, cfg: ExtractConfig) -> FileExtraction:
-    """Extract all candidates of one WARC file; never raises (a bad file is in ``.file``)."""
+    """Extract all candidates of one input file; never raises (a bad file is in ``.file``).
+
+    WARC files (``*.warc.gz``) are parsed as HTML; WAT files (``*.wat.gz``, with
+    ``extract.link_rules: laion``) give their pages' links to LAION-5B's rules.
+    """
     counters = StageCounters()
     result = FileResult(path=path)
     rows: list[dict] = []
     seen: set[int] = set()
+    kind = input_kind(path)
+    if kind != "warc":
+        return _extract_other_kind(path, kind, cfg, counters, result)
     try:
         for doc in iter_html_documents(path, cfg, counters, result):
             rows.extend(extract_candidates(doc, cfg, counters, seen if cfg.dedup_within_file else None))

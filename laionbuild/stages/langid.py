@@ -314,6 +314,8 @@ class LanguageRouter:
             except Exception as exc:  # noqa: BLE001 - one odd text never stops the batch
                 log.debug("language id failed on row %d: %s", i, exc)
                 subset[i], language[i], score[i], reason[i] = "nolang", schema.NOLANG_CODE, 0.0, "error"
+        if self.cfg.nolang_language != schema.NOLANG_CODE:
+            language[subset == "nolang"] = self.cfg.nolang_language
         out = dict(batch)
         out[schema.SUBSET] = subset
         out[schema.LANGUAGE] = language

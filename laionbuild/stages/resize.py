@@ -118,9 +118,10 @@ def decode_and_resize(
     try:
         return _decode_and_resize(data, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats)
     except ImageRejected as exc:
-        if not (accept_truncated and exc.status == "decode_error" and "truncated" in exc.message):
+        laion = cfg.pixel_path == "laion"
+        if not (accept_truncated and exc.status == "decode_error" and ("truncated" in exc.message or laion)):
             raise
-    if data[:2] == b"\xff\xd8":  # JPEG
+    if data[:2] == b"\xff\xd8" and cfg.pixel_path != "laion":  # JPEG
         return _decode_and_resize(data + _JPEG_EOI, cfg, max_pixels=max_pixels, min_size=min_size,
                                   formats=formats)
     with _load_truncated_images():
@@ -169,7 +170,9 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
         raise ImageRejected("too_small", f"{width}x{height} is smaller than {min_size} pixels")
     size = cfg.image_size
     try:
-        if cfg.mode in ("center_crop", "laion"):
+        if cfg.pixel_path == "laion":
+            out = _laion_pixels(img, size, fmt)
+        elif cfg.mode in ("center_crop", "laion"):
             out = _center_crop(img, size, cfg.fast_decode, round_long=cfg.mode == "laion")
         else:
             out = _fit(img, size, cfg.fast_decode, _PAD.get(cfg.mode, 0))
@@ -198,6 +201,45 @@ def _center_crop(img: Image.Image, size: int, fast: bool, round_long: bool = Fal
     box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
     out = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=_REDUCING_GAP)
     return _as_array(out)
+
+
+#: ``Image.save`` arguments of LAION-5B's downloader per format: none, so Pillow's
+#: defaults (JPEG quality 75 with 4:2:0 chroma subsampling, lossy WEBP quality 80, PNG lossless)
+_LAION_SAVE_FORMATS = ("JPEG", "PNG", "WEBP")
+
+
+def _laion_pixels(img: Image.Image, size: int, fmt: str) -> np.ndarray:
+    """LAION-5B's image path into CLIP (``resize.pixel_path: laion``).
+
+    Its downloader scaled an image whose short side is above ``size`` in the
+    image's own mode (``Image.resize`` bicubic: Pillow uses nearest-neighbour
+    for palette images and scales RGBA with premultiplied alpha) to short side
+    ``size``, long side rounded, and cut the centre (``Image.crop`` with the
+    half-pixel box it computed); then ``convert("RGB")`` (alpha dropped, a
+    palette's transparency ignored) and saved the result in the source format
+    with Pillow's default settings. CLIP's preprocessing read that file back:
+    RGB, bicubic resize of the short side to ``size`` (torchvision: long side
+    truncated; a no-op when already ``size``), centre crop.
+    """
+    width, height = img.size
+    short = min(width, height)
+    if short > size:
+        ratio = short / size
+        new_w, new_h = int(round(width / ratio)), int(round(height / ratio))
+        img = img.resize((new_w, new_h), resample=Image.BICUBIC)
+        if new_w > size or new_h > size:
+            img = img.crop(((new_w - size) / 2, (new_h - size) / 2, (new_w + size) / 2, (new_h + size) / 2))
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if fmt in _LAION_SAVE_FORMATS:
+        buf = io.BytesIO()
+        img.save(buf, fmt)
+        buf.seek(0)
+        img = Image.open(buf)
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+    return _center_crop(img, size, fast=False)
 
 
 def _fit(img: Image.Image, size: int, fast: bool, fill: int) -> np.ndarray:

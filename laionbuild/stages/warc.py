@@ -402,6 +402,7 @@ def _iter_warcio(
                 _set_partial(file_result, "truncated", f"record at offset {it.offset} has no valid Content-Length")
                 return
             if (record.rec_type or "").lower() != "response":
+                _note_other_record(counters, (record.rec_type or "").lower())
                 short = _drained_short(record.raw_stream, content_length)
                 if short is not None:
                     _truncated(file_result, counters, it.offset, short, content_length)
@@ -474,6 +475,7 @@ def _iter_fastwarc(
                 )
                 return
             if record.record_type != response:
+                _note_other_record(counters, str(record.record_type))
                 short = _drained_short(record.reader, content_length)
                 if short is not None:
                     _truncated(file_result, counters, record.stream_pos, short, content_length)
@@ -503,6 +505,31 @@ def _iter_fastwarc(
             _check_not_empty(source, file_result)
     finally:
         counters.count("records", seen)
+
+
+#: record types that mark a file as a WAT (``metadata``) or WET (``conversion``) file
+_OTHER_KIND_RECORDS = {"metadata": "wat_file", "conversion": "wet_file"}
+_OTHER_KIND_HINT = {
+    "wat_file": "name it *.wat.gz to read it as a WAT file",
+    "wet_file": "WET files hold plain text without links: give the WARC or WAT file",
+}
+
+
+def _note_other_record(counters: StageCounters, rec_type: str) -> None:
+    if rec_type in _OTHER_KIND_RECORDS:
+        counters.count(f"records_{rec_type}")
+
+
+def _check_kind(counters: StageCounters, file_result: FileResult) -> None:
+    """A file of WAT ``metadata`` or WET ``conversion`` records and no ``response`` is the wrong kind."""
+    if file_result.status not in ("ok", "partial") or counters.counts.get("responses", 0):
+        return
+    for rec_type, reason in _OTHER_KIND_RECORDS.items():
+        if counters.counts.get(f"records_{rec_type}", 0):
+            kind = reason.split("_")[0].upper()
+            _set_failed(file_result, reason, f"a {kind} file ({rec_type} records, no response record) given "
+                                             f"to the WARC reader; {_OTHER_KIND_HINT[reason]}")
+            return
 
 
 def _check_not_empty(source, file_result: FileResult) -> None:
@@ -557,6 +584,8 @@ def iter_html_documents(
         broken = network_error(stream)
         if broken is not None:  # the network gave up, not the file: failed, so the next run reads it again
             _set_failed(file_result, broken.reason, str(broken))
+        else:
+            _check_kind(counters, file_result)
     finally:
         try:
             stream.close()

@@ -37,6 +37,7 @@ from ..optout import (
     tdm_reserved,
 )
 from ..resize import ImageRejected, decode_and_resize, encode_image
+from ..url_normalization import laion_response_url
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
 from .policy import AddressPolicy
@@ -323,19 +324,24 @@ class ImageFetcher:
         for j, r in enumerate(rows):
             if r.status != SKIPPED and r.status != "success":
                 drop[j] = f"{STAGE}:{r.status}"
-        if self.cfg.url_after_redirects and S.URL in out:
+        laion_form = self.cfg.url_form == "laion"
+        if (self.cfg.url_after_redirects or laion_form) and S.URL in out:
             urls = np.array(out[S.URL], dtype=object, copy=True)
-            changed = [j for j, r in enumerate(rows) if r.final_url is not None and r.final_url != urls[j]]
+            final = [r.final_url if self.cfg.url_after_redirects and r.final_url is not None else urls[j]
+                     for j, r in enumerate(rows)]
+            if laion_form:  # the URL as LAION-5B's downloader reported it, redirected or not
+                final = [laion_response_url(str(u)) for u in final]
+            changed = [j for j in range(k) if final[j] != urls[j]]
             if changed:
                 for j in changed:
-                    urls[j] = rows[j].final_url
+                    urls[j] = final[j]
                 out[S.URL] = urls
                 if S.HASH in out and S.ALT_TEXT in out:
                     hashes = np.array(out[S.HASH], dtype=np.int64, copy=True)
                     for j in changed:
                         hashes[j] = S.pair_hash(str(urls[j]), str(out[S.ALT_TEXT][j]))
                     out[S.HASH] = hashes
-                self._bump("url_after_redirects", len(changed))
+                self._bump("url_rewritten" if laion_form else "url_after_redirects", len(changed))
         out[S.STATUS] = status
         out[S.ERROR_MESSAGE] = np.array([r.message for r in rows], dtype=object)
         out[DNS_MS] = np.array([r.dns_ms for r in rows], dtype=np.int32)
