@@ -619,19 +619,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML syntax error (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                options: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides.
+
+    ``overrides`` are the user's ``--set`` items; ``options`` are the same ``dotted.key=value``
+    form made from other command-line options (``--output``, ``--limit``...). Both are applied
+    (options last); error messages say "(with --set)" only when ``overrides`` is not empty.
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -639,7 +658,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded
     if overrides:
         source = f"{source} (with --set)"
-        data = apply_overrides(_deep_copy(data), overrides)
+    if overrides or options:
+        data = apply_overrides(_deep_copy(data), [*overrides, *options])
     return config_from_dict(data, source)
 
 
@@ -695,6 +715,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'clip.tokenize_upstream' must be auto, always or never")
     if cfg.clip.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
+    if cfg.run.limit < 0:
+        raise ConfigError(f"{source}: 'run.limit' must be 0 (all inputs) or positive, got {cfg.run.limit}")
     if cfg.run.shard:
         try:
             i, n = (int(x) for x in cfg.run.shard.split("/"))

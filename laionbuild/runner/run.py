@@ -89,7 +89,7 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
             if not cfg.run.force:
                 raise SetupError(
                     f"{layout.url} was made with another config (hash {old.get('config_hash')}, now {digest}); "
-                    "use a new --output or --set run.force=true to resume anyway"
+                    "use a new --output or --force (run.force: true) to resume anyway"
                 )
             log.warning("resuming into %s made with another config (forced)", layout.url)
         log.info("resuming into %s", layout.url)
