@@ -80,3 +80,27 @@ def test_run_with_an_unreachable_hub_stops_at_once_naming_both_models(closed_por
     assert EN_MODEL in line and MULTI_MODEL in line
     assert "--offline" in line and "models pull" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("config", ["configs/laion5b.yaml", "configs/smoke.yaml", "configs/laion5b-xlmr.yaml"])
+def test_models_list_imports_no_heavy_library(config):
+    """``models list`` reads open_clip's tables without importing torch, open_clip or transformers."""
+    code = ("import io, sys; from laionbuild.cli import main; "
+            f"sys.stdout = io.StringIO(); code = main(['models', 'list', '-c', {config!r}]); "
+            "out = sys.stdout.getvalue(); sys.stdout = sys.__stdout__; "
+            "heavy = sorted(m for m in ('torch', 'open_clip', 'transformers', 'timm', 'wandb', 'ray') "
+            "if m in sys.modules); print(code, len(out.splitlines()) > 3, heavy)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "0 True []", r.stdout + r.stderr
+
+
+def test_pretrained_table_read_alone_agrees_with_open_clip():
+    import open_clip
+
+    from laionbuild.models.requirements import _open_clip_pretrained_table
+
+    table = _open_clip_pretrained_table()
+    assert table is not None
+    for arch, tag in (("ViT-B-32", "openai"), ("ViT-B-32", "laion2b_s34b_b79k"), ("ViT-L-14", "openai")):
+        assert table.get_pretrained_cfg(arch, tag) == open_clip.get_pretrained_cfg(arch, tag)
+    assert "safetensors.torch" not in sys.modules or sys.modules["safetensors.torch"] is not None
