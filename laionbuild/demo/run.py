@@ -55,13 +55,30 @@ def compare_with_expectations(output: str, sample: DemoSample) -> dict[str, dict
     return report
 
 
+#: folders inside the demo output that a rerun keeps (written by `laionbuild report` and `compare`)
+KEPT_ON_RERUN = ("report", "compare")
+
+
+def clear_for_rerun(out: Path) -> None:
+    """Empty a previous demo output (its sample had another port) but keep :data:`KEPT_ON_RERUN`."""
+    if out.is_dir() and not out.is_symlink():
+        for child in out.iterdir():
+            if child.name in KEPT_ON_RERUN:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+    elif out.exists() or out.is_symlink():
+        out.unlink()
+
+
 def run_demo(output: str = "demo-output", *, config: str | None = None, overrides: list[str] | None = None,
              progress: bool = True):
     from ..runner.run import run
 
     out = Path(output)
-    if out.exists():
-        shutil.rmtree(out)  # the sample is rebuilt with a new port each time: start clean
+    clear_for_rerun(out)
     sample_dir = Path(f"{output.rstrip('/')}-sample")
     if sample_dir.exists():
         shutil.rmtree(sample_dir)
@@ -71,10 +88,6 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
         log.info("demo sample: %d WARC file(s), %d <img> cases, images served at %s",
                  len(sample.warc_paths), len(sample.expectations), server.base_url)
         cfg = load_config(config or SMOKE_CONFIG, [*demo_overrides(sample, str(out), progress), *(overrides or [])])
-        if not cfg.safety.laion_filter.enabled:
-            log.info("demo: LAION-5B's safety filter is off (safety.laion_filter.enabled=false in %s): its "
-                     "prompts are words the tiny shapes model never learned, so its tags and drops would be "
-                     "noise; configs/laion5b.yaml keeps it on", Path(config or SMOKE_CONFIG).name)
         result = run(cfg)
         log.info("image server answered %d requests", server.request_count())
     check = compare_with_expectations(str(out), sample)

@@ -155,9 +155,16 @@ def run(cfg: Config, command: str = "run") -> RunResult:
 
         for warning in model_warnings(cfg.clip, cfg.safety):
             log.warning("%s", warning)
-        if not cfg.safety.laion_filter.enabled:
-            log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
-                        "no underage / animal drops")
+        lf = cfg.safety.laion_filter
+        if not lf.enabled:
+            towers = {f"{m.arch}/{m.pretrained}".replace("/", "-").lower() for m in cfg.clip.models.values()}
+            if towers == {lf.prompts_model.replace("/", "-").lower()}:  # the filter could have run: say it loudly
+                log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
+                            "no underage / animal drops")
+            else:  # its prompts mean nothing to these models: off is the only sensible choice
+                log.info("LAION-5B's safety filter is off (safety.laion_filter.enabled=false; its prompts were "
+                         "written for %s, which this config does not score with): no NSFW column, no underage / "
+                         "animal drops", lf.prompts_model)
     layout = OutputLayout(cfg.run.output)
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
