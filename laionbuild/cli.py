@@ -263,6 +263,8 @@ def _print_stats(result) -> None:
     log.info("output: %s", result.output)
     for line in result.stats.summary_lines():
         log.info("%s", line)
+    for line in result.stats.alarm_lines():
+        log.warning("%s", line)
 
 
 def _cmd_run(args: argparse.Namespace, command: str) -> int:
