@@ -122,7 +122,8 @@ def test_summary_numbers(report):
     assert s["kept_total"] == 19 and s["shard_rows"] == {"en": 7, "multi": 9, "nolang": 3}
     assert s["thresholds"] == THRESHOLDS
     assert s["models"]["en"] == "ViT-B-32 / openai"
-    assert s["models"]["multi"] == "ViT-B-32 / openai"  # default fills the gap
+    # the default fills the gap, its text tower named
+    assert s["models"]["multi"] == "ViT-B-32 / openai (text: sentence-transformers/clip-ViT-B-32-multilingual-v1)"
     funnel = [(f["stage"], f["rows"]) for f in s["funnel"]]
     assert funnel == [("", 100), ("extract", 60), ("langid", 60), ("dedup", 50), ("fetch", 40), ("clip", 19)]
     reasons = [(r["stage"], r["reason"], r["rows"]) for r in s["drop_reasons"]]
