@@ -229,6 +229,11 @@ def _options(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Every ``dotted.key=value`` setting of the command line: ``--set`` items, then the other options."""
+    return [*args.overrides, *_options(args)]
+
+
 def check_output_folder(output: str) -> None:
     """Refuse, before any work, a local output folder that cannot be created or written.
 

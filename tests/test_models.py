@@ -439,7 +439,7 @@ def test_offline_refuses_and_names_the_files(server, tmp_path, monkeypatch):
 
 def test_run_offline_flag_sets_models_offline():
     args = cli.build_parser().parse_args(["run", "-c", "x.yaml", "--offline"])
-    assert "models.offline=true" in cli._options(args)
+    assert "models.offline=true" in cli._overrides(args)
 
 
 # --------------------------------------------------------------------------- cluster cache

@@ -212,6 +212,7 @@ def test_funnel_stage_that_only_removes_rows():
     assert ("blocklist", "urls.txt", 2) in reasons
 
 
+@pytest.mark.slow
 def test_report_command_on_an_fsspec_output(tmp_path, capsys):
     """``laionbuild report URL`` reads an object-store output (memory:// stands in for s3://)."""
     import fsspec
