@@ -318,7 +318,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("batch_rows", args.batch_rows), ("near_threshold", args.near_threshold))
                if v is not None}
     result = write_compare(args.output, args.reference, args.subset, args.report_dir, **options)
-    o = result["overall"]
+    o, ref = result["overall"], result["reference"]
+    log.info("reference rows read %d: %d with a URL among our candidates, %d of them repeating a (URL, TEXT) "
+             "pair", ref["rows_read"], ref["comparable_rows"], o.get("reference_duplicate_rows", 0))
     log.info("comparable reference pairs %d: kept by both %d, reference only %d, ours only %d, agreement %s",
              o["comparable_reference_pairs"], o["kept_by_both"], o["reference_only"]["pairs"],
              o["ours_only"]["pairs"], o["decision"]["agreement"])
