@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ClipModelConfig, Config, ModelsConfig
-from ..stages.model_loading import (ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX,
-                                     open_clip_model_config)
+from .clip import open_clip_model_config
+from .hub import hf_cached, hf_default_cache
+from .names import ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
 #: config values naming a released model (``release:laion-nsfw-vit-b-32``)
 RELEASE_PREFIX = "release:"
@@ -170,26 +171,8 @@ def cache_layout(models: ModelsConfig, cache: str | None = None) -> CacheLayout:
     return CacheLayout(str(folder), folder, False, bool(cache))
 
 
-def hf_default_cache() -> str:
-    """Hugging Face's own cache folder (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    try:
-        from huggingface_hub import constants
-
-        return constants.HF_HUB_CACHE
-    except ImportError:
-        home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
-        return os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
 
 
-def hf_cached(repo: str, filename: str, cache_dir: str | None) -> str | None:
-    """Path of ``filename`` of ``repo`` in a Hugging Face cache (never downloads), as the loaders look it up."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-    except Exception:  # malformed repo id and the like
-        return None
-    return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
 def _hf_expected(repo: str, filename: str, cache_dir: str | None) -> str:

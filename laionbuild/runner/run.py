@@ -50,7 +50,7 @@ def preflight(cfg: Config, *, need_clip: bool = True) -> list[str]:
 
     Blocklist.from_config(cfg.blocklist)  # so does a missing block list
     if need_clip:
-        from ..stages.clip_score import check_models_available, model_input_size
+        from ..models.clip import check_models_available, model_input_size
 
         for subset, model_cfg in cfg.clip.models.items():
             size = model_input_size(model_cfg)
