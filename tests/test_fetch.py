@@ -14,6 +14,8 @@ from PIL import Image
 from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, load_config
 from laionbuild.demo.image_server import LoopbackServer
+from helpers.dns import NoDNS
+from helpers.images import encode
 from laionbuild.stages.fetch import (
     ImageFetcher,
     Resolver,
@@ -24,12 +26,6 @@ from laionbuild.stages.fetch import (
 )
 
 HOST = "127.0.0.1"
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def textured(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -44,17 +40,6 @@ def bomb_png(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-class NoDNS:
-    """A lookup that fails the test if any real name resolution is attempted."""
-
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def __call__(self, name: str):
-        self.calls.append(name)
-        raise AssertionError(f"unexpected DNS lookup of {name!r}")
 
 
 JPEG = encode(textured(640, 480), "JPEG")
