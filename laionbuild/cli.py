@@ -264,9 +264,10 @@ def _os_reason(exc: OSError) -> str:
     return exc.strerror or (errno.errorcode.get(exc.errno or 0, "") if exc.errno else "") or str(exc)
 
 
-def _print_stats(result) -> None:
+def _print_stats(result, command: str = "run") -> None:
     log.info("output: %s", result.output)
-    for line in result.stats.summary_lines():
+    label = "candidates per subset" if command == "extract" else "kept pairs"
+    for line in result.stats.summary_lines(kept_label=label):
         log.info("%s", line)
     for line in result.stats.alarm_lines():
         log.warning("%s", line)
@@ -284,7 +285,7 @@ def _cmd_run(args: argparse.Namespace, command: str) -> int:
     cfg = load_config(args.config, args.overrides, options)
     check_output_folder(cfg.run.output)
     result = run(cfg, command=command)  # downloads missing model files first unless offline
-    _print_stats(result)
+    _print_stats(result, command)
     if result.exit_code:
         log.error("%d input file(s) failed and %d were read only in part; see %s/stats.json",
                   len(result.stats.failed_files), len(result.stats.partial_files), result.output)

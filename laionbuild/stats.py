@@ -113,7 +113,8 @@ class RunStats:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, ensure_ascii=False)
 
-    def summary_lines(self) -> list[str]:
+    def summary_lines(self, kept_label: str = "kept pairs") -> list[str]:
+        """Console summary; ``kept_label`` names the per-subset counts (``extract`` keeps candidates)."""
         d = self.to_dict()
         lines = [
             f"files: {d['files']['total']} ({d['files']['ok']} ok, {d['files']['partial']} partial, "
@@ -131,7 +132,7 @@ class RunStats:
             for reason, n in sorted(c.dropped_by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
                 lines.append(f"    dropped {reason}: {n}")
         kept = ", ".join(f"{s}={self.kept_per_subset.get(s, 0)}" for s in ("en", "multi", "nolang"))
-        lines.append(f"kept pairs: {d['kept_total']} ({kept})")
+        lines.append(f"{kept_label}: {d['kept_total']} ({kept})")
         return lines
 
     def alarm_lines(self) -> list[str]:

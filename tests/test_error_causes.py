@@ -68,3 +68,14 @@ def test_unreadable_listing_url_names_its_cause():
 def test_missing_local_listing_says_not_found(tmp_path):
     with pytest.raises(SetupError, match="not found"):
         read_listing(str(tmp_path / "warc.paths.gz"), "")
+
+
+def test_a_text_file_named_warc_gz_is_reported_as_not_a_warc(tmp_path):
+    from laionbuild.config import ExtractConfig
+    from laionbuild.stages.candidates import extract_file
+
+    path = tmp_path / "notes.warc.gz"
+    path.write_text("This is a plain text file\nnot a warc\n")
+    fe = extract_file(str(path), ExtractConfig(reader="warcio"))
+    assert (fe.file.status, fe.file.reason) == ("failed", "not_warc")
+    assert "not a WARC file" in fe.file.message and "'arc'" not in fe.file.message

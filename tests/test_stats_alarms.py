@@ -39,3 +39,10 @@ def test_some_downloads_kept_is_no_alarm():
 def test_all_input_files_failed():
     lines = _stats(None, files=("failed", "failed")).alarm_lines()
     assert lines == ["all 2 input file(s) failed: not_warc"]
+
+
+def test_extract_summary_says_candidates_not_kept_pairs():
+    s = _stats(None)
+    s.kept_per_subset["en"] = 4
+    assert s.summary_lines()[-1] == "kept pairs: 4 (en=4, multi=0, nolang=0)"
+    assert s.summary_lines(kept_label="candidates per subset")[-1] == "candidates per subset: 4 (en=4, multi=0, nolang=0)"
