@@ -186,7 +186,8 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     from .candidates import run_candidates_phase
 
     t = time.monotonic()
-    done, failed = run_candidates_phase(cfg, layout, pending, shape) if pending else ({}, {})
+    label = "phase 1/4 candidates" if scoring else "candidates"  # extract runs this phase alone
+    done, failed = run_candidates_phase(cfg, layout, pending, shape, label=label) if pending else ({}, {})
     phases["candidates"] = round(time.monotonic() - t, 2)
     markers = {**committed, **done}  # this run's commits came back through the stream
     stats = RunStats()
