@@ -104,3 +104,26 @@ def test_pretrained_table_read_alone_agrees_with_open_clip():
     for arch, tag in (("ViT-B-32", "openai"), ("ViT-B-32", "laion2b_s34b_b79k"), ("ViT-L-14", "openai")):
         assert table.get_pretrained_cfg(arch, tag) == open_clip.get_pretrained_cfg(arch, tag)
     assert "safetensors.torch" not in sys.modules or sys.modules["safetensors.torch"] is not None
+
+
+def test_library_warnings_are_printed_once(capsys):
+    """huggingface_hub adds its own stderr handler on import; through ours only, a warning shows once."""
+    import io
+    import logging
+
+    from laionbuild.models.hub import quiet_library_handlers
+
+    root, lib = logging.getLogger(), logging.getLogger("huggingface_hub")
+    sink = io.StringIO()
+    ours = logging.StreamHandler(sink)
+    theirs = logging.StreamHandler(sink)
+    root.addHandler(ours)
+    lib.addHandler(theirs)
+    try:
+        quiet_library_handlers()
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    finally:
+        root.removeHandler(ours)
+        lib.removeHandler(theirs)
+    assert sink.getvalue().count("Retrying in 1s") == 1
+    assert theirs not in lib.handlers

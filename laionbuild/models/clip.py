@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..config import ClipConfig, ClipModelConfig
 from ..errors import ConfigError, ModelMissingError, SetupError
-from .hub import hf_cache_hint, hf_cached
+from .hub import hf_cache_hint, hf_cached, quiet_library_handlers
 from .names import ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, asset_path
 from .text_tower import (
     check_text_model_available,
@@ -457,6 +457,7 @@ def load_clip(model_cfg: ClipModelConfig, device: str = "cpu") -> LoadedClip:
     import open_clip
     import torch
 
+    quiet_library_handlers()  # open_clip imported transformers
     arch_cfg, pre_cfg, oc_name = resolve_arch(model_cfg)
     weights = _resolve_weights(model_cfg, oc_name)
     ckpt = _read_checkpoint(weights.path)

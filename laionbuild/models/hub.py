@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
+
+#: libraries that add their own stderr handler to their loggers on import
+_SELF_LOGGING_LIBRARIES = ("huggingface_hub", "transformers", "sentence_transformers")
+
+
+def quiet_library_handlers() -> None:
+    """Let Hugging Face libraries log through the application's handlers only.
+
+    On import they add a stderr handler of their own to their loggers, which also propagate
+    to the root logger: with the CLI's handler every warning was printed twice, bare and
+    formatted. Nothing is removed while the root logger has no handler (nothing would print).
+    """
+    if not logging.getLogger().handlers:
+        return
+    for name in _SELF_LOGGING_LIBRARIES:
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            if type(handler) is logging.StreamHandler:
+                lib.removeHandler(handler)
 
 
 def hf_default_cache() -> str:

@@ -32,6 +32,7 @@ from ..config import Config
 from ..errors import ModelMissingError, SetupError
 from .download import ModelDownloadError, HTTPStatusError, download_url, partial_path, sha256_file
 from .hosts import HOST_PROBE_TIMEOUT_S, hf_endpoint, source_origins, unreachable_origins
+from .hub import quiet_library_handlers
 from .requirements import (
     RELEASE_PREFIX,
     RELEASES,
@@ -139,19 +140,6 @@ def _record(req: ModelRequirement, path: str | Path, source: str, root: Path, **
 # --------------------------------------------------------------------------- fetching
 def _hf_endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT", "").rstrip("/") or None
-
-
-def quiet_library_handlers() -> None:
-    """Let Hugging Face libraries log through our handlers only (they add their own stderr handler,
-    which printed every warning twice: bare and through ours)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        return
-    for name in ("huggingface_hub", "transformers", "sentence_transformers"):
-        lib = logging.getLogger(name)
-        for handler in list(lib.handlers):
-            if type(handler) is logging.StreamHandler:
-                lib.removeHandler(handler)
 
 
 def _hf_download(repo: str, filename: str, cache_dir: str | None) -> str | None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import ClipModelConfig
 from ..errors import ConfigError, ModelMissingError
-from .hub import hf_cache_hint, hf_cached
+from .hub import hf_cache_hint, hf_cached, quiet_library_handlers
 from .names import BUILTIN_PREFIX, asset_path
 
 logger = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ def load_text_model(model_cfg: ClipModelConfig, device: str = "cpu") -> LoadedTe
     layout = _read_st_layout(model_cfg)
     from transformers import AutoModel
 
+    quiet_library_handlers()
     name = text_model_name(model_cfg)
     transformer = AutoModel.from_pretrained(str(layout.transformer), local_files_only=True)
     tokenizer = TextTokenizer(layout.transformer, layout.max_seq_length, layout.do_lower_case)
