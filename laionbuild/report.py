@@ -314,12 +314,16 @@ def _fmt(n: float) -> str:
     return f"{int(n):,}"
 
 
+#: the labelled ticks of a log axis, per decade
+LOG_TICK_SUBS = (1.0, 2.0, 5.0)
+
+
 def _thousands(ax, axis: str = "x") -> None:
     from matplotlib.ticker import FuncFormatter
 
     from matplotlib.ticker import MaxNLocator
 
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter
 
     target = ax.xaxis if axis == "x" else ax.yaxis
     if target.get_scale() != "log":
@@ -327,8 +331,9 @@ def _thousands(ax, axis: str = "x") -> None:
         lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
         if hi - lo < 1:  # nothing counted: an axis of 0 to 1, not of 0 0 0 -0 -0
             (ax.set_xlim if axis == "x" else ax.set_ylim)(0, max(1, hi))
-    else:
-        target.set_minor_formatter(NullFormatter())  # no 2×10² between the labelled ticks
+    else:  # labelled ticks at 1, 2 and 5 of each decade, in plain numbers (no 2×10²)
+        target.set_major_locator(LogLocator(base=10, subs=LOG_TICK_SUBS))
+        target.set_minor_formatter(NullFormatter())
     target.set_major_formatter(FuncFormatter(lambda v, _pos: f"{abs(v) if abs(v) < 0.5 else v:,.0f}"))
 
 
