@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from laionbuild import schema as S
 from laionbuild.report import _plt, _thousands, write_report
+from laionbuild.runner.score import fate_table
 from laionbuild.stats import FileResult, RunStats
 
 TEXT_MODEL = "sentence-transformers/clip-ViT-B-32-multilingual-v1"
@@ -32,8 +33,13 @@ def _all_failed_output(root: Path) -> Path:
         "multi": {"arch": "ViT-B-32", "pretrained": "openai", "text_model": TEXT_MODEL}}}}), encoding="utf-8")
     fates = root / "scored" / "g0000-b00000-00"
     fates.mkdir(parents=True)
-    table = pa.table({"subset": pa.array(["en"] * 13), "similarity": pa.array([np.nan] * 13, pa.float32())})
-    pq.write_table(table, fates / "fates-aaaa.parquet")
+    n = 13
+    batch = {S.URL: np.array([f"http://x.test/{i}.jpg" for i in range(n)], dtype=object),
+             S.ALT_TEXT: np.array(["t"] * n, dtype=object), S.HASH: np.arange(n, dtype=np.int64),
+             S.SUBSET: np.array(["en"] * n, dtype=object), S.LANGUAGE: np.array(["en"] * n, dtype=object),
+             S.STATUS: np.array(["dns_error"] * n, dtype=object),
+             S.DROP_REASON: np.array(["fetch:dns_error"] * n, dtype=object)}  # no similarity: never scored
+    pq.write_table(fate_table(batch), fates / "fates-aaaa.parquet")
     return root
 
 
