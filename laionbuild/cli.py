@@ -331,6 +331,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
+    check_output_folder(args.output)
+    check_output_folder(f"{args.output.rstrip('/')}-sample")  # the sample WARCs are written beside it
     result = run_demo(args.output, config=args.config, overrides=list(args.overrides),
                       progress=not args.no_progress)
     _print_stats(result)

@@ -49,6 +49,8 @@ def _cases():
         ("remove without lists", ["remove", "{t}/folder"], ["--urls"], []),
         ("report of a non-output", ["report", "{t}/folder"], ["{t}/folder"], []),
         ("models with a bad config", ["models", "list", "-c", "{t}/bad.yaml"], ["line 3"], []),
+        ("demo output is a regular file", ["demo", "-o", "{t}/regular"], ["{t}/regular", "not a folder"], []),
+        ("demo output under /proc", ["demo", "-o", "/proc/laionbuild-x"], ["/proc/laionbuild-x"], []),
     ]
 
 
@@ -68,6 +70,7 @@ def test_bad_invocation_is_one_line_and_exit_2(files, capsys, name, argv, must, 
         assert word not in lines[0], lines[0]
     assert "Traceback" not in err
     assert not (files / "o").exists()
+    assert (files / "regular").read_text() == "not a folder\n"  # nothing in the way is deleted
 
 
 def test_a_refused_output_leaves_no_folder_behind(files, capsys):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from laionbuild.demo.run import KEPT_ON_RERUN, clear_for_rerun
+from laionbuild.errors import SetupError
 
 
 def test_rerun_keeps_report_and_compare(tmp_path):
@@ -16,9 +19,10 @@ def test_rerun_keeps_report_and_compare(tmp_path):
     assert all((out / name / "f.txt").is_file() for name in KEPT_ON_RERUN)
 
 
-def test_rerun_over_a_file_or_nothing(tmp_path):
+def test_a_file_in_the_way_is_refused_not_deleted(tmp_path):
     clear_for_rerun(tmp_path / "missing")
     f = tmp_path / "file"
     f.write_text("x")
-    clear_for_rerun(f)
-    assert not f.exists()
+    with pytest.raises(SetupError, match="not a folder"):
+        clear_for_rerun(f)
+    assert f.read_text() == "x"

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from ..config import load_config
+from ..errors import SetupError
 from .image_server import LoopbackServer
 from .sample_warc import DemoSample, build_demo_sample
 
@@ -60,8 +61,13 @@ KEPT_ON_RERUN = ("report", "compare")
 
 
 def clear_for_rerun(out: Path) -> None:
-    """Empty a previous demo output (its sample had another port) but keep :data:`KEPT_ON_RERUN`."""
-    if out.is_dir() and not out.is_symlink():
+    """Empty a previous demo output (its sample had another port) but keep :data:`KEPT_ON_RERUN`.
+
+    Anything at ``out`` that is not a folder is refused, never deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"output {out} exists and is not a folder; give a folder with --output")
+    if out.is_dir():
         for child in out.iterdir():
             if child.name in KEPT_ON_RERUN:
                 continue
@@ -69,8 +75,6 @@ def clear_for_rerun(out: Path) -> None:
                 shutil.rmtree(child)
             else:
                 child.unlink()
-    elif out.exists() or out.is_symlink():
-        out.unlink()
 
 
 def run_demo(output: str = "demo-output", *, config: str | None = None, overrides: list[str] | None = None,
