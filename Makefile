@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
-#   make demo   # install into .venv, then run the embedded demo end to end
-#   make test   # install into .venv, then run the test suite (what CI runs)
+#   make demo       # install into .venv, then run the embedded demo end to end
+#   make test       # install into .venv, then run the test suite (what CI runs)
+#   make test-fast  # everyday tier: no Ray, nothing marked slow (pytest markers `ray`, `slow`)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 CONSTRAINTS := configs/cluster/constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all bench clean lock
+.PHONY: install demo test test-fast test-all config-docs bench clean lock
 
 install: $(STAMP)
 
@@ -27,6 +28,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
 
+test-fast: $(STAMP)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not ray and not slow and not gpu" -q $(PYTEST_ARGS)
+
+# docs/config.md from the config dataclasses (tests/test_config_docs.py checks it is in sync)
+config-docs: $(STAMP)
+	$(BIN)/python -m laionbuild.config_docs --write
+
 # GPU tests too (on a machine with CUDA)
 test-all: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -36,4 +44,4 @@ lock: $(STAMP)
 	$(BIN)/python scripts/lock_constraints.py
 
 clean:
-	rm -rf demo-output .pytest_cache build *.egg-info
+	rm -rf demo-output demo-output-sample .pytest_cache build *.egg-info

@@ -1,22 +1,38 @@
 """Command line: ``laionbuild run | extract | remove | report | compare | demo | models``.
 
-Exit status: 0 a clean run; 1 the run finished but some input files failed
-(they are listed in ``stats.json``); 2 a problem found before any work started
-(bad config, missing input, missing model file), printed as one line.
+Exit status (see :data:`EXIT_CODES`): 0 a clean run; 1 the run finished but some
+input files failed (they are listed in ``stats.json``); 2 a bad invocation or a
+problem found before any work started (bad config, bad option value, missing or
+unreadable input, output folder that cannot be written, unreachable model host,
+missing model file), printed as one line; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import LaionBuildError
+from .errors import ConfigError, LaionBuildError, SetupError
 
 log = logging.getLogger("laionbuild")
+
+#: exit status of the command line, documented in README.md and --help
+EXIT_OK = 0
+EXIT_FILES_FAILED = 1
+EXIT_BAD_INVOCATION = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_CODES = {
+    EXIT_OK: "clean run",
+    EXIT_FILES_FAILED: "the run finished but some input files failed or were read only in part",
+    EXIT_BAD_INVOCATION: "bad invocation or setup problem, printed as one line; nothing was run",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); rerun the same command to resume",
+}
 
 EPILOG = """\
 configuration:
@@ -35,7 +51,10 @@ cluster:
 exit status:
   0 clean run, 1 some input files failed or were read only in part (listed in
   OUTPUT/stats.json; the other files were processed),
-  2 bad config, missing input or missing model file (nothing was run).
+  2 bad invocation: bad config or option value, missing or unreadable input,
+    output folder that cannot be written, unreachable model host or missing
+    model file (one line on stderr; nothing was run),
+  130 interrupted (Ctrl-C; a second Ctrl-C stops at once).
 """
 
 
@@ -174,14 +193,29 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _overrides(args: argparse.Namespace) -> list[str]:
-    out = list(args.overrides)
+def _check_shard(text: str) -> str:
+    parts = text.split("/")
+    try:
+        i, n = (int(x) for x in parts)
+    except ValueError:
+        raise ConfigError(f"--shard must look like I/N (e.g. 0/4), got '{text}'") from None
+    if not (n > 0 and 0 <= i < n):
+        raise ConfigError(f"--shard I/N needs N >= 1 and 0 <= I < N, got '{text}'")
+    return f"{i}/{n}"
+
+
+def _options(args: argparse.Namespace) -> list[str]:
+    """The ``dotted.key=value`` settings made from command-line options other than ``--set``."""
+    out: list[str] = []
     if getattr(args, "output", None):
         out.append(f"run.output={args.output}")
     if getattr(args, "limit", None) is not None:
+        if args.limit < 1:
+            raise ConfigError(f"--limit must be at least 1 (the number of input files to process), "
+                              f"got {args.limit}")
         out.append(f"run.limit={args.limit}")
     if getattr(args, "shard", None):
-        out.append(f"run.shard={args.shard}")
+        out.append(f"run.shard={_check_shard(args.shard)}")
     if getattr(args, "force", False):
         out.append("run.force=true")
     if getattr(args, "no_progress", False):
@@ -195,24 +229,63 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _print_stats(result) -> None:
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """Every ``dotted.key=value`` setting of the command line: ``--set`` items, then the other options."""
+    return [*args.overrides, *_options(args)]
+
+
+def check_output_folder(output: str) -> None:
+    """Refuse, before any work, a local output folder that cannot be created or written.
+
+    URLs (``s3://...``) are left to the filesystem they name.
+    """
+    if "://" in output:
+        return
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise SetupError(f"output {output} exists and is not a folder; give a folder with --output")
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK | os.X_OK)
+    except OSError as exc:
+        raise SetupError(f"cannot create output folder {output}: {_os_reason(exc)}") from None
+    finally:
+        for created in missing:  # the run creates it again once every other check passed
+            try:
+                created.rmdir()
+            except OSError:
+                break
+    if not writable:
+        raise SetupError(f"cannot write into output folder {output}: permission denied")
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or (errno.errorcode.get(exc.errno or 0, "") if exc.errno else "") or str(exc)
+
+
+def _print_stats(result, command: str = "run") -> None:
     log.info("output: %s", result.output)
-    for line in result.stats.summary_lines():
+    label = "candidates per subset" if command == "extract" else "kept pairs"
+    for line in result.stats.summary_lines(kept_label=label):
         log.info("%s", line)
+    for line in result.stats.alarm_lines():
+        log.warning("%s", line)
 
 
 def _cmd_run(args: argparse.Namespace, command: str) -> int:
     from .runner.run import run
 
-    overrides = _overrides(args)
+    options = _options(args)
     inputs = args.input if command == "run" else args.inputs
     if inputs:
         import json
 
-        overrides.append(f"run.inputs={json.dumps(inputs)}")
-    cfg = load_config(args.config, overrides)
+        options.append(f"run.inputs={json.dumps(inputs)}")
+    cfg = load_config(args.config, args.overrides, options)
+    check_output_folder(cfg.run.output)
     result = run(cfg, command=command)  # downloads missing model files first unless offline
-    _print_stats(result)
+    _print_stats(result, command)
     if result.exit_code:
         log.error("%d input file(s) failed and %d were read only in part; see %s/stats.json",
                   len(result.stats.failed_files), len(result.stats.partial_files), result.output)
@@ -246,7 +319,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("batch_rows", args.batch_rows), ("near_threshold", args.near_threshold))
                if v is not None}
     result = write_compare(args.output, args.reference, args.subset, args.report_dir, **options)
-    o = result["overall"]
+    o, ref = result["overall"], result["reference"]
+    log.info("reference rows read %d: %d with a URL among our candidates, %d of them repeating a (URL, TEXT) "
+             "pair", ref["rows_read"], ref["comparable_rows"], o.get("reference_duplicate_rows", 0))
     log.info("comparable reference pairs %d: kept by both %d, reference only %d, ours only %d, agreement %s",
              o["comparable_reference_pairs"], o["kept_by_both"], o["reference_only"]["pairs"],
              o["ours_only"]["pairs"], o["decision"]["agreement"])
@@ -256,6 +331,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo.run import run_demo
 
+    check_output_folder(args.output)
+    check_output_folder(f"{args.output.rstrip('/')}-sample")  # the sample WARCs are written beside it
     result = run_demo(args.output, config=args.config, overrides=list(args.overrides),
                       progress=not args.no_progress)
     _print_stats(result)
@@ -265,37 +342,83 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import cli as models_cli
 
-    overrides = list(args.overrides) + ([f"models.cache={args.cache}"] if args.cache else [])
-    cfg = load_config(args.config, overrides)
+    options = [f"models.cache={args.cache}"] if args.cache else []
+    cfg = load_config(args.config, args.overrides, options)
     if args.models_command == "list":
         return models_cli.list_models(cfg, args.config, as_json=args.json)
     return models_cli.pull_models(cfg, progress=not args.no_progress)
+
+
+def _second_interrupt(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+    """A second Ctrl-C while the first one is being handled: one line, stop at once."""
+    try:
+        sys.stderr.write("laionbuild: interrupted again; stopping now (rerun the same command to resume)\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _first_interrupt(signum, frame) -> None:
+    """The first Ctrl-C stops the run cleanly (KeyboardInterrupt); the next one stops the process."""
+    signal.signal(signal.SIGINT, _second_interrupt)
+    raise KeyboardInterrupt
+
+
+def _quiet_closed_pipe() -> int:
+    """stdout was closed by the reader (``| head``): stop quietly, without a traceback at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_OK
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command in ("run", "extract"):
+        return _cmd_run(args, args.command)
+    if args.command == "remove":
+        return _cmd_remove(args)
+    if args.command == "report":
+        return _cmd_report(args)
+    if args.command == "compare":
+        return _cmd_compare(args)
+    if args.command == "demo":
+        return _cmd_demo(args)
+    if args.command == "models":
+        return _cmd_models(args)
+    return EXIT_BAD_INVOCATION
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
+    in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if in_main_thread:
+        signal.signal(signal.SIGINT, _first_interrupt)
     try:
-        if args.command in ("run", "extract"):
-            return _cmd_run(args, args.command)
-        if args.command == "remove":
-            return _cmd_remove(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "demo":
-            return _cmd_demo(args)
-        if args.command == "models":
-            return _cmd_models(args)
+        code = _dispatch(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return code
     except LaionBuildError as exc:
         print(f"laionbuild: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INVOCATION
     except KeyboardInterrupt:
         print("laionbuild: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return 2
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _quiet_closed_pipe()
+    except OSError as exc:
+        # a path the command was given that cannot be read or written, found while working
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"laionbuild: error: cannot use{where}: {_os_reason(exc)}", file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    finally:
+        # after a first Ctrl-C the second-interrupt handler stays until the process ends
+        # (Ray's shutdown at exit included)
+        if in_main_thread and signal.getsignal(signal.SIGINT) is _first_interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from .errors import SetupError
 from .output.fs import open_fs
 from .output.layout import OutputLayout
 from .report import _Doc, _fmt, _pct, _plt, _thousands, report_folder
-from .schema import SUBSETS
+from .schema import NOLANG_CODE, SUBSETS
 from .stages import registry
 
 log = logging.getLogger(__name__)
@@ -317,18 +317,40 @@ def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
     return out
 
 
-def subset_of(path: str, names: Iterable[str], subset: str | None = None) -> str:
-    """The LAION subset of a reference file: ``subset`` if given, else from its path, else ``multi``
-    when it has a LANGUAGE column."""
+#: LANGUAGE values of a reference row without a language (LAION-5B's nolang subset)
+NO_LANGUAGE_VALUES = frozenset({"", NOLANG_CODE, "nolang", "none"})
+
+
+def subset_of(path: str, names: Iterable[str], subset: str | None = None) -> str | None:
+    """The LAION subset of a reference file: ``subset`` if given, else from its path; None when only
+    its LANGUAGE values can tell (see :func:`subset_from_languages`)."""
     if subset:
         return subset
     for rx, name in SUBSET_FROM_PATH:
         if rx.search(path):
             return name
     if any(n in REFERENCE_ALIASES["LANGUAGE"] for n in names):
-        return "multi"
+        return None
     raise SetupError(f"cannot tell the subset of reference file {path} (no laion2B-en / laion2B-multi / "
                      "laion1B-nolang in its path, no LANGUAGE column): pass --subset")
+
+
+def subset_from_languages(path: str, languages: Counter) -> str:
+    """The subset a reference file's LANGUAGE values say: all ``en`` -> en; none a language ->
+    nolang; languages other than ``en`` only -> multi; else ask for ``--subset``."""
+    seen = {str(v).strip().lower() for v in languages}
+    if not languages:
+        raise SetupError(f"cannot tell the subset of reference file {path}: its path does not say and it has "
+                         "no rows; pass --subset")
+    if seen == {"en"}:
+        return "en"
+    if seen <= NO_LANGUAGE_VALUES:
+        return "nolang"
+    if "en" not in seen:
+        return "multi"
+    top = ", ".join(f"{v} {n}" for v, n in languages.most_common(3))
+    raise SetupError(f"cannot tell the subset of reference file {path}: its path does not say and its LANGUAGE "
+                     f"values mix en with other languages ({top}, ...); pass --subset")
 
 
 def _resolve(names: list[str]) -> dict[str, str]:
@@ -383,9 +405,13 @@ def filter_reference_file(fs, path: str, urls: pa.Array | UrlSet, subset: str | 
         if "URL" not in cols or "TEXT" not in cols:
             raise SetupError(f"reference file {path} has no URL / TEXT column (columns: {', '.join(names)})")
         name = subset_of(path, names, subset)
+        languages: Counter = Counter()
         for batch in pf.iter_batches(batch_size=batch_rows, columns=list(cols.values())):
             rows += batch.num_rows
             batches += 1
+            if name is None:
+                counts = pc.value_counts(pc.fill_null(batch.column(cols["LANGUAGE"]).cast(pa.string()), ""))
+                languages.update({v["values"]: v["counts"] for v in counts.to_pylist()})
             url = batch.column(cols["URL"]).cast(pa.string())
             mask = lookup.mask(url)
             if not pc.any(mask).as_py():
@@ -395,6 +421,10 @@ def filter_reference_file(fs, path: str, urls: pa.Array | UrlSet, subset: str | 
                                   for c, typ in REFERENCE_TYPES.items()}))
     table = pa.concat_tables(kept) if kept else pa.table({c: pa.array([], t) for c, t in REFERENCE_TYPES.items()})
     table = _fill(table, {"URL": "", "TEXT": ""})
+    if name is None:
+        name = subset_from_languages(path, languages)
+        log.info("compare: %s: subset %s, from its LANGUAGE values (%s); --subset overrides", path, name,
+                 ", ".join(f"{v or '(empty)'} {n}" for v, n in languages.most_common(3)))
     table = table.append_column("ref_subset", pa.array([name] * table.num_rows, pa.string()))
     info = {"path": path, "subset": name, "rows": rows, "batches": batches, "comparable": table.num_rows,
             "columns": sorted(cols)}
@@ -765,6 +795,20 @@ def _num(v: Any, digits: int = 3) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _gap_text(ref: dict[str, Any], overall: dict[str, Any]) -> str:
+    """How the rows read become the comparable pairs: rows whose URL we never saw, duplicate rows."""
+    parts = []
+    unseen = ref["rows_read"] - ref["comparable_rows"]
+    if unseen:
+        parts.append(f"{_fmt(unseen)} not (their URL is not among our candidates)")
+    dup = overall.get("reference_duplicate_rows", 0)
+    if dup:
+        parts.append(f"{_fmt(dup)} repeat(s) a (URL, TEXT) pair of another reference row and counts once")
+    pairs = overall.get("comparable_reference_pairs")
+    tail = f"; {_fmt(pairs)} comparable pairs" if pairs is not None and dup else ""
+    return (": " + "; ".join(parts) + tail) if parts else ""
+
+
 def _document(result: dict[str, Any]) -> _Doc:
     doc = _Doc()
     ref = result["reference"]
@@ -773,7 +817,8 @@ def _document(result: dict[str, Any]) -> _Doc:
     doc.ul([
         f"output: `{result['output']}`",
         f"reference: {len(ref['files'])} file(s), {_fmt(ref['rows_read'])} rows read, "
-        f"{_fmt(ref['comparable_rows'])} comparable (their URL is among our candidates)",
+        f"{_fmt(ref['comparable_rows'])} comparable (their URL is among our candidates)"
+        + _gap_text(ref, result["overall"]),
         f"ours: {_fmt(ours['candidate_rows'])} candidate rows, {_fmt(ours['candidate_pairs'])} unique (URL, TEXT) "
         f"pairs, {_fmt(ours['candidate_urls'])} URLs; de-dup key `{ours['dedup_key']}`",
     ])

@@ -40,9 +40,11 @@ PIXEL_PATHS = ("ours", "laion")
 class RunConfig:
     """Where the run reads and writes."""
 
+    #: name of the run, recorded in stats.json and provenance.json
     name: str = "laionbuild"
     #: input WARC paths, globs, URLs or ``*.paths.gz`` listings
     inputs: tuple[str, ...] = ()
+    #: output folder or fsspec URL (``s3://...``) the shards, stats and reports are written to
     output: str = "output"
     #: base URL prepended to relative paths found in a ``warc.paths.gz`` listing
     paths_base_url: str = "https://data.commoncrawl.org/"
@@ -66,8 +68,8 @@ class RunConfig:
     dedup_key: str = "url_text"
     #: rows per work shard of the fetch-and-score phase (its unit of commit and resume)
     work_shard_rows: int = 10_000
+    #: show a progress line per phase on the console (``--no-progress`` turns it off)
     progress: bool = True
-    log_level: str = "INFO"
     #: one run per output folder: on an object store the run's lease is renewed every
     #: ``lease_heartbeat_s`` and taken over by another run once not renewed for ``lease_expiry_s``
     #: (a local folder is held by an OS lock, released when the process ends)
@@ -93,15 +95,18 @@ class ExtractConfig:
     #: first back-off between such attempts (doubled each time, with jitter; a
     #: ``Retry-After`` header wins), capped at ``input_max_backoff_s``
     input_backoff_s: float = 1.0
+    #: longest back-off between two attempts of a remote WARC read, in seconds
     input_max_backoff_s: float = 60.0
     #: ``<img>`` attributes read for the image URL, in order; LAION used ``src`` only
     url_attributes: tuple[str, ...] = ("src",)
     #: also consider the first candidate of ``srcset`` when no URL attribute matched
     use_srcset: bool = False
+    #: URL schemes an image URL may have; others are dropped (``scheme_not_allowed``)
     allowed_schemes: tuple[str, ...] = ("http", "https")
     #: resolve relative image URLs against the page (``<base href>`` honoured); false =
     #: drop them (``relative_url``) as LAION-5B's URL validator did
     resolve_relative_urls: bool = True
+    #: longest image URL in characters (see ``cut_long_urls``)
     max_url_length: int = 2000
     #: false: a longer URL is dropped (``url_too_long``); true: it is cut to
     #: ``max_url_length`` as LAION-5B did (counted ``url_cut``)
@@ -113,7 +118,9 @@ class ExtractConfig:
     excluded_substrings: tuple[str, ...] = ()
     #: host names longer than this are dropped (``host_too_long``); 0 = no limit; LAION-5B: 60
     max_host_length: int = 0
+    #: alt texts shorter than this many characters (after normalisation) are dropped (``alt_too_short``)
     min_alt_length: int = 5
+    #: alt texts are cut to this many characters
     max_alt_length: int = 1000
     #: ``collapse``: ftfy, non-printable characters -> spaces, every run of whitespace one
     #: space, cut and right-stripped; ``laion``: LAION-5B's cleaning (line breaks -> spaces,
@@ -164,21 +171,27 @@ class LangIdConfig:
     #: downloader wrote ``en`` for rows without a language (``configs/laion5b.yaml``)
     nolang_language: str = "und"
     cld3_min_bytes: int = 5
+    #: ``cld3`` engine: see ``cld3_min_bytes``
     cld3_max_bytes: int = 2000
-    batch_size: int = 512
 
 
 @dataclass(frozen=True)
 class FetchConfig:
     """Image download: limits, politeness and safety."""
 
+    #: connect / read timeout of one image download, in seconds
     timeout_s: float = 10.0
+    #: further attempts after a download failed in a way worth retrying (timeout, 5xx)
     retries: int = 1
+    #: seconds before the first retry of a download (doubled for each further one)
     retry_backoff_s: float = 1.0
+    #: redirects followed per image; more is ``too_many_redirects``
     max_redirects: int = 5
+    #: image bodies larger than this many bytes are not read (``too_large_bytes``)
     max_bytes: int = 20_000_000
     #: decompression-bomb guard (LAION used PIL's default of 89,478,484 pixels)
     max_pixels: int = 89_478_484
+    #: images whose width or height is below this many pixels are dropped (``too_small``)
     min_image_size: int = 10
     #: bodies smaller than this many bytes are dropped (``too_small_bytes``); LAION-5B: 5000.
     #: 0 = off: the pixel-size rule above already drops icons and spacers, and small
@@ -194,7 +207,9 @@ class FetchConfig:
     #: reported it (``asks``' ``response.url``: percent-encoded, fragment dropped, ``/`` for an
     #: empty path; laionbuild/stages/url_normalization.py), ``hash`` computed from it
     url_form: str = "raw"
+    #: image formats (PIL names) that are decoded; others are dropped (``unsupported_format``)
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP")
+    #: ``User-Agent`` header of every download (its first token is the one ``robots.txt`` rules match)
     user_agent: str = "laionbuild/0.1 (+https://github.com/laionbuild/laionbuild)"
     #: concurrent downloads in one worker
     threads: int = 32
@@ -211,6 +226,7 @@ class FetchConfig:
     allow_addresses: tuple[str, ...] = ()
     #: static host name -> IP map consulted before DNS (tests and the demo)
     host_map: Mapping[str, str] = field(default_factory=dict)
+    #: host names whose DNS answer one worker keeps
     dns_cache_size: int = 10_000
     #: seconds a resolved name stays cached (the resolver's own TTL is not visible to getaddrinfo)
     dns_ttl_s: float = 3600.0
@@ -219,7 +235,9 @@ class FetchConfig:
     #: seconds a transient failure (SERVFAIL, EAI_AGAIN, timeout) stays cached, after
     #: ``dns_retries`` retries with back-off from ``dns_retry_backoff_s``
     dns_transient_ttl_s: float = 30.0
+    #: further lookups after a transient DNS failure
     dns_retries: int = 2
+    #: seconds before the first of those lookups (doubled for each further one)
     dns_retry_backoff_s: float = 0.2
     #: TDM Reservation Protocol: an image answered with ``tdm-reservation: 1`` is
     #: status ``opt_out_tdm_header`` (no extra request)
@@ -251,6 +269,7 @@ class FetchConfig:
 class ResizeConfig:
     """Resize for CLIP. ``image_size`` must equal the CLIP models' input size."""
 
+    #: side in pixels of the square images given to CLIP
     image_size: int = 224
     #: ``center_crop`` (CLIP's own), ``laion`` (LAION-5B's downloader resize, then CLIP's:
     #: the long side rounded, not truncated), ``keep_ratio`` (pad to square) or ``border``
@@ -345,13 +364,17 @@ class LaionFilterConfig:
 
     #: false turns the filter off (no NSFW column, no drops); stats and provenance say so
     enabled: bool = True
+    #: the category prompts (LAION-5B's 35); the NSFW ones start at ``nsfw_from``
     category_prompts: tuple[str, ...] = LAION_CATEGORY_PROMPTS
     #: index of the first NSFW prompt of ``category_prompts``
     nsfw_from: int = 19
+    #: the underage-list prompts (LAION-5B's 8); the first ``underage_count`` are the underage ones
     underage_prompts: tuple[str, ...] = LAION_UNDERAGE_PROMPTS
     #: the first ``underage_count`` prompts of ``underage_prompts`` are the underage ones
     underage_count: int = 4
+    #: words whose presence in TEXT drops a row that is not ``UNLIKELY`` (``underage_word``)
     underage_words: tuple[str, ...] = ("teen", "kid", "child", "baby")
+    #: the animal-list prompts (LAION-5B's 33); the animal ones start at ``animal_from``
     animal_prompts: tuple[str, ...] = LAION_ANIMAL_PROMPTS
     #: index of the first animal prompt of ``animal_prompts``
     animal_from: int = 21
@@ -375,6 +398,7 @@ class ClipConfig:
             "nolang": ClipModelConfig("ViT-B-32", "openai", text_model=MULTILINGUAL_TEXT_MODEL),
         }
     )
+    #: subset -> the image-text cosine similarity a row needs to be kept (LAION-5B: 0.28 en, 0.26 others)
     thresholds: Mapping[str, float] = field(
         default_factory=lambda: {"en": 0.28, "multi": 0.26, "nolang": 0.26}
     )
@@ -383,9 +407,11 @@ class ClipConfig:
     #: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``fp16`` or ``bf16``: autocast of every
     #: forward (image towers, text towers)
     precision: str = "auto"
+    #: rows per CLIP forward pass (and per tokenizer / writer batch)
     batch_size: int = 256
     #: number of scoring actors
     actors: int = 1
+    #: GPUs reserved per scoring actor when scoring on GPU (fractional shares a GPU)
     num_gpus_per_actor: float = 1.0
     #: CPUs reserved per actor when running on CPU (fractional, so the CPU stages
     #: of a small machine are not starved)
@@ -396,6 +422,7 @@ class ClipConfig:
     #: scoring on GPU, where tokenising in the GPU actor would cost it a whole core),
     #: ``always`` or ``never``
     tokenize_upstream: str = "auto"
+    #: also write the image and text embeddings of the published rows (``<subset>_embeddings/``)
     save_embeddings: bool = False
     #: wrap the image / text encoders in torch.compile (GPU throughput; slow first batch)
     compile: bool = False
@@ -451,7 +478,9 @@ class BlocklistConfig:
 class OutputConfig:
     """Parquet shards."""
 
+    #: rows per published parquet file
     rows_per_shard: int = 100_000
+    #: parquet compression codec (``zstd``, ``snappy``, ``gzip``, ``none``...)
     compression: str = "zstd"
     #: keep the downloaded (resized) images as webdataset-style tar shards
     save_images: bool = False
@@ -472,12 +501,15 @@ class RayConfig:
     #: candidates phase: actors (each extracts and language-routes one input file at a
     #: time; 0 = one per ``extract_num_cpus`` of the cluster) and the CPUs each reserves
     extract_actors: int = 0
+    #: CPUs each candidates-phase actor reserves
     extract_num_cpus: float = 1.0
     #: download actors (each runs ``fetch.threads`` downloads at once) and their CPUs
     fetch_actors: int = 1
+    #: CPUs each download actor reserves
     fetch_num_cpus: float = 0.5
     #: upstream CLIP tokenizer actors (see clip.tokenize_upstream) and their CPUs
     tokenize_actors: int = 1
+    #: CPUs each tokenizer actor reserves
     tokenize_num_cpus: float = 0.25
     #: CPUs reserved per task that reads work-shard rows into the fetch-and-score stream
     read_num_cpus: float = 0.1
@@ -524,6 +556,8 @@ class ModelsConfig:
     sources: Mapping[str, str] = field(default_factory=dict)
     #: attempts per download; an interrupted one resumes where it stopped (HTTP Range)
     download_retries: int = 3
+    #: connect / read timeout of one model download, in seconds (a host is first asked
+    #: whether it answers at all, for at most 5 s)
     download_timeout_s: float = 60.0
 
 
@@ -674,19 +708,38 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """``line L, column C: problem`` of a YAML syntax error (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                options: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config file (or the defaults when ``path`` is None) and apply overrides.
+
+    ``overrides`` are the user's ``--set`` items; ``options`` are the same ``dotted.key=value``
+    form made from other command-line options (``--output``, ``--limit``...). Both are applied
+    (options last); error messages say "(with --set)" only when ``overrides`` is not empty.
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {path} is a folder; give a YAML file")
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -694,7 +747,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         data = loaded
     if overrides:
         source = f"{source} (with --set)"
-        data = apply_overrides(_deep_copy(data), overrides)
+    if overrides or options:
+        data = apply_overrides(_deep_copy(data), [*overrides, *options])
     return config_from_dict(data, source)
 
 
@@ -762,6 +816,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
     if not 0 < cfg.run.lease_heartbeat_s < cfg.run.lease_expiry_s:
         raise ConfigError(f"{source}: 'run' needs 0 < lease_heartbeat_s < lease_expiry_s")
+    if cfg.run.limit < 0:
+        raise ConfigError(f"{source}: 'run.limit' must be 0 (all inputs) or positive, got {cfg.run.limit}")
     if cfg.run.shard:
         try:
             i, n = (int(x) for x in cfg.run.shard.split("/"))
@@ -854,7 +910,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
-        "run.progress", "run.log_level", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
+        "run.progress", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
         "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s", "ray",
         "models")) -> str:
     """Stable hash of everything that decides how rows are processed.

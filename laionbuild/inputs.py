@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from .config import RunConfig
-from .errors import SetupError
+from .errors import SetupError, error_cause
 
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 #: schemes read as single files: no listing, no folders (a ``*`` in such a URL is part of its name)
@@ -50,11 +50,11 @@ def _read_bytes(path: str) -> bytes:
             with fs.open(key, "rb") as fh:
                 return fh.read()
         except Exception as exc:  # network / auth / missing: all a set-up problem
-            raise SetupError(f"cannot read listing {path}: {exc}") from None
+            raise SetupError(f"cannot read listing {path}: {error_cause(exc)}") from None
     try:
         return Path(path.removeprefix("file://")).read_bytes()
     except OSError as exc:
-        raise SetupError(f"cannot read listing {path}: {exc.strerror}") from None
+        raise SetupError(f"cannot read listing {path}: {error_cause(exc)}") from None
 
 
 def read_listing(path: str, base_url: str) -> list[str]:

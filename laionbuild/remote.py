@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .errors import name_not_found
+
 log = logging.getLogger(__name__)
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.I)
@@ -259,6 +261,9 @@ class ResumableHTTPReader(_ResumableReader):
         try:
             resp = self._session.get(self.name, headers=headers, stream=True, timeout=self.policy.timeout_s)
         except (req.ConnectionError, req.Timeout, OSError) as exc:
+            dns = name_not_found(exc)
+            if dns:  # the name does not exist: no retry mends that
+                raise RemoteReadError(f"{self.name}: the host name does not resolve ({dns})") from None
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         status = resp.status_code
         if status == 429 or 500 <= status <= 599:

@@ -210,7 +210,9 @@ def _load(output_dir: str) -> _Data:
     for s in SUBSETS:
         m = (clip.get("models") or {}).get(s) or {}
         d = defaults.models[s]
-        models[s] = f"{m.get('arch', d.arch)} / {m.get('pretrained', d.pretrained)}"
+        text_model = m.get("text_model", d.text_model) or ""
+        models[s] = f"{m.get('arch', d.arch)} / {m.get('pretrained', d.pretrained)}" + (
+            f" (text: {text_model})" if text_model else "")
 
     layout = OutputLayout(output_dir)
     pointer = layout.published()
@@ -298,15 +300,27 @@ def _fmt(n: float) -> str:
     return f"{int(n):,}"
 
 
+#: the labelled ticks of a log axis, per decade
+LOG_TICK_SUBS = (1.0, 2.0, 5.0)
+
+
 def _thousands(ax, axis: str = "x") -> None:
     from matplotlib.ticker import FuncFormatter
 
     from matplotlib.ticker import MaxNLocator
 
+    from matplotlib.ticker import LogLocator, NullFormatter
+
     target = ax.xaxis if axis == "x" else ax.yaxis
     if target.get_scale() != "log":
         target.set_major_locator(MaxNLocator(integer=True))
-    target.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:,.0f}"))
+        lo, hi = ax.get_xlim() if axis == "x" else ax.get_ylim()
+        if hi - lo < 1:  # nothing counted: an axis of 0 to 1, not of 0 0 0 -0 -0
+            (ax.set_xlim if axis == "x" else ax.set_ylim)(0, max(1, hi))
+    else:  # labelled ticks at 1, 2 and 5 of each decade, in plain numbers (no 2×10²)
+        target.set_major_locator(LogLocator(base=10, subs=LOG_TICK_SUBS))
+        target.set_minor_formatter(NullFormatter())
+    target.set_major_formatter(FuncFormatter(lambda v, _pos: f"{abs(v) if abs(v) < 0.5 else v:,.0f}"))
 
 
 def _plot_funnel(steps, reasons, path: Path) -> None:
@@ -444,7 +458,8 @@ def _plot_sizes(data: _Data, path: Path) -> None:
         nz = np.flatnonzero(sizes.width + sizes.height)
         lo, hi = max(0, nz[0] - 2), min(len(centres) - 1, nz[-1] + 2)
         ax1.step(centres[lo:hi + 1], sizes.width[lo:hi + 1], where="mid", label="WIDTH", linewidth=1.8)
-        ax1.step(centres[lo:hi + 1], sizes.height[lo:hi + 1], where="mid", label="HEIGHT", linewidth=1.8)
+        ax1.step(centres[lo:hi + 1], sizes.height[lo:hi + 1], where="mid", label="HEIGHT", linewidth=1.8,
+                 linestyle="--", alpha=0.85)  # dashed: where both lines agree both still show
         ax1.set_xscale("log")
         _thousands(ax1)
         ax1.set_xlabel("pixels (original image)")
@@ -554,9 +569,16 @@ def _md(text: str) -> str:
 
 
 def _inline(text: str) -> str:
-    """Escape, then render ``code`` spans."""
+    """Escape, then render ``code`` spans and ``**bold**`` outside them."""
     parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+    return "".join(f"<code>{p}</code>" if i % 2 else _bold(p) for i, p in enumerate(parts))
+
+
+def _bold(text: str) -> str:
+    pieces = text.split("**")
+    if len(pieces) % 2 == 0:  # an odd number of markers: not emphasis
+        return text
+    return "".join(f"<strong>{p}</strong>" if i % 2 else p for i, p in enumerate(pieces))
 
 
 def _pct(n: int, d: int) -> str:
@@ -623,6 +645,9 @@ def _build_document(data: _Data, steps, reasons) -> tuple[_Doc, dict[str, Any]]:
     if data.similarity_source == "scores":
         doc.p(f"Similarity of every scored row, kept or not ({len(data.score_files)} score files); "
               "rows at or above the subset's threshold are kept.")
+    elif data.score_files:
+        doc.p(f"The {len(data.score_files)} per-row fate files (`scored/*/fates-*.parquet`) hold no similarity: "
+              "no image was downloaded and scored (see the drop reasons above); the histograms are empty.")
     else:
         doc.p("No per-row fate files (`scored/*/fates-*.parquet`) were found, so these histograms show "
               "the published (kept) rows only; everything below the threshold is missing from them.")

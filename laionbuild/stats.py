@@ -115,7 +115,8 @@ class RunStats:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False, ensure_ascii=False)
 
-    def summary_lines(self) -> list[str]:
+    def summary_lines(self, kept_label: str = "kept pairs") -> list[str]:
+        """Console summary; ``kept_label`` names the per-subset counts (``extract`` keeps candidates)."""
         d = self.to_dict()
         lines = [
             f"files: {d['files']['total']} ({d['files']['ok']} ok, {d['files']['partial']} partial, "
@@ -133,8 +134,32 @@ class RunStats:
             for reason, n in sorted(c.dropped_by_reason.items(), key=lambda kv: (-kv[1], kv[0])):
                 lines.append(f"    dropped {reason}: {n}")
         kept = ", ".join(f"{s}={self.kept_per_subset.get(s, 0)}" for s in ("en", "multi", "nolang"))
-        lines.append(f"kept pairs: {d['kept_total']} ({kept})")
+        lines.append(f"{kept_label}: {d['kept_total']} ({kept})")
         return lines
+
+    def alarm_lines(self) -> list[str]:
+        """What a run whose every download, or every input file, failed must say plainly."""
+        out = []
+        if self.files and all(f.status == "failed" for f in self.files):
+            reasons = Counter(f.reason for f in self.files)
+            out.append(f"all {len(self.files)} input file(s) failed: " + _reasons_text(reasons))
+        fetch = self.stages.get(FETCH_STAGE)
+        attempted = int(fetch.counts.get("attempted", 0)) if fetch else 0
+        if fetch and attempted and not fetch.kept:
+            out.append(f"all {attempted} downloads failed: " + _reasons_text(Counter(fetch.dropped_by_reason)))
+        return out
+
+
+#: the stage whose counters hold the image downloads
+FETCH_STAGE = "fetch"
+
+
+def _reasons_text(reasons: Mapping[str, int]) -> str:
+    """``dns_error`` or ``dns_error 9, timeout 4``, most frequent first."""
+    ranked = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+    if len(ranked) == 1:
+        return ranked[0][0] or "unknown reason"
+    return ", ".join(f"{r or 'unknown reason'} {n}" for r, n in ranked)
 
 
 def sum_counters(items: Iterable[Mapping[str, Any]]) -> dict[str, StageCounters]:

@@ -49,14 +49,9 @@ import open_clip  # noqa: E402
 from laionbuild import schema as S  # noqa: E402
 from laionbuild.config import ClipConfig  # noqa: E402
 from laionbuild.demo import shapes  # noqa: E402
-from laionbuild.stages.clip_score import (  # noqa: E402
-    ClipScorer,
-    ClipTokenizer,
-    LoadedClip,
-    resolve_device,
-    resolve_precision,
-)
-from laionbuild.stages.model_loading import LoadedTextModel, TextModel, TextTokenizer  # noqa: E402
+from laionbuild.models.clip import LoadedClip, resolve_device, resolve_precision  # noqa: E402
+from laionbuild.models.text_tower import LoadedTextModel, TextModel, TextTokenizer  # noqa: E402
+from laionbuild.stages.clip_score import ClipScorer, ClipTokenizer  # noqa: E402
 
 #: shapes of sentence-transformers/clip-ViT-B-32-multilingual-v1 (its config.json and 2_Dense)
 MCLIP_SHAPES = {"vocab_size": 119547, "dim": 768, "n_layers": 6, "n_heads": 12, "hidden_dim": 3072,

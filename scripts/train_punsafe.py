@@ -79,7 +79,7 @@ def shapes_embeddings(n_per_spec: int = 20, *, seed: int = 0, unsafe_colours: Se
 
     from laionbuild.config import ClipModelConfig
     from laionbuild.demo import shapes
-    from laionbuild.stages.clip_score import load_clip
+    from laionbuild.models.clip import load_clip
 
     loaded = load_clip(ClipModelConfig(DEMO_CLIP_ARCH, DEMO_CLIP_WEIGHTS), "cpu")
     images, labels = [], []

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from laionbuild.demo import shapes  # noqa: E402
-from laionbuild.stages.clip_score import (  # noqa: E402
+from laionbuild.models.clip import (  # noqa: E402
     CHECKPOINT_FORMAT,
     RemappedTokenizer,
     build_clip_from_config,
@@ -226,7 +226,7 @@ def train_text_model(args) -> int:
     import transformers
 
     from laionbuild.config import ClipModelConfig
-    from laionbuild.stages.model_loading import load_clip
+    from laionbuild.models.clip import load_clip
 
     teacher = load_clip(ClipModelConfig(args.name, f"builtin:{args.name}.pt"), "cpu")
     specs = shapes.all_specs()

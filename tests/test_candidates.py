@@ -327,7 +327,7 @@ def test_page_without_images_and_unparseable_input():
 
 
 def test_demo_sample_expectations(tmp_path):
-    sample_warc = pytest.importorskip("laionbuild.demo.sample_warc")
+    from laionbuild.demo import sample_warc
     sample = sample_warc.build_demo_sample(str(tmp_path), image_base="http://images.demo.test:48123")
     rows = []
     for p in sample.warc_paths:

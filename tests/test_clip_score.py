@@ -18,6 +18,7 @@ open_clip = pytest.importorskip("open_clip")
 from laionbuild import schema as S  # noqa: E402
 from laionbuild.config import ClipConfig, ClipModelConfig, SafetyConfig, load_config  # noqa: E402
 from laionbuild.errors import ConfigError, ModelMissingError, SetupError  # noqa: E402
+from laionbuild.models import clip as mc  # noqa: E402
 from laionbuild.stages import clip_score as cs  # noqa: E402
 from laionbuild.stages import laion_filter as lf  # noqa: E402
 
@@ -51,7 +52,7 @@ def _make_model(tmp_path, name: str, seed: int, embed_dim: int = 32) -> ClipMode
     """A random tiny open_clip model saved as config JSON + plain state-dict checkpoint."""
     cfg = _tiny_cfg(embed_dim)
     torch.manual_seed(seed)
-    model = cs.build_clip_from_config(cfg)
+    model = mc.build_clip_from_config(cfg)
     # non-trivial positional / projection weights so that texts and images differ clearly
     with torch.no_grad():
         for p in model.parameters():
@@ -123,7 +124,7 @@ def test_similarity_equals_open_clip_cosine(models):
 
 def test_routing_by_subset_loads_each_distinct_model_once(models, monkeypatch):
     calls = []
-    real = cs.load_clip
+    real = mc.load_clip
     monkeypatch.setattr(cs, "load_clip", lambda m, d: calls.append(m) or real(m, d))
     cfg = _clip_cfg(models["a"], multi=models["b"], nolang=models["b"], thresholds={"en": -1, "multi": -1, "nolang": -1})
     scorer = cs.ClipScorer(cfg, SIZE)
@@ -265,12 +266,12 @@ def test_upstream_tokens_give_same_scores(models):
 def test_image_size_mismatch_refused(models):
     with pytest.raises(ConfigError, match="resize.image_size"):
         cs.ClipScorer(_clip_cfg(models["a"]), 224)
-    assert cs.model_input_size(models["a"]) == SIZE
-    assert cs.model_input_size(ClipModelConfig("ViT-B-32", "openai")) == 224
-    assert cs.model_input_size(ClipModelConfig("ViT-L-14-336", "openai")) == 336
-    assert cs.model_input_size(ClipModelConfig("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k")) == 224
+    assert mc.model_input_size(models["a"]) == SIZE
+    assert mc.model_input_size(ClipModelConfig("ViT-B-32", "openai")) == 224
+    assert mc.model_input_size(ClipModelConfig("ViT-L-14-336", "openai")) == 336
+    assert mc.model_input_size(ClipModelConfig("xlm-roberta-base-ViT-B-32", "laion5b_s13b_b90k")) == 224
     with pytest.raises(ConfigError):
-        cs.model_input_size(ClipModelConfig("no-such-arch", "x"))
+        mc.model_input_size(ClipModelConfig("no-such-arch", "x"))
 
 
 
@@ -278,11 +279,11 @@ def test_image_size_mismatch_refused(models):
 def test_open_clip_configs_read_without_importing_it(name):
     import open_clip
 
-    from laionbuild.stages.model_loading import open_clip_model_config
+    from laionbuild.models.clip import open_clip_model_config
 
     expected = open_clip.get_model_config(name)
     # the packaged JSON files (what a driver reads) and open_clip's own registry agree
-    code = ("import json, sys; from laionbuild.stages.model_loading import open_clip_model_config as f; "
+    code = ("import json, sys; from laionbuild.models.clip import open_clip_model_config as f; "
             f"print(json.dumps(f({name!r}))); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert json.loads(out[0]) == (dict(expected) if expected is not None else None)
@@ -327,7 +328,7 @@ def test_missing_checkpoint_file(models, offline):
     m = ClipModelConfig(models["a"].arch, str(offline / "nowhere" / "ckpt.pt"))
     cfg = _clip_cfg(models["a"], multi=m)
     with pytest.raises(ModelMissingError, match="ckpt.pt"):
-        cs.check_models_available(cfg)
+        mc.check_models_available(cfg)
     with pytest.raises(ModelMissingError, match="ckpt.pt"):
         cs.ClipScorer(cfg, SIZE)
 
@@ -335,16 +336,16 @@ def test_missing_checkpoint_file(models, offline):
 def test_pretrained_tag_not_in_cache(offline):
     m = ClipModelConfig("ViT-B-32", "openai", cache_dir=str(offline / "cache"))
     with pytest.raises(ModelMissingError) as err:
-        cs.check_models_available(_clip_cfg(m))
+        mc.check_models_available(_clip_cfg(m))
     msg = str(err.value)
     assert "ViT-B-32.pt" in msg and "pretrained=" in msg
     with pytest.raises(ModelMissingError):
-        cs.load_clip(m, "cpu")
+        mc.load_clip(m, "cpu")
     # default cache location (no cache_dir) and a laion tag served from the hub
     with pytest.raises(ModelMissingError, match="laion/CLIP-ViT-B-32-laion2B-s34B-b79K"):
-        cs.load_clip(ClipModelConfig("ViT-B-32", "laion2b_s34b_b79k"), "cpu")
+        mc.load_clip(ClipModelConfig("ViT-B-32", "laion2b_s34b_b79k"), "cpu")
     with pytest.raises(ConfigError, match="known"):
-        cs.check_model_available(ClipModelConfig("ViT-B-32", "not_a_tag"))
+        mc.check_model_available(ClipModelConfig("ViT-B-32", "not_a_tag"))
 
 
 def test_pretrained_tag_found_in_url_cache(models, offline):
@@ -354,17 +355,17 @@ def test_pretrained_tag_found_in_url_cache(models, offline):
     url = open_clip.get_pretrained_cfg("RN50", "openai")["url"]
     fake = cache / url.rsplit("/", 1)[-1]
     fake.write_bytes(b"")
-    w = cs._resolve_weights(ClipModelConfig("RN50", "openai", cache_dir=str(cache)), "RN50")
+    w = mc._resolve_weights(ClipModelConfig("RN50", "openai", cache_dir=str(cache)), "RN50")
     assert w.path == fake
 
 
 def test_multilingual_tower_fails_fast_offline(models, offline):
     m = ClipModelConfig("xlm-roberta-base-ViT-B-32", models["a"].pretrained, cache_dir=str(offline / "c"))
     with pytest.raises(ModelMissingError, match="transformers|tokenizer"):
-        cs.check_model_available(m)
+        mc.check_model_available(m)
     m2 = ClipModelConfig("xlm-roberta-base-ViT-B-32", models["a"].pretrained, tokenizer_dir=str(offline / "tok"))
     with pytest.raises(ModelMissingError, match="transformers|tokenizer_dir"):
-        cs.load_clip(m2, "cpu")
+        mc.load_clip(m2, "cpu")
 
 
 def test_remapped_tokenizer_unknown_and_padding():
@@ -374,7 +375,7 @@ def test_remapped_tokenizer_unknown_and_padding():
     used = sorted(set(base.encode("red circle")))
     tm = {"pad_id": 0, "unknown_id": 1, "sot_id": 2, "eot_id": 3 + len(used),
           "source_ids": torch.tensor(used), "target_ids": torch.arange(3, 3 + len(used))}
-    tok = cs.RemappedTokenizer(tm, 8)
+    tok = mc.RemappedTokenizer(tm, 8)
     ids = tok(["red circle", "red zebra!"])
     assert ids.shape == (2, 8)
     assert ids[0, 0] == 2 and ids[0, 1 + len(base.encode("red circle"))] == tm["eot_id"]
@@ -384,12 +385,12 @@ def test_remapped_tokenizer_unknown_and_padding():
 
 
 def test_device_resolution(models):
-    assert cs.resolve_device(_clip_cfg(models["a"], device="cpu")) == "cpu"
+    assert mc.resolve_device(_clip_cfg(models["a"], device="cpu")) == "cpu"
     if not torch.cuda.is_available():
-        assert cs.resolve_device(_clip_cfg(models["a"], device="auto")) == "cpu"
+        assert mc.resolve_device(_clip_cfg(models["a"], device="auto")) == "cpu"
         with pytest.raises(SetupError):
-            cs.resolve_device(_clip_cfg(models["a"], device="cuda"))
-    assert cs.resolve_precision(_clip_cfg(models["a"]), "cpu") == "fp32"
+            mc.resolve_device(_clip_cfg(models["a"], device="cuda"))
+    assert mc.resolve_precision(_clip_cfg(models["a"]), "cpu") == "fp32"
 
 
 def test_config_keys_roundtrip():
@@ -435,18 +436,18 @@ def test_local_dir_and_torchscript_checkpoints(models, tmp_path):
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     shutil.copy(models["a"].pretrained, folder / "open_clip_pytorch_model.bin")
     local = ClipModelConfig(arch=f"local-dir:{folder}", pretrained="")
-    cs.check_model_available(local)
+    mc.check_model_available(local)
     out = cs.ClipScorer(_clip_cfg(local, thresholds={"en": -1, "multi": -1, "nolang": -1}), SIZE)(batch)
     np.testing.assert_allclose(out[S.SIMILARITY], ref, atol=2e-5)
     empty = tmp_path / "config_only"
     empty.mkdir()
     shutil.copy(folder / "open_clip_config.json", empty)
     with pytest.raises(ModelMissingError, match="no weights file"):
-        cs.check_model_available(ClipModelConfig(arch=f"local-dir:{empty}", pretrained=""))
+        mc.check_model_available(ClipModelConfig(arch=f"local-dir:{empty}", pretrained=""))
     with pytest.raises(ModelMissingError, match="open_clip_config.json"):
-        cs.check_model_available(ClipModelConfig(arch=f"local-dir:{tmp_path / 'nothing'}", pretrained=""))
+        mc.check_model_available(ClipModelConfig(arch=f"local-dir:{tmp_path / 'nothing'}", pretrained=""))
 
-    model = cs.build_clip_from_config(cfg)
+    model = mc.build_clip_from_config(cfg)
     model.load_state_dict(torch.load(models["a"].pretrained))
     try:
         with warnings.catch_warnings():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import time
 
 import pytest
 
@@ -202,13 +201,11 @@ def test_50mb_page_is_bounded(tmp_path, reader):
     assert len(body) > 50_000_000
     p = write_raw(tmp_path / "huge.warc", [raw_record(http_block(body)), good_raw(1)], gzip_records=False)
     del body
-    t0 = time.perf_counter()
     fe = extract_file(str(p), ExtractConfig(reader=reader))  # max_html_bytes: 5 MB by default
-    elapsed = time.perf_counter() - t0
     assert fe.file.status == "ok"
+    # bounded: the page was cut at max_html_bytes, so the image after 50 MB was never parsed
     assert alts(fe) == ["image at the top of a huge page", GOOD_ALT.format(i=1)]
     assert fe.counters.counts["html_truncated"] == 1
-    assert elapsed < 10, elapsed
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -218,10 +215,9 @@ def test_deeply_nested_page(tmp_path, reader, unit):
     body = (b"<html><body><img src='/top.jpg' alt='image before the nesting'>" + unit[0] * depth
             + b"<img src='/deep.jpg' alt='image at the bottom'>" + unit[1] * depth + b"</body></html>")
     p = write_raw(tmp_path / "deep.warc.gz", [raw_record(http_block(body)), good_raw(1)])
-    t0 = time.perf_counter()
     fe = extract_file(str(p), ExtractConfig(reader=reader))
-    assert time.perf_counter() - t0 < 5
     assert fe.file.status == "ok"
+    # bounded: the page was cut where max_nesting_depth was reached, so the deep image was never parsed
     assert alts(fe) == ["image before the nesting", GOOD_ALT.format(i=1)]
     assert fe.counters.counts["html_too_deep"] == 1
 
@@ -243,10 +239,8 @@ def test_billion_laughs_entities_are_not_expanded(tmp_path, reader):
     body = ("<!DOCTYPE html [" + "".join(defs).replace("&lol0;", "&lol;") + "]><html><body>"
             "<img src='/laugh.jpg' alt='&lol9; laughs'>" + "&lol9;" * 1000 + "</body></html>").encode()
     p = write_raw(tmp_path / "laughs.warc.gz", [raw_record(http_block(body))])
-    t0 = time.perf_counter()
     fe = extract_file(str(p), ExtractConfig(reader=reader))
-    assert time.perf_counter() - t0 < 5
-    assert alts(fe) == ["&lol9; laughs"]
+    assert alts(fe) == ["&lol9; laughs"]  # not expanded (an expansion would be 10**9 "lol")
 
 
 @pytest.mark.parametrize("reader", READERS)

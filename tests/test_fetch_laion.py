@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,14 @@ from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, config_from_dict, load_config
 from laionbuild.demo.image_server import LoopbackServer
 from laionbuild.errors import ConfigError
+from helpers.dns import NoDNS
+from helpers.images import encode
 from laionbuild.stages.fetch import STATUSES, ImageFetcher, Resolver
 from laionbuild.stages.resize import ImageRejected, decode_and_resize
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 LIMITS = dict(max_pixels=89_478_484, min_size=10, formats=("JPEG", "PNG", "WEBP"))
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def noisy(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -37,11 +32,6 @@ SMALL_JPEG = encode(Image.new("RGB", (64, 64), (200, 30, 30)), "JPEG")  # a real
 TRUNCATED_JPEG = BIG_JPEG[: len(BIG_JPEG) * 2 // 3]
 BIG_PNG = encode(noisy(300, 200, seed=1), "PNG")
 TRUNCATED_PNG = BIG_PNG[: len(BIG_PNG) * 2 // 3]
-
-
-class NoDNS:
-    def __call__(self, name: str):
-        raise AssertionError(f"unexpected DNS lookup of {name!r}")
 
 
 @pytest.fixture(scope="module")

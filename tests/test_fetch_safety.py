@@ -21,6 +21,7 @@ from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig
 from laionbuild.demo.image_server import LoopbackServer
 from laionbuild.errors import ConfigError
+from helpers.dns import NoDNS
 from laionbuild.stages.fetch import AddressPolicy, ImageFetcher, Resolver
 
 ALLOWED = "127.0.0.2"
@@ -31,15 +32,6 @@ def png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 48), (0, 128, 255)).save(buf, "PNG")
     return buf.getvalue()
-
-
-class NoDNS:
-    def __init__(self):
-        self.calls: list[str] = []
-
-    def __call__(self, name: str):
-        self.calls.append(name)
-        raise AssertionError(f"unexpected DNS lookup of {name!r}")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,13 @@ import struct
 import threading
 import uuid
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers.http import LoopbackHTTP
 from laionbuild import cli
 from laionbuild.config import config_from_dict
 from laionbuild.errors import ModelMissingError
@@ -115,9 +116,8 @@ class ModelServer:
                     return
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.server = LoopbackHTTP(Handler)
+        self.url = self.server.url
 
     def ranges(self, path: str) -> list[str]:
         return [r for m, p, r in self.log if p == path and m == "GET"]
@@ -126,7 +126,7 @@ class ModelServer:
 @pytest.fixture
 def server(monkeypatch):
     srv = ModelServer()
-    srv.thread.start()
+    srv.server.start()
     import huggingface_hub.constants as hf_constants
 
     monkeypatch.setenv("HF_ENDPOINT", srv.url)
@@ -135,8 +135,7 @@ def server(monkeypatch):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+    srv.server.stop()
 
 
 def _serve_tiny_clip(srv: ModelServer) -> None:

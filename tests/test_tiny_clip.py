@@ -18,6 +18,7 @@ pytest.importorskip("open_clip")
 from laionbuild import schema as S  # noqa: E402
 from laionbuild.config import ClipConfig, ClipModelConfig, ResizeConfig  # noqa: E402
 from laionbuild.demo import shapes  # noqa: E402
+from laionbuild.models import clip as mc  # noqa: E402
 from laionbuild.stages import clip_score as cs  # noqa: E402
 from laionbuild.stages.resize import decode_and_resize  # noqa: E402
 
@@ -38,13 +39,13 @@ def _pipeline_image(spec, seed: int, size: int, side: int, width: int) -> np.nda
 
 
 def test_packaged_files_are_small_and_consistent():
-    assert (cs.ASSETS_DIR / "tiny-clip-shapes.pt").stat().st_size < 3_000_000
-    text_folder = cs.ASSETS_DIR / "tiny-text-shapes"
+    assert (mc.ASSETS_DIR / "tiny-clip-shapes.pt").stat().st_size < 3_000_000
+    text_folder = mc.ASSETS_DIR / "tiny-text-shapes"
     assert sum(f.stat().st_size for f in text_folder.rglob("*") if f.is_file()) < 2_000_000
-    assert cs.model_input_size(TINY) == 32
-    loaded = cs.load_clip(TINY, "cpu")
+    assert mc.model_input_size(TINY) == 32
+    loaded = mc.load_clip(TINY, "cpu")
     assert loaded.image_size == 32 and loaded.embed_dim == 64
-    assert isinstance(loaded.tokenizer, cs.RemappedTokenizer)
+    assert isinstance(loaded.tokenizer, mc.RemappedTokenizer)
     ids = loaded.tokenizer(["a photo of a red circle", "zebra xylophone"])
     assert int(ids[1].eq(loaded.tokenizer.unknown_id).sum()) >= 1
     assert int(ids.max()) < loaded.tokenizer.vocab_size
@@ -52,7 +53,7 @@ def test_packaged_files_are_small_and_consistent():
 
 @pytest.mark.parametrize("towers", ["own", "mixed"])
 def test_tiny_clip_separates_colours_at_laion_thresholds(towers):
-    size = cs.model_input_size(TINY)
+    size = mc.model_input_size(TINY)
     other_towers = TINY if towers == "own" else TINY_MIXED
     if towers == "mixed":
         pytest.importorskip("transformers")
@@ -98,7 +99,7 @@ def test_tiny_clip_separates_colours_at_laion_thresholds(towers):
 
 
 def test_tiny_clip_drops_unrelated_alt_texts():
-    size = cs.model_input_size(TINY)
+    size = mc.model_input_size(TINY)
     scorer = cs.ClipScorer(ClipConfig(models={"en": TINY, "multi": TINY, "nolang": TINY}, device="cpu"), size)
     unrelated = ["photo of a dog", "IMG_2041.jpg", "Buy cheap shoes online", "ein Haus am See", "2019-05-01",
                  "a wooden table in the kitchen", "😀🎉", "logo", "Fahrrad kaufen", "casa en la playa"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gzip
 import http.server
-import threading
 import zlib
 from pathlib import Path
 
 import pytest
 
+from helpers.http import LoopbackHTTP
 from conftest_extract import (
     SAMPLE_2020,
     SAMPLE_2022,
@@ -199,14 +199,8 @@ def loopback_server(tmp_path, monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with LoopbackHTTP(Handler) as server:
+        yield root, server.url
 
 
 @pytest.mark.parametrize("reader", READERS)

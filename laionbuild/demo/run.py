@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from ..config import load_config
+from ..errors import SetupError
 from .image_server import LoopbackServer
 from .sample_warc import DemoSample, build_demo_sample
 
@@ -92,13 +93,33 @@ def compare_with_expectations(output: str, sample: DemoSample) -> dict[str, dict
     return report
 
 
+#: folders inside the demo output that a rerun keeps (written by `laionbuild report` and `compare`)
+KEPT_ON_RERUN = ("report", "compare")
+
+
+def clear_for_rerun(out: Path) -> None:
+    """Empty a previous demo output (its sample had another port) but keep :data:`KEPT_ON_RERUN`.
+
+    Anything at ``out`` that is not a folder is refused, never deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"output {out} exists and is not a folder; give a folder with --output")
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.name in KEPT_ON_RERUN:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
 def run_demo(output: str = "demo-output", *, config: str | None = None, overrides: list[str] | None = None,
              progress: bool = True):
     from ..runner.run import run
 
     out = Path(output)
-    if out.exists():
-        shutil.rmtree(out)  # the sample is rebuilt with a new port each time: start clean
+    clear_for_rerun(out)
     sample_dir = Path(f"{output.rstrip('/')}-sample")
     if sample_dir.exists():
         shutil.rmtree(sample_dir)
@@ -108,10 +129,6 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
         log.info("demo sample: %d WARC file(s), %d <img> cases, images served at %s",
                  len(sample.warc_paths), len(sample.expectations), server.base_url)
         cfg = load_config(config or SMOKE_CONFIG, [*demo_overrides(sample, str(out), progress), *(overrides or [])])
-        if not cfg.safety.laion_filter.enabled:
-            log.info("demo: LAION-5B's safety filter is off (safety.laion_filter.enabled=false in %s): its "
-                     "prompts are words the tiny shapes model never learned, so its tags and drops would be "
-                     "noise; configs/laion5b.yaml keeps it on", Path(config or SMOKE_CONFIG).name)
         with own_ray(cfg.ray.address) as isolation:
             if isolation:
                 cfg = load_config(config or SMOKE_CONFIG,

@@ -722,23 +722,6 @@ def _resolve(page_url: str, src: str | None) -> str:
     return urljoin(page_url, src)
 
 
-def serve_demo_sample(out_dir: str, *, host: str = "images.demo.test", address: str = "127.0.0.1",
-                      seed: int = 0):
-    """Start a loopback image server, build the sample for its port and register the routes.
-
-    Returns ``(server, sample)``; the caller stops the server. Image URLs use
-    ``host``; map it to ``address`` with :meth:`DemoSample.config_overrides`.
-    """
-    from .image_server import LoopbackServer
-
-    server = LoopbackServer(host=address).start()
-    try:
-        sample = build_demo_sample(out_dir, image_base=f"http://{host}:{server.port}", seed=seed)
-        sample.register(server)
-    except BaseException:
-        server.stop()
-        raise
-    return server, sample
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ import sys
 from typing import TextIO
 
 from ..config import Config
-from .requirements import ModelRequirement, cache_layout, hf_default_cache, required_models
+from .hub import hf_default_cache
+from .requirements import ModelRequirement, cache_layout, required_models
 from .store import pull, read_lock
 
 

@@ -17,16 +17,21 @@ as ``<cache_dir or ~/.cache/clip>/<file name>``, and released safety models
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import os
 import re
+import sys
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ClipModelConfig, Config, ModelsConfig
-from ..stages.model_loading import (ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX,
-                                     open_clip_model_config)
+from .clip import open_clip_model_config
+from .hub import hf_cached, hf_default_cache
+from .names import ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
 #: config values naming a released model (``release:laion-nsfw-vit-b-32``)
 RELEASE_PREFIX = "release:"
@@ -166,26 +171,8 @@ def cache_layout(models: ModelsConfig, cache: str | None = None) -> CacheLayout:
     return CacheLayout(str(folder), folder, False, bool(cache))
 
 
-def hf_default_cache() -> str:
-    """Hugging Face's own cache folder (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub)."""
-    try:
-        from huggingface_hub import constants
-
-        return constants.HF_HUB_CACHE
-    except ImportError:
-        home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
-        return os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub"))
 
 
-def hf_cached(repo: str, filename: str, cache_dir: str | None) -> str | None:
-    """Path of ``filename`` of ``repo`` in a Hugging Face cache (never downloads), as the loaders look it up."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-    except Exception:  # malformed repo id and the like
-        return None
-    return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
 def _hf_expected(repo: str, filename: str, cache_dir: str | None) -> str:
@@ -265,6 +252,53 @@ class _Collector:
             self.local(kind, Path(value).name, value, used_by)
 
 
+#: name under which open_clip's table of pretrained weights is read on its own (see below)
+_OPEN_CLIP_TABLE = "_laionbuild_open_clip_table"
+
+
+@functools.lru_cache(maxsize=1)
+def _open_clip_pretrained_table() -> types.ModuleType | None:
+    """open_clip's ``pretrained`` module read on its own, without importing open_clip.
+
+    ``import open_clip`` pulls in torch, torchvision, timm and transformers (seconds); the
+    table of pretrained tags (URLs, hub ids) needs none of them. The module is loaded from
+    open_clip's files under a private package name, with ``safetensors.torch`` (which would
+    import torch) kept out for the duration; None when that does not work, and the caller
+    imports open_clip.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    source = next((Path(f) / "pretrained.py" for f in folders if (Path(f) / "pretrained.py").is_file()), None)
+    if source is None:
+        return None
+    package = types.ModuleType(_OPEN_CLIP_TABLE)
+    package.__path__ = [str(source.parent)]
+    blocked = "safetensors.torch"
+    before = sys.modules.get(blocked, package)
+    sys.modules[_OPEN_CLIP_TABLE] = package
+    if before is package:
+        sys.modules[blocked] = None  # type: ignore[assignment]  # an import of it raises ImportError
+    try:
+        mod_spec = importlib.util.spec_from_file_location(f"{_OPEN_CLIP_TABLE}.pretrained", source)
+        module = importlib.util.module_from_spec(mod_spec)
+        sys.modules[mod_spec.name] = module
+        mod_spec.loader.exec_module(module)
+        return module if hasattr(module, "get_pretrained_cfg") else None
+    except Exception:  # another open_clip layout: the caller imports open_clip itself
+        return None
+    finally:
+        if before is package:
+            sys.modules.pop(blocked, None)
+
+
+def open_clip_pretrained_cfg(name: str, tag: str) -> dict:
+    """open_clip's record of pretrained tag ``tag`` of architecture ``name`` ({} when unknown)."""
+    module = sys.modules.get("open_clip") or _open_clip_pretrained_table()
+    if module is None:
+        import open_clip as module
+    return dict(module.get_pretrained_cfg(name, tag) or {})
+
+
 def _open_clip_arch(arch: str) -> tuple[dict | None, str | None, str]:
     """(model config, open_clip name, where it came from) of an architecture name or file, without weights."""
     if arch.startswith(BUILTIN_PREFIX):
@@ -316,9 +350,7 @@ def _clip_model(col: _Collector, subset: str, m: ClipModelConfig) -> None:
     elif pre:
         tag_cfg: dict = {}
         if oc_name is not None:
-            import open_clip
-
-            tag_cfg = dict(open_clip.get_pretrained_cfg(oc_name, pre) or {})
+            tag_cfg = open_clip_pretrained_cfg(oc_name, pre)
         if not tag_cfg:
             col.local("clip-weights", f"CLIP weights {label}", pre, used)
         else:

@@ -32,6 +32,8 @@ from ..config import Config
 from ..errors import ModelMissingError, SetupError
 from ..output.fs import open_fs
 from .download import ModelDownloadError, HTTPStatusError, download_url, partial_path, sha256_file
+from .hosts import HOST_PROBE_TIMEOUT_S, hf_endpoint, source_origins, unreachable_origins
+from .hub import quiet_library_handlers
 from .requirements import (
     RELEASE_PREFIX,
     RELEASES,
@@ -144,6 +146,7 @@ def _hf_download(repo: str, filename: str, cache_dir: str | None) -> str | None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, HfHubHTTPError
 
+    quiet_library_handlers()
     try:
         path = hf_hub_download(repo, filename, cache_dir=cache_dir, endpoint=_hf_endpoint())
     except EntryNotFoundError:
@@ -177,7 +180,7 @@ def _hf_source(repo: str, path: str) -> tuple[str, str]:
     i = parts.index("snapshots") if "snapshots" in parts else -1
     commit = parts[i + 1] if i >= 0 else "main"
     name = "/".join(parts[i + 2:]) if i >= 0 else os.path.basename(path)
-    endpoint = _hf_endpoint() or "https://huggingface.co"
+    endpoint = hf_endpoint()
     return f"{endpoint}/{repo}/resolve/{commit}/{name}", commit
 
 
@@ -291,35 +294,59 @@ def _fetch_release(req: ModelRequirement, root: Path, layout: CacheLayout, cfg: 
             _record(req, dest, f"converted from {got.path.name}", root, converted_from=got.sha256)]
 
 
+def _probe_timeout(cfg: Config) -> float:
+    return min(HOST_PROBE_TIMEOUT_S, cfg.models.download_timeout_s)
+
+
+def _fetch_one(req: ModelRequirement, layout: CacheLayout, cfg: Config, progress: bool) -> list[dict[str, Any]]:
+    kind = req.fetch["type"]
+    if kind == "hf":
+        return _fetch_hf(req, layout.root)
+    if kind == "hf-st":
+        return _fetch_hf_st(req, layout.root)
+    if kind == "url":
+        return _fetch_url(req, layout.root, cfg, progress)
+    if kind == "release":
+        return _fetch_release(req, layout.root, layout, cfg, progress)
+    raise ModelDownloadError(f"{req.name}: unknown source type {kind}")
+
+
 def pull(cfg: Config, *, cache: str | None = None, progress: bool = True,
          requirements: list[ModelRequirement] | None = None) -> list[dict[str, Any]]:
     """Fetch every missing model file of ``cfg`` into its cache; returns the lock records written.
 
-    Raises :class:`ModelDownloadError` (a ``SetupError``) naming the first file that failed;
-    the files fetched before it stay in the cache and are recorded.
+    Every missing file is tried (each host is first asked once whether it answers at all);
+    when some fail, :class:`ModelDownloadError` (a ``SetupError``) names each of them with
+    its reason. The files fetched stay in the cache and are recorded.
     """
     layout = cache_layout(cfg.models, cache)
     reqs = required_models(cfg, cache=cache) if requirements is None else requirements
+    todo = [r for r in reqs if not r.present and r.fetch]
+    down = unreachable_origins([r.fetch for r in todo], _probe_timeout(cfg))
     records: list[dict[str, Any]] = []
+    failed: list[str] = []
     try:
-        for req in reqs:
-            if req.present or not req.fetch:
+        for req in todo:
+            origins = source_origins(req.fetch)
+            if origins and all(o in down for o in origins):
+                reason = "; ".join(f"{o} is unreachable: {down[o]}" for o in origins)
+                log.error("cannot fetch %s (%s): %s", req.name, req.kind, reason)
+                failed.append(f"{req.name} ({reason})")
                 continue
             log.info("fetching %s (%s) from %s", req.name, req.kind, req.source)
-            kind = req.fetch["type"]
-            if kind == "hf":
-                records += _fetch_hf(req, layout.root)
-            elif kind == "hf-st":
-                records += _fetch_hf_st(req, layout.root)
-            elif kind == "url":
-                records += _fetch_url(req, layout.root, cfg, progress)
-            elif kind == "release":
-                records += _fetch_release(req, layout.root, layout, cfg, progress)
+            try:
+                records += _fetch_one(req, layout, cfg, progress)
+            except ModelDownloadError as exc:
+                log.error("cannot fetch %s (%s): %s", req.name, req.kind, exc)
+                failed.append(f"{req.name} ({exc})")
     finally:
         if records:
             _update_lock(layout.root, records)
             if layout.copy:
                 _upload(layout, records)
+    if failed:
+        raise ModelDownloadError(f"{len(failed)} of {len(todo)} missing model file(s) could not be fetched: "
+                                 + "; ".join(failed))
     return records
 
 
@@ -469,6 +496,15 @@ def ensure_models(cfg: Config, offline: bool = False, *, progress: bool = True) 
                 f"{len(missing)} model file(s) are not in the local cache and downloads are disabled "
                 f"(--offline, models.offline or HF_HUB_OFFLINE): {_describe(missing)}. Run "
                 f"'laionbuild models pull -c CONFIG' on a machine with internet, or drop the offline setting"
+            )
+        down = unreachable_origins([r.fetch for r in missing], _probe_timeout(cfg))
+        blocked = [r for r in missing if all(o in down for o in source_origins(r.fetch))]
+        if blocked:
+            hosts = "; ".join(f"{o} ({why})" for o, why in down.items())
+            raise ModelMissingError(
+                f"model host unreachable: {hosts}; {len(missing)} model file(s) missing: {_describe(missing)}. "
+                f"Run 'laionbuild models pull -c CONFIG' where the host is reachable and share the cache "
+                f"(models.cache), then run with --offline; or set HF_ENDPOINT to a reachable mirror"
             )
         report.pulled = pull(cfg, progress=progress, requirements=missing)
         still = [r for r in required_models(cfg) if not r.present and r.fetch]

@@ -90,9 +90,10 @@ class CandidatesWorker:
 
 
 def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, str],
-                         shape: ClusterShape) -> tuple[dict[str, dict], dict[str, dict]]:
+                         shape: ClusterShape, *, label: str = "phase 1/4 candidates",
+                         ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Extract every pending input; returns ``{file_id: marker}`` of the files committed and of those
-    that failed (not committed: the next run tries them again)."""
+    that failed (not committed: the next run tries them again). ``label`` names the progress line."""
     import json
 
     import ray
@@ -106,7 +107,7 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
                         **cpu_stage_resources(cfg, shape))
     done: dict[str, dict] = {}
     failed: dict[str, dict] = {}
-    progress = Progress(len(items), cfg.run.progress, "phase 1/4 candidates", "file")
+    progress = Progress(len(items), cfg.run.progress, label, "file")
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for raw in batch["marker"]:

@@ -74,7 +74,7 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
             if not cfg.run.force:
                 raise SetupError(
                     f"{layout.url} was made with another config (hash {old.get('config_hash')}, now {digest}); "
-                    "use a new --output or --set run.force=true to resume anyway"
+                    "use a new --output or --force (run.force: true) to resume anyway"
                 )
             log.warning("resuming into %s made with another config (forced)", layout.url)
         log.info("resuming into %s", layout.url)
@@ -149,9 +149,16 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
 
         for warning in model_warnings(cfg.clip, cfg.safety):
             log.warning("%s", warning)
-        if not cfg.safety.laion_filter.enabled:
-            log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
-                        "no underage / animal drops")
+        lf = cfg.safety.laion_filter
+        if not lf.enabled:
+            towers = {f"{m.arch}/{m.pretrained}".replace("/", "-").lower() for m in cfg.clip.models.values()}
+            if towers == {lf.prompts_model.replace("/", "-").lower()}:  # the filter could have run: say it loudly
+                log.warning("LAION-5B's safety filter is off (safety.laion_filter.enabled=false): no NSFW column, "
+                            "no underage / animal drops")
+            else:  # its prompts mean nothing to these models: off is the only sensible choice
+                log.info("LAION-5B's safety filter is off (safety.laion_filter.enabled=false; its prompts were "
+                         "written for %s, which this config does not score with): no NSFW column, no underage / "
+                         "animal drops", lf.prompts_model)
     prepare_output(cfg, layout, files, command)
     fids = {file_id(p): p for p in files}
     on_disk = layout.candidate_markers()  # one listing, markers read concurrently
@@ -172,7 +179,8 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     from .candidates import run_candidates_phase
 
     t = time.monotonic()
-    done, failed = run_candidates_phase(cfg, layout, pending, shape) if pending else ({}, {})
+    label = "phase 1/4 candidates" if scoring else "candidates"  # extract runs this phase alone
+    done, failed = run_candidates_phase(cfg, layout, pending, shape, label=label) if pending else ({}, {})
     phases["candidates"] = round(time.monotonic() - t, 2)
     markers = {**committed, **done}  # this run's commits came back through the stream
     stats = RunStats()

@@ -265,11 +265,6 @@ class Blocklist:
     def empty(self) -> bool:
         return not (self._urls or self._domains or self._pairs or self._digests)
 
-    @property
-    def needs_text(self) -> bool:
-        """Whether LAION ``hash`` entries are loaded (they need the row's TEXT / hash)."""
-        return bool(self._pairs)
-
     def _index(self, url, pair_hash=None) -> int:
         best = _NO_MATCH
         if not isinstance(url, str):

@@ -22,7 +22,7 @@ stage; the conversion to float and the normalisation happen on the scoring
 device. Nothing here imports Ray: :class:`ClipScorer` is a plain callable that
 the pipeline wraps in an actor, and that tests and benchmarks call directly.
 
-Model loading never downloads (:mod:`laionbuild.stages.model_loading`). ``clip.models.<subset>`` names
+Model loading never downloads (:mod:`laionbuild.models.clip`, :mod:`laionbuild.models.text_tower`). ``clip.models.<subset>`` names
 
 * ``arch``: an open_clip architecture (``ViT-B-32``), a model config JSON path
   (plain or ``builtin:<file>`` inside ``laionbuild/assets``), the name of a JSON
@@ -56,31 +56,19 @@ from ..config import ClipConfig, LaionFilterConfig, SafetyConfig
 from ..errors import ConfigError
 from ..schema import ALT_TEXT, DROP_REASON, IMAGE, NSFW, PUNSAFE, PWATERMARK, SIMILARITY, SUBSET, image_rows
 from ..stats import StageCounters
-from . import laion_filter as lf
-from .model_loading import (  # noqa: F401  (re-exported: the loading API used to live here)
-    ASSETS_DIR,
-    CHECKPOINT_FORMAT,
+from ..models.clip import (  # noqa: F401  (check_models_available: the driver checks this stage's models through it)
     LoadedClip,
-    LoadedTextModel,
-    RemappedTokenizer,
-    _context_length,
-    _load_tokenizer_only,
-    _model_key,
-    _resolve_arch,
-    _resolve_weights,
-    _text_key,
-    _text_model_name,
-    build_clip_from_config,
-    check_model_available,
     check_models_available,
-    check_text_model_available,
+    context_length,
     load_clip,
-    load_text_model,
-    load_text_tokenizer,
+    load_clip_tokenizer,
     model_input_size,
+    model_key,
     resolve_device,
     resolve_precision,
 )
+from ..models.text_tower import LoadedTextModel, load_text_model, load_text_tokenizer, text_key, text_model_name
+from . import laion_filter as lf
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +97,11 @@ class ClipTokenizer:
         self.tokenizers: dict[str, Any] = {}
         by_key: dict[tuple, Any] = {}
         for subset, mcfg in clip_cfg.models.items():
-            key = ("text",) + _text_key(mcfg) if _text_model_name(mcfg) else _model_key(mcfg)
+            key = ("text",) + text_key(mcfg) if text_model_name(mcfg) else model_key(mcfg)
             if key not in by_key:
-                by_key[key] = load_text_tokenizer(mcfg) if _text_model_name(mcfg) else _load_tokenizer_only(mcfg)
+                by_key[key] = load_text_tokenizer(mcfg) if text_model_name(mcfg) else load_clip_tokenizer(mcfg)
             self.tokenizers[subset] = by_key[key]
-        self.width = max(_context_length(t) for t in self.tokenizers.values())
+        self.width = max(context_length(t) for t in self.tokenizers.values())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[DROP_REASON])
@@ -259,18 +247,18 @@ class ClipScorer:
                         f"resize.image_size is {self.image_size}; set resize.image_size={expected}"
                     )
             for subset, mcfg in clip_cfg.models.items():
-                key = _model_key(mcfg)
+                key = model_key(mcfg)
                 if key not in by_key:
                     by_key[key] = _Runner(
                         load_clip(mcfg, self.device), self.device, self.precision, channels_last, compile_model
                     )
                 self.runners[subset] = runner = by_key[key]
-                if _text_model_name(mcfg):
-                    if _text_key(mcfg) not in loaded_text:  # each text model once, even beside two image towers
-                        loaded_text[_text_key(mcfg)] = load_text_model(mcfg, self.device)
-                    tkey = ("text",) + _text_key(mcfg) + (id(runner),)
+                if text_model_name(mcfg):
+                    if text_key(mcfg) not in loaded_text:  # each text model once, even beside two image towers
+                        loaded_text[text_key(mcfg)] = load_text_model(mcfg, self.device)
+                    tkey = ("text",) + text_key(mcfg) + (id(runner),)
                     if tkey not in text_by_key:
-                        text_by_key[tkey] = _TextRunner(runner, loaded_text[_text_key(mcfg)])
+                        text_by_key[tkey] = _TextRunner(runner, loaded_text[text_key(mcfg)])
                 else:
                     tkey = ("own", id(runner))
                     text_by_key.setdefault(tkey, _TextRunner(runner))
@@ -385,7 +373,7 @@ class ClipScorer:
 
         t0 = time.perf_counter()
         if tokens_col is not None:
-            ctx = _context_length(text_runner.tokenizer)
+            ctx = context_length(text_runner.tokenizer)
             tok = torch.from_numpy(np.ascontiguousarray(tokens_col[rows, :ctx], dtype=np.int64))
         else:
             tok = text_runner.tokenizer([str(t) for t in texts[rows]])

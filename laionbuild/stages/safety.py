@@ -491,9 +491,9 @@ class WatermarkScorer:
 
 # --------------------------------------------------------------------------- set-up checks
 def _clip_embed_dim(model_cfg) -> int:
-    from .model_loading import _resolve_arch
+    from ..models.clip import resolve_arch
 
-    cfg, _, _ = _resolve_arch(model_cfg)
+    cfg, _, _ = resolve_arch(model_cfg)
     return int(cfg["embed_dim"])
 
 

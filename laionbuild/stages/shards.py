@@ -23,9 +23,6 @@ import pyarrow.parquet as pq
 from .. import schema as S
 from ..output.fs import is_local
 
-#: columns of the work-score files used for the report's histograms
-SCORE_COLUMNS = {S.SUBSET: pa.string(), S.SIMILARITY: pa.float32(), S.LANGUAGE: pa.string(),
-                 S.WIDTH: pa.int32(), S.HEIGHT: pa.int32()}
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
 #: optional float32 safety score columns (stages.safety), published when present
 SAFETY_COLUMNS = (S.PUNSAFE, S.PWATERMARK)
@@ -125,17 +122,6 @@ def safe_view(table: pa.Table, punsafe_max: float | None, pwatermark_max: float 
     return table.filter(pa.array(keep)), reasons
 
 
-def score_table(batch: dict[str, np.ndarray]) -> pa.Table:
-    """Similarity of every scored row (kept or not), for the report's histograms."""
-    sim = np.asarray(batch.get(S.SIMILARITY, np.full(S.batch_len(batch), np.nan)), dtype=np.float32)
-    mask = ~np.isnan(sim)
-    cols = {}
-    for name, typ in SCORE_COLUMNS.items():
-        values = batch[name][mask] if name in batch else np.zeros(int(mask.sum()))
-        if pa.types.is_string(typ):
-            values = [str(v) for v in values]
-        cols[name] = pa.array(values, type=typ)
-    return pa.table(cols)
 
 
 def images_tar(batch: dict[str, np.ndarray], mask: np.ndarray) -> bytes:

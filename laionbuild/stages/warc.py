@@ -388,7 +388,8 @@ def _iter_warcio(
                 continue
             if record.format != "warc":
                 if seen == 1:
-                    _set_failed(file_result, "not_warc", f"first record is {record.format!r}, not a WARC record")
+                    _set_failed(file_result, "not_warc", "not a WARC file: its first line is no WARC/1.x header "
+                                f"(read as {record.format.upper()}: a text file, an old ARC file or another format)")
                 else:
                     counters.count("record_skipped:not_warc_record")
                     _set_partial(file_result, "bad_record", f"non-WARC data after record {seen - 1}")

@@ -1,12 +1,10 @@
-"""Offline model loading shared by the CLIP scorer and the safety models.
+"""Offline loading of open_clip models, shared by the CLIP scorer and the safety models.
 
 * open_clip models (image and text towers): :func:`load_clip`, see the
   ``clip.models.<subset>.arch`` / ``pretrained`` settings described in
   :mod:`laionbuild.stages.clip_score` and docs/clip.md;
-* text-only models in the sentence-transformers folder layout (a Hugging Face
-  transformer, pooling and a dense projection into a CLIP embedding space, e.g.
-  ``sentence-transformers/clip-ViT-B-32-multilingual-v1``): :func:`load_text_model`,
-  selected by ``clip.models.<subset>.text_model``.
+* :func:`check_models_available`: every model of a ``clip`` section, open_clip
+  models and the text towers of :mod:`laionbuild.models.text_tower` alike.
 
 Nothing is ever downloaded: weights are looked up in local folders and caches,
 and a missing file raises :class:`~laionbuild.errors.ModelMissingError` naming
@@ -26,18 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from ..config import ClipConfig, ClipModelConfig
 from ..errors import ConfigError, ModelMissingError, SetupError
+from .hub import hf_cache_hint, hf_cached, quiet_library_handlers
+from .names import ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, asset_path
+from .text_tower import (
+    check_text_model_available,
+    text_key,
+    text_model_name,
+    text_model_embed_dim,
+)
 
 logger = logging.getLogger(__name__)
 
-#: folder of the model files shipped with the package
-ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
-BUILTIN_PREFIX = "builtin:"
-LOCAL_DIR_PREFIX = "local-dir:"
-HF_HUB_PREFIX = "hf-hub:"
 #: ``format`` value of checkpoints written by scripts/train_tiny_clip.py
 CHECKPOINT_FORMAT = "laionbuild.clip/1"
 
@@ -116,8 +115,6 @@ def build_clip_from_config(model_cfg: Mapping[str, Any]):
     return cls(**cfg)
 
 
-def _asset_path(value: str) -> Path:
-    return ASSETS_DIR / value[len(BUILTIN_PREFIX):]
 
 
 def _model_name(model_cfg: ClipModelConfig) -> str:
@@ -163,13 +160,13 @@ def open_clip_model_config(name: str) -> dict | None:
     return dict(cfg) if cfg is not None else None
 
 
-def _resolve_arch(model_cfg: ClipModelConfig) -> tuple[dict, dict, str | None]:
+def resolve_arch(model_cfg: ClipModelConfig) -> tuple[dict, dict, str | None]:
     """The open_clip model config dict of ``arch``: (model_cfg, preprocess_cfg, open_clip name or None)."""
     arch = model_cfg.arch.strip()
     if not arch:
         raise ConfigError("clip model: 'arch' is empty")
     if arch.startswith(BUILTIN_PREFIX):
-        path = _asset_path(arch)
+        path = asset_path(arch)
         if not path.is_file():
             raise ConfigError(f"clip model arch '{arch}': {path} does not exist")
         cfg, pre = _read_json_config(path)
@@ -182,11 +179,11 @@ def _resolve_arch(model_cfg: ClipModelConfig) -> tuple[dict, dict, str | None]:
         return cfg, pre, None
     if arch.startswith(HF_HUB_PREFIX):
         repo = arch[len(HF_HUB_PREFIX):]
-        cached = _hf_cached(repo, "open_clip_config.json", model_cfg.cache_dir)
+        cached = hf_cached(repo, "open_clip_config.json", model_cfg.cache_dir)
         if cached is None:
             raise ModelMissingError(
                 f"clip model arch '{arch}': open_clip_config.json of {repo} is not in the Hugging Face cache "
-                f"({_hf_cache_hint(model_cfg.cache_dir)}); downloads are disabled. Copy the repository into the "
+                f"({hf_cache_hint(model_cfg.cache_dir)}); downloads are disabled. Copy the repository into the "
                 f"cache or point arch at local-dir:/path/to/folder"
             )
         cfg, pre = _read_json_config(Path(cached))
@@ -221,28 +218,12 @@ def _square_size(image_size: Any, where: str) -> int:
 
 def model_input_size(model_cfg: ClipModelConfig) -> int:
     """Image side the model expects, read from its config (no weights are loaded)."""
-    cfg, _, _ = _resolve_arch(model_cfg)
+    cfg, _, _ = resolve_arch(model_cfg)
     return _square_size(cfg["vision_cfg"].get("image_size", 224), f"clip model {model_cfg.arch}")
 
 
-def _hf_cache_hint(cache_dir: str) -> str:
-    if cache_dir:
-        return f"cache_dir {cache_dir}"
-    default = os.path.join(os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub")
-    return "cache " + os.environ.get("HF_HUB_CACHE", default)
 
 
-def _hf_cached(repo_id: str, filename: str, cache_dir: str) -> str | None:
-    """Path of ``filename`` of ``repo_id`` in the local Hugging Face cache, or None (never downloads)."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return None
-    try:
-        found = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir or None)
-    except Exception:  # malformed repo id and the like: treat as not cached
-        return None
-    return found if isinstance(found, str) and os.path.isfile(found) else None
 
 
 @dataclass
@@ -262,7 +243,7 @@ def _resolve_weights(model_cfg: ClipModelConfig, oc_name: str | None) -> _Weight
             f"clip model {model_cfg.arch}: 'pretrained' is empty; name an open_clip pretrained tag or a checkpoint path"
         )
     if pretrained.startswith(BUILTIN_PREFIX):
-        path = _asset_path(pretrained)
+        path = asset_path(pretrained)
         if not path.is_file():
             raise ModelMissingError(
                 f"clip model {_model_name(model_cfg)}: the packaged checkpoint {path} is missing "
@@ -304,10 +285,10 @@ def _resolve_weights(model_cfg: ClipModelConfig, oc_name: str | None) -> _Weight
         if filename.endswith((".bin", ".pth")):
             names = (filename[:-4] + ".safetensors", filename)
         for name in names:
-            found = _hf_cached(repo, name, model_cfg.cache_dir)
+            found = hf_cached(repo, name, model_cfg.cache_dir)
             if found:
                 return _Weights(Path(found), tag_cfg)
-        expected.append(f"{' or '.join(names)} of the Hugging Face repo {repo} ({_hf_cache_hint(model_cfg.cache_dir)})")
+        expected.append(f"{' or '.join(names)} of the Hugging Face repo {repo} ({hf_cache_hint(model_cfg.cache_dir)})")
     url = tag_cfg.get("url", "")
     if url:
         folder = Path(model_cfg.cache_dir or os.path.expanduser("~/.cache/clip"))
@@ -336,10 +317,10 @@ def _weights_beside_config(model_cfg: ClipModelConfig) -> _Weights:
     else:
         repo = arch[len(HF_HUB_PREFIX):]
         for name in names:
-            found = _hf_cached(repo, name, model_cfg.cache_dir)
+            found = hf_cached(repo, name, model_cfg.cache_dir)
             if found:
                 return _Weights(Path(found))
-        where = f"for {repo} in the Hugging Face {_hf_cache_hint(model_cfg.cache_dir)}"
+        where = f"for {repo} in the Hugging Face {hf_cache_hint(model_cfg.cache_dir)}"
     raise ModelMissingError(
         f"clip model {arch}: no weights file ({', '.join(names)}) {where}; downloads are disabled. "
         f"Give the checkpoint with --set clip.models.<subset>.pretrained=/path/to/checkpoint"
@@ -370,12 +351,12 @@ def _resolve_hf_text(model_cfg: ClipModelConfig, text_cfg: Mapping[str, Any]) ->
                 f"(save them there with transformers' AutoTokenizer/AutoConfig .save_pretrained('{path}'))"
             )
         return str(path)
-    config = _hf_cached(hf_name, "config.json", model_cfg.cache_dir)
-    tok = next((p for p in (_hf_cached(hf_name, f, model_cfg.cache_dir) for f in _HF_TOKENIZER_FILES) if p), None)
+    config = hf_cached(hf_name, "config.json", model_cfg.cache_dir)
+    tok = next((p for p in (hf_cached(hf_name, f, model_cfg.cache_dir) for f in _HF_TOKENIZER_FILES) if p), None)
     if config is None or tok is None:
         raise ModelMissingError(
             f"clip model {_model_name(model_cfg)}: the tokenizer/config files of '{hf_name}' are not in the "
-            f"Hugging Face cache ({_hf_cache_hint(model_cfg.cache_dir)}) and downloads are disabled; copy that "
+            f"Hugging Face cache ({hf_cache_hint(model_cfg.cache_dir)}) and downloads are disabled; copy that "
             f"cache from a machine with internet, or save them into a folder and set "
             f"clip.models.<subset>.tokenizer_dir=/path/to/folder"
         )
@@ -410,7 +391,7 @@ def _read_checkpoint(path: Path) -> Any:
 
 def check_model_available(model_cfg: ClipModelConfig) -> None:
     """Raise ConfigError / ModelMissingError when ``model_cfg`` cannot be loaded offline."""
-    cfg, _, oc_name = _resolve_arch(model_cfg)
+    cfg, _, oc_name = resolve_arch(model_cfg)
     _resolve_weights(model_cfg, oc_name)
     if "hf_model_name" in cfg.get("text_cfg", {}):
         _resolve_hf_text(model_cfg, cfg["text_cfg"])
@@ -426,9 +407,9 @@ def check_models_available(clip_cfg: ClipConfig) -> None:
     seen: set = set()
     missing: list[str] = []
     for subset, mcfg in clip_cfg.models.items():
-        checks = [(_model_key(mcfg), check_model_available)]
-        if _text_model_name(mcfg):
-            checks.append((("text",) + _text_key(mcfg), check_text_model_available))
+        checks = [(model_key(mcfg), check_model_available)]
+        if text_model_name(mcfg):
+            checks.append((("text",) + text_key(mcfg), check_text_model_available))
         for key, check in checks:
             if key in seen:
                 continue
@@ -437,12 +418,12 @@ def check_models_available(clip_cfg: ClipConfig) -> None:
                 check(mcfg)
             except ModelMissingError as exc:
                 missing.append(f"clip.models.{subset}: {exc}")
-        if _text_model_name(mcfg) and not missing:
+        if text_model_name(mcfg) and not missing:
             text_dim = text_model_embed_dim(mcfg)
-            image_dim = int(_resolve_arch(mcfg)[0]["embed_dim"])
+            image_dim = int(resolve_arch(mcfg)[0]["embed_dim"])
             if text_dim != image_dim:
                 raise ConfigError(
-                    f"clip.models.{subset}: text_model {_text_model_name(mcfg)} gives {text_dim}-d embeddings but "
+                    f"clip.models.{subset}: text_model {text_model_name(mcfg)} gives {text_dim}-d embeddings but "
                     f"{mcfg.arch} gives {image_dim}-d ones; they must embed into the same space"
                 )
     if missing:
@@ -476,7 +457,8 @@ def load_clip(model_cfg: ClipModelConfig, device: str = "cpu") -> LoadedClip:
     import open_clip
     import torch
 
-    arch_cfg, pre_cfg, oc_name = _resolve_arch(model_cfg)
+    quiet_library_handlers()  # open_clip imported transformers
+    arch_cfg, pre_cfg, oc_name = resolve_arch(model_cfg)
     weights = _resolve_weights(model_cfg, oc_name)
     ckpt = _read_checkpoint(weights.path)
     ours = isinstance(ckpt, Mapping) and ckpt.get("format") == CHECKPOINT_FORMAT
@@ -555,16 +537,16 @@ def load_clip(model_cfg: ClipModelConfig, device: str = "cpu") -> LoadedClip:
     )
 
 
-def _model_key(m: ClipModelConfig) -> tuple:
+def model_key(m: ClipModelConfig) -> tuple:
     return (m.arch, m.pretrained, m.cache_dir, m.tokenizer_dir)
 
 
-def _context_length(tokenizer: Any) -> int:
+def context_length(tokenizer: Any) -> int:
     return int(getattr(tokenizer, "context_length", None) or 77)
 
 
-def _load_tokenizer_only(model_cfg: ClipModelConfig):
-    arch_cfg, _, oc_name = _resolve_arch(model_cfg)
+def load_clip_tokenizer(model_cfg: ClipModelConfig):
+    arch_cfg, _, oc_name = resolve_arch(model_cfg)
     text_cfg = arch_cfg.get("text_cfg", {})
     ctx = int(text_cfg.get("context_length", 77))
     if "hf_model_name" in text_cfg:
@@ -582,300 +564,3 @@ def _load_tokenizer_only(model_cfg: ClipModelConfig):
     from open_clip.tokenizer import SimpleTokenizer
 
     return SimpleTokenizer(context_length=ctx)
-
-
-
-
-# --------------------------------------------------------------------------- text towers of other models
-_ST_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_ST_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model", "spiece.model")
-_ST_ACTIVATIONS = {
-    "torch.nn.modules.linear.Identity": None,
-    "torch.nn.Identity": None,
-    "torch.nn.modules.activation.Tanh": "tanh",
-    "torch.nn.Tanh": "tanh",
-}
-
-
-def _text_model_name(model_cfg: ClipModelConfig) -> str:
-    return model_cfg.text_model.strip()
-
-
-def _text_key(model_cfg: ClipModelConfig) -> tuple:
-    return (_text_model_name(model_cfg), model_cfg.text_cache_dir)
-
-
-def resolve_text_model_folder(model_cfg: ClipModelConfig) -> Path:
-    """Local folder of ``text_model`` (a folder path, or a Hugging Face id found in the local cache)."""
-    name = _text_model_name(model_cfg)
-    where = f"clip text model '{name}'"
-    if name.startswith(BUILTIN_PREFIX):
-        path = _asset_path(name)
-        if not path.is_dir():
-            raise ModelMissingError(f"{where}: the packaged folder {path} is missing "
-                                    f"(regenerate it with scripts/train_tiny_clip.py --multilingual-text)")
-        return path
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if name.startswith(("/", "~", ".")):
-        raise ModelMissingError(f"{where}: folder {path} does not exist (expected the sentence-transformers layout: "
-                                f"modules.json, config.json + weights + tokenizer, 1_Pooling/, 2_Dense/)")
-    found = _hf_cached(name, "modules.json", model_cfg.text_cache_dir)
-    if found is None:
-        raise ModelMissingError(
-            f"{where}: not in the Hugging Face {_hf_cache_hint(model_cfg.text_cache_dir)} and downloads are "
-            f"disabled; expected modules.json, config.json, {' or '.join(_ST_WEIGHT_FILES)}, tokenizer files, "
-            f"1_Pooling/config.json, 2_Dense/config.json and 2_Dense/{' or '.join(_ST_WEIGHT_FILES)} of {name}. "
-            f"Run 'laionbuild models pull -c CONFIG' on a machine with internet (or run without --offline / "
-            f"HF_HUB_OFFLINE) and copy the "
-            f"cache, set clip.models.<subset>.text_cache_dir, or give a local folder in clip.models.<subset>.text_model"
-        )
-    return Path(found).parent
-
-
-@dataclass
-class _StLayout:
-    folder: Path
-    transformer: Path
-    pooling: str
-    dense: list  # [(folder, config dict)]
-    normalize: bool
-    max_seq_length: int
-    do_lower_case: bool
-
-
-def _read_json(path: Path, where: str) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelMissingError(f"{where}: {path} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}: {path} cannot be read ({exc})") from None
-
-
-def _first_file(folder: Path, names: Sequence[str]) -> Path | None:
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def _read_st_layout(model_cfg: ClipModelConfig) -> _StLayout:
-    """Parse and check the sentence-transformers folder of ``text_model`` (no weights are read)."""
-    folder = resolve_text_model_folder(model_cfg)
-    where = f"clip text model '{_text_model_name(model_cfg)}' ({folder})"
-    modules = _read_json(folder / "modules.json", where)
-    if not isinstance(modules, list) or not modules:
-        raise ConfigError(f"{where}: modules.json must list the modules")
-    transformer = None
-    pooling = ""
-    dense = []
-    normalize = False
-    missing = []
-    for entry in sorted(modules, key=lambda m: int(m.get("idx", 0))):
-        kind = str(entry.get("type", "")).rsplit(".", 1)[-1]
-        sub = folder / str(entry.get("path", ""))
-        if kind == "Transformer":
-            if transformer is not None:
-                raise ConfigError(f"{where}: more than one Transformer module")
-            transformer = sub
-            if not (sub / "config.json").is_file():
-                missing.append(str(sub / "config.json"))
-            if _first_file(sub, _ST_WEIGHT_FILES) is None:
-                missing.append(f"{sub}/{' or '.join(_ST_WEIGHT_FILES)}")
-            if _first_file(sub, _ST_TOKENIZER_FILES) is None:
-                missing.append(f"{sub}/{' or '.join(_ST_TOKENIZER_FILES)}")
-        elif kind == "Pooling":
-            cfg = _read_json(sub / "config.json", where)
-            modes = [m for m in ("cls_token", "mean_tokens", "max_tokens")
-                     if cfg.get(f"pooling_mode_{m}") or cfg.get("pooling_mode") == m.split("_")[0]]
-            if len(modes) != 1 or any(cfg.get(k) for k in ("pooling_mode_mean_sqrt_len_tokens",
-                                                           "pooling_mode_weightedmean_tokens",
-                                                           "pooling_mode_lasttoken")):
-                raise ConfigError(f"{where}: pooling {cfg} is not one of cls / mean / max")
-            pooling = modes[0].split("_")[0]
-        elif kind == "Dense":
-            cfg = _read_json(sub / "config.json", where)
-            act = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
-            if act not in _ST_ACTIVATIONS:
-                raise ConfigError(f"{where}: Dense activation {act} is not supported (Identity or Tanh)")
-            if cfg.get("use_residual"):
-                raise ConfigError(f"{where}: Dense with use_residual is not supported")
-            if _first_file(sub, _ST_WEIGHT_FILES) is None:
-                missing.append(f"{sub}/{' or '.join(_ST_WEIGHT_FILES)}")
-            dense.append((sub, cfg))
-        elif kind == "Normalize":
-            normalize = True
-        else:
-            raise ConfigError(f"{where}: module type {entry.get('type')} is not supported "
-                              f"(Transformer, Pooling, Dense, Normalize)")
-    if transformer is None or not pooling:
-        raise ConfigError(f"{where}: modules.json needs a Transformer and a Pooling module")
-    if missing:
-        raise ModelMissingError(f"{where}: missing {', '.join(missing)}; downloads are disabled")
-    st_cfg = {}
-    for cand in (transformer / "sentence_bert_config.json", folder / "sentence_bert_config.json"):
-        if cand.is_file():
-            st_cfg = _read_json(cand, where)
-            break
-    return _StLayout(folder, transformer, pooling, dense, normalize,
-                     int(st_cfg.get("max_seq_length") or 128), bool(st_cfg.get("do_lower_case", False)))
-
-
-def check_text_model_available(model_cfg: ClipModelConfig) -> None:
-    """Raise ModelMissingError / ConfigError when ``text_model`` cannot be loaded offline."""
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ModelMissingError(
-            f"clip text model '{_text_model_name(model_cfg)}' needs the 'transformers' package "
-            f"(pip install 'laionbuild[multilingual]')"
-        ) from None
-    _read_st_layout(model_cfg)
-
-
-class TextTokenizer:
-    """The Hugging Face tokenizer of a text model: texts -> int64 ids ``[n, max_seq_length]``.
-
-    Padding uses ``pad_id``; the attention mask is ``ids != pad_id``. Truncation at
-    ``max_seq_length`` as sentence-transformers does; lower-cases first when the
-    model says so (``do_lower_case``).
-    """
-
-    def __init__(self, folder: Path, max_seq_length: int, do_lower_case: bool = False):
-        from transformers import AutoTokenizer
-
-        self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        self.context_length = int(min(max_seq_length, getattr(self.hf, "model_max_length", max_seq_length) or max_seq_length))
-        self.do_lower_case = do_lower_case
-        self.pad_id = int(self.hf.pad_token_id if self.hf.pad_token_id is not None else 0)
-
-    def __call__(self, texts: str | Sequence[str]):
-        import torch
-
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = [t.lower() for t in texts] if self.do_lower_case else [str(t) for t in texts]
-        enc = self.hf(texts, padding="max_length", truncation="longest_first", max_length=self.context_length,
-                      return_tensors="np", return_attention_mask=True)
-        ids = torch.from_numpy(enc["input_ids"].astype(np.int64))
-        mask = torch.from_numpy(enc["attention_mask"].astype(bool))
-        ids[~mask] = self.pad_id  # the mask is recovered from the ids
-        return ids
-
-
-class TextModel:
-    """transformer -> pooling -> dense projection(s) [-> normalise], in the sentence-transformers order.
-
-    ``encode_text(ids)`` takes the padded ids of :class:`TextTokenizer` and returns
-    the text embedding (not normalised unless the model has a Normalize module).
-    """
-
-    def __init__(self, transformer, pooling: str, dense: Sequence[tuple[Any, Any]], normalize: bool, pad_id: int):
-        import torch
-
-        self.transformer = transformer
-        self.pooling = pooling
-        self.dense = list(dense)  # [(nn.Linear, activation name or None)]
-        self.normalize = normalize
-        self.pad_id = pad_id
-        self._modules = torch.nn.ModuleList([transformer] + [lin for lin, _ in self.dense])
-
-    def to(self, device):
-        self._modules.to(device)
-        return self
-
-    def eval(self):
-        self._modules.eval()
-        return self
-
-    def parameters(self):
-        return self._modules.parameters()
-
-    def encode_text(self, ids):
-        import torch
-        import torch.nn.functional as F
-
-        mask = ids != self.pad_id
-        width = int(mask.sum(dim=1).max()) if len(ids) else 1
-        ids, mask = ids[:, : max(1, width)], mask[:, : max(1, width)]  # padding columns change nothing
-        hidden = self.transformer(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        if self.pooling == "cls":
-            x = hidden[:, 0]
-        elif self.pooling == "max":
-            x = hidden.masked_fill(~mask.unsqueeze(-1), torch.finfo(hidden.dtype).min).amax(dim=1)
-        else:
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            x = (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-        for linear, act in self.dense:
-            x = linear(x.to(linear.weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x)
-            if act == "tanh":
-                x = torch.tanh(x)
-        return F.normalize(x, dim=-1) if self.normalize else x
-
-
-@dataclass
-class LoadedTextModel:
-    """A text tower from another model, embedding captions into an open_clip model's space."""
-
-    model: TextModel
-    tokenizer: TextTokenizer
-    embed_dim: int
-    name: str
-    device: str = "cpu"
-
-
-def _load_state(path: Path) -> dict:
-    import torch
-
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_text_model(model_cfg: ClipModelConfig, device: str = "cpu") -> LoadedTextModel:
-    """Load ``text_model`` (sentence-transformers layout), offline, in eval mode on ``device``."""
-    import torch
-
-    check_text_model_available(model_cfg)
-    layout = _read_st_layout(model_cfg)
-    from transformers import AutoModel
-
-    name = _text_model_name(model_cfg)
-    transformer = AutoModel.from_pretrained(str(layout.transformer), local_files_only=True)
-    tokenizer = TextTokenizer(layout.transformer, layout.max_seq_length, layout.do_lower_case)
-    dense = []
-    dim = int(getattr(transformer.config, "hidden_size", 0) or getattr(transformer.config, "dim", 0))
-    for sub, cfg in layout.dense:
-        linear = torch.nn.Linear(int(cfg["in_features"]), int(cfg["out_features"]), bias=bool(cfg.get("bias", True)))
-        state = _load_state(_first_file(sub, _ST_WEIGHT_FILES))
-        state = {k[len("linear."):]: v for k, v in state.items() if k.startswith("linear.")}
-        try:
-            linear.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ConfigError(f"clip text model '{name}': {sub} weights do not fit its config ({exc})") from None
-        dense.append((linear, _ST_ACTIVATIONS[str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))]))
-        dim = int(cfg["out_features"])
-    model = TextModel(transformer, layout.pooling, dense, layout.normalize, tokenizer.pad_id)
-    model.eval().to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    logger.info("loaded clip text model %s (%s pooling, %d-d) from %s on %s", name, layout.pooling, dim,
-                layout.folder, device)
-    return LoadedTextModel(model, tokenizer, dim, name, device)
-
-
-def load_text_tokenizer(model_cfg: ClipModelConfig) -> TextTokenizer:
-    """Only the tokenizer of ``text_model`` (upstream tokenising)."""
-    check_text_model_available(model_cfg)
-    layout = _read_st_layout(model_cfg)
-    return TextTokenizer(layout.transformer, layout.max_seq_length, layout.do_lower_case)
-
-
-def text_model_embed_dim(model_cfg: ClipModelConfig) -> int:
-    """Embedding size of ``text_model``, read from its configs (no weights are loaded)."""
-    layout = _read_st_layout(model_cfg)
-    if layout.dense:
-        return int(layout.dense[-1][1]["out_features"])
-    cfg = _read_json(layout.transformer / "config.json", f"clip text model '{_text_model_name(model_cfg)}'")
-    return int(cfg.get("hidden_size") or cfg.get("dim") or 0)

@@ -1,0 +1,156 @@
+"""Every bad invocation ends with one line on stderr and exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from laionbuild.cli import EXIT_BAD_INVOCATION, EXIT_CODES, EXIT_INTERRUPTED, main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A folder with the kinds of files a user gets wrong."""
+    (tmp_path / "regular").write_text("not a folder\n")
+    (tmp_path / "bad.yaml").write_text("run:\n  name: x\n limit: 3\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "empty.warc.gz").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    return tmp_path
+
+
+def _cases():
+    # (name, argv with {t} = the files folder, words the one line must contain, words it must not)
+    warc = "{t}/empty.warc.gz"
+    return [
+        ("output under /proc", ["extract", warc, "-o", "/proc/laionbuild-x"], ["/proc/laionbuild-x"], []),
+        ("output is a regular file", ["extract", warc, "-o", "{t}/regular"], ["{t}/regular", "not a folder"], []),
+        ("output under a regular file", ["extract", warc, "-o", "{t}/regular/sub"], ["{t}/regular/sub"], []),
+        ("limit 0", ["extract", warc, "--limit", "0"], ["--limit", "0"], ["with --set"]),
+        ("limit negative", ["extract", warc, "--limit", "-2"], ["--limit", "-2"], ["with --set"]),
+        ("shard out of range", ["extract", warc, "--shard", "3/2"], ["--shard", "3/2"], ["with --set", "run.shard"]),
+        ("shard not i/n", ["extract", warc, "--shard", "half"], ["--shard", "half"], ["with --set"]),
+        ("shard zero parts", ["extract", warc, "--shard", "0/0"], ["--shard", "0/0"], []),
+        ("yaml syntax error", ["extract", warc, "-c", "{t}/bad.yaml"], ["{t}/bad.yaml", "line 3"], []),
+        ("yaml not a mapping", ["extract", warc, "-c", "{t}/list.yaml"], ["{t}/list.yaml", "mapping"], []),
+        ("config is a folder", ["extract", warc, "-c", "{t}/folder"], ["{t}/folder", "folder"], []),
+        ("config missing", ["extract", warc, "-c", "{t}/none.yaml"], ["{t}/none.yaml", "not found"], []),
+        ("bad value without --set", ["extract", warc, "-c", "{t}/neg.yaml"], ["run.limit"], ["with --set"]),
+        ("bad value with --set", ["extract", warc, "--set", "run.limit=-1"], ["run.limit", "with --set"], []),
+        ("missing input", ["extract", "{t}/none.warc.gz", "-o", "{t}/o"], ["{t}/none.warc.gz"], []),
+        ("remove without lists", ["remove", "{t}/folder"], ["--urls"], []),
+        ("report of a non-output", ["report", "{t}/folder"], ["{t}/folder"], []),
+        ("models with a bad config", ["models", "list", "-c", "{t}/bad.yaml"], ["line 3"], []),
+        ("demo output is a regular file", ["demo", "-o", "{t}/regular"], ["{t}/regular", "not a folder"], []),
+        ("demo output under /proc", ["demo", "-o", "/proc/laionbuild-x"], ["/proc/laionbuild-x"], []),
+    ]
+
+
+@pytest.mark.parametrize("name,argv,must,must_not", _cases(), ids=[c[0] for c in _cases()])
+def test_bad_invocation_is_one_line_and_exit_2(files, capsys, name, argv, must, must_not):
+    (files / "neg.yaml").write_text("run:\n  limit: -4\n")
+    t = str(files)
+    code = main([a.format(t=t) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and " INFO " not in line]
+    assert code == EXIT_BAD_INVOCATION, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("laionbuild: error: ")
+    for word in must:
+        assert word.format(t=t) in lines[0], lines[0]
+    for word in must_not:
+        assert word not in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not (files / "o").exists()
+    assert (files / "regular").read_text() == "not a folder\n"  # nothing in the way is deleted
+
+
+def test_a_refused_output_leaves_no_folder_behind(files, capsys):
+    code = main(["extract", str(files / "none.warc.gz"), "-o", str(files / "new" / "deeper")])
+    assert code == EXIT_BAD_INVOCATION
+    assert not (files / "new").exists()
+
+
+def test_every_exit_code_is_documented():
+    readme = (REPO / "README.md").read_text()
+    from laionbuild.cli import EPILOG
+
+    for code in EXIT_CODES:
+        assert f"`{code}`" in readme
+        assert f"{code} " in EPILOG
+
+
+def test_models_list_under_a_closed_pipe_is_quiet():
+    """``laionbuild models list | head -1``: the reader goes away, no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "laionbuild", "models", "list", "-c", "configs/laion5b.yaml"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_second_ctrl_c_stops_with_one_line(tmp_path):
+    """The first Ctrl-C starts a clean stop; a second one during that stop ends the process with one line."""
+    script = tmp_path / "slow_stop.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import laionbuild.cli as cli
+
+        def slow(args):
+            try:
+                print("ready", flush=True)
+                time.sleep(60)
+            finally:  # a clean-up that takes long (as Ray's shutdown can)
+                print("stopping", flush=True)
+                time.sleep(60)
+            return 0
+
+        cli._dispatch = slow
+        sys.exit(cli.main(["report", "x"]))
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)
+    assert proc.stdout.readline().strip() == "stopping"
+    proc.send_signal(signal.SIGINT)
+    code = proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert code == EXIT_INTERRUPTED
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "laionbuild: interrupted again; stopping now (rerun the same command to resume)"]
+
+
+def test_first_ctrl_c_is_a_clean_stop(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import laionbuild.cli as cli
+
+        def slow(args):
+            print("ready", flush=True)
+            time.sleep(60)
+            return 0
+
+        cli._dispatch = slow
+        sys.exit(cli.main(["report", "x"]))
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == EXIT_INTERRUPTED
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "resume" in err
