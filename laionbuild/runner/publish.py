@@ -216,14 +216,9 @@ def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunSta
     images = _publish_images(layout, scored, row_filter, generation)
     if images:
         files[IMAGES] = images
-    pointer = layout.commit_published(generation, files, dict(stats.kept_per_subset))
-    return {folder: layout.published_files(*_folder_parts(folder), pointer=pointer)
+    layout.commit_published(generation, files, dict(stats.kept_per_subset))
+    return {folder: files.get(folder, [])
             for folder in [*S.SUBSETS, *(f"{s}_safe" for s in S.SUBSETS if cfg.safety.write_safe_subsets)]}
-
-
-def _folder_parts(folder: str) -> tuple[str, str]:
-    subset, sep, rest = folder.partition("_")
-    return (subset, sep + rest)
 
 
 def _book_filtered(stats: RunStats, results: list[dict], subset: str) -> None:

@@ -123,17 +123,6 @@ def _clean_uncommitted_candidates(layout: OutputLayout, committed: set[str]) -> 
 # --------------------------------------------------------------------------- the run
 def run(cfg: Config, command: str = "run") -> RunResult:
     """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
-    layout = OutputLayout(cfg.run.output)
-    # one run per output folder: a second one stops here, first, with one line naming the holder
-    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
-        return _run_holding(cfg, command, layout, lease)
-
-
-def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease) -> RunResult:
-    """Checks and the phases, while this run holds the output folder's lease."""
-    from .connect import connect
-    from .resources import cluster_shape
-
     scoring = command == "run"
     t0 = time.monotonic()
     local = cfg
@@ -143,7 +132,20 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         # missing model files are downloaded here, before any work (unless offline); the
         # config keeps naming them as the user did (hash, config.yaml), each node localises
         local = ensure_models(cfg, offline=cfg.models.offline, progress=cfg.run.progress).config
-    files = preflight(local, need_clip=scoring)
+    files = preflight(local, need_clip=scoring)  # a bad invocation leaves no output folder behind
+    layout = OutputLayout(cfg.run.output)
+    # one run per output folder: a second one stops here, before it logs or writes anything
+    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
+        return _run_holding(cfg, command, layout, lease, files, local, t0)
+
+
+def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
+                 local: Config, t0: float) -> RunResult:
+    """The phases, while this run holds the output folder's lease."""
+    from .connect import connect
+    from .resources import cluster_shape
+
+    scoring = command == "run"
     if scoring:
         from ..stages.laion_filter import model_warnings
 
