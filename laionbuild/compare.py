@@ -148,6 +148,7 @@ _REASON_CATEGORY = {
     **{spec.name: spec.category for spec in registry.STAGES},
     "clip:below_threshold": "threshold",
     "clip:bad_image": "fetch",
+    "resize": "fetch",  # written by outputs of earlier versions, where decoding was its own stage
     "blocklisted": "blocklist",
     "optout": "blocklist",
     "removed": "blocklist",

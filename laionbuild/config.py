@@ -838,9 +838,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s"):
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
-    for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes"):
+    for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",
+                 "batches_in_flight"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
+    if cfg.fetch.emit_after_s < 0:
+        raise ConfigError(f"{source}: 'fetch.emit_after_s' must not be negative")
+    if cfg.clip.num_cpus_per_gpu_actor < 0:
+        raise ConfigError(f"{source}: 'clip.num_cpus_per_gpu_actor' must not be negative")
+    if not cfg.ray.cpu_node_resource.strip():
+        raise ConfigError(f"{source}: 'ray.cpu_node_resource' must name a resource")
     _validate_safety(cfg.safety, source)
     if cfg.models.download_retries < 1:
         raise ConfigError(f"{source}: 'models.download_retries' must be at least 1")

@@ -483,3 +483,12 @@ def test_failed_rows_carry_no_pixels_through_the_object_store(server):
     ok = fetch(server, ["/ok.png"] * n, cfg)
     per_row = (block_bytes(ok) - block_bytes({k: v for k, v in ok.items() if k != S.IMAGE})) / n
     assert 224 * 224 * 3 <= per_row <= 224 * 224 * 3 + 16
+
+
+@pytest.mark.parametrize("override", ["fetch.batches_in_flight=0", "fetch.emit_after_s=-1",
+                                      "clip.num_cpus_per_gpu_actor=-1", "ray.cpu_node_resource=' '"])
+def test_streaming_and_placement_keys_validated(override):
+    from laionbuild.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        load_config(None, [override])

@@ -80,7 +80,10 @@ def test_cpu_stages_on_cpu_nodes_scoring_on_the_gpu_node(shaped_cluster):
     cpu_node = next(n["NodeID"] for n in alive if n["Resources"].get(CPU_NODE_RESOURCE))
     gpu_node = next(n["NodeID"] for n in alive if n["Resources"].get("GPU"))
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import the tests
-    cfg = load_config(None, ["fetch.allow_addresses=[127.0.0.1]", "fetch.retries=0", "fetch.threads=4",
+    # a generous time limit: on a loaded machine a loopback answer can take seconds, and a row that
+    # timed out would change the counts below
+    cfg = load_config(None, ["fetch.allow_addresses=[127.0.0.1]", "fetch.retries=0", "fetch.timeout_s=120",
+                             "fetch.threads=4",
                              "fetch.per_host_concurrency=8", "fetch.batch_size=8", "fetch.emit_after_s=0.05",
                              f"ray.fetch_actors={FETCH_ACTORS}", "clip.batch_size=16", "resize.image_size=32"])
     shape = cluster_shape(cfg.ray.cpu_node_resource)
@@ -108,7 +111,8 @@ def test_cpu_stages_on_cpu_nodes_scoring_on_the_gpu_node(shaped_cluster):
         rows = ds.take_all()
     assert sorted(r[S.ALT_TEXT] for r in rows) == sorted(f"row {i}" for i in range(N_ROWS))
     failed = [r for r in rows if r[S.STATUS] != "success"]
-    assert len(failed) == N_ROWS // 8 and all(r[S.DROP_REASON] == "fetch:http_error_404" for r in failed)
+    assert [r[S.DROP_REASON] for r in failed] == ["fetch:http_error_404"] * (N_ROWS // 8), \
+        sorted({(r[S.STATUS], r[S.ERROR_MESSAGE]) for r in failed})
     assert {r[NODE_COLUMN + "fetch"] for r in rows} == {cpu_node}
     assert {r[NODE_COLUMN + "clip"] for r in rows} == {gpu_node}
     assert all(np.isfinite(r["mean"]) for r in rows if r[S.STATUS] == "success")
