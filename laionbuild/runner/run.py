@@ -24,6 +24,7 @@ from ..inputs import expand_inputs, file_id
 from ..stages import shards
 from ..stats import FileResult, RunStats
 from .layout import CANDIDATES, OutputLayout
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,10 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         from .score import run_score_phase
 
         t = time.monotonic()
-        run_dedup_phase(cfg, layout, markers)
+        line = Progress(1, cfg.run.progress, "phase 2/4 de-dup", "generation")  # rows counted as it ends
+        new_generation = run_dedup_phase(cfg, layout, markers)
+        line.update(1, rows=new_generation["candidates"] if new_generation else 0)
+        line.close()
         manifests = layout.manifests()
         phases["dedup"] = round(time.monotonic() - t, 2)
         for m in manifests:
@@ -225,7 +229,10 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         for m in scored:
             stats.merge_stages(m["counters"])
         t = time.monotonic()
+        line = Progress(1, cfg.run.progress, "phase 4/4 publish", "generation")
         published = publish(cfg, layout, scored, stats)
+        line.update(1, rows=sum(stats.kept_per_subset.values()))
+        line.close()
         phases["publish"] = round(time.monotonic() - t, 2)
     else:
         from ..schema import SUBSETS
