@@ -53,7 +53,8 @@ exit status:
   OUTPUT/stats.json; the other files were processed),
   2 bad invocation: bad config or option value, missing or unreadable input,
     output folder that cannot be written, unreachable model host or missing
-    model file (one line on stderr; nothing was run),
+    model file (one line on stderr; nothing was run); an unexpected error is
+    one line too (--verbose shows its traceback),
   130 interrupted (Ctrl-C; a second Ctrl-C stops at once).
 """
 
@@ -413,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
         # a path the command was given that cannot be read or written, found while working
         where = f" {exc.filename}" if exc.filename else ""
         print(f"laionbuild: error: cannot use{where}: {_os_reason(exc)}", file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback on request
+        if getattr(args, "verbose", False):
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"laionbuild: error: unexpected {type(exc).__name__}{': ' + text if text else ''} "
+              f"(rerun with --verbose for the traceback)", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     finally:
         # after a first Ctrl-C the second-interrupt handler stays until the process ends

@@ -14,6 +14,7 @@ import collections.abc
 import dataclasses
 import hashlib
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import yaml
 
 from .errors import ConfigError
 from .schema import SUBSETS
+
+log = logging.getLogger(__name__)
 
 #: de-duplication keys: the image URL (LAION-5B) or the (URL, TEXT) pair
 DEDUP_KEYS = ("url", "url_text")
@@ -671,8 +674,26 @@ def _merge_mapping_default(fld: dataclasses.Field, value: Any) -> Any:
     return merged
 
 
+#: keys that no longer do anything: accepted (with a warning) so that the config.yaml of an
+#: older output folder still loads, refused nowhere else
+RETIRED_KEYS = ("run.log_level", "langid.batch_size")
+
+
+def _drop_retired(data: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    found = [k for k in RETIRED_KEYS
+             if isinstance(data.get(k.split(".")[0]), Mapping) and k.split(".")[1] in data[k.split(".")[0]]]
+    if not found:
+        return data
+    log.warning("%s: %s no longer do anything and are ignored", source, ", ".join(found))
+    out = dict(data)
+    for key in found:
+        section, name = key.split(".")
+        out[section] = {k: v for k, v in out[section].items() if k != name}
+    return out
+
+
 def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> Config:
-    cfg = _build(Config, data or {}, "", source)
+    cfg = _build(Config, _drop_retired(data or {}, source), "", source)
     if not cfg.extract.dedup_key:
         cfg = dataclasses.replace(cfg, extract=dataclasses.replace(cfg.extract, dedup_key=cfg.run.dedup_key))
     validate(cfg, source)

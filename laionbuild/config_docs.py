@@ -18,7 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .config import ClipModelConfig, Config, config_to_dict
+from .config import RETIRED_KEYS, ClipModelConfig, Config, config_to_dict
 
 DOC_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 #: defaults longer than this many characters are shown cut, with the count of items
@@ -36,6 +36,8 @@ Command-line options set some keys: `--output` `run.output`, `--input` `run.inpu
 `run.limit`, `--shard` `run.shard`, `--force` `run.force`, `--no-progress` `run.progress`,
 `--address` `ray.address`, `--local` `ray.local`, `--offline` `models.offline`,
 `--cache` `models.cache`.
+Retired keys that no longer do anything ({retired}) are ignored with a warning,
+so that the `config.yaml` of an older output folder still loads.
 """
 
 
@@ -122,7 +124,7 @@ def _section_doc(cls: type) -> str:
 
 def render() -> str:
     """The whole of docs/config.md."""
-    parts = [HEADER]
+    parts = [HEADER.format(retired=", ".join(f"`{k}`" for k in RETIRED_KEYS))]
     hints = typing.get_type_hints(Config)
     for section in dataclasses.fields(Config):
         cls = hints[section.name]

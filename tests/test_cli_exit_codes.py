@@ -154,3 +154,18 @@ def test_first_ctrl_c_is_a_clean_stop(tmp_path):
     assert proc.wait(timeout=30) == EXIT_INTERRUPTED
     err = proc.stderr.read()
     assert "Traceback" not in err and "resume" in err
+
+
+def test_an_unexpected_error_is_one_line_and_verbose_shows_it(monkeypatch, capsys):
+    import laionbuild.cli as cli
+
+    def broken(args):
+        raise ValueError("a value nobody expected\nsecond line")
+
+    monkeypatch.setattr(cli, "_dispatch", broken)
+    assert cli.main(["report", "x"]) == EXIT_BAD_INVOCATION
+    err = capsys.readouterr().err
+    assert err.strip() == ("laionbuild: error: unexpected ValueError: a value nobody expected "
+                           "(rerun with --verbose for the traceback)")
+    with pytest.raises(ValueError):
+        cli.main(["report", "x", "--verbose"])

@@ -78,3 +78,11 @@ def test_check_fails_when_the_page_is_stale(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("laionbuild.config_docs.DOC_PATH", stale)
     assert main(["--check"]) == 1
     assert "out of date" in capsys.readouterr().err
+
+
+def test_an_older_output_config_with_retired_keys_still_loads(caplog):
+    from laionbuild.config import config_from_dict
+
+    cfg = config_from_dict({"run": {"log_level": "DEBUG", "name": "old"}, "langid": {"batch_size": 512}}, "old.yaml")
+    assert cfg.run.name == "old"
+    assert "run.log_level, langid.batch_size no longer do anything" in caplog.text

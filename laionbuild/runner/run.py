@@ -25,6 +25,7 @@ from ..stages import registry, shards
 from ..stats import FileResult, RunStats
 from ..output.layout import CANDIDATES, OutputLayout
 from ..output.lease import RunLease
+from .progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,10 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         from .score import run_score_phase
 
         t = time.monotonic()
-        run_dedup_phase(cfg, layout, markers)
+        line = Progress(1, cfg.run.progress, "phase 2/4 de-dup", "generation")  # rows counted as it ends
+        new_generation = run_dedup_phase(cfg, layout, markers)
+        line.update(1, rows=new_generation["candidates"] if new_generation else 0)
+        line.close()
         manifests = layout.manifests()
         phases["dedup"] = round(time.monotonic() - t, 2)
         for m in manifests:
@@ -222,7 +226,10 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
             stats.merge_stages(m["counters"])
         t = time.monotonic()
         lease.check()  # never publish once another run holds the folder
+        line = Progress(1, cfg.run.progress, "phase 4/4 publish", "generation")
         published = publish(cfg, layout, scored, stats)
+        line.update(1, rows=sum(stats.kept_per_subset.values()))
+        line.close()
         phases["publish"] = round(time.monotonic() - t, 2)
     else:
         from ..schema import SUBSETS
