@@ -142,17 +142,22 @@ def test_s3_end_to_end(world, tmp_path):
     assert written <= {"out/_lease.json"}  # nothing written but the lease, taken and given back
 
     # 1. a full run, killed once the de-dup phase is committed (before any work shard is)
-    proc = subprocess.Popen(_cmd(sample, "run", "--input", first_glob), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=_env())
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if any(p.endswith(".json") for p in layout.ls(layout.path("workshards"))):
-            proc.kill()
-            break
-        time.sleep(0.2)
-    proc.wait()
-    killed = proc.returncode != 0
-    _take(s3, "run, killed" if killed else "run (ended before the kill)")
+    log_path = tmp_path / "killed-run.log"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: a full pipe would stall the run
+        proc = subprocess.Popen(_cmd(sample, "run", "--input", first_glob), stdout=subprocess.DEVNULL,
+                                stderr=log_file, text=True, env=_env())
+        killed = False
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(p.endswith(".json") for p in layout.ls(layout.path("workshards"))):
+                proc.kill()
+                killed = True
+                break
+            time.sleep(0.2)
+        proc.wait()
+    print(log_path.read_text()[-2000:])
+    _take(s3, "run, killed after the de-dup commit")
+    assert killed, "the run ended before the de-dup phase committed"
 
     # 2. the resume takes over the dead run's lease after its expiry; a second copy is refused
     time.sleep(5)
