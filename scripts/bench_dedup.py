@@ -229,7 +229,8 @@ def main() -> None:
         base, last = runs[0], runs[-1]
         growth = last["candidates"] / base["candidates"]
         result = {
-            "bench": "dedup", "cpus": args.cpus, "repeats": args.repeats, "ranges": args.ranges, "rows_per_input": args.rows_per_input,
+            "bench": "dedup", "cpus": args.cpus, "repeats": args.repeats, "ranges": args.ranges,
+            "rows_per_input": args.rows_per_input,
             "unique_pool": args.unique, "runs": runs,
             "baseline": {"row_shuffle_bytes_per_candidate": round(sample.nbytes / sample.num_rows, 1),
                          "smallest_size": base["candidates"]},

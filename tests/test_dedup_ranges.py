@@ -87,7 +87,8 @@ def test_tie_break_does_not_depend_on_the_order_inputs_are_numbered(tmp_path):
     for fid in mb:
         t = pq.read_table(b / "candidates" / f"{fid}.parquet")
         i = 111 - int(fid[2:])
-        t = t.set_column(t.column_names.index("warc_path"), "warc_path", pa.array([f"synthetic/{i:06d}.warc.gz"] * t.num_rows))
+        paths = pa.array([f"synthetic/{i:06d}.warc.gz"] * t.num_rows)
+        t = t.set_column(t.column_names.index("warc_path"), "warc_path", paths)
         pq.write_table(t, b / "candidates" / f"{fid}.parquet")
         (b / "candidates" / f"{fid}.keys").unlink()  # key files made again from the table
     run_dedup_phase(_cfg(a, "url"), OutputLayout(str(a)), ma)

@@ -7,9 +7,9 @@
     OUTPUT/candidates/_done/<file_id>.json   ... committed: file outcome, counters, node
     OUTPUT/candidates/<file_id>.keys         ... its de-dup keys, sorted by hash (runner/dedupkeys.py)
     OUTPUT/dedup/gNNNN/plan.json             phase 2: the generation's inputs, ranges, groups
-    OUTPUT/dedup/gNNNN/winners-rRRRRR.bin    ... per hash range: the winners' locators
-    OUTPUT/dedup/gNNNN/index-rRRRRR.bin      ... per hash range: every key held so far
-    OUTPUT/dedup/gNNNN/_done/rRRRRR.json     ... committed: one hash range (counts, node)
+    OUTPUT/dedup/gNNNN/winners-rRRRRRR.bin   ... per hash range: the winners' locators
+    OUTPUT/dedup/gNNNN/index-rRRRRRR.bin     ... per hash range: every key held so far
+    OUTPUT/dedup/gNNNN/_done/rRRRRRR.json    ... committed: one hash range (counts, node)
     OUTPUT/workshards/<shard_id>.parquet     phase 2: unique candidates in work shards
     OUTPUT/workshards/_groups/gNNNN-sGGGGG.json  ... committed: the shards of one group of inputs
     OUTPUT/workshards/_manifest-gNNNN.json   ... committed: one de-dup generation (inputs, counts)

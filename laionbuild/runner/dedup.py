@@ -165,8 +165,10 @@ def dedup_range(plan: dict, r: int) -> dict:
     lo, hi = K.range_bounds(r, plan["ranges"])
     parts, which, moved = [], [], 0
     sources = [(i, s) for i, s in enumerate(plan["inputs"]) if s["rows"]]
-    slices = _read_many(lambda item: K.read_key_slice(fs, layout.candidates_keys(item[1]["fid"]), item[1]["bits"], lo, hi),
-                        sources, plan["read_threads"])
+    def read(item: tuple[int, dict]) -> tuple[np.ndarray, int]:
+        return K.read_key_slice(fs, layout.candidates_keys(item[1]["fid"]), item[1]["bits"], lo, hi)
+
+    slices = _read_many(read, sources, plan["read_threads"])
     for (i, _), (rec, nbytes) in zip(sources, slices):
         moved += nbytes
         if len(rec):
@@ -427,5 +429,5 @@ def pending_shards(layout: OutputLayout, shards_rows: dict[str, int]) -> dict[st
     return {sid: rows for sid, rows in shards_rows.items() if sid not in done}
 
 
-__all__ = ["assemble_group", "begin_generation", "committed_shards", "dedup_range", "dedup_rows", "key_columns", "make_plan",
-           "pending_shards", "run_dedup_phase", "run_groups", "run_ranges", "shard_sizes"]
+__all__ = ["assemble_group", "begin_generation", "committed_shards", "dedup_range", "dedup_rows", "key_columns",
+           "make_plan", "pending_shards", "run_dedup_phase", "run_groups", "run_ranges", "shard_sizes"]
