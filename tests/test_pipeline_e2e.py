@@ -106,6 +106,11 @@ def test_stats_count_every_stage(demo_run):
     failures = st["fetch"]["dropped_by_reason"]
     assert any(k.startswith("http_error_404") for k in failures), failures
     assert failures.get("opt_out", 0) >= 1
+    # connection reuse and DNS work reach stats.json: every attempted download opened or reused one
+    # connection at least, or failed before connecting
+    counts = st["fetch"]["counts"]
+    assert counts.get("connections_opened", 0) > 0 and counts.get("connections_reused", 0) > 0
+    assert counts.get("connections_opened", 0) + counts.get("connections_reused", 0) >= st["fetch"]["kept"]
     assert stats["kept_total"] == sum(stats["kept_per_subset"].values())
     for subset in ("en", "multi", "nolang"):
         assert stats["kept_per_subset"][subset] == len(_rows(out, subset))
