@@ -77,6 +77,7 @@ class RunConfig:
     #: ``lease_heartbeat_s`` and taken over by another run once not renewed for ``lease_expiry_s``
     #: (a local folder is held by an OS lock, released when the process ends)
     lease_expiry_s: float = 300.0
+    #: seconds between two renewals of the run's lease on an object store (below ``lease_expiry_s``)
     lease_heartbeat_s: float = 30.0
 
 
