@@ -169,11 +169,11 @@ class LangIdConfig:
     #: with ``detect_no_language``: fewer letters than this in real words (not codes,
     #: numbers, units, camera / file names) means no language (see docs/langid.md)
     min_letters: int = 3
-    #: ``cld3`` engine: gcld3 ``NNetLanguageIdentifier(min_num_bytes, max_num_bytes)``
-    #: (LAION-5B: 5 and 2000)
     #: ``LANGUAGE`` written for nolang rows: ``und`` (ISO 639-2 "undetermined"); LAION-5B's
     #: downloader wrote ``en`` for rows without a language (``configs/laion5b.yaml``)
     nolang_language: str = "und"
+    #: ``cld3`` engine: gcld3 ``NNetLanguageIdentifier(min_num_bytes, max_num_bytes)``
+    #: (LAION-5B: 5 and 2000)
     cld3_min_bytes: int = 5
     #: ``cld3`` engine: see ``cld3_min_bytes``
     cld3_max_bytes: int = 2000
