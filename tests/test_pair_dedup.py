@@ -49,8 +49,8 @@ def test_publish_bucket_drops_repeated_pairs_only_when_asked(tmp_path):
     table = _table(ROWS).append_column("_bucket", pa.array(["en/0"] * len(ROWS)))
     for dedup, rows in ((True, 3), (False, 4)):
         out = tmp_path / str(dedup)
-        result = PublishBucket(str(out), "zstd", None, None, dedup)(table).to_pylist()[0]
-        assert pq.read_table(out / "en" / "part-00000.parquet").num_rows == rows == result["rows_out"]
+        result = PublishBucket(str(out), 0, "zstd", None, None, dedup)(table).to_pylist()[0]
+        assert pq.read_table(out / "en" / "part-g0000-00000.parquet").num_rows == rows == result["rows_out"]
         assert json.loads(result["filtered"]) == ({"fetch:duplicate_after_download": 1} if dedup else {})
     assert load_config(REPO / "configs" / "laion5b.yaml").run.dedup_after_download
     assert not load_config(None).run.dedup_after_download

@@ -109,7 +109,7 @@ def _make_output(root: Path, with_scores: bool = True, with_config: bool = True)
                        root / "scored" / "g0000-b00000-00" / "fates-bbbb.parquet")
         # the part of a shard an interrupted run left uncommitted: report does not count it
         (root / "scored" / "g0000-b00001-00").mkdir(parents=True)
-        pq.write_table(pa.Table.from_pylist(scores, schema=schema),
+        pq.write_table(fate_table(_fate_batch(scores)),
                        root / "scored" / "g0000-b00001-00" / "fates-cccc.parquet")
     commit_units(root, skip=("g0000-b00001-00",))
     return root

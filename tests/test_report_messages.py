@@ -14,6 +14,7 @@ from laionbuild import schema as S
 from laionbuild.report import _plt, _thousands, write_report
 from laionbuild.runner.score import fate_table
 from laionbuild.stats import FileResult, RunStats
+from output_units import commit_units
 
 TEXT_MODEL = "sentence-transformers/clip-ViT-B-32-multilingual-v1"
 
@@ -40,6 +41,7 @@ def _all_failed_output(root: Path) -> Path:
              S.STATUS: np.array(["dns_error"] * n, dtype=object),
              S.DROP_REASON: np.array(["fetch:dns_error"] * n, dtype=object)}  # no similarity: never scored
     pq.write_table(fate_table(batch), fates / "fates-aaaa.parquet")
+    commit_units(root)
     return root
 
 
