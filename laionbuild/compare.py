@@ -71,7 +71,7 @@ def candidate_files(layout: OutputLayout) -> list[str]:
 
 def workshard_files(layout: OutputLayout) -> list[str]:
     """The unique candidates after the global de-dup (work shards of committed generations)."""
-    return [layout.workshard_file(s["id"]) for m in layout.manifests() for s in m["shards"]]
+    return [layout.workshard_file(sid) for sid in sorted(layout.committed_shards())]
 
 
 def fate_files(layout: OutputLayout) -> list[str]:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from laionbuild.output.layout import OutputLayout
+
 
 def commit_units(root: Path, *, skip: tuple[str, ...] = ()) -> None:
     """Markers for every candidates file, work shard and scored folder under ``root``, except the
@@ -23,8 +25,11 @@ def commit_units(root: Path, *, skip: tuple[str, ...] = ()) -> None:
             (root / "candidates" / "_done" / f"{f.stem}.json").write_text(json.dumps({"file_id": f.stem}))
     shards = [f for f in sorted((root / "workshards").glob("*.parquet")) if f.stem not in skip]
     if shards:
-        manifest = {"generation": 0, "shards": [{"id": f.stem, "rows": pq.read_metadata(f).num_rows}
-                                                for f in shards]}
+        listed = [{"id": f.stem, "rows": pq.read_metadata(f).num_rows} for f in shards]
+        group = Path(OutputLayout(str(root)).group_marker(0, 0))
+        group.parent.mkdir(parents=True, exist_ok=True)
+        group.write_text(json.dumps({"generation": 0, "group": 0, "shards": listed}))
+        manifest = {"generation": 0, "n_shards": len(listed), "rows": sum(s["rows"] for s in listed)}
         (root / "workshards" / "_manifest-g0000.json").write_text(json.dumps(manifest))
     scored = [d for d in sorted((root / "scored").glob("*")) if d.is_dir() and d.name != "_done"]
     if scored:

@@ -109,6 +109,13 @@ class OutputLayout:
         found = self.names(self.path(WORKSHARDS, GROUPS), ".json")
         return dict(zip(found, self.read_json_many(found.values())))
 
+    def committed_shards(self, manifests: list[dict] | None = None) -> dict[str, int]:
+        """``{shard_id: rows}`` of the work shards of every committed generation (from the group
+        markers; ``manifests``: the generation manifests, when already listed)."""
+        generations = {m["generation"] for m in (self.manifests() if manifests is None else manifests)}
+        return {s["id"]: s["rows"] for m in self.group_markers().values() if m["generation"] in generations
+                for s in m["shards"]}
+
     def workshard_file(self, shard_id: str) -> str:
         return self.path(WORKSHARDS, f"{shard_id}.parquet")
 

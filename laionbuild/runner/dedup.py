@@ -418,9 +418,7 @@ def run_dedup_phase(cfg: Config, layout: OutputLayout, committed: dict[str, dict
 
 def committed_shards(layout: OutputLayout, manifests: list[dict]) -> dict[str, int]:
     """``{shard_id: rows}`` of the work shards of every committed generation."""
-    generations = {m["generation"] for m in manifests}
-    return {s["id"]: s["rows"] for m in layout.group_markers().values() if m["generation"] in generations
-            for s in m["shards"]}
+    return layout.committed_shards(manifests)
 
 
 def pending_shards(layout: OutputLayout, shards_rows: dict[str, int]) -> dict[str, int]:
