@@ -139,3 +139,20 @@ def s3_environment(s3: LoopbackS3):
                     os.environ[k] = v
 
     return ctx()
+
+
+def output_location(kind: str, tmp_path, bucket: str):
+    """A context giving an output folder of ``kind``: ``local`` (under ``tmp_path``) or ``s3`` (a bucket
+    of a fresh loopback server, this process pointed at it)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        if kind == "local":
+            yield str(tmp_path / "out")
+            return
+        with LoopbackS3() as s3, s3_environment(s3):
+            s3.client().create_bucket(Bucket=bucket)
+            yield f"s3://{bucket}/out"
+
+    return ctx()

@@ -14,7 +14,7 @@ import pytest
 from laionbuild.errors import SetupError
 from laionbuild.output.layout import OutputLayout
 from laionbuild.output.lease import LEASE, LeaseHeld, RunLease
-from s3_loopback import LoopbackS3, s3_environment
+from s3_loopback import LoopbackS3, output_location, s3_environment
 
 BUCKET = "lblease"
 EXPIRY_S, HEARTBEAT_S = 30.0, 0.2
@@ -22,12 +22,8 @@ EXPIRY_S, HEARTBEAT_S = 30.0, 0.2
 
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "out")
-        return
-    with LoopbackS3() as s3, s3_environment(s3):
-        s3.client().create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}/out"
+    with output_location(request.param, tmp_path, BUCKET) as url:
+        yield url
 
 
 def _lease(output: str, **kw) -> RunLease:

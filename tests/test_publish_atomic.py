@@ -15,19 +15,15 @@ from laionbuild.runner import publish as P
 from laionbuild.schema import pair_hash
 from laionbuild.stages import shards
 from laionbuild.stats import RunStats
-from s3_loopback import LoopbackS3, s3_environment
+from s3_loopback import output_location
 
 BUCKET = "lbpublish"
 
 
 @pytest.fixture(params=["local", "s3"])
 def output(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "out")
-        return
-    with LoopbackS3() as s3, s3_environment(s3):
-        s3.client().create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}/out"
+    with output_location(request.param, tmp_path, BUCKET) as url:
+        yield url
 
 
 def _shard(layout: OutputLayout, sid: str, rows: dict[str, list[int]]) -> dict:

@@ -560,18 +560,7 @@ def _candidates_from_tree(
             seen.add(key)
         if not license_:
             license_ = page_license(tree, doc.html)
-        rows.append(
-            {
-                schema.URL: url,
-                schema.ALT_TEXT: text,
-                schema.PAGE_URL: doc.page_url,
-                schema.WARC_PATH: doc.warc_path,
-                schema.WARC_RECORD_ID: doc.record_id,
-                schema.WARC_OFFSET: doc.offset,
-                schema.HASH: h,
-                schema.LICENSE: license_,
-            }
-        )
+        rows.append(_candidate_row(doc, url, text, h, license_))
     counters.count("imgs_with_alt", with_alt)
     if opted_out:
         counters.count("pages_opted_out")
@@ -579,6 +568,20 @@ def _candidates_from_tree(
         counters.count("candidates", len(rows))
         counters.kept += len(rows)
     return rows
+
+
+def _candidate_row(doc: HtmlDocument, url: str, text: str, h: int, license_: str) -> dict:
+    """One candidate of a page: the pair, where it was found, its hash and the page's licence."""
+    return {
+        schema.URL: url,
+        schema.ALT_TEXT: text,
+        schema.PAGE_URL: doc.page_url,
+        schema.WARC_PATH: doc.warc_path,
+        schema.WARC_RECORD_ID: doc.record_id,
+        schema.WARC_OFFSET: doc.offset,
+        schema.HASH: h,
+        schema.LICENSE: license_,
+    }
 
 
 def decode_html(html: bytes, http_charset: str | None, counters: StageCounters | None = None) -> str:
@@ -602,16 +605,7 @@ def _laion_candidates(
         return []
     found = page_rows(links, doc.page_url, cfg, counters, seen, by_url=cfg.dedup_key == "url")
     rows = [
-        {
-            schema.URL: url,
-            schema.ALT_TEXT: text,
-            schema.PAGE_URL: doc.page_url,
-            schema.WARC_PATH: doc.warc_path,
-            schema.WARC_RECORD_ID: doc.record_id,
-            schema.WARC_OFFSET: doc.offset,
-            schema.HASH: h,
-            schema.LICENSE: license_,
-        }
+        _candidate_row(doc, url, text, h, license_)
         for url, text, license_, h in found
     ]
     if rows:
