@@ -99,6 +99,12 @@ def test_models_list_under_a_closed_pipe_is_quiet():
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
+def _ctrl_c_reaches_python() -> None:
+    """In the child: SIGINT back to its default, so that Python turns it into KeyboardInterrupt even
+    when the test run itself ignores it (a job started in the background of a shell, as CI may be)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_second_ctrl_c_stops_with_one_line(tmp_path):
     """The first Ctrl-C starts a clean stop; a second one during that stop ends the process with one line."""
     script = tmp_path / "slow_stop.py"
@@ -119,7 +125,7 @@ def test_second_ctrl_c_stops_with_one_line(tmp_path):
         sys.exit(cli.main(["report", "x"]))
     """))
     proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_python)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
     assert proc.stdout.readline().strip() == "stopping"
@@ -147,7 +153,7 @@ def test_first_ctrl_c_is_a_clean_stop(tmp_path):
         sys.exit(cli.main(["report", "x"]))
     """))
     proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_reaches_python)
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
