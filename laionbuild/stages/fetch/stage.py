@@ -360,10 +360,6 @@ class ImageFetcher:
         out[S.DROP_REASON] = drop
         return out
 
-    def fetch_image(self, url) -> tuple[np.ndarray, int, int]:
-        """Download and decode one URL; raises ``FetchFailure`` / ``ImageRejected``."""
-        return self._fetch_image(url)[:3]
-
     def _fetch_image(self, url) -> tuple[np.ndarray, int, int, str]:
         """``(image, width, height, URL after redirects)``; raises ``FetchFailure`` / ``ImageRejected``."""
         data, final = self._fetch_with_url(url)
@@ -380,10 +376,6 @@ class ImageFetcher:
         return arr, w, h, final
 
     # ------------------------------------------------------------------ download
-    def fetch_bytes(self, url) -> bytes:
-        """The body of ``url`` after redirects, with retries for transient failures."""
-        return self._fetch_with_url(url)[0]
-
     def _fetch_with_url(self, url) -> tuple[bytes, str]:
         """``(body, URL it was read from after redirects)``, with retries for transient failures."""
         if not isinstance(url, str) or not url:
