@@ -11,6 +11,8 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 # the releases the project was tested with (scripts/lock_constraints.py); the cluster nodes install the same
 CONSTRAINTS := configs/cluster/constraints.txt
 PYTEST_ARGS ?=
+# test processes (pytest-xdist); each test file runs whole in one of them (module-wide fixtures built once)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast test-all config-docs bench clean lock
 
@@ -26,10 +28,10 @@ demo: $(STAMP)
 	RAY_USAGE_STATS_ENABLED=0 $(BIN)/laionbuild demo --output demo-output
 
 test: $(STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not gpu" -q $(PYTEST_ARGS)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not ray and not slow and not gpu" -q $(PYTEST_ARGS)
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/python -m pytest -m "not ray and not slow and not gpu" -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # docs/config.md from the config dataclasses (tests/test_config_docs.py checks it is in sync)
 config-docs: $(STAMP)

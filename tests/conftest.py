@@ -82,6 +82,30 @@ def shared_warc_dir() -> Path:
     return SHARED_WARC
 
 
+@pytest.fixture(scope="session")
+def _ray_session_end():
+    yield
+    ray = __import__("sys").modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_session(_ray_session_end):
+    """The test run's one Ray, in this process: started by the first module that needs it, the way a
+    run starts its local Ray (loopback, this run's temp folder), and shared by every later one; the
+    pipeline runs of the tests join it as a run joins a Ray its process already uses. A test that needs
+    a Ray of another shape (several nodes, other environment variables) stops it; the next module
+    that needs it starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        from laionbuild.runner.connect import connect
+
+        connect(local=True)
+    return ray
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Remove this run's Ray temp folder (sessions, logs, address records) once every test is done."""
     import shutil
@@ -90,6 +114,18 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Order: the Ray tests that start their own Ray (CLI runs, killed runs, clusters), slow ones first,
+    # so that in parallel runs (pytest-xdist, ``--dist loadfile``: a file's tests in one process, its
+    # module-wide fixtures built once) the long ones start at once and the quick tests fill the gaps;
+    # then the tests without Ray; last the tests on the test process's one Ray (``ray_session``).
+    def order(item) -> int:
+        if "ray" not in item.keywords:
+            return 2
+        if "ray_session" in item.fixturenames:
+            return 3
+        return 0 if "slow" in item.keywords else 1
+
+    items.sort(key=order)
     try:
         import torch
 
@@ -102,3 +138,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+

@@ -125,7 +125,7 @@ MIRROR = "img.mirror.demo.test"
 
 
 @pytest.fixture(scope="module")
-def blocked_run(tmp_path_factory):
+def blocked_run(ray_session, tmp_path_factory):
     from laionbuild.runner.run import run as run_pipeline
     from laionbuild.demo.image_server import LoopbackServer
     from laionbuild.demo.run import SMOKE_CONFIG
@@ -179,9 +179,6 @@ def blocked_run(tmp_path_factory):
         "mirror_hosts": mirror_hosts, "by_url": by_url, "by_pair": by_pair, "by_sha": by_sha, "later": later,
         "stats_first": stats_first, "rows_first": rows_first, "served": served,
     }
-    import ray
-
-    ray.shutdown()
 
 
 def _path(url: str) -> str:

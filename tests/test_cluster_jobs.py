@@ -4,7 +4,9 @@ docs/cluster.md run for real on loopback.
 The cluster test starts Ray as separate processes with Ray's default settings (``ray start
 --head`` on a machine with a token, so token authentication is on; ``ray start --address``
 for a second node), then runs the full ``laionbuild run`` on the head without an address, with
-``--address``, and through ``ray job submit``, and checks that every run publishes every pair.
+``--address`` (with a RAY_ADDRESS it must win over), and through ``ray job submit``, and checks
+that every run publishes every pair and that every unit of every phase was committed on the
+cluster's nodes.
 """
 
 from __future__ import annotations
@@ -344,12 +346,15 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
             log = r.stdout + r.stderr
             assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (started on this machine" in log, log[-3000:]
             results["auto"] = (log, _published(tmp_path / "auto"))
-            # 3. --address
-            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(tmp_path / "explicit"),
-                      "--address", f"{HEAD_IP}:{port}"], env, 600)
+            # 3. --address, which wins over a RAY_ADDRESS where nothing listens; de-dup and publish as
+            #    Ray tasks on the engine, several work shards
+            explicit = tmp_path / "explicit"
+            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(explicit),
+                      "--address", f"{HEAD_IP}:{port}", "--set", "ray.local_max_rows=0",
+                      "--set", "run.work_shard_rows=4"], {**env, "RAY_ADDRESS": "127.0.0.1:9"}, 600)
             log = r.stdout + r.stderr
             assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (--address" in log, log[-3000:]
-            results["explicit"] = (log, _published(tmp_path / "explicit"))
+            results["explicit"] = (log, _published(explicit))
             # 4. the full run as a Ray job through the dashboard's job server
             submit = [RAY, "job", "submit", "--address", f"http://{HEAD_IP}:{dashboard}", "--working-dir", ".",
                       "--", "laionbuild", *run_args, "--output", str(tmp_path / "job")]
@@ -372,6 +377,21 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
         assert published["fetched"] == len(crawl.pairs), (how, published)
         assert published["kept"] == results["auto"][1]["kept"], (how, published)
     assert sum(results["auto"][1]["kept"].values()) > 0
+    # every unit of every phase of the --address run committed, all of it on the cluster's nodes
+    # (which node ran which download is the scheduler's choice under the machine's load)
+    stats = json.loads((explicit / "stats.json").read_text())
+    cluster_nodes = set(stats["cluster"]["node_ids"])
+    assert len(cluster_nodes) == 2
+    markers = [json.loads(p.read_text()) for p in (explicit / "candidates" / "_done").glob("*.json")]
+    assert len(markers) == 2 and {m["node"] for m in markers} <= cluster_nodes
+    manifest = json.loads(next((explicit / "workshards").glob("_manifest-*.json")).read_text())
+    assert manifest["engine"] == "ray" and set(manifest["nodes"]) <= cluster_nodes
+    scored = [json.loads(p.read_text()) for p in (explicit / "scored" / "_done").glob("*.json")]
+    assert len(scored) == manifest["n_shards"] == stats["work_shards"]["total"] > 1
+    for stage in ("fetch", "clip"):
+        used = set().union(*(m["nodes"].get(stage, []) for m in scored))
+        assert used and used <= cluster_nodes, (stage, [m["nodes"] for m in scored])
+    assert stats["stages"]["dedup"]["kept"] == stats["stages"]["fetch"]["counts"]["rows"] == len(crawl.pairs)
 
 
 # --------------------------------------------------------------------------- the same versions everywhere

@@ -384,24 +384,26 @@ def test_cli(folders, tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_reference_files_are_filtered_by_ray_tasks_when_ray_is_up(folders, result, monkeypatch):
-    ray = pytest.importorskip("ray")
+def test_reference_files_are_filtered_by_ray_tasks_when_ray_is_up(ray_session, folders, result, monkeypatch,
+                                                                  tmp_path):
     from laionbuild import compare as compare_module
 
     out, ref = folders
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    assert not compare_module.ray_attached()
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
-             logging_level="WARNING")
-    try:
-        assert compare_module.ray_attached()
-        calls = []
-        real = compare_module._filter_with_ray
-        monkeypatch.setattr(compare_module, "_filter_with_ray", lambda *a: calls.append(a) or real(*a))
-        got = compare(str(out), [str(ref / "*" / "*.parquet")], batch_rows=100)
-    finally:
-        ray.shutdown()
+    assert compare_module.ray_attached()
+    calls = []
+    real = compare_module._filter_with_ray
+    monkeypatch.setattr(compare_module, "_filter_with_ray", lambda *a: calls.append(a) or real(*a))
+    got = compare(str(out), [str(ref / "*" / "*.parquet")], batch_rows=100)
     assert len(calls) == 1
     assert [f["batches"] for f in got["reference"]["files"]] == [4, 1]
     assert got["subsets"] == result["subsets"]
     assert got["overall"] == result["overall"]
+    # a file a task cannot read: the task's one-line error, not Ray's traceback around it
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "laion2B-en.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SetupError) as err:
+        compare(str(out), [str(bad / "*.parquet")], batch_rows=100)
+    assert str(err.value).startswith("cannot read reference file") and "\n" not in str(err.value)
+    assert len(calls) == 2

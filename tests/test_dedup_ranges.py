@@ -225,20 +225,14 @@ def test_400k_candidates_fill_cluster_sized_shards(tmp_path):
 
 
 @pytest.mark.ray
-def test_ray_tasks_write_the_files_of_the_driver_path(tmp_path):
-    import ray
-
+def test_ray_tasks_write_the_files_of_the_driver_path(ray_session, tmp_path):
     a, b = tmp_path / "driver", tmp_path / "ray"
     markers = write_inputs(str(a), _mixed_inputs(13), "url_text")
     shutil.copytree(a / "candidates", b / "candidates")
     run_dedup_phase(_cfg(a), OutputLayout(str(a)), markers)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        cfg = config_from_dict({"run": {"output": str(b), "work_shard_rows": 100, "progress": False},
-                                "ray": {"dedup_ranges": 8, "dedup_group_candidates": 300, "local_max_rows": 0}})
-        manifest = run_dedup_phase(cfg, OutputLayout(str(b)), markers)
-    finally:
-        ray.shutdown()
+    cfg = config_from_dict({"run": {"output": str(b), "work_shard_rows": 100, "progress": False},
+                            "ray": {"dedup_ranges": 8, "dedup_group_candidates": 300, "local_max_rows": 0}})
+    manifest = run_dedup_phase(cfg, OutputLayout(str(b)), markers)
     assert manifest["engine"] == "ray"
     for p in sorted((a / "dedup" / "g0000").glob("*.bin")):
         assert (b / "dedup" / "g0000" / p.name).read_bytes() == p.read_bytes(), p.name

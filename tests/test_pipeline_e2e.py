@@ -20,16 +20,13 @@ LAION_COLUMNS = [("URL", "string"), ("TEXT", "string"), ("WIDTH", "int32"), ("HE
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "out"
     result = run_demo(str(out), progress=False)
     from laionbuild.demo.sample_warc import DemoSample
 
     sample = DemoSample.load(str(Path(f"{out}-sample") / "manifest.json"))
     yield result, out, sample
-    import ray
-
-    ray.shutdown()
 
 
 def _rows(out: Path, subset: str) -> list[dict]:
@@ -119,7 +116,7 @@ def test_stats_count_every_stage(demo_run):
     assert st["extract"]["kept"] == stats["kept_total"] + downstream
 
 
-def test_optional_outputs_embeddings_nsfw_and_images(tmp_path):
+def test_optional_outputs_embeddings_nsfw_and_images(ray_session, tmp_path):
     """Embeddings beside the shards joined by key, the NSFW tag, and webdataset-style image tars."""
     import tarfile
 

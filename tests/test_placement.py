@@ -50,6 +50,10 @@ def _start_cluster():
 
 @pytest.fixture()
 def shaped_cluster():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # the test run's shared Ray: this test needs a cluster of its own shape
     cluster = _start_cluster()
     try:
         yield cluster

@@ -64,7 +64,7 @@ def _tar_pairs(out: Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def removed(tmp_path_factory):
+def removed(ray_session, tmp_path_factory):
     from laionbuild.runner.run import run as run_pipeline
     from laionbuild.demo.run import run_demo
 
@@ -103,9 +103,6 @@ def removed(tmp_path_factory):
         "prov_after": prov_after, "tars_before": tars_before, "tars_after": tars_after, "rerun": rerun,
         "lists": (url_list, hash_list), "tar_pairs": tar_pairs,
     }
-    import ray
-
-    ray.shutdown()
 
 
 def test_listed_rows_removed_everything_else_identical(removed):

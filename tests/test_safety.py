@@ -294,21 +294,16 @@ def test_safety_config_validation(tmp_path):
 
 # --------------------------------------------------------------------------- pipeline
 @pytest.mark.ray
-def test_pipeline_publishes_scores_and_safe_subsets(tmp_path, punsafe_head, watermark_model):
+def test_pipeline_publishes_scores_and_safe_subsets(ray_session, tmp_path, punsafe_head, watermark_model):
     from laionbuild.demo.run import compare_with_expectations, run_demo
     from laionbuild.demo.sample_warc import DemoSample
 
     out = tmp_path / "out"
     heads = json.dumps({s: str(punsafe_head) for s in S.SUBSETS})
-    try:
-        result = run_demo(str(out), progress=False, overrides=[
-            f"safety.punsafe_heads={heads}", f"safety.watermark_model={watermark_model}",
-            "safety.write_safe_subsets=true", "safety.punsafe_max=0.5", "safety.pwatermark_max=0.8",
-        ])
-    finally:
-        import ray
-
-        ray.shutdown()
+    result = run_demo(str(out), progress=False, overrides=[
+        f"safety.punsafe_heads={heads}", f"safety.watermark_model={watermark_model}",
+        "safety.write_safe_subsets=true", "safety.punsafe_max=0.5", "safety.pwatermark_max=0.8",
+    ])
     assert result.exit_code == 0
     sample = DemoSample.load(str(Path(f"{out}-sample") / "manifest.json"))
     check = compare_with_expectations(str(out), sample)

@@ -32,7 +32,7 @@ def _published(out: Path) -> dict[str, set]:
     return got
 
 
-def test_wat_and_warc_inputs_publish_the_same_pairs(tmp_path):
+def test_wat_and_warc_inputs_publish_the_same_pairs(ray_session, tmp_path):
     with LoopbackServer("127.0.0.1") as server:
         sample = build_demo_sample(str(tmp_path / "sample"), image_base=f"http://images.demo.test:{server.port}")
         sample.register(server)
@@ -48,8 +48,5 @@ def test_wat_and_warc_inputs_publish_the_same_pairs(tmp_path):
             stats = json.loads((out / "stats.json").read_text())
             assert stats["files"]["failed"] == 0, name
             outputs[name] = _published(out)
-    import ray
-
-    ray.shutdown()
     assert sum(len(v) for v in outputs["warc"].values()) > 0
     assert outputs["wat"] == outputs["warc"]

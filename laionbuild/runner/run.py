@@ -194,7 +194,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     for m in failed.values():
         stats.merge_stages({"extract": m["counters"]["extract"]})
     stats.extra["inputs_skipped_as_complete"] = len(committed)
-    stats.extra["cluster"] = {k: summary[k] for k in ("mode", "address", "nodes", "cpus", "gpus")}
+    stats.extra["cluster"] = {k: summary[k] for k in ("mode", "address", "nodes", "cpus", "gpus", "node_ids")}
     published: dict[str, list[str]] = {}
     left: list[str] = []
     if scoring:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterable
 
+from ..errors import LaionBuildError
+
 
 def map_with_shared(fn: Callable[..., Any], calls: Iterable[tuple[tuple, tuple]], shared: Any) -> list[Any]:
     """Run ``fn(*head, shared, *tail)`` for every ``(head, tail)`` of ``calls`` as Ray tasks, connected
@@ -18,7 +20,13 @@ def map_with_shared(fn: Callable[..., Any], calls: Iterable[tuple[tuple, tuple]]
 
     task = ray.remote(fn)
     ref = ray.put(shared)
-    return ray.get([task.remote(*head, ref, *tail) for head, tail in calls])
+    try:
+        return ray.get([task.remote(*head, ref, *tail) for head, tail in calls])
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, LaionBuildError):
+            raise cause from None  # the task's own one-line error, not Ray's traceback around it
+        raise
 
 
 __all__ = ["map_with_shared"]
