@@ -1,7 +1,8 @@
 """The driver's bookkeeping of a run, by number of work shards: does it stay O(1) per unit?
 
-A synthetic output folder with N work shards of a few rows each (a committed de-dup
-manifest, work files, then the parts a scoring task writes for each shard). The driver's
+A synthetic output folder with N work shards of a few rows each (work files, the group
+markers that list them and the manifest that commits them, then the parts a scoring task
+writes for each shard). The driver's
 own steps are timed apart from the work the tasks do:
 
 * ``plan``: pending shards from the manifests and markers, recovery of interrupted parts,
@@ -14,9 +15,11 @@ and, as the baseline measured in the same run, what the former driver did first:
 footer read per pending work shard, one after the other.
 
 Each N runs in its own process, so that its peak RSS (``ru_maxrss``) is its own, ``--repeat``
-times (3): a step's time is the best of the repetitions (at 200 shards a step takes tens of ms,
-which one scheduling hiccup of a shared machine can double), the peak RSS the highest. The peak
-RSS is also given as it stood after the commit step (``rss_after_commit_mib``), before publish.
+times (3), the sizes interleaved: a step's time (wall, and for the commit also the process's
+CPU time: the driver's thread and the marker writers) is the best of the repetitions (at 200
+shards a step takes tens of ms, which one scheduling hiccup of a shared machine can multiply),
+the peak RSS the highest. The peak RSS is also given as it stood after the commit step
+(``rss_after_commit_mib``), before publish.
 
     python scripts/bench_bookkeeping.py --shards 200 2000
 """
@@ -96,12 +99,13 @@ def _one(n_shards: int, rows: int) -> dict:
                           "counters": np.array([json.dumps({})], dtype=object),
                           "node": np.array([json.dumps({"write": ["node"]})], dtype=object)})
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     tracker = ShardTracker(layout, pending, Progress(len(pending), False, "", ""), recovered)
     for batch in summaries:
         tracker.add(batch)
     tracker.close()
     timings["commit"] = time.perf_counter() - t
+    timings["commit_cpu"] = time.process_time() - cpu  # the driver's thread and the marker writers
     assert not tracker.pending and not tracker.parts
     rss_after_commit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -129,6 +133,7 @@ def _best(reps: list[dict]) -> dict:
     return {"shards": n, "rows_per_shard": reps[0]["rows_per_shard"], "repeats": len(reps), "seconds": seconds,
             "driver_us_per_shard": round(1e6 * (seconds["plan"] + seconds["commit"]) / n, 1),
             "commit_us_per_shard": round(1e6 * seconds["commit"] / n, 1),
+            "commit_cpu_us_per_shard": round(1e6 * seconds["commit_cpu"] / n, 1),
             "publish_us_per_shard": round(1e6 * seconds["publish"] / n, 1),
             "baseline_footer_us_per_shard": round(1e6 * seconds["baseline_footer_reads"] / n, 1),
             "commit_us_per_shard_each": [round(1e6 * r["seconds"]["commit"] / n, 1) for r in reps],
@@ -157,6 +162,8 @@ def main() -> None:
     print(json.dumps({"runs": runs,
                       "driver_us_per_shard_ratio": round(last["driver_us_per_shard"] / first["driver_us_per_shard"], 2),
                       "commit_us_per_shard_ratio": round(last["commit_us_per_shard"] / first["commit_us_per_shard"], 2),
+                      "commit_cpu_us_per_shard_ratio": round(last["commit_cpu_us_per_shard"]
+                                                             / first["commit_cpu_us_per_shard"], 2),
                       "publish_us_per_shard_ratio": round(last["publish_us_per_shard"]
                                                           / first["publish_us_per_shard"], 2),
                       "rss_after_commit_ratio": round(last["rss_after_commit_mib"] / first["rss_after_commit_mib"], 2),

@@ -2,8 +2,8 @@
 
 Work shards enter the stream in order, a row group at a time; block lists and the
 download run in CPU actors, CLIP (and the safety models) in GPU actors when the
-cluster has GPUs, then writer tasks put each batch's rows under
-``scored/<shard_id>/`` as one part: the kept rows per subset and
+cluster has GPUs, then writer tasks put each batch's rows (``output.part_rows``, see
+:func:`part_rows`) of each shard under ``scored/<shard_id>/`` as one part: the kept rows per subset and
 ``fates-*.parquet`` with every row's fate (fetch status, similarity, drop
 reason). The driver commits a shard once its parts hold all its rows; a rerun
 keeps the parts of an interrupted shard and redoes only its missing rows
@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 STAGES = tuple(s.name for s in registry.of_phase("score"))
 #: automatic ``output.part_rows``: a writer's batch holds at most this many rows. A scored row
 #: carries no pixels (the CLIP stage drops them): ≈ 0.5 KiB in Arrow on the synthetic crawl,
-#: ≈ 1 KiB with Common Crawl's longer paths, + 2-3 KiB with ``clip.save_embeddings``, so a
-#: batch stays under ≈ 60 MiB
+#: ≈ 1 KiB with Common Crawl's longer paths, so a batch is ≈ 20 MiB (60-80 MiB with
+#: ``clip.save_embeddings``: 2-3 KiB more a row)
 AUTO_PART_ROWS = 20_000
-#: the same with ``output.save_images``: each row also carries its encoded image (≈ 30 KiB
-#: on average for a 224 px JPEG at quality 95, 47 KiB at the 95th percentile)
+#: the same with ``output.save_images``: each row also carries its encoded image (≈ 30 KiB on
+#: average for a 224 px JPEG at quality 95, 47 KiB at the 95th percentile): ≈ 60-90 MiB a batch
 AUTO_PART_ROWS_WITH_IMAGES = 2_000
 #: columns of the per-row fate files
 FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SUBSET, "LANGUAGE": S.LANGUAGE,
