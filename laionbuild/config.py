@@ -488,6 +488,11 @@ class OutputConfig:
     compression: str = "zstd"
     #: keep the downloaded (resized) images as webdataset-style tar shards
     save_images: bool = False
+    #: rows a phase-3 writer gathers into one *part* of a work shard (``scored/<shard>/``: a file
+    #: per subset and a fates file); 0 = automatic: ``run.work_shard_rows``, at most
+    #: 20,000 (2,000 with ``save_images``, whose rows carry their encoded image). Larger parts
+    #: mean fewer objects; a killed run loses the rows still gathering. Not in the config hash
+    part_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -852,6 +857,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                           ("ray", "dedup_read_threads")):
         if getattr(getattr(cfg, section), name) <= 0:
             raise ConfigError(f"{source}: '{section}.{name}' must be positive")
+    if cfg.output.part_rows < 0:
+        raise ConfigError(f"{source}: 'output.part_rows' must be 0 (automatic) or positive")
     if cfg.ray.dedup_group_candidates < 0:
         raise ConfigError(f"{source}: 'ray.dedup_group_candidates' must not be negative")
     for name in ("input_retries", "input_backoff_s", "input_max_backoff_s"):
@@ -941,7 +948,7 @@ def config_to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
         "run.progress", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
         "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s", "ray",
-        "models")) -> str:
+        "models", "output.part_rows")) -> str:
     """Stable hash of everything that decides how rows are processed.
 
     Settings that only change how a run is executed (progress bar, log level,

@@ -105,3 +105,38 @@ def test_stream_skips_rows_already_written(tmp_path):
         batches = list(read_work_shard({k: np.array([v], dtype=object) for k, v in item.items()}))
         assert len(batches) == (2 if item["shard_id"] == "s" else 3)  # row group 0 of s: all written
         assert np.concatenate([b[SHARD_ROW] for b in batches]).tolist() == want
+
+
+def test_part_rows_is_set_or_a_work_shard_within_a_memory_bound():
+    from laionbuild.config import load_config
+    from laionbuild.runner.score import AUTO_PART_ROWS, AUTO_PART_ROWS_WITH_IMAGES, part_rows
+
+    assert part_rows(load_config(None, ["run.work_shard_rows=5000"])) == 5000
+    assert part_rows(load_config(None, ["run.work_shard_rows=50000"])) == AUTO_PART_ROWS == 20_000
+    assert part_rows(load_config(None, ["run.work_shard_rows=50000", "output.save_images=true"])) == \
+        AUTO_PART_ROWS_WITH_IMAGES == 2_000
+    assert part_rows(load_config(None, ["run.work_shard_rows=50000", "output.part_rows=64"])) == 64
+
+
+def test_writer_makes_one_part_per_shard_and_subset_of_its_batch(tmp_path):
+    """However many rows a batch holds, the writer puts each shard's rows of it in one part:
+    one file per subset with kept rows, one fates file."""
+    from laionbuild import schema as S
+    from laionbuild.config import load_config
+    from laionbuild.runner.score import ShardPartWriter
+
+    n = 300
+    subsets = ["en", "multi", "nolang"]
+    batch = S.rows_to_batch([{S.URL: f"http://x/{i}", S.ALT_TEXT: "t", S.PAGE_URL: "http://p", S.WARC_PATH: "w",
+                              S.WARC_RECORD_ID: "r", S.WARC_OFFSET: i, S.HASH: i, S.SUBSET: subsets[i % 3],
+                              S.LANGUAGE: "en", S.LANGUAGE_SCORE: 1.0} for i in range(n)], S.ROUTED_SCHEMA)
+    batch.update({S.STATUS: np.array(["success"] * n, dtype=object), S.SIMILARITY: np.full(n, 0.5, np.float32),
+                  S.DROP_REASON: np.array(["" if i % 4 else "clip:below_threshold" for i in range(n)], dtype=object),
+                  S.WIDTH: np.full(n, 32, np.int32), S.HEIGHT: np.full(n, 32, np.int32),
+                  "shard_id": np.array(["a"] * 200 + ["b"] * 100, dtype=object),
+                  SHARD_ROW: np.concatenate([np.arange(200), np.arange(100)])})
+    out = ShardPartWriter(load_config(None), str(tmp_path))(batch)
+    assert list(out["shard_id"]) == ["a", "b"] and list(out["n_rows"]) == [200, 100]
+    for sid, parts in zip(out["shard_id"], out["parts"]):
+        names = sorted(posixpath.basename(p).rsplit("-", 1)[0] for p in json.loads(parts))
+        assert names == ["en", "fates", "multi", "nolang"], (sid, names)

@@ -106,6 +106,8 @@ def test_cross_field_validation():
         load_config(None, ["run.shard=3/2"])
     with pytest.raises(ConfigError, match="clip.thresholds"):
         load_config(None, ["clip.thresholds.de=0.3"])
+    with pytest.raises(ConfigError, match="output.part_rows"):
+        load_config(None, ["output.part_rows=-1"])
 
 
 def test_config_is_frozen_and_hash_stable():
@@ -116,6 +118,8 @@ def test_config_is_frozen_and_hash_stable():
     assert config_hash(a) != config_hash(load_config(None, ["clip.thresholds.en=0.3"]))
     # execution-only settings do not change the hash (a resume on another cluster is allowed)
     assert config_hash(a) == config_hash(load_config(None, ["ray.fetch_actors=9", "run.progress=false"]))
+    # nor does the size of the parts a work shard is written in (a rerun keeps parts of any size)
+    assert config_hash(a) == config_hash(load_config(None, ["output.part_rows=64"]))
 
 
 def test_yaml_round_trip(tmp_path):

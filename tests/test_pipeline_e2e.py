@@ -180,3 +180,44 @@ def test_compare_demo_output_with_planted_reference(demo_run, tmp_path):
     assert e["similarity"]["other_side_of_threshold"] == 2  # the planted 0.20 and our CLIP drop at 0.30
     assert e["hash"]["pairs"] == len(en) - 2 and e["hash"]["equal"] == len(en) - 3
     assert missing["URL"] not in {r["URL"] for r in ref}
+
+
+def test_parts_per_work_shard_and_subset_are_bounded(tmp_path):
+    """A writer gathers ``output.part_rows`` rows: a work shard is written in at most
+    ceil(rows / part_rows) + 1 parts per subset (a batch can straddle two shards), not in one
+    part per CLIP batch; the parts hold every row of their shard once."""
+    import math
+    import os
+    from collections import Counter
+
+    from laionbuild.demo.crawl import build_crawl
+    from laionbuild.demo.image_server import LoopbackServer
+    from laionbuild.demo.run import own_ray
+    from laionbuild.runner.run import run
+    from laionbuild.runner.score import part_rows
+
+    out = tmp_path / "out"
+    with LoopbackServer("127.0.0.1") as server:
+        crawl = build_crawl(str(tmp_path / "in"), n_files=8, image_base=f"http://images.crawl.test:{server.port}")
+        crawl.register(server)
+        sets = [f"run.inputs={json.dumps(crawl.warc_paths)}", f"run.output={out}", "run.progress=false",
+                *crawl.config_overrides("127.0.0.1"), "clip.batch_size=16", "output.part_rows=64"]
+        cfg = load_config(SMOKE_CONFIG, sets)
+        with own_ray(cfg.ray.address) as isolation:
+            result = run(load_config(SMOKE_CONFIG, [*sets, *isolation]))
+    assert result.exit_code == 0
+    size = part_rows(cfg)
+    assert size == 64
+    markers = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
+    assert len(markers) >= 3 and all(m["rows"] > 2 * size for m in markers)
+    most = 0
+    for m in markers:
+        kinds = Counter(os.path.basename(p).rsplit("-", 1)[0] for p in m["parts"])
+        assert set(kinds) <= {"fates", "en", "multi", "nolang"}, kinds
+        # one part per CLIP batch (16 rows) would be >= 12 per shard here
+        assert max(kinds.values()) <= math.ceil(m["rows"] / size) + 1, (m["rows"], kinds)
+        most = max(most, kinds["fates"])
+        rows = [r for p in m["parts"] if os.path.basename(p).startswith("fates-")
+                for r in pq.read_table(p, columns=["shard_row"]).column(0).to_pylist()]
+        assert sorted(rows) == list(range(m["rows"]))
+    assert most >= 2  # the shards were written in several parts, each of part_rows rows at most

@@ -115,3 +115,21 @@ def test_publish_cut_short_shows_old_or_new_and_the_rerun_completes_it(output, m
     for subset in ("en", "multi"):
         assert sorted(_files(layout, subset)) == sorted(layout.published_files(subset, pointer=pointer))
         assert all(f"part-g{pointer['generation']:04d}-" in p for p in _files(layout, subset))
+
+
+def test_publish_in_the_driver_joins_the_parts_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """More parts than one chunk (parts read, then joined, a few at a time): every row is published
+    once, in the same files as when every part is read before the join."""
+    layout = OutputLayout(str(tmp_path / "out"))
+    scored = [_shard(layout, f"s{k}", {"en": list(range(4 * k, 4 * k + 4)), "multi": [100 + k]}) for k in range(7)]
+    cfg = load_config(None, ["output.rows_per_shard=5"])
+    published = {}
+    for chunk in (2, 10_000):
+        monkeypatch.setattr(P, "COMBINE_PARTS", chunk)
+        stats = RunStats()
+        files = P.publish(cfg, layout, scored, stats)
+        assert stats.kept_per_subset["en"] == 28 and stats.kept_per_subset["multi"] == 7
+        published[chunk] = {s: [pq.read_table(f).to_pylist() for f in files[s]] for s in ("en", "multi")}
+    assert published[2] == published[10_000]
+    assert sorted(r["URL"] for t in published[2]["en"] for r in t) == \
+        sorted(f"http://img.test/en/{i}.jpg" for i in range(28))

@@ -55,7 +55,8 @@ def _cmd(crawl, inputs: list[str], out: Path) -> list[str]:
     sets = [*crawl.config_overrides("127.0.0.1"),  # the loopback host mapping
             f"run.work_shard_rows={WORK_SHARD_ROWS}"]
     cmd = [sys.executable, "-m", "laionbuild", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
-           "--output", str(out), "--no-progress"]
+           "--output", str(out), "--no-progress",
+           "--set", "output.part_rows=64"]  # parts of 64 rows: a work shard (196 rows) is written in several
     for path in inputs:
         cmd += ["--input", path]
     for s in sets:

@@ -5,7 +5,11 @@ as one *part*: ``<subset>-<token>.parquet`` for the kept rows of each subset,
 ``images-<token>.tar`` when images are saved, and last ``fates-<token>.parquet``
 with every row of the part (its index in the work shard in ``shard_row``) and,
 in its schema metadata, the part's stage counters and nodes. A part exists once
-its fates file does.
+its fates file does. A writer's batch is ``output.part_rows`` rows
+(:func:`~.score.part_rows`: 0 = a work shard, at most 20,000); a shard whose rows
+reach the writer together is written in at most ceil(rows / part_rows) + 1 parts
+per subset (more when the download stage's blocks of several shards interleave,
+see docs/pipeline.md).
 
 The driver commits a shard (``scored/_done/<shard_id>.json``, written last) when
 the rows of its parts equal the rows of the shard. A rerun keeps the parts of

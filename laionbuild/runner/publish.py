@@ -36,6 +36,8 @@ from ..stats import RunStats
 _KEY = "_bucket"
 #: concurrent reads of parts (and footers, for markers written before they recorded their parts' rows)
 READ_THREADS = 16
+#: parts read before they are joined into one table (publish in the driver)
+COMBINE_PARTS = 256
 
 
 class PublishFilter:
@@ -133,9 +135,14 @@ def _publish_in_driver(layout: OutputLayout, parts: list[str], n_buckets: dict[s
     results: list[dict] = []
     for subset, n in n_buckets.items():
         mine = [p for p in parts if part_subset(p) == subset]
+        chunks = []
         with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(mine)))) as pool:
-            tables = list(pool.map(read, mine))  # object stores answer each read in tens of ms
-        table = pa.concat_tables(tables, promote_options="default").combine_chunks()
+            # object stores answer each read in tens of ms; the parts are joined a chunk at a time,
+            # so that the driver never holds one table per part (≈ 9 KiB each, however few rows)
+            for start in range(0, len(mine), COMBINE_PARTS):
+                tables = list(pool.map(read, mine[start:start + COMBINE_PARTS]))
+                chunks.append(pa.concat_tables(tables, promote_options="default").combine_chunks())
+        table = pa.concat_tables(chunks, promote_options="default").combine_chunks()
         buckets = (table.column("hash").to_numpy().astype(np.uint64) % np.uint64(n)).astype(np.int64)
         for b in np.unique(buckets):
             group = table.filter(pa.array(buckets == b))

@@ -2,8 +2,8 @@
 
 Work shards enter the stream in order, a row group at a time; block lists and the
 download run in CPU actors, CLIP (and the safety models) in GPU actors when the
-cluster has GPUs, then writer tasks put each batch's rows under
-``scored/<shard_id>/`` as one part: the kept rows per subset and
+cluster has GPUs, then writer tasks put each batch's rows (``output.part_rows``, see
+:func:`part_rows`) of each shard under ``scored/<shard_id>/`` as one part: the kept rows per subset and
 ``fates-*.parquet`` with every row's fate (fetch status, similarity, drop
 reason). The driver commits a shard once its parts hold all its rows; a rerun
 keeps the parts of an interrupted shard and redoes only its missing rows
@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 
 #: stages of this phase, in order; each reports its own counters (``<stage>:<reason>`` drops)
 STAGES = tuple(s.name for s in registry.of_phase("score"))
+#: automatic ``output.part_rows``: a writer's batch holds at most this many rows. A scored row
+#: carries no pixels (the CLIP stage drops them): ≈ 0.5 KiB in Arrow on the synthetic crawl,
+#: ≈ 1 KiB with Common Crawl's longer paths, so a batch is ≈ 20 MiB (60-80 MiB with
+#: ``clip.save_embeddings``: 2-3 KiB more a row)
+AUTO_PART_ROWS = 20_000
+#: the same with ``output.save_images``: each row also carries its encoded image (≈ 30 KiB on
+#: average for a 224 px JPEG at quality 95, 47 KiB at the 95th percentile): ≈ 60-90 MiB a batch
+AUTO_PART_ROWS_WITH_IMAGES = 2_000
 #: columns of the per-row fate files
 FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SUBSET, "LANGUAGE": S.LANGUAGE,
                 "status": S.STATUS, "similarity": S.SIMILARITY, "drop_reason": S.DROP_REASON,
@@ -84,6 +92,13 @@ def stage_counters(batch: dict[str, np.ndarray], cfg: Config | None = None) -> d
     stages that ran when ``cfg`` is given)."""
     return {spec.name: spec.function("counters")(batch, registry.later_than(spec.name))
             for spec in registry.of_phase("score") if cfg is None or spec.is_enabled(cfg)}
+
+
+def part_rows(cfg: Config) -> int:
+    """Rows per part: ``output.part_rows``, or automatic (a work shard, within a memory bound)."""
+    if cfg.output.part_rows > 0:
+        return cfg.output.part_rows
+    return min(cfg.run.work_shard_rows, AUTO_PART_ROWS_WITH_IMAGES if cfg.output.save_images else AUTO_PART_ROWS)
 
 
 # --------------------------------------------------------------------------- reading and writing
@@ -218,9 +233,8 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     kept = sum(len(r.rows) for r in recovered.values())
     plan = score_plan(cfg, shape)
     items = stream_items(layout, pending, recovered)
-    log.info("fetch and score: %d work shards, %d rows; CLIP actors: %d x %s", len(pending),
-             sum(pending.values()) - kept, plan.clip_actors,
-             plan.clip_resources)
+    log.info("fetch and score: %d work shards, %d rows; CLIP actors: %d x %s; parts of %d rows", len(pending),
+             sum(pending.values()) - kept, plan.clip_actors, plan.clip_resources, part_rows(cfg))
     progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
     tracker = ShardTracker(layout, pending, progress, recovered)
     if not items:
@@ -241,9 +255,8 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
                         batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
                         **plan.clip_resources)
-    # one part per CLIP batch: without a batch size, Ray Data would gather the (small, image-free)
-    # scored blocks into about a MiB per write, holding back commits by hundreds of rows
-    ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=cfg.clip.batch_size,
+    # one part per ``part_rows`` rows of a shard (the scored rows carry no pixels: small batches)
+    ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=part_rows(cfg),
                         num_cpus=plan.write_cpus, **plan.cpu_resources)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -258,5 +271,5 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     return sorted(tracker.pending), kept
 
 
-__all__ = ["FATE_COLUMNS", "STAGES", "ShardPartWriter", "fate_table", "read_work_shard", "run_score_phase",
-           "stage_counters", "stream_items"]
+__all__ = ["AUTO_PART_ROWS", "AUTO_PART_ROWS_WITH_IMAGES", "FATE_COLUMNS", "STAGES", "ShardPartWriter",
+           "fate_table", "part_rows", "read_work_shard", "run_score_phase", "stage_counters", "stream_items"]
