@@ -53,10 +53,10 @@ def crawl(tmp_path_factory):
 
 def _cmd(crawl, inputs: list[str], out: Path) -> list[str]:
     sets = [*crawl.config_overrides("127.0.0.1"),  # the loopback host mapping
-            f"run.work_shard_rows={WORK_SHARD_ROWS}"]
+            f"run.work_shard_rows={WORK_SHARD_ROWS}",
+            "output.part_rows=64"]  # parts of 64 rows: a work shard is written in several
     cmd = [sys.executable, "-m", "laionbuild", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
-           "--output", str(out), "--no-progress",
-           "--set", "output.part_rows=64"]  # parts of 64 rows: a work shard (196 rows) is written in several
+           "--output", str(out), "--no-progress"]
     for path in inputs:
         cmd += ["--input", path]
     for s in sets:
