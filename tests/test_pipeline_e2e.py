@@ -182,7 +182,7 @@ def test_compare_demo_output_with_planted_reference(demo_run, tmp_path):
     assert missing["URL"] not in {r["URL"] for r in ref}
 
 
-def test_parts_per_work_shard_and_subset_are_bounded(tmp_path):
+def test_parts_per_work_shard_and_subset_are_bounded(ray_session, tmp_path):
     """A writer gathers ``output.part_rows`` rows: a work shard is written in at most
     ceil(rows / part_rows) + 1 parts per subset (a batch can straddle two shards), not in one
     part per CLIP batch; the parts hold every row of their shard once."""
@@ -192,7 +192,6 @@ def test_parts_per_work_shard_and_subset_are_bounded(tmp_path):
 
     from laionbuild.demo.crawl import build_crawl
     from laionbuild.demo.image_server import LoopbackServer
-    from laionbuild.demo.run import own_ray
     from laionbuild.runner.run import run
     from laionbuild.runner.score import part_rows
 
@@ -203,8 +202,7 @@ def test_parts_per_work_shard_and_subset_are_bounded(tmp_path):
         sets = [f"run.inputs={json.dumps(crawl.warc_paths)}", f"run.output={out}", "run.progress=false",
                 *crawl.config_overrides("127.0.0.1"), "clip.batch_size=16", "output.part_rows=64"]
         cfg = load_config(SMOKE_CONFIG, sets)
-        with own_ray(cfg.ray.address) as isolation:
-            result = run(load_config(SMOKE_CONFIG, [*sets, *isolation]))
+        result = run(cfg)  # on the test process's Ray
     assert result.exit_code == 0
     size = part_rows(cfg)
     assert size == 64
