@@ -67,14 +67,23 @@ def _rss_mb(field: str) -> float:
 
 
 def child(args) -> None:
-    """One run of the phase's units in this process (a driver with its own local Ray)."""
+    """One run of the phase's units in this process (a driver with its own local Ray: a temp folder
+    of its own, on loopback, whatever else runs on the machine)."""
+    from laionbuild.demo.run import own_ray
+    from laionbuild.runner.connect import connect
+
+    with own_ray(""):
+        connect(local=True, num_cpus=args.cpus)
+        _measure(args)
+
+
+def _measure(args) -> None:
     import ray
 
     from laionbuild.config import config_from_dict
     from laionbuild.runner.dedup import begin_generation, run_groups, run_ranges
     from laionbuild.output.layout import OutputLayout
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     # the worker processes started, as on a cluster that is already running; what they import
     # for the phase is timed with it
     t = time.perf_counter()
@@ -102,7 +111,6 @@ def child(args) -> None:
                    shard_fill=round(sum(rows) / (len(rows) * args.shard_rows), 3) if rows else 0.0,
                    group_bytes_read=sum(m["bytes_read"] for m in groups.values()))
     out["driver_peak_rss_mb"] = _rss_mb("VmHWM")
-    ray.shutdown()
     print(json.dumps(out), flush=True)
 
 
@@ -111,9 +119,8 @@ def _spawn(out: Path, args, with_groups: bool = False) -> subprocess.Popen:
            "--shard-rows", str(args.shard_rows)]
     if with_groups:
         cmd.append("--with-groups")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO),
-           "RAY_TMPDIR": tempfile.mkdtemp(prefix="lbd-ray-")}
-    env.pop("RAY_ADDRESS", None)
+    # the child starts a Ray of its own (see child): no RAY_ADDRESS or recorded cluster is read
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)
 

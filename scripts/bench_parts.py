@@ -107,14 +107,13 @@ def main() -> None:
     ap.add_argument("--block-bytes", type=int, default=128 * 1024 * 1024, help="Ray Data's target_max_block_size")
     ap.add_argument("--cpus", type=int, default=2)
     args = ap.parse_args()
-    import logging
+    from laionbuild.demo.run import own_ray
+    from laionbuild.runner.connect import connect
 
-    import ray
-
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     rows_per_block = args.block_bytes // max(1, args.pixel_bytes) if args.pixel_bytes else None
-    runs = [_parts(args, p) for p in args.part_rows]
+    with own_ray(""):  # a Ray of its own (temp folder, loopback), whatever else runs on the machine
+        connect(local=True, num_cpus=args.cpus)
+        runs = [_parts(args, p) for p in args.part_rows]
     print(json.dumps({"shards": args.shards, "rows_per_shard": args.rows, "pixel_bytes": args.pixel_bytes,
                       "download_rows_per_block": rows_per_block, "runs": runs}, indent=1))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -85,7 +86,7 @@ def shared_warc_dir() -> Path:
 @pytest.fixture(scope="session")
 def _ray_session_end():
     yield
-    ray = __import__("sys").modules.get("ray")
+    ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
 
