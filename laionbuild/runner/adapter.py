@@ -64,6 +64,13 @@ def actor_pool(size: int, in_flight: int | None = None, concurrent_calls: int = 
     return ray.data.ActorPoolStrategy(size=max(1, int(size)), **kwargs)
 
 
+def task_pool(size: int):
+    """A task stage with at most ``size`` tasks at once."""
+    import ray
+
+    return ray.data.TaskPoolStrategy(size=max(1, int(size)))
+
+
 def node_id() -> str:
     """The Ray node this code runs on ("" outside Ray): recorded per committed unit."""
     try:

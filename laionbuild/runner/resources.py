@@ -54,6 +54,10 @@ class ScorePlan:
     clip_resources: dict
     read_cpus: float
     write_cpus: float
+    #: concurrent read / write tasks at most: their CPU share is small (``ray.read_num_cpus``,
+    #: ``ray.write_num_cpus``), and without a cap a node would start a worker process per share
+    read_tasks: int = 2
+    write_tasks: int = 2
     #: extra arguments of every CPU stage: the CPU-node resource when the cluster has such nodes
     cpu_resources: dict = field(default_factory=dict)
 
@@ -117,5 +121,14 @@ def score_plan(cfg: Config, shape: ClusterShape) -> ScorePlan:
         clip_resources = {"num_gpus": c.num_gpus_per_actor, "num_cpus": gpu_cpus}
     else:
         clip_resources = {"num_cpus": plan["clip"], **cpu_resources}
+    tasks = task_pool_size(shape.cpu_stage_cpus)
     return ScorePlan(use_gpu, tokenize, r.fetch_actors, plan["fetch"], r.tokenize_actors, plan["tokenize"],
-                     c.actors, clip_resources, plan["read"], plan["write"], cpu_resources)
+                     c.actors, clip_resources, plan["read"], plan["write"], tasks, tasks, cpu_resources)
+
+
+def task_pool_size(cpus: float) -> int:
+    """Concurrent tasks of a light task stage (reading or writing a work shard's rows): one per
+    two CPUs of the nodes that run it, at least 2. Each concurrent task needs a worker process
+    (≈ 2 CPU-seconds to start); a share of 0.1 CPU per task would otherwise start ten per CPU,
+    which on a laptop or a test costs more than the run's work."""
+    return max(2, int(cpus // 2))

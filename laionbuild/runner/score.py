@@ -28,7 +28,7 @@ from ..output.fs import open_fs
 from ..output.layout import OutputLayout
 from ..stages import registry, shards
 from ..stats import StageCounters
-from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of
+from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, task_pool
 from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
 from .progress import Progress
 from .resources import ClusterShape, score_plan
@@ -243,7 +243,7 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
     ds = ds.map_batches(read_work_shard, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
-                        **plan.cpu_resources)
+                        compute=task_pool(plan.read_tasks), **plan.cpu_resources)
     ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
                         batch_size=cfg.fetch.batch_size,
                         compute=actor_pool(plan.fetch_actors, concurrent_calls=cfg.fetch.batches_in_flight),
@@ -257,7 +257,7 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
                         **plan.clip_resources)
     # one part per ``part_rows`` rows of a shard (the scored rows carry no pixels: small batches)
     ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=part_rows(cfg),
-                        num_cpus=plan.write_cpus, **plan.cpu_resources)
+                        compute=task_pool(plan.write_tasks), num_cpus=plan.write_cpus, **plan.cpu_resources)
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)
