@@ -3,10 +3,10 @@ docs/cluster.md run for real on loopback.
 
 The cluster test starts Ray as separate processes with Ray's default settings (``ray start
 --head`` on a machine with a token, so token authentication is on; ``ray start --address``
-for a second node), then runs the full ``laionbuild run`` on the head without an address, with
-``--address`` (with a RAY_ADDRESS it must win over), and through ``ray job submit``, and checks
-that every run publishes every pair and that every unit of every phase was committed on the
-cluster's nodes.
+for a second node), then runs the full ``laionbuild run`` on the head without an address and
+through ``ray job submit``, and ``laionbuild extract`` with ``--address`` (with a RAY_ADDRESS it
+must win over), and checks that both runs publish every pair and that every unit of every phase
+was committed on the cluster's nodes.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def _published(out: Path) -> dict:
 def test_documented_sequence_on_a_two_node_cluster(tmp_path):
     """docs/cluster.md, "The command sequence", as a user types it: Ray's defaults (token
     authentication on once the head has a token), a second node, then the full ``run`` on the
-    head without an address, with ``--address``, and as a ``ray job submit``.
+    head without an address and as a ``ray job submit``, and ``extract`` with ``--address``.
 
     Set here and not by the docs, for the harness only: RAY_TMPDIR (this cluster's own temp
     folder: nothing of another cluster on the machine is found, and the test finds only its own
@@ -341,20 +341,23 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
             assert re.search(r"0\.0/4\.0 CPU", status), status
 
             results = {}
-            # 2. on the head, no address: the run joins the cluster ray start runs here
-            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(tmp_path / "auto")], env, 600)
+            # 2. on the head, no address: the run joins the cluster ray start runs here; de-dup and
+            #    publish as Ray tasks on the engine, several work shards
+            auto = tmp_path / "auto"
+            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(auto),
+                      "--set", "ray.local_max_rows=0", "--set", "run.work_shard_rows=4"], env, 600)
             log = r.stdout + r.stderr
             assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (started on this machine" in log, log[-3000:]
-            results["auto"] = (log, _published(tmp_path / "auto"))
-            # 3. --address, which wins over a RAY_ADDRESS where nothing listens; de-dup and publish as
-            #    Ray tasks on the engine, several work shards
+            results["auto"] = (log, _published(auto))
+            # 3. --address, which wins over a RAY_ADDRESS where nothing listens (extract: the same
+            #    connection and node checks, the candidates phase on the cluster's nodes)
             explicit = tmp_path / "explicit"
-            r = _run([sys.executable, "-m", "laionbuild", *run_args, "--output", str(explicit),
-                      "--address", f"{HEAD_IP}:{port}", "--set", "ray.local_max_rows=0",
-                      "--set", "run.work_shard_rows=4"], {**env, "RAY_ADDRESS": "127.0.0.1:9"}, 600)
-            log = r.stdout + r.stderr
-            assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (--address" in log, log[-3000:]
-            results["explicit"] = (log, _published(explicit))
+            r = _run([sys.executable, "-m", "laionbuild", "extract", "-c", "configs/smoke.yaml",
+                      str(tmp_path / "inputs"), "--no-progress", *sets, "--output", str(explicit),
+                      "--address", f"{HEAD_IP}:{port}"], {**env, "RAY_ADDRESS": "127.0.0.1:9"}, 600)
+            extract_log = r.stdout + r.stderr
+            assert f"connecting to the Ray cluster at {HEAD_IP}:{port} (--address" in extract_log, extract_log[-3000:]
+            assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in extract_log, extract_log[-3000:]
             # 4. the full run as a Ray job through the dashboard's job server
             submit = [RAY, "job", "submit", "--address", f"http://{HEAD_IP}:{dashboard}", "--working-dir", ".",
                       "--", "laionbuild", *run_args, "--output", str(tmp_path / "job")]
@@ -377,21 +380,28 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
         assert published["fetched"] == len(crawl.pairs), (how, published)
         assert published["kept"] == results["auto"][1]["kept"], (how, published)
     assert sum(results["auto"][1]["kept"].values()) > 0
-    # every unit of every phase of the --address run committed, all of it on the cluster's nodes
-    # (which node ran which download is the scheduler's choice under the machine's load)
-    stats = json.loads((explicit / "stats.json").read_text())
+    # every unit of every phase of the run without an address committed, all of it on the cluster's
+    # nodes (which node ran which download is the scheduler's choice under the machine's load)
+    stats = json.loads((auto / "stats.json").read_text())
     cluster_nodes = set(stats["cluster"]["node_ids"])
     assert len(cluster_nodes) == 2
-    markers = [json.loads(p.read_text()) for p in (explicit / "candidates" / "_done").glob("*.json")]
+    markers = [json.loads(p.read_text()) for p in (auto / "candidates" / "_done").glob("*.json")]
     assert len(markers) == 2 and {m["node"] for m in markers} <= cluster_nodes
-    manifest = json.loads(next((explicit / "workshards").glob("_manifest-*.json")).read_text())
+    manifest = json.loads(next((auto / "workshards").glob("_manifest-*.json")).read_text())
     assert manifest["engine"] == "ray" and set(manifest["nodes"]) <= cluster_nodes
-    scored = [json.loads(p.read_text()) for p in (explicit / "scored" / "_done").glob("*.json")]
+    scored = [json.loads(p.read_text()) for p in (auto / "scored" / "_done").glob("*.json")]
     assert len(scored) == manifest["n_shards"] == stats["work_shards"]["total"] > 1
     for stage in ("fetch", "clip"):
         used = set().union(*(m["nodes"].get(stage, []) for m in scored))
         assert used and used <= cluster_nodes, (stage, [m["nodes"] for m in scored])
     assert stats["stages"]["dedup"]["kept"] == stats["stages"]["fetch"]["counts"]["rows"] == len(crawl.pairs)
+    # the --address extract: both inputs' candidates committed on the cluster's nodes, as the runs'
+    extracted = json.loads((explicit / "stats.json").read_text())
+    assert extracted["cluster"]["mode"] == "explicit" and set(extracted["cluster"]["node_ids"]) == cluster_nodes
+    markers = [json.loads(p.read_text()) for p in (explicit / "candidates" / "_done").glob("*.json")]
+    assert len(markers) == 2 and {m["node"] for m in markers} <= cluster_nodes
+    assert sum(m["counters"]["extract"]["counts"]["candidates"] for m in markers) == \
+        stats["stages"]["extract"]["counts"]["candidates"] > 0
 
 
 # --------------------------------------------------------------------------- the same versions everywhere
