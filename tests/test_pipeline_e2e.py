@@ -116,37 +116,6 @@ def test_stats_count_every_stage(demo_run):
     assert st["extract"]["kept"] == stats["kept_total"] + downstream
 
 
-def test_optional_outputs_embeddings_nsfw_and_images(ray_session, tmp_path):
-    """Embeddings beside the shards joined by key, the NSFW tag, and webdataset-style image tars."""
-    import tarfile
-
-    out = tmp_path / "out"
-    result = run_demo(str(out), progress=False, overrides=[
-        "clip.save_embeddings=true", "safety.laion_filter.enabled=true", "output.save_images=true"])
-    assert result.exit_code == 0
-    for subset in ("en", "multi", "nolang"):
-        shard = pq.read_table(sorted((out / subset).glob("*.parquet"))[0])
-        emb = pq.read_table(sorted((out / f"{subset}_embeddings").glob("*.parquet"))[0])
-        assert emb.column("key").to_pylist() == shard.column("key").to_pylist()
-        img = emb.column("image_embedding").to_pylist()
-        assert len(img) == shard.num_rows and len(img[0]) == 64
-        assert set(shard.column("NSFW").to_pylist()) <= {"UNLIKELY", "UNSURE", "NSFW"}
-        # the stored similarity is the cosine of the stored (fp16) embeddings
-        import numpy as np
-
-        a = np.asarray(img, dtype=np.float32)
-        b = np.asarray(emb.column("text_embedding").to_pylist(), dtype=np.float32)
-        cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-        assert np.allclose(cos, shard.column("similarity").to_numpy(), atol=1e-2)
-    tars = sorted((out / "images").glob("*.tar"))
-    assert tars
-    names = [m.name for t in tars for m in tarfile.open(t).getmembers()]
-    keys = {n.rsplit(".", 1)[0] for n in names}
-    all_keys = {k for s in ("en", "multi", "nolang")
-                for f in (out / s).glob("*.parquet") for k in pq.read_table(f).column("key").to_pylist()}
-    assert all_keys <= keys
-
-
 def test_compare_demo_output_with_planted_reference(demo_run, tmp_path):
     """A reference built from the demo's own published rows with planted changes: compare finds exactly them."""
     import pyarrow as pa

@@ -70,7 +70,8 @@ def removed(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("remove")
     out = root / "out"
-    result = run_demo(str(out), overrides=["clip.save_embeddings=true", "output.save_images=true"], progress=False)
+    result = run_demo(str(out), overrides=["clip.save_embeddings=true", "output.save_images=true",
+                                           "safety.laion_filter.enabled=true"], progress=False)
     assert result.exit_code == 0
     before = _snapshot(out)
     raw = {p: _raw(out, p) for p in before}
@@ -134,6 +135,31 @@ def test_listed_rows_removed_everything_else_identical(removed):
     assert gone_keys <= gone_tar_keys
     gone_members = {n for n in r["tars_before"] if n.rsplit(".", 1)[0] in gone_tar_keys}
     assert r["tars_after"] == r["tars_before"] - gone_members
+
+
+def test_embeddings_nsfw_tags_and_image_tars_stay_consistent(removed):
+    """After the removal and the rerun: embeddings beside the shards joined by key, the stored
+    similarity the cosine of the stored (fp16) embeddings, the NSFW tag on every row, and every
+    published key's image in the webdataset-style tars."""
+    import numpy as np
+
+    layout = OutputLayout(str(removed["out"]))
+    all_keys = set()
+    for subset in S.SUBSETS:
+        (shard_file,) = layout.published_files(subset)
+        (emb_file,) = layout.published_files(subset, "_embeddings")
+        shard, emb = pq.read_table(shard_file), pq.read_table(emb_file)
+        assert shard.num_rows > 0
+        assert emb.column("key").to_pylist() == shard.column("key").to_pylist()
+        img = np.asarray(emb.column("image_embedding").to_pylist(), dtype=np.float32)
+        txt = np.asarray(emb.column("text_embedding").to_pylist(), dtype=np.float32)
+        assert img.shape == (shard.num_rows, 64) and txt.shape == img.shape
+        cos = (img * txt).sum(1) / np.linalg.norm(img, axis=1) / np.linalg.norm(txt, axis=1)
+        assert np.allclose(cos, shard.column("similarity").to_numpy(), atol=1e-2)
+        assert set(shard.column("NSFW").to_pylist()) <= {"UNLIKELY", "UNSURE", "NSFW"}
+        all_keys |= set(shard.column("key").to_pylist())
+    tar_keys = {n.rsplit(".", 1)[0] for n in _tar_names(removed["out"])}
+    assert all_keys and all_keys <= tar_keys
 
 
 def test_stats_and_provenance_record_the_removal(removed):
