@@ -224,13 +224,12 @@ def fate_table(batch: dict[str, np.ndarray]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- the driver
-def ray_compactor(cfg: Config, layout: OutputLayout, cpus: float, resources: dict) -> Compactor:
+def ray_compactor(output: str, compression: str, cpus: float, resources: dict | None = None) -> Compactor:
     """:func:`~.commit.compact_shard` of a complete shard as a Ray task (the driver only tracks
-    its future), with the CPU share and placement of a writer task."""
+    its future); ``cpus`` and ``resources``: the share and placement of a writer task."""
     import ray
 
-    task = ray.remote(compact_shard).options(num_cpus=cpus, **resources)
-    output, compression = layout.url, cfg.output.compression
+    task = ray.remote(compact_shard).options(num_cpus=cpus, **(resources or {}))
     return lambda sid, marker: task.remote(output, marker, compression).future()
 
 
@@ -249,7 +248,8 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
     # a shard written in several parts is committed as one part per kind by a task (see .commit)
     tracker = ShardTracker(layout, pending, progress, recovered,
-                           compactor=ray_compactor(cfg, layout, plan.write_cpus, plan.cpu_resources),
+                           compactor=ray_compactor(layout.url, cfg.output.compression, plan.write_cpus,
+                                                   plan.cpu_resources),
                            compactions=plan.write_tasks)
     if not items:
         tracker.close()
