@@ -330,7 +330,7 @@ class ShardTracker:
         marker = {SHARD_ID: sid, "rows": self.pending.pop(sid), "parts": sorted(parts),
                   #: rows of each subset table, so that publish needs no footer
                   "part_rows": {p: n for p, n in sorted(parts.items()) if n is not None},
-                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes.pop(sid).items()},
+                  "nodes": {stage: sorted(n for n in ids if n) for stage, ids in self.nodes.pop(sid, {}).items()},
                   "counters": {k: c.to_dict() for k, c in counters.items()}}
         self.rows.pop(sid, None)
         if self._errors:
