@@ -8,14 +8,30 @@ in its schema metadata, the part's stage counters and nodes. A part exists once
 its fates file does. A writer's batch is ``output.part_rows`` rows
 (:func:`~.score.part_rows`: 0 = a work shard, at most 20,000); a shard whose rows
 reach the writer together is written in at most ceil(rows / part_rows) + 1 parts
-per subset (more when the download stage's blocks of several shards interleave,
-see docs/pipeline.md).
+per subset, and in about one part per download block when the download stage's
+blocks of several shards interleave (``scripts/bench_parts.py``: 11.75 parts per
+shard of 1,000 rows in blocks of 100, where the bound is 3; see docs/pipeline.md).
 
-The driver commits a shard (``scored/_done/<shard_id>.json``, written last) when
-the rows of its parts equal the rows of the shard. A rerun keeps the parts of
-uncommitted shards, deletes any file of an unfinished part, and fetches and
-scores only the rows no part holds: a killed run loses the rows between
-download and write, not whole shards.
+The driver commits a shard once the rows of its parts equal the rows of the shard.
+When its parts are one file per kind, the driver writes the marker
+(``scored/_done/<shard_id>.json``, the commit) in a background thread. Otherwise it
+hands the shard to a compactor (the runner's: a Ray task running :func:`compact_shard`;
+the driver only holds its future, at most one writer-task pool of them at once):
+the task writes one file per kind under a new token (fates last, its metadata
+marking it a compaction of the parts it joins), then the marker listing only the
+new files, then deletes the old ones. A committed shard is therefore one part per
+subset, whatever the interleaving (the bench: 1.0 files per shard and kind, from
+11.75 parts). A compaction reads and writes the shard's output once more (its
+images too, when saved); the driver's work per shard stays one submission.
+
+A rerun keeps the parts of uncommitted shards, deletes any file of an unfinished
+part and any compaction whose marker was never written (the parts it joins are
+all still there: they are deleted only after the marker), and fetches and scores
+only the rows no part holds: a killed run loses the rows between download and
+write, not whole shards. A run killed between a compaction's marker and the end
+of its deletions leaves the old files of a committed shard behind: no reader sees
+them, since every reader lists a shard's files from its marker
+(:meth:`~..output.layout.OutputLayout.scored_markers`, ``fate_files``).
 """
 
 from __future__ import annotations

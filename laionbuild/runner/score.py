@@ -5,9 +5,10 @@ download run in CPU actors, CLIP (and the safety models) in GPU actors when the
 cluster has GPUs, then writer tasks put each batch's rows (``output.part_rows``, see
 :func:`part_rows`) of each shard under ``scored/<shard_id>/`` as one part: the kept rows per subset and
 ``fates-*.parquet`` with every row's fate (fetch status, similarity, drop
-reason). The driver commits a shard once its parts hold all its rows; a rerun
-keeps the parts of an interrupted shard and redoes only its missing rows
-(see :mod:`.commit`).
+reason). The driver commits a shard once its parts hold all its rows (a shard
+written in several parts through a task that joins them into one part per kind
+first); a rerun keeps the parts of an interrupted shard and redoes only its
+missing rows (see :mod:`.commit`).
 """
 
 from __future__ import annotations
