@@ -68,7 +68,8 @@ SHARD_ROW = "shard_row"
 PART_META = b"laionbuild.part"
 FATES = "fates"
 #: key of :data:`PART_META` in a fates file written by :func:`compact_shard`: the tokens of the
-#: parts it joins (a rerun drops such a part of an uncommitted shard: the parts it joins are all there)
+#: parts it joins (a rerun drops such a part of an uncommitted shard: the parts it joins are all
+#: there); in the marker of a compacted shard: the number of files joined
 COMPACTED = "compacted_from"
 #: threads writing markers, so that a commit never holds up the stream
 MARKER_WRITERS = 4
@@ -154,12 +155,22 @@ def compact_shard(output: str, marker: dict, compression: str = "zstd") -> dict:
     :data:`COMPACTED`, the tokens of the parts it joins; then the marker, which lists only the
     new files (the commit); then deletes the old files. Killed before the marker, the shard is
     uncommitted and a rerun drops the compacted part (:func:`recover_parts`); killed after it,
-    the old files are left over but no reader sees them (readers go through the markers).
-    Returns the marker written. No Ray here: the runner runs it as a task."""
+    the old files are left over but no reader sees them (readers go through the markers). A
+    retried task joins the files again while they are all there, else finds the marker written.
+    Returns the marker. No Ray here: the runner runs it as a task."""
     layout = OutputLayout(output)
     sid = marker[SHARD_ID]
-    if layout.exists(layout.scored_marker(sid)):  # a retried task whose first try committed
-        return shards.read_json(layout.fs, layout.scored_marker(sid))
+    try:
+        return _compact(layout, sid, marker, compression)
+    except FileNotFoundError:
+        try:  # a retried task whose first try committed, then died deleting the old files
+            return shards.read_json(layout.fs, layout.scored_marker(sid))
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _compact(layout: OutputLayout, sid: str, marker: dict, compression: str) -> dict:
     folder = layout.scored_dir(sid)
     token = uuid.uuid4().hex[:12]
     by_kind: dict[str, list[str]] = defaultdict(list)
@@ -172,7 +183,8 @@ def compact_shard(output: str, marker: dict, compression: str = "zstd") -> dict:
         if kind == "images":
             written[target] = _join_tars(layout, paths, target)
             continue
-        tables = [pq.read_table(pa.BufferReader(layout.fs.cat_file(p))) for p in paths]
+        # start=0: one GET per file on object stores (without it s3fs asks for the size first)
+        tables = [pq.read_table(pa.BufferReader(layout.fs.cat_file(p, start=0))) for p in paths]
         table = pa.concat_tables(tables, promote_options="default")
         if kind == FATES:
             metas = [json.loads((t.schema.metadata or {})[PART_META]) for t in tables]
@@ -188,8 +200,13 @@ def compact_shard(output: str, marker: dict, compression: str = "zstd") -> dict:
     new = {**marker, "parts": sorted(written), "part_rows": dict(sorted(written.items())),
            COMPACTED: sum(len(v) for v in by_kind.values())}
     shards.write_json_atomic(layout.fs, layout.scored_marker(sid), new)  # the commit
-    layout.rm_many(p for paths in by_kind.values() for p in paths)
+    _delete_files(layout, [p for paths in by_kind.values() for p in paths])
     return new
+
+
+def _delete_files(layout: OutputLayout, paths: list[str]) -> None:
+    """Files, not folders: no listing per path (object stores delete them in one bulk request)."""
+    layout.fs.rm(paths)
 
 
 @dataclass
