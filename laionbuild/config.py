@@ -490,8 +490,10 @@ class OutputConfig:
     save_images: bool = False
     #: rows a phase-3 writer gathers into one *part* of a work shard (``scored/<shard>/``: a file
     #: per subset and a fates file); 0 = automatic: ``run.work_shard_rows``, at most
-    #: 20,000 (2,000 with ``save_images``, whose rows carry their encoded image). Larger parts
-    #: mean fewer objects; a killed run loses the rows still gathering. Not in the config hash
+    #: 20,000 (2,000 with ``save_images``, whose rows carry their encoded image). A shard written
+    #: in several parts is joined into one part per subset when committed; larger parts mean
+    #: fewer objects written before that, and a killed run loses the rows still gathering. Not in
+    #: the config hash
     part_rows: int = 0
 
 

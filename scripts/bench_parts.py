@@ -5,8 +5,13 @@ Phase 3's chain of operators with stand-in stages (no network, no model): one ta
 work shard (a batch per row group), download actors stream the rows of their batch as they
 complete (random delays, several calls per actor, as ``StreamStageActor``) and give each row a
 pixel payload, a CLIP actor drops it, and writer tasks take batches of ``part_rows`` rows and
-make one part per shard of each batch (as ``ShardPartWriter``). Counts the parts of every shard
-and compares them with ceil(rows / part_rows) + 1.
+make one part per shard of each batch (as ``ShardPartWriter``: a small ``en`` table and a fates
+table with ``shard_row`` and the part's metadata, in a temporary output folder). The results go
+to the runner's ``ShardTracker`` with its Ray compactor, as in a run: a complete shard written in
+several parts is committed as one part per kind by a task. Counts the parts each shard was
+written in (``written``, compared with ceil(rows / part_rows) + 1) and the files per shard and
+kind that its marker lists once committed (``committed``), and checks that the shard folders hold
+nothing else.
 
 A download task takes a whole work shard (its rows without pixels make one block); its output
 leaves in blocks of at most ``--block-bytes`` (Ray Data's ``target_max_block_size``, 128 MiB in
@@ -24,8 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import posixpath
 import random
+import shutil
+import tempfile
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -33,7 +43,16 @@ import numpy as np
 
 
 def _parts(args, part_rows: int) -> dict:
+    import pyarrow as pa
     import ray
+
+    from laionbuild.output.layout import OutputLayout
+    from laionbuild.runner.commit import COMPACTED, SHARD_ROW, ShardTracker, part_name, with_part_meta
+    from laionbuild.runner.progress import Progress
+    from laionbuild.runner.score import ray_compactor
+    from laionbuild.stages import shards
+
+    output = tempfile.mkdtemp(prefix="bench-parts-")
 
     rows, group = args.rows, args.row_group
 
@@ -67,9 +86,23 @@ def _parts(args, part_rows: int) -> dict:
             batch.pop("image", None)
             return batch
 
-    def write(batch):
-        sids, counts = np.unique(batch["sid"].astype(str), return_counts=True)
-        return {"sid": sids.astype(object), "n": counts}
+    def write(batch):  # one part per shard of the batch, as ShardPartWriter
+        layout = OutputLayout(output)
+        sids = batch["sid"].astype(str)
+        out = {"shard_id": [], "n_rows": [], "parts": [], "counters": [], "node": []}
+        for sid in np.unique(sids):
+            rows = batch["row"][sids == sid]
+            token = uuid.uuid4().hex[:12]
+            written = {}
+            for kind, table in (("en", pa.table({"row": rows})),
+                                ("fates", with_part_meta(pa.table({SHARD_ROW: rows}), {}, {"write": ["w"]}))):
+                path = posixpath.join(layout.scored_dir(sid), part_name(kind, token))
+                shards.write_bytes_atomic(layout.fs, path, shards.table_to_bytes(table, "zstd"))
+                written[path] = len(rows)
+            for key, value in (("shard_id", sid), ("n_rows", len(rows)), ("parts", json.dumps(written)),
+                               ("counters", "{}"), ("node", "{}")):
+                out[key].append(value)
+        return {k: np.array(v, dtype=np.int64 if k == "n_rows" else object) for k, v in out.items()}
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -83,15 +116,35 @@ def _parts(args, part_rows: int) -> dict:
     ds = ds.map_batches(Clip, batch_size=args.clip_batch, batch_format="numpy", num_cpus=0.25,
                         compute=ray.data.ActorPoolStrategy(size=1))
     ds = ds.map_batches(write, batch_size=part_rows, batch_format="numpy", num_cpus=0.25)
-    parts, seen = Counter(), Counter()
+    layout = OutputLayout(output)
+    shard_ids = [f"s{i:04d}" for i in range(args.shards)]
+    tracker = ShardTracker(layout, dict.fromkeys(shard_ids, rows), Progress(args.shards, False, "", ""),
+                           compactor=ray_compactor(output, "zstd", 0.25), compactions=2)
+    parts = Counter()
+    t = time.monotonic()
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for sid, n in zip(b["sid"], b["n"]):
+        for sid in b["shard_id"]:
             parts[sid] += 1
-            seen[sid] += int(n)
-    assert all(seen[s] == rows for s in parts) and len(parts) == args.shards
+        tracker.add(b)
+    closing = time.monotonic()
+    tracker.close()  # waits for the compactions still running
+    wall, closing = time.monotonic() - t, time.monotonic() - closing
+    assert len(parts) == args.shards and not tracker.pending
+    markers = layout.scored_markers()
+    committed = {sid: Counter(posixpath.basename(p).rsplit("-", 1)[0] for p in m["parts"])
+                 for sid, m in markers.items()}
+    for sid, m in markers.items():  # every row once, nothing else in the folder
+        assert sorted(os.listdir(layout.scored_dir(sid))) == sorted(posixpath.basename(p) for p in m["parts"])
+        assert all(n == rows for n in m["part_rows"].values()), m
+    per_kind = [n for kinds in committed.values() for n in kinds.values()]
+    shutil.rmtree(output, ignore_errors=True)
     bound = math.ceil(rows / part_rows) + 1
-    return {"part_rows": part_rows, "bound": bound, "mean_parts": round(sum(parts.values()) / len(parts), 2),
-            "max_parts": max(parts.values()), "shards_over_bound": sum(v > bound for v in parts.values())}
+    return {"part_rows": part_rows, "bound": bound,
+            "written": {"mean_parts": round(sum(parts.values()) / len(parts), 2), "max_parts": max(parts.values()),
+                        "shards_over_bound": sum(v > bound for v in parts.values())},
+            "committed": {"mean_parts": round(sum(per_kind) / len(per_kind), 2), "max_parts": max(per_kind),
+                          "shards_compacted": sum(COMPACTED in m for m in markers.values())},
+            "stream_and_commit_s": round(wall, 2), "close_s": round(closing, 2)}
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -151,16 +152,17 @@ def test_compare_demo_output_with_planted_reference(demo_run, tmp_path):
     assert missing["URL"] not in {r["URL"] for r in ref}
 
 
-def test_parts_per_work_shard_and_subset_are_bounded(ray_session, tmp_path):
-    """A writer gathers ``output.part_rows`` rows: a work shard is written in at most
-    ceil(rows / part_rows) + 1 parts per subset (a batch can straddle two shards), not in one
-    part per CLIP batch; the parts hold every row of their shard once."""
-    import math
+def test_each_committed_work_shard_is_one_part_per_subset(ray_session, tmp_path):
+    """A writer gathers ``output.part_rows`` rows, so a work shard is written in several parts
+    here (and in about one per download block when the blocks of several shards interleave);
+    once complete it is committed as one part per kind: one fates file, one file per subset
+    with kept rows, holding every row of the shard once, and no other file in its folder."""
     import os
     from collections import Counter
 
     from laionbuild.demo.crawl import build_crawl
     from laionbuild.demo.image_server import LoopbackServer
+    from laionbuild.runner.commit import COMPACTED, PART_META
     from laionbuild.runner.run import run
     from laionbuild.runner.score import part_rows
 
@@ -177,14 +179,18 @@ def test_parts_per_work_shard_and_subset_are_bounded(ray_session, tmp_path):
     assert size == 64
     markers = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
     assert len(markers) >= 3 and all(m["rows"] > 2 * size for m in markers)
-    most = 0
     for m in markers:
         kinds = Counter(os.path.basename(p).rsplit("-", 1)[0] for p in m["parts"])
-        assert set(kinds) <= {"fates", "en", "multi", "nolang"}, kinds
-        # one part per CLIP batch (16 rows) would be >= 12 per shard here
-        assert max(kinds.values()) <= math.ceil(m["rows"] / size) + 1, (m["rows"], kinds)
-        most = max(most, kinds["fates"])
-        rows = [r for p in m["parts"] if os.path.basename(p).startswith("fates-")
-                for r in pq.read_table(p, columns=["shard_row"]).column(0).to_pylist()]
-        assert sorted(rows) == list(range(m["rows"]))
-    assert most >= 2  # the shards were written in several parts, each of part_rows rows at most
+        assert set(kinds) <= {"fates", "en", "multi", "nolang"} and "fates" in kinds, kinds
+        assert set(kinds.values()) == {1}, (m["shard_id"], kinds)
+        # written in at least ceil(rows / part_rows) parts of 2+ files each, joined into one
+        assert m[COMPACTED] >= 2 * -(-m["rows"] // size), m
+        (fates,) = [p for p in m["parts"] if os.path.basename(p).startswith("fates-")]
+        table = pq.read_table(fates)
+        assert sorted(table.column("shard_row").to_pylist()) == list(range(m["rows"]))
+        assert json.loads(table.schema.metadata[PART_META])["counters"] == m["counters"]
+        kept = sum(n for p, n in m["part_rows"].items() if p != fates)
+        assert kept == sum(pq.read_metadata(p).num_rows for p in m["parts"] if p != fates)
+        assert kept == table.filter(pc.equal(table.column("drop_reason"), "")).num_rows
+        # the parts it joined are gone
+        assert sorted(os.listdir(out / "scored" / m["shard_id"])) == sorted(os.path.basename(p) for p in m["parts"])

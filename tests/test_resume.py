@@ -174,33 +174,67 @@ def test_killed_at_60_percent_of_shards_reruns_the_rest_with_identical_rows(craw
     assert r["rerun_requests"] <= 0.5 * len(crawl[0].pairs), r
 
 
+def _interrupt(out: Path, m: dict, writes: list[int]) -> list[str]:
+    """The state a kill leaves in the folder ``out`` while the committed shard ``m`` was being
+    written: no marker, and only its first ``sum(writes)`` rows written, ``writes[i]`` rows by the
+    i-th call of the real writer (the batch rebuilt from the work shard and the shard's fates).
+    Returns the URLs of the rows no part holds."""
+    import numpy as np
+
+    from laionbuild import schema as S
+    from laionbuild.config import load_config
+    from laionbuild.runner.score import ShardPartWriter
+
+    sid = m["shard_id"]
+    (fates,) = [p for p in m["parts"] if os.path.basename(p).startswith("fates-")]
+    fates = pq.read_table(out / "scored" / sid / os.path.basename(fates))
+    (out / "scored" / "_done" / f"{sid}.json").unlink()
+    shutil.rmtree(out / "scored" / sid)
+    rows = np.sort(fates.column("shard_row").to_numpy())
+    at = {r: i for i, r in enumerate(fates.column("shard_row").to_pylist())}
+    written = rows[: sum(writes)]
+    batch = S.candidate_table_to_batch(pq.read_table(out / "workshards" / f"{sid}.parquet").take(written))
+    take = [at[r] for r in written]
+    for internal, column, dtype in ((S.STATUS, "status", object), (S.SIMILARITY, "similarity", np.float32),
+                                    (S.DROP_REASON, "drop_reason", object), (S.WIDTH, "WIDTH", np.int32),
+                                    (S.HEIGHT, "HEIGHT", np.int32)):
+        batch[internal] = np.array(fates.column(column).take(take).to_pylist(), dtype=dtype)
+    batch.update({"shard_id": np.full(len(written), sid, dtype=object), "shard_row": written})
+    writer = ShardPartWriter(load_config(REPO / "configs" / "smoke.yaml", ["output.part_rows=64"]), str(out))
+    start = 0
+    for n in writes:
+        writer({k: v[start:start + n] for k, v in batch.items()})
+        start += n
+    lost = set(rows[sum(writes):].tolist())
+    return [u for u, r in zip(fates.column("URL").to_pylist(), fates.column("shard_row").to_pylist()) if r in lost]
+
+
 def test_rerun_keeps_the_written_parts_of_an_uncommitted_shard(crawl, reference, tmp_path):
     """A shard interrupted between two writes: only the rows of its missing part are fetched again."""
     first, _, _, server = crawl
     ref_out, _, _ = reference
     out = tmp_path / "out"
     shutil.copytree(ref_out, out)
-    markers = {p: json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")}
-
-    def fates(m):
-        return sorted(p for p in m["parts"] if os.path.basename(p).startswith("fates-"))
-
-    marker, m = max(markers.items(), key=lambda kv: len(fates(kv[1])))
-    assert len(fates(m)) >= 2, "no work shard was written in several parts"
-    marker.unlink()
-    lost = out / os.path.relpath(fates(m)[0], ref_out)
-    urls = pq.read_table(lost, columns=["URL"]).column(0).to_pylist()
-    lost.unlink()  # the part never finished: its kept rows are deleted and redone too
+    markers = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
+    m = max(markers, key=lambda m: m["rows"])
+    assert m["rows"] > 64, "no work shard is written in several parts of 64 rows"
+    urls = _interrupt(out, m, [40, 24])  # two parts written, the rest of the shard not yet
+    assert len(list((out / "scored" / m["shard_id"]).glob("fates-*.parquet"))) == 2
     server.reset_counts()
     _run(_cmd(first, [str(crawl[2] / "inputs")], out))
     fetched = {p for p in first.images if server.request_count(p)}
     assert fetched == {"/" + u.split("/", 3)[3] for u in urls}
     stats = json.loads((out / "stats.json").read_text())
     assert stats["work_shards"]["skipped_as_complete"] == len(markers) - 1
-    assert stats["work_shards"]["rows_resumed"] == m["rows"] - len(urls)
+    assert stats["work_shards"]["rows_resumed"] == m["rows"] - len(urls) == 64
     assert stats["stages"]["fetch"]["counts"]["rows"] == \
         json.loads((ref_out / "stats.json").read_text())["stages"]["fetch"]["counts"]["rows"]
     _same_rows(_published(ref_out), _published(out))
+    # the kept parts and the new ones are committed as one part per kind
+    marker = json.loads((out / "scored" / "_done" / f"{m['shard_id']}.json").read_text())
+    kinds = [os.path.basename(p).rsplit("-", 1)[0] for p in marker["parts"]]
+    assert sorted(kinds) == sorted(set(kinds)) and "fates" in kinds
+
 
 def test_new_inputs_fetch_only_new_pairs(crawl, reference, resumed):
     first, more, root, server = crawl

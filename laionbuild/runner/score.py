@@ -5,9 +5,10 @@ download run in CPU actors, CLIP (and the safety models) in GPU actors when the
 cluster has GPUs, then writer tasks put each batch's rows (``output.part_rows``, see
 :func:`part_rows`) of each shard under ``scored/<shard_id>/`` as one part: the kept rows per subset and
 ``fates-*.parquet`` with every row's fate (fetch status, similarity, drop
-reason). The driver commits a shard once its parts hold all its rows; a rerun
-keeps the parts of an interrupted shard and redoes only its missing rows
-(see :mod:`.commit`).
+reason). The driver commits a shard once its parts hold all its rows (a shard
+written in several parts through a task that joins them into one part per kind
+first); a rerun keeps the parts of an interrupted shard and redoes only its
+missing rows (see :mod:`.commit`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ..output.layout import OutputLayout
 from ..stages import registry, shards
 from ..stats import StageCounters
 from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, task_pool
-from .commit import FATES, SHARD_ID, SHARD_ROW, ShardTracker, part_name, recover_parts, with_part_meta
+from .commit import (FATES, SHARD_ID, SHARD_ROW, Compactor, ShardTracker, compact_shard, part_name, recover_parts,
+                     with_part_meta)
 from .progress import Progress
 from .resources import ClusterShape, score_plan
 
@@ -223,6 +225,15 @@ def fate_table(batch: dict[str, np.ndarray]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- the driver
+def ray_compactor(output: str, compression: str, cpus: float, resources: dict | None = None) -> Compactor:
+    """:func:`~.commit.compact_shard` of a complete shard as a Ray task (the driver only tracks
+    its future); ``cpus`` and ``resources``: the share and placement of a writer task."""
+    import ray
+
+    task = ray.remote(compact_shard).options(num_cpus=cpus, **(resources or {}))
+    return lambda sid, marker: task.remote(output, marker, compression).future()
+
+
 def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
                     shape: ClusterShape) -> tuple[list[str], int]:
     """Fetch and score every pending work shard; returns the shards left uncommitted and the rows
@@ -236,7 +247,11 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     log.info("fetch and score: %d work shards, %d rows; CLIP actors: %d x %s; parts of %d rows", len(pending),
              sum(pending.values()) - kept, plan.clip_actors, plan.clip_resources, part_rows(cfg))
     progress = Progress(len(pending), cfg.run.progress, "phase 3/4 fetch+score", "shard")
-    tracker = ShardTracker(layout, pending, progress, recovered)
+    # a shard written in several parts is committed as one part per kind by a task (see .commit)
+    tracker = ShardTracker(layout, pending, progress, recovered,
+                           compactor=ray_compactor(layout.url, cfg.output.compression, plan.write_cpus,
+                                                   plan.cpu_resources),
+                           compactions=plan.write_tasks)
     if not items:
         tracker.close()
         progress.close()
@@ -264,12 +279,15 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data execution stats:\n%s", ds.stats())
     finally:
-        tracker.close()  # every marker written
+        tracker.close()  # every marker written, every compaction done
         progress.close()
+    log.info("fetch and score: %d work shards committed, %d of them compacted into one part",
+             tracker.committed, tracker.compacted)
     for sid in tracker.pending:
         log.error("work shard %s ended with %d of %d rows written", sid, tracker.rows[sid], pending[sid])
     return sorted(tracker.pending), kept
 
 
 __all__ = ["AUTO_PART_ROWS", "AUTO_PART_ROWS_WITH_IMAGES", "FATE_COLUMNS", "STAGES", "ShardPartWriter",
-           "fate_table", "part_rows", "read_work_shard", "run_score_phase", "stage_counters", "stream_items"]
+           "fate_table", "part_rows", "ray_compactor", "read_work_shard", "run_score_phase", "stage_counters",
+           "stream_items"]
