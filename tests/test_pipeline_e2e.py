@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -150,47 +149,3 @@ def test_compare_demo_output_with_planted_reference(demo_run, tmp_path):
     assert e["similarity"]["other_side_of_threshold"] == 2  # the planted 0.20 and our CLIP drop at 0.30
     assert e["hash"]["pairs"] == len(en) - 2 and e["hash"]["equal"] == len(en) - 3
     assert missing["URL"] not in {r["URL"] for r in ref}
-
-
-def test_each_committed_work_shard_is_one_part_per_subset(ray_session, tmp_path):
-    """A writer gathers ``output.part_rows`` rows, so a work shard is written in several parts
-    here (and in about one per download block when the blocks of several shards interleave);
-    once complete it is committed as one part per kind: one fates file, one file per subset
-    with kept rows, holding every row of the shard once, and no other file in its folder."""
-    import os
-    from collections import Counter
-
-    from laionbuild.demo.crawl import build_crawl
-    from laionbuild.demo.image_server import LoopbackServer
-    from laionbuild.runner.commit import COMPACTED, PART_META
-    from laionbuild.runner.run import run
-    from laionbuild.runner.score import part_rows
-
-    out = tmp_path / "out"
-    with LoopbackServer("127.0.0.1") as server:
-        crawl = build_crawl(str(tmp_path / "in"), n_files=8, image_base=f"http://images.crawl.test:{server.port}")
-        crawl.register(server)
-        sets = [f"run.inputs={json.dumps(crawl.warc_paths)}", f"run.output={out}", "run.progress=false",
-                *crawl.config_overrides("127.0.0.1"), "clip.batch_size=16", "output.part_rows=64"]
-        cfg = load_config(SMOKE_CONFIG, sets)
-        result = run(cfg)  # on the test process's Ray
-    assert result.exit_code == 0
-    size = part_rows(cfg)
-    assert size == 64
-    markers = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
-    assert len(markers) >= 3 and all(m["rows"] > 2 * size for m in markers)
-    for m in markers:
-        kinds = Counter(os.path.basename(p).rsplit("-", 1)[0] for p in m["parts"])
-        assert set(kinds) <= {"fates", "en", "multi", "nolang"} and "fates" in kinds, kinds
-        assert set(kinds.values()) == {1}, (m["shard_id"], kinds)
-        # written in at least ceil(rows / part_rows) parts of 2+ files each, joined into one
-        assert m[COMPACTED] >= 2 * -(-m["rows"] // size), m
-        (fates,) = [p for p in m["parts"] if os.path.basename(p).startswith("fates-")]
-        table = pq.read_table(fates)
-        assert sorted(table.column("shard_row").to_pylist()) == list(range(m["rows"]))
-        assert json.loads(table.schema.metadata[PART_META])["counters"] == m["counters"]
-        kept = sum(n for p, n in m["part_rows"].items() if p != fates)
-        assert kept == sum(pq.read_metadata(p).num_rows for p in m["parts"] if p != fates)
-        assert kept == table.filter(pc.equal(table.column("drop_reason"), "")).num_rows
-        # the parts it joined are gone
-        assert sorted(os.listdir(out / "scored" / m["shard_id"])) == sorted(os.path.basename(p) for p in m["parts"])

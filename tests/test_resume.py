@@ -1,15 +1,16 @@
 """Killed runs lose at most the work units in flight; reruns and grown crawls redo nothing.
 
-On a synthetic crawl of 16 WARC files (12 pages of 10 images each, pages
+On a synthetic crawl of 8 WARC files (12 pages of 10 images each, pages
 re-crawled across files, images on a slow loopback host), with
-``configs/smoke.yaml`` and work shards of 100 rows:
+``configs/smoke.yaml``, work shards of 50 rows and parts of 16 rows:
 
 * a run killed with SIGKILL once 60% of its work shards are committed and started
   again fetches at most half the images again and ends with exactly the
   uninterrupted rows;
 * no image URL is requested twice, and the rows scored are the unique candidates;
-* a shard interrupted between two writes keeps its written parts: only the rest is fetched again;
-* new input files added to a finished output fetch only their new pairs.
+* a work shard written in several parts is committed as one part per subset;
+* a shard interrupted between two writes keeps its written parts (only the rest is
+  fetched again), and new input files added at the same time fetch only their new pairs.
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from laionbuild.demo.image_server import LoopbackServer
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-N_FILES = 16
+N_FILES = 8
 IMAGE_DELAY_S = 0.1
-WORK_SHARD_ROWS = 100
+WORK_SHARD_ROWS = 50
+#: rows per part: a work shard is written in several
+PART_ROWS = 16
 #: the share of work shards committed when the run is killed
 KILL_AT = 0.6
 
@@ -53,8 +56,7 @@ def crawl(tmp_path_factory):
 
 def _cmd(crawl, inputs: list[str], out: Path) -> list[str]:
     sets = [*crawl.config_overrides("127.0.0.1"),  # the loopback host mapping
-            f"run.work_shard_rows={WORK_SHARD_ROWS}",
-            "output.part_rows=64"]  # parts of 64 rows: a work shard is written in several
+            f"run.work_shard_rows={WORK_SHARD_ROWS}", f"output.part_rows={PART_ROWS}"]
     cmd = [sys.executable, "-m", "laionbuild", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
            "--output", str(out), "--no-progress"]
     for path in inputs:
@@ -117,6 +119,38 @@ def test_each_image_fetched_once_and_rows_scored_are_unique_candidates(crawl, re
     assert stats["work_shards"]["total"] >= 10
 
 
+def test_each_committed_work_shard_is_one_part_per_subset(reference):
+    """A writer gathers ``output.part_rows`` rows, so a work shard is written in several parts
+    (and in about one per download block when the blocks of several shards interleave); once
+    complete it is committed as one part per kind: one fates file, one file per subset with kept
+    rows, holding every row of the shard once, and no other file in its folder."""
+    from collections import Counter
+
+    import pyarrow.compute as pc
+
+    from laionbuild.runner.commit import COMPACTED, PART_META
+
+    out, _, _ = reference
+    markers = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
+    assert len(markers) >= 10 and sum(m["rows"] > 2 * PART_ROWS for m in markers) >= 9
+    for m in markers:
+        kinds = Counter(os.path.basename(p).rsplit("-", 1)[0] for p in m["parts"])
+        assert set(kinds) <= {"fates", "en", "multi", "nolang"} and "fates" in kinds, kinds
+        assert set(kinds.values()) == {1}, (m["shard_id"], kinds)
+        (fates,) = [p for p in m["parts"] if os.path.basename(p).startswith("fates-")]
+        table = pq.read_table(fates)
+        assert sorted(table.column("shard_row").to_pylist()) == list(range(m["rows"]))
+        meta = json.loads(table.schema.metadata[PART_META])
+        assert meta["counters"] == m["counters"]
+        # written in at least ceil(rows / part_rows) parts, joined into one
+        assert len(meta[COMPACTED]) >= -(-m["rows"] // PART_ROWS) >= 2 and m[COMPACTED] > len(meta[COMPACTED]), m
+        kept = sum(n for p, n in m["part_rows"].items() if p != fates)
+        assert kept == sum(pq.read_metadata(p).num_rows for p in m["parts"] if p != fates)
+        assert kept == table.filter(pc.equal(table.column("drop_reason"), "")).num_rows
+        # the parts it joined are gone
+        assert sorted(os.listdir(out / "scored" / m["shard_id"])) == sorted(os.path.basename(p) for p in m["parts"])
+
+
 @pytest.fixture(scope="module")
 def resumed(crawl, reference, tmp_path_factory):
     """A run killed with SIGKILL once 60% of its work shards are committed, then run again."""
@@ -138,10 +172,11 @@ def resumed(crawl, reference, tmp_path_factory):
     proc.wait(timeout=60)
     killed = proc.returncode == -signal.SIGKILL
     complete_at_kill = (out / "stats.json").exists()
-    done = len(list((out / "scored" / "_done").glob("*.json")))
     server = crawl[3]
     fetched_at_kill = sum(server.request_count(p) for p in first.images)
     time.sleep(1.0)  # let the killed run's Ray processes go away
+    # counted now: a compaction task that was writing its shard's marker may have finished it
+    done = len(list((out / "scored" / "_done").glob("*.json")))
     server.reset_counts()
     rerun_wall = _run(cmd)
     rerun_requests = sum(server.request_count(p) for p in first.images)
@@ -174,6 +209,10 @@ def test_killed_at_60_percent_of_shards_reruns_the_rest_with_identical_rows(craw
     assert r["rerun_requests"] <= 0.5 * len(crawl[0].pairs), r
 
 
+#: rows of the two parts written of the interrupted shard
+WRITES = [20, 12]
+
+
 def _interrupt(out: Path, m: dict, writes: list[int]) -> list[str]:
     """The state a kill leaves in the folder ``out`` while the committed shard ``m`` was being
     written: no marker, and only its first ``sum(writes)`` rows written, ``writes[i]`` rows by the
@@ -200,7 +239,8 @@ def _interrupt(out: Path, m: dict, writes: list[int]) -> list[str]:
                                     (S.HEIGHT, "HEIGHT", np.int32)):
         batch[internal] = np.array(fates.column(column).take(take).to_pylist(), dtype=dtype)
     batch.update({"shard_id": np.full(len(written), sid, dtype=object), "shard_row": written})
-    writer = ShardPartWriter(load_config(REPO / "configs" / "smoke.yaml", ["output.part_rows=64"]), str(out))
+    writer = ShardPartWriter(load_config(REPO / "configs" / "smoke.yaml", [f"output.part_rows={PART_ROWS}"]),
+                             str(out))
     start = 0
     for n in writes:
         writer({k: v[start:start + n] for k, v in batch.items()})
@@ -209,50 +249,43 @@ def _interrupt(out: Path, m: dict, writes: list[int]) -> list[str]:
     return [u for u, r in zip(fates.column("URL").to_pylist(), fates.column("shard_row").to_pylist()) if r in lost]
 
 
-def test_rerun_keeps_the_written_parts_of_an_uncommitted_shard(crawl, reference, tmp_path):
-    """A shard interrupted between two writes: only the rows of its missing part are fetched again."""
-    first, _, _, server = crawl
+def test_rerun_keeps_the_written_parts_of_an_uncommitted_shard_and_fetches_only_new_pairs(crawl, reference,
+                                                                                          tmp_path):
+    """A finished output with one shard interrupted between two writes, rerun with new input files
+    added: only the rows of the shard's missing part and the new files' new pairs are fetched."""
+    first, more, root, server = crawl
     ref_out, _, _ = reference
     out = tmp_path / "out"
     shutil.copytree(ref_out, out)
     markers = [json.loads(p.read_text()) for p in (out / "scored" / "_done").glob("*.json")]
     m = max(markers, key=lambda m: m["rows"])
-    assert m["rows"] > 64, "no work shard is written in several parts of 64 rows"
-    urls = _interrupt(out, m, [40, 24])  # two parts written, the rest of the shard not yet
+    assert m["rows"] > sum(WRITES), "no work shard is written in several parts"
+    urls = _interrupt(out, m, WRITES)  # two parts written, the rest of the shard not yet
     assert len(list((out / "scored" / m["shard_id"]).glob("fates-*.parquet"))) == 2
-    server.reset_counts()
-    _run(_cmd(first, [str(crawl[2] / "inputs")], out))
-    fetched = {p for p in first.images if server.request_count(p)}
-    assert fetched == {"/" + u.split("/", 3)[3] for u in urls}
-    stats = json.loads((out / "stats.json").read_text())
-    assert stats["work_shards"]["skipped_as_complete"] == len(markers) - 1
-    assert stats["work_shards"]["rows_resumed"] == m["rows"] - len(urls) == 64
-    assert stats["stages"]["fetch"]["counts"]["rows"] == \
-        json.loads((ref_out / "stats.json").read_text())["stages"]["fetch"]["counts"]["rows"]
-    _same_rows(_published(ref_out), _published(out))
-    # the kept parts and the new ones are committed as one part per kind
-    marker = json.loads((out / "scored" / "_done" / f"{m['shard_id']}.json").read_text())
-    kinds = [os.path.basename(p).rsplit("-", 1)[0] for p in marker["parts"]]
-    assert sorted(kinds) == sorted(set(kinds)) and "fates" in kinds
-
-
-def test_new_inputs_fetch_only_new_pairs(crawl, reference, resumed):
-    first, more, root, server = crawl
-    ref_out, _, _ = reference
-    out = resumed["out"]  # a finished output
     server.reset_counts()
     _run(_cmd(first, [str(root / "inputs"), str(root / "more")], out))
     new_pairs = more.pairs - first.pairs
     assert new_pairs and more.pairs & first.pairs  # the new files re-crawl some old pages too
     fetched = {p for p in {**first.images, **more.images} if server.request_count(p)}
-    assert fetched == {"/" + u.split("/", 3)[3] for u, _ in new_pairs}
+    assert fetched == {"/" + u.split("/", 3)[3] for u in urls} | {"/" + u.split("/", 3)[3] for u, _ in new_pairs}
     assert all(server.request_count(p) == 1 for p in fetched)
-    old = {(r["URL"], r["TEXT"]) for r in _published(ref_out)}
-    now = {(r["URL"], r["TEXT"]) for r in _published(out)}
-    assert old < now and (now - old) <= new_pairs
+    stats = json.loads((out / "stats.json").read_text())
     manifests = sorted((out / "workshards").glob("_manifest-*.json"))
     assert len(manifests) == 2
     assert json.loads(manifests[1].read_text())["unique"] == len(new_pairs)
+    assert stats["work_shards"]["skipped_as_complete"] == len(markers) - 1
+    assert stats["work_shards"]["rows_resumed"] == m["rows"] - len(urls) == sum(WRITES)
+    assert stats["stages"]["fetch"]["counts"]["rows"] == len(new_pairs) + \
+        json.loads((ref_out / "stats.json").read_text())["stages"]["fetch"]["counts"]["rows"]
+    old = {(r["URL"], r["TEXT"]) for r in _published(ref_out)}
+    now = _published(out)
+    assert old < {(r["URL"], r["TEXT"]) for r in now}
+    assert {(r["URL"], r["TEXT"]) for r in now} - old <= new_pairs
+    _same_rows(_published(ref_out), [r for r in now if (r["URL"], r["TEXT"]) in old])
+    # the kept parts and the new ones are committed as one part per kind
+    marker = json.loads((out / "scored" / "_done" / f"{m['shard_id']}.json").read_text())
+    kinds = [os.path.basename(p).rsplit("-", 1)[0] for p in marker["parts"]]
+    assert sorted(kinds) == sorted(set(kinds)) and "fates" in kinds
 
 
 def test_resume_with_other_config_is_refused(crawl, tmp_path):
