@@ -74,6 +74,7 @@ def _run(cmd) -> float:
     t = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "Warning:" not in r.stderr, r.stderr[-3000:]  # a clean console: no library's warnings
     return time.monotonic() - t
 
 

@@ -65,9 +65,13 @@ def actor_pool(size: int, in_flight: int | None = None, concurrent_calls: int = 
 
 
 def task_pool(size: int):
-    """A task stage with at most ``size`` tasks at once."""
+    """A task stage with at most ``size`` tasks at once. Ray Data warns when a stage gets fewer
+    inputs than that (a run of one work shard): a cap, not a wish, so the warning is not shown."""
+    import warnings
+
     import ray
 
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     return ray.data.TaskPoolStrategy(size=max(1, int(size)))
 
 

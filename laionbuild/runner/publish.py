@@ -29,7 +29,7 @@ from ..config import Config
 from ..output.fs import open_fs
 from ..output.layout import IMAGES, OutputLayout
 from ..stages import shards
-from ..stages.blocklist import Blocklist, filter_image_tars, filter_table
+from ..stages.blocklist import Blocklist, filter_image_tar, filter_table
 from ..stages.pair_dedup import drop_repeated_pairs
 from ..stats import RunStats
 
@@ -220,7 +220,8 @@ def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunSta
             stats.extra.setdefault("safe_subsets", {})[subset] = {
                 "rows": sum(r["rows_safe"] for r in mine), "left_out": dict(sorted(left_out.items()))}
             files[f"{subset}_safe"] = [layout.path(f"{subset}_safe", r["name"]) for r in mine]
-    images = _publish_images(layout, scored, row_filter, generation)
+    images = _publish_images(layout, scored, row_filter, generation,
+                             on_engine=sum(totals.values()) > cfg.ray.local_max_rows)
     if images:
         files[IMAGES] = images
     layout.commit_published(generation, files, dict(stats.kept_per_subset))
@@ -248,17 +249,44 @@ def _book_filtered(stats: RunStats, results: list[dict], subset: str) -> None:
 
 
 def _publish_images(layout: OutputLayout, scored: list[dict], row_filter: PublishFilter,
-                    generation: int) -> list[str]:
-    """Copies of the scored image tars as ``images/part-g<generation>-NNNNN.tar``, filtered."""
+                    generation: int, on_engine: bool = False) -> list[str]:
+    """Copies of the scored image tars as ``images/part-g<generation>-NNNNN.tar``, filtered: each
+    tar read and written once (copied inside the store when no list names a row of it), many at
+    once -- Ray tasks on the engine, threads of the driver for a small run."""
     tars = sorted(p for m in scored for p in m["parts"] if p.endswith(".tar"))
     if not tars:
         return []
     target = layout.path(IMAGES)
     layout.fs.makedirs(target, exist_ok=True)
-    written = []
-    for i, path in enumerate(tars):
-        written.append(posixpath.join(target, layout.published_name(generation, i, ".tar")))
-        layout.fs.copy(path, written[-1])
-    if not row_filter.empty:
-        filter_image_tars(layout.fs, target, row_filter.lists(), paths=written)
+    written = [posixpath.join(target, layout.published_name(generation, i, ".tar")) for i in range(len(tars))]
+    pairs = list(zip(tars, written))
+    if on_engine:
+        _images_on_engine(layout.url, pairs, row_filter)
+    else:
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(pairs))) as pool:
+            list(pool.map(lambda pair: publish_image_tar(layout.url, pair, row_filter), pairs))
     return written
+
+
+def publish_image_tar(output: str, pair: tuple[str, str], row_filter: PublishFilter) -> int:
+    """One scored image tar to its published name, without the rows the lists name."""
+    source, target = pair
+    return filter_image_tar(OutputLayout(output).fs, source, row_filter.lists(), target=target)
+
+
+#: image tars being published at once by Ray tasks
+IMAGE_TASKS_IN_FLIGHT = 256
+
+
+def _images_on_engine(output: str, pairs: list[tuple[str, str]], row_filter: PublishFilter) -> None:
+    import ray
+
+    task = ray.remote(publish_image_tar).options(num_cpus=0.25)
+    shared = ray.put(row_filter)
+    waiting: list = []
+    for pair in pairs:
+        if len(waiting) >= IMAGE_TASKS_IN_FLIGHT:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            ray.get(done)
+        waiting.append(task.remote(output, pair, shared))
+    ray.get(waiting)
