@@ -34,7 +34,7 @@ from __future__ import annotations
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from ..stages import shards
 from .fs import open_fs, url_of
@@ -188,6 +188,15 @@ class OutputLayout:
     def scored_markers(self) -> dict[str, dict]:
         found = self.names(self.path(SCORED, DONE), ".json")
         return dict(zip(found, self.read_json_many(found.values())))
+
+    def iter_scored_markers(self, threads: int = 16) -> Iterator[dict]:
+        """The marker of every committed work shard, read concurrently and handed over one at a time
+        (in shard order), so that a caller keeping a little of each never holds them all."""
+        paths = list(self.names(self.path(SCORED, DONE), ".json").values())
+        if not paths:
+            return
+        with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
+            yield from pool.map(lambda p: shards.read_json(self.fs, p), paths)
 
     def fate_files(self) -> list[str]:
         """The per-row fate tables of every committed work shard (found under this folder even when it

@@ -221,9 +221,11 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
                                       "rows": sum(work.values()),
                                       "rows_resumed": resumed_rows}
         phases["score"] = round(time.monotonic() - t, 2)
-        scored = list(layout.scored_markers().values())
-        for m in scored:
+        # each marker's counters go into the stats as it is read; publish keeps only its parts
+        scored = []
+        for m in layout.iter_scored_markers():
             stats.merge_stages(m["counters"])
+            scored.append({"parts": m["parts"], "part_rows": m.get("part_rows") or {}})
         t = time.monotonic()
         lease.check()  # never publish once another run holds the folder
         line = Progress(1, cfg.run.progress, "phase 4/4 publish", "generation")
