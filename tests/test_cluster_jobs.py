@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 
 from laionbuild.errors import ClusterJoinError
 from laionbuild.runner import connect as C
+from helpers.processes import stop_processes
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -221,53 +221,6 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _own_processes(marker: str) -> list[int]:
-    """Processes whose command line names ``marker`` (this test's Ray temp dir), and their children."""
-    found, parents = set(), {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        parents[int(entry)] = ppid
-        if marker in cmd:
-            found.add(int(entry))
-    changed = True
-    while changed:
-        kids = {pid for pid, ppid in parents.items() if ppid in found} - found
-        changed = bool(kids)
-        found |= kids
-    return sorted(found)
-
-
-def _stop_cluster(marker: str) -> None:
-    """Stop this test's Ray processes by id (``ray stop`` would stop every Ray on the machine)."""
-    pids = _own_processes(marker)
-    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists() and
-                    "zombie" not in _state(p)]
-            if not pids:
-                return
-            time.sleep(0.2)
-
-
-def _state(pid: int) -> str:
-    try:
-        return "zombie" if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" else ""
-    except OSError:
-        return "zombie"
-
-
 def _run(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{' '.join(args[:4])} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -371,7 +324,7 @@ def test_documented_sequence_on_a_two_node_cluster(tmp_path):
             assert "connecting to the Ray cluster at" in log and "(RAY_ADDRESS)" in log, log[-3000:]
             results["job"] = (log, _published(tmp_path / "job"))
         finally:
-            _stop_cluster(ray_tmp)
+            stop_processes(ray_tmp)  # `ray stop` would stop every Ray on the machine
             shutil.rmtree(ray_tmp, ignore_errors=True)
     for how, (log, published) in results.items():
         assert "Ray cluster: 2 node(s), 4 CPUs, 0 GPUs" in log, (how, log[-3000:])

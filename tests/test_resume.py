@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import pytest
 
 from laionbuild.demo.crawl import build_crawl
 from laionbuild.demo.image_server import LoopbackServer
+from helpers.processes import stop_processes, wait_gone
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -161,8 +163,10 @@ def resumed(crawl, reference, tmp_path_factory):
     out = tmp_path_factory.mktemp("killed") / "out"
     cmd = _cmd(first, [str(root / "inputs")], out)
     crawl[3].reset_counts()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                            start_new_session=True)
+    # the killed run's Ray in a temp folder of its own: its processes are found by it
+    ray_tmp = tempfile.mkdtemp(prefix="lbk", dir="/tmp")  # short: Ray's socket paths live under it
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**_env(), "RAY_TMPDIR": ray_tmp}, start_new_session=True)
     deadline = time.monotonic() + 600  # a safety net only
     while proc.poll() is None and time.monotonic() < deadline:
         if len(list((out / "scored" / "_done").glob("*.json"))) >= KILL_AT * total:
@@ -175,8 +179,11 @@ def resumed(crawl, reference, tmp_path_factory):
     complete_at_kill = (out / "stats.json").exists()
     server = crawl[3]
     fetched_at_kill = sum(server.request_count(p) for p in first.images)
-    time.sleep(1.0)  # let the killed run's Ray processes go away
-    # counted now: a compaction task that was writing its shard's marker may have finished it
+    # the killed run's Ray processes go away on their own (a task running then, e.g. a compaction
+    # writing its shard's marker, may still finish); the markers are counted once they are gone
+    if wait_gone(ray_tmp, 30.0):
+        stop_processes(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     done = len(list((out / "scored" / "_done").glob("*.json")))
     server.reset_counts()
     rerun_wall = _run(cmd)
