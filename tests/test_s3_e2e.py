@@ -14,8 +14,10 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +29,7 @@ import pytest
 
 from laionbuild.demo.image_server import LoopbackServer
 from laionbuild.demo.sample_warc import build_demo_sample
+from helpers.processes import stop_processes
 from s3_loopback import LoopbackS3, s3_environment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -143,9 +146,10 @@ def test_s3_end_to_end(world, tmp_path):
 
     # 1. a full run, killed once the de-dup phase is committed (before any work shard is)
     log_path = tmp_path / "killed-run.log"
+    ray_tmp = tempfile.mkdtemp(prefix="lbk", dir="/tmp")  # the killed run's Ray, found by its folder
     with open(log_path, "w") as log_file:  # a file, not a pipe: a full pipe would stall the run
         proc = subprocess.Popen(_cmd(sample, "run", "--input", first_glob), stdout=subprocess.DEVNULL,
-                                stderr=log_file, text=True, env=_env())
+                                stderr=log_file, text=True, env={**_env(), "RAY_TMPDIR": ray_tmp})
         killed = False
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -155,6 +159,8 @@ def test_s3_end_to_end(world, tmp_path):
                 break
             time.sleep(0.2)
         proc.wait()
+    stop_processes(ray_tmp)  # the rest of its Ray, which can outlive the driver by seconds
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     print(log_path.read_text()[-2000:])
     _take(s3, "run, killed after the de-dup commit")
     assert killed, "the run ended before the de-dup phase committed"

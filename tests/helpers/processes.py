@@ -38,16 +38,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(marker: str, timeout_s: float) -> list[int]:
-    """Wait for the processes of ``marker`` to exit on their own; returns those left."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        left = own_processes(marker)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.2)
-
-
 def stop_processes(marker: str) -> None:
     """SIGTERM, then SIGKILL, the processes of ``marker``; returns once they are gone."""
     pids = own_processes(marker)
