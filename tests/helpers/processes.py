@@ -10,7 +10,9 @@ from pathlib import Path
 
 
 def own_processes(marker: str) -> list[int]:
-    """Live processes whose command line names ``marker`` (a Ray temp folder), and their children."""
+    """Live processes whose command line or environment names ``marker`` (a Ray temp folder), and
+    their children. The environment finds the workers too: they rename themselves (``ray::IDLE``)
+    and, once their raylet is gone, are no one's children."""
     found, parents = set(), {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -20,8 +22,12 @@ def own_processes(marker: str) -> list[int]:
             ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes().decode(errors="replace")
+        except OSError:
+            env = ""
         parents[int(entry)] = ppid
-        if marker in cmd:
+        if marker in cmd or marker in env:
             found.add(int(entry))
     changed = True
     while changed:
