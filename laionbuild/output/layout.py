@@ -152,11 +152,17 @@ class OutputLayout:
 
     def read_json_many(self, paths: Iterable[str], threads: int = 16) -> list[Any]:
         """Read many small JSON files concurrently (object stores answer each in tens of ms)."""
+        return list(self.iter_json_many(paths, threads))
+
+    def iter_json_many(self, paths: Iterable[str], threads: int = 16) -> Iterator[Any]:
+        """:meth:`read_json_many`, handed over one at a time in the order of ``paths``, so that a
+        caller keeping a little of each never holds them all."""
         paths = list(paths)
         if len(paths) <= 1:
-            return [shards.read_json(self.fs, p) for p in paths]
+            yield from (shards.read_json(self.fs, p) for p in paths)
+            return
         with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
-            return list(pool.map(lambda p: shards.read_json(self.fs, p), paths))
+            yield from pool.map(lambda p: shards.read_json(self.fs, p), paths)
 
     def rm(self, path: str) -> None:
         if self.fs.exists(path):
@@ -189,14 +195,9 @@ class OutputLayout:
         found = self.names(self.path(SCORED, DONE), ".json")
         return dict(zip(found, self.read_json_many(found.values())))
 
-    def iter_scored_markers(self, threads: int = 16) -> Iterator[dict]:
-        """The marker of every committed work shard, read concurrently and handed over one at a time
-        (in shard order), so that a caller keeping a little of each never holds them all."""
-        paths = list(self.names(self.path(SCORED, DONE), ".json").values())
-        if not paths:
-            return
-        with ThreadPoolExecutor(max_workers=min(threads, len(paths))) as pool:
-            yield from pool.map(lambda p: shards.read_json(self.fs, p), paths)
+    def iter_scored_markers(self) -> Iterator[dict]:
+        """The marker of every committed work shard, in shard order (:meth:`iter_json_many`)."""
+        return self.iter_json_many(self.names(self.path(SCORED, DONE), ".json").values())
 
     def fate_files(self) -> list[str]:
         """The per-row fate tables of every committed work shard (found under this folder even when it

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import shutil
 import tarfile
 import tempfile
 import threading
@@ -55,7 +54,6 @@ import pyarrow.parquet as pq
 
 from ..stages import shards
 from ..stats import sum_counters
-from ..output.fs import is_local
 from ..output.layout import SCORED, OutputLayout
 from .progress import Progress
 
@@ -114,22 +112,6 @@ def with_part_meta(fates: pa.Table, counters: dict, nodes: dict, compacted: list
     return fates.replace_schema_metadata(meta)
 
 
-def _write_file_atomic(fs, path: str, fh) -> None:
-    """:func:`~..stages.shards.write_bytes_atomic` for a file object (copied, never held whole)."""
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fh.seek(0)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as out:
-            shutil.copyfileobj(fh, out, 1 << 20)
-        fs.mv(tmp, path)
-    else:  # one PUT, or a multipart upload that completes at close: all or nothing either way
-        with fs.open(path, "wb") as out:
-            shutil.copyfileobj(fh, out, 1 << 20)
-
-
 def _join_tars(layout: OutputLayout, paths: list[str], target: str) -> int:
     """The members of every tar of ``paths``, in order, in one tar at ``target``; returns the rows
     (a row is ``<key>.jpg|png``, ``<key>.txt`` and ``<key>.json``). Streamed: one member in memory."""
@@ -141,7 +123,7 @@ def _join_tars(layout: OutputLayout, paths: list[str], target: str) -> int:
                     for member in tar:
                         out.addfile(member, tar.extractfile(member) if member.isfile() else None)
                         rows += member.name.endswith(".json")
-        _write_file_atomic(layout.fs, target, spool)
+        shards.write_file_atomic(layout.fs, target, spool)
     return rows
 
 

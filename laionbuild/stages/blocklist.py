@@ -422,7 +422,7 @@ def filter_image_tar(fs, path: str, lists: Iterable[Blocklist], keys: Iterable[s
     gone = {info.name.rsplit(".", 1)[0] for info, _ in members} & drop
     if not gone:
         if target is not None and target != path:
-            shards.write_bytes_atomic(fs, target, data)
+            fs.copy(path, target)
         return 0
     sink = io.BytesIO()
     with tarfile.open(fileobj=sink, mode="w") as tar:

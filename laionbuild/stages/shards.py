@@ -11,9 +11,10 @@ from __future__ import annotations
 import io
 import json
 import posixpath
+import shutil
 import tarfile
 import uuid
-from typing import Any
+from typing import Any, BinaryIO
 
 import fsspec
 import numpy as np
@@ -29,22 +30,29 @@ SAFETY_COLUMNS = (S.PUNSAFE, S.PWATERMARK)
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` so that readers never see a partial file.
+    """Write ``data`` so that readers never see a partial file (:func:`write_file_atomic`)."""
+    write_file_atomic(fs, path, io.BytesIO(data))
+
+
+def write_file_atomic(fs: fsspec.AbstractFileSystem, path: str, fh: BinaryIO) -> None:
+    """Write the contents of the file object ``fh`` (from its start, copied a MiB at a time, never
+    held whole) so that readers never see a partial file.
 
     On a local filesystem a temporary name is renamed into place; on object
-    stores a single PUT is already all-or-nothing.
+    stores a single PUT, or a multipart upload completed at close, is already all-or-nothing.
     """
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
+    fh.seek(0)
     if is_local(fs):
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as fh:
-            fh.write(data)
+        with fs.open(tmp, "wb") as out:
+            shutil.copyfileobj(fh, out, 1 << 20)
         fs.mv(tmp, path)
     else:
-        with fs.open(path, "wb") as fh:
-            fh.write(data)
+        with fs.open(path, "wb") as out:
+            shutil.copyfileobj(fh, out, 1 << 20)
 
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
