@@ -165,8 +165,10 @@ def resumed(crawl, reference, tmp_path_factory):
     crawl[3].reset_counts()
     # the killed run's Ray in a temp folder of its own: its processes are found by it
     ray_tmp = tempfile.mkdtemp(prefix="lbk", dir="/tmp")  # short: Ray's socket paths live under it
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**_env(), "RAY_TMPDIR": ray_tmp}, start_new_session=True)
+    log = out.parent / "killed-run.stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                env={**_env(), "RAY_TMPDIR": ray_tmp}, start_new_session=True)
     deadline = time.monotonic() + 600  # a safety net only
     while proc.poll() is None and time.monotonic() < deadline:
         if len(list((out / "scored" / "_done").glob("*.json"))) >= KILL_AT * total:
@@ -189,6 +191,7 @@ def resumed(crawl, reference, tmp_path_factory):
     rerun_wall = _run(cmd)
     rerun_requests = sum(server.request_count(p) for p in first.images)
     return {"out": out, "killed": killed, "complete_at_kill": complete_at_kill, "done_at_kill": done,
+            "killed_returncode": proc.returncode, "killed_stderr": log.read_text(errors="replace")[-4000:],
             "fetched_at_kill": fetched_at_kill,
             "rerun_wall": rerun_wall, "rerun_requests": rerun_requests}
 
@@ -197,7 +200,8 @@ def test_killed_at_60_percent_of_shards_reruns_the_rest_with_identical_rows(craw
     ref_out, full_wall, _ = reference
     r = resumed
     out = r["out"]
-    assert r["killed"], "the run finished before it could be killed"
+    assert r["killed"], (f"the run ended (exit {r['killed_returncode']}) before it could be killed:\n"
+                         f"{r['killed_stderr']}")
     assert not r["complete_at_kill"]  # an interrupted run never looks complete
     assert r["done_at_kill"] >= 1, "no work shard was committed before the kill"
     stats = json.loads((out / "stats.json").read_text())
