@@ -260,8 +260,9 @@ class FetchConfig:
     #: rows per fetch task
     batch_size: int = 256
     #: batches one worker downloads at once (their rows share the ``threads`` downloads, so a
-    #: slow URL holds back none of the others)
-    batches_in_flight: int = 4
+    #: slow URL holds back none of the others); enough that the slow URLs of the open batches
+    #: cannot take every thread (3 % slow: about 8 in a batch of 256)
+    batches_in_flight: int = 16
     #: a downloaded row waits at most this long for others to travel on with it (fast rows
     #: move on while the slow rows of their batch are still downloading)
     emit_after_s: float = 1.0

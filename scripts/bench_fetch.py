@@ -1,8 +1,13 @@
 #!/usr/bin/env python
 """Benchmark the fetch + resize stage against img2dataset on the same URLs.
 
-* Generates realistic test images once (textured + noise, so they compress like
-  photos; JPEG / PNG / WEBP, 50 KB - 2 MB) into a cache folder.
+* Generates test images once (textured + noise, so they compress like photos;
+  JPEG / PNG / WEBP) into a cache folder, in one of two size profiles
+  (``--images``): ``web`` (default), widths and heights drawn from the quantiles
+  LAION-5B published for laion2B-en (5 %: 132 x 125 px, median 400 x 350 px,
+  95 %: 1050 x 1014 px; width and height drawn from neighbouring quantile ranks,
+  so aspect ratios vary as the web's do), or ``large`` (long side 500-2400 px,
+  50 KB - 2 MB per file: mean about 1.5 MP, the decode-bound worst case).
 * Serves them from a :class:`~laionbuild.demo.image_server.LoopbackServer` on
   127.0.0.1 running in its own process (its CPU is not counted).
 * Runs each client in its own subprocess and measures wall time and CPU time
@@ -17,7 +22,12 @@
   of the images answer after 8 s, as the web's slow hosts do); ours streams
   (``ImageFetcher.stream``: every download thread busy over several batches),
   ``ours_per_batch`` (one batch at a time, each waiting for its slowest URL)
-  is measured too with ``--per-batch``.
+  is measured too with ``--per-batch``, and ``ours_actor`` (``--actor``: the
+  batches given to one fetcher as a Ray actor pool gives them to a fetch actor,
+  ``fetch.batches_in_flight`` calls at once, each ending with its batch's last
+  row) with ``--actor``. Each scenario reports its *latency ceiling*: the rate
+  of a client that takes the URLs in order, ``--threads`` at a time, each
+  costing exactly its delay (no transfer, no CPU), and each client's share of it.
 * Measures decode + resize alone on a ~1 MP JPEG, one thread: PIL plain
   decoding versus reduced-size (draft) decoding, OpenCV for reference.
 * Measures what a successful row costs to move to the GPU node: resized uint8
@@ -27,6 +37,7 @@
 Prints one JSON object. Ratios compare numbers measured in the same run.
 
     .venv/bin/python scripts/bench_fetch.py --n 3000 --threads 64 --scenarios slow_tail,uniform
+    .venv/bin/python scripts/bench_fetch.py --images large      # the decode-bound worst case
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -51,6 +63,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "laionbuild" / "bench_images"
 MIN_BYTES, MAX_BYTES = 50_000, 2_000_000
+#: laion2B-en's published width / height quantiles at 5 %, 10 %, ..., 95 % (LAION-5B blog, "Dataset Statistics")
+LAION_WIDTH_Q = (132, 160, 180, 210, 225, 240, 262, 300, 309, 340, 400, 450, 480, 512, 600, 656, 760, 960, 1050)
+LAION_HEIGHT_Q = (125, 150, 166, 188, 208, 225, 250, 270, 300, 320, 350, 380, 418, 470, 500, 600, 672, 800, 1014)
+#: the tails below 5 % and above 95 % are drawn between these and the nearest published quantile
+LAION_TAILS = ((64, 2048), (64, 2048))
+#: correlation of the (normal) ranks of width and height in the web profile
+WEB_RANK_CORRELATION = 0.85
+PROFILES = ("web", "large")
 #: answer delays of the latency scenarios: most images after FAST_S seconds, SLOW_SHARE of them after SLOW_S
 FAST_S = (0.15, 0.35)
 SLOW_S = 8.0
@@ -72,8 +92,43 @@ def _texture(w: int, h: int, rng: np.random.Generator, noise: float):
     return img
 
 
+def _from_quantiles(u: float, quantiles: tuple, tails: tuple[int, int]) -> int:
+    """The value at rank ``u`` (0-1) of a distribution given by its 5 %, ..., 95 % quantiles."""
+    ranks = [0.0] + [0.05 * (i + 1) for i in range(len(quantiles))] + [1.0]
+    values = [tails[0], *quantiles, tails[1]]
+    return int(round(float(np.interp(u, ranks, values))))
+
+
+def _web_size(rng: np.random.Generator) -> tuple[int, int]:
+    """Width and height as laion2B-en's published quantiles: the two ranks are close, not equal."""
+    z = rng.normal(0.0, 1.0)
+    u = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    z = WEB_RANK_CORRELATION * z + math.sqrt(1.0 - WEB_RANK_CORRELATION ** 2) * rng.normal(0.0, 1.0)
+    v = 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+    return (_from_quantiles(u, LAION_WIDTH_Q, LAION_TAILS[0]), _from_quantiles(v, LAION_HEIGHT_Q, LAION_TAILS[1]))
+
+
+def _make_web(index: int, folder: str) -> tuple[str, int]:
+    rng = np.random.default_rng(5000 + index)
+    kind = rng.choice(["jpg", "jpg", "jpg", "png", "webp"])
+    w, h = _web_size(rng)
+    img = _texture(w, h, rng, float(rng.uniform(3, 14)))
+    buf = io.BytesIO()
+    if kind == "jpg":
+        img.save(buf, "JPEG", quality=int(rng.integers(80, 93)))
+    elif kind == "png":
+        img.save(buf, "PNG", compress_level=6)
+    else:
+        img.save(buf, "WEBP", quality=int(rng.integers(75, 90)), method=2)
+    name = f"{index:05d}.{kind}"
+    (Path(folder) / name).write_bytes(buf.getvalue())
+    return name, len(buf.getvalue())
+
+
 def _make_one(args) -> tuple[str, int]:
-    index, folder = args
+    index, folder, profile = args
+    if profile == "web":
+        return _make_web(index, folder)
     rng = np.random.default_rng(1000 + index)
     kind = rng.choice(["jpg", "jpg", "jpg", "png", "webp"])
     if kind == "png":
@@ -108,10 +163,14 @@ def _make_one(args) -> tuple[str, int]:
     return name, len(data)
 
 
-def ensure_images(folder: Path, unique: int) -> list[Path]:
+def ensure_images(folder: Path, unique: int, profile: str = "large") -> list[Path]:
+    """The ``unique`` generated images of ``profile`` (cached in ``folder/<profile>``, the
+    ``large`` ones directly in ``folder`` as before)."""
+    if profile != "large":
+        folder = folder / profile
     folder.mkdir(parents=True, exist_ok=True)
     have = {p.stem: p for p in folder.iterdir() if p.suffix in (".jpg", ".png", ".webp")}
-    todo = [(i, str(folder)) for i in range(unique) if f"{i:05d}" not in have]
+    todo = [(i, str(folder), profile) for i in range(unique) if f"{i:05d}" not in have]
     if todo:
         with mp.get_context("spawn").Pool(max(1, min(2, os.cpu_count() or 1))) as pool:
             for _ in pool.imap_unordered(_make_one, todo, chunksize=8):
@@ -154,6 +213,20 @@ def plan_delays(n: int, scenario: str, seed: int = 5) -> list[float]:
     return [float(d) for d in delays]
 
 
+def latency_ceiling(delays: list[float], concurrency: int) -> float:
+    """Images/s of a client that downloads the URLs in order, ``concurrency`` at a time, each
+    taking exactly its answer delay (no transfer, no CPU): no client of that concurrency that
+    does not know the delays in advance is faster on this run."""
+    import heapq
+
+    if not delays or max(delays) <= 0:
+        return float("inf")
+    free = [0.0] * max(1, concurrency)
+    for d in delays:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return len(delays) / max(free)
+
+
 def _serve(plan: list[str], delays: dict[str, list[float]], ready, stop) -> None:
     """One loopback server; scenario ``s`` serves URL ``i`` at ``/<s>/<i>`` after ``delays[s][i]``."""
     from laionbuild.demo.image_server import LoopbackServer
@@ -178,7 +251,41 @@ def _cpu() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: bool, per_batch: bool = False) -> dict:
+def _actor_calls(fetcher, batches, calls: int):
+    """The rows of ``batches`` as a Ray Data actor pool gives them to one fetch actor: ``calls``
+    batches at once (``max_concurrent_calls_per_actor``), each a ``stream([batch])`` call in a
+    thread of its own; a call ends when its batch's last row is done."""
+    import queue
+    import threading
+
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for b in batches:
+        todo.put(b)
+    out: queue.SimpleQueue = queue.SimpleQueue()
+
+    def call_loop():
+        while True:
+            try:
+                b = todo.get_nowait()
+            except queue.Empty:
+                out.put(None)
+                return
+            for part in fetcher.stream([b]):
+                out.put(part)
+
+    for _ in range(calls):
+        threading.Thread(target=call_loop, daemon=True).start()
+    ended = 0
+    while ended < calls:
+        part = out.get()
+        if part is None:
+            ended += 1
+        else:
+            yield part
+
+
+def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: bool, per_batch: bool = False,
+                batches_in_flight: int | None = None, actor_calls: int = 0) -> dict:
     from laionbuild import schema as S
     from laionbuild.config import FetchConfig, ResizeConfig
     from laionbuild.stages.fetch import ImageFetcher
@@ -189,6 +296,7 @@ def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: boo
         per_host_concurrency=threads,  # one host serves everything here
         keep_alive=keep_alive,
         retries=0,
+        **({"batches_in_flight": batches_in_flight} if batches_in_flight else {}),
     )
     statuses: Counter = Counter()
     fetcher = ImageFetcher(cfg, ResizeConfig(), keep_image_bytes=keep_bytes)
@@ -199,7 +307,12 @@ def worker_ours(urls: list[str], threads: int, keep_alive: bool, keep_bytes: boo
             yield {S.URL: chunk, S.DROP_REASON: np.full(len(chunk), "", dtype=object)}
 
     t0, c0 = time.perf_counter(), _cpu()
-    outputs = (fetcher(b) for b in batches()) if per_batch else fetcher.stream(batches())
+    if per_batch:
+        outputs = (fetcher(b) for b in batches())
+    elif actor_calls:
+        outputs = _actor_calls(fetcher, batches(), actor_calls)
+    else:
+        outputs = fetcher.stream(batches())
     for out in outputs:
         statuses.update(out[S.STATUS])
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
@@ -255,8 +368,10 @@ def worker_img2dataset(urls: list[str], threads: int) -> dict:
 def run_client(kind: str, url_file: Path, threads: int, **flags) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--url-file", str(url_file), "--threads", str(threads)]
     for key, value in flags.items():
-        if value:
+        if value is True:
             cmd.append("--" + key.replace("_", "-"))
+        elif value:
+            cmd += ["--" + key.replace("_", "-"), str(value)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-3000:]}")
@@ -394,6 +509,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000, help="URLs to fetch per client")
     ap.add_argument("--unique", type=int, default=400, help="distinct generated images (URLs cycle over them)")
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    ap.add_argument("--images", choices=PROFILES, default="web",
+                    help="image sizes: web (laion2B-en's published quantiles) or large (about 1.5 MP)")
     ap.add_argument("--threads", type=int, default=64, help="concurrent downloads per process")
     ap.add_argument("--scenarios", default="slow_tail,uniform", help=f"comma-separated, of {', '.join(SCENARIOS)}")
     ap.add_argument("--per-batch", action="store_true", help="also measure ours one batch at a time")
@@ -408,12 +525,20 @@ def main() -> None:
     ap.add_argument("--url-file")
     ap.add_argument("--keep-alive", action="store_true")
     ap.add_argument("--keep-bytes", action="store_true")
+    ap.add_argument("--batches-in-flight", type=int, default=0,
+                    help="ours: fetch.batches_in_flight (0: the package default)")
+    ap.add_argument("--actor-calls", type=int, default=0,
+                    help="ours_actor: batches given to the fetcher at once, each a call of its own, as a Ray "
+                         "actor pool does (0: fetch.batches_in_flight); measured with --actor")
+    ap.add_argument("--actor", action="store_true",
+                    help="also measure ours as the runner's fetch actor gets its rows (see --actor-calls)")
     args = ap.parse_args()
 
     if args.worker:
         urls = Path(args.url_file).read_text().split()
         if args.worker == "ours":
-            res = worker_ours(urls, args.threads, args.keep_alive, args.keep_bytes, args.per_batch)
+            res = worker_ours(urls, args.threads, args.keep_alive, args.keep_bytes, args.per_batch,
+                              args.batches_in_flight, args.actor_calls)
         else:
             res = worker_img2dataset(urls, args.threads)
         print(json.dumps(res))
@@ -424,7 +549,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
     t0 = time.perf_counter()
-    files = ensure_images(Path(args.cache_dir), args.unique)
+    files = ensure_images(Path(args.cache_dir), args.unique, args.images)
     gen_s = time.perf_counter() - t0
     mix = {k.strip(): float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
     plan = plan_urls(files, args.n, mix)
@@ -448,7 +573,14 @@ def main() -> None:
             for sc in scenarios:
                 url_file = Path(tmp) / f"{sc}.txt"
                 url_file.write_text("\n".join(f"{base}/{sc}/{i:06d}{f.suffix}" for i, f in enumerate(plan)))
-                clients = {"ours": run_client("ours", url_file, args.threads, keep_alive=True)}
+                clients = {"ours": run_client("ours", url_file, args.threads, keep_alive=True,
+                                              batches_in_flight=args.batches_in_flight)}
+                if args.actor:
+                    from laionbuild.config import FetchConfig
+
+                    calls = args.actor_calls or args.batches_in_flight or FetchConfig().batches_in_flight
+                    clients["ours_actor"] = run_client("ours", url_file, args.threads, keep_alive=True,
+                                                       actor_calls=calls)
                 if args.per_batch:
                     clients["ours_per_batch"] = run_client("ours", url_file, args.threads, keep_alive=True,
                                                            per_batch=True)
@@ -461,6 +593,11 @@ def main() -> None:
                 for res in clients.values():
                     _rates(res)
                 run: dict = {"clients": clients}
+                ceiling = latency_ceiling(delays[sc], args.threads)
+                if ceiling != float("inf"):
+                    run["latency_ceiling_images_per_s"] = round(ceiling, 1)
+                    run["share_of_ceiling"] = {name: round(res["images_per_s"] / ceiling, 3)
+                                               for name, res in clients.items()}
                 if "img2dataset" in clients:
                     i2d, ours = clients["img2dataset"], clients["ours"]
                     run["ratios"] = {
@@ -482,11 +619,13 @@ def main() -> None:
 
     result["setup"] = {
         "n_urls": args.n,
+        "images": args.images,
         "unique_images": len(set(plan)),
         "bytes_mean": int(np.mean(sizes)),
         "bytes_min": int(min(sizes)),
         "bytes_max": int(max(sizes)),
-        "megapixels_mean": round(float(np.mean([_megapixels(f) for f in set(plan)])), 2),
+        "megapixels_mean": round(float(np.mean([_megapixels(f) for f in set(plan)])), 3),
+        "megapixels_median": round(float(np.median([_megapixels(f) for f in set(plan)])), 3),
         "formats": dict(Counter(f.suffix.lstrip(".") for f in plan)),
         "threads": args.threads,
         "latency": {"fast_s": list(FAST_S), "slow_s": SLOW_S, "slow_share": SLOW_SHARE},
