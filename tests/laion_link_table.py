@@ -106,6 +106,10 @@ ALT_CASES = [
     ('a &lt;b&gt; tag', ('http://example.com/p.jpg', 'a <b> tag')),
     ('x < y &amp; z', ('http://example.com/p.jpg', 'x < y &amp; z')),
     ('‘quoted’ “text”', ('http://example.com/p.jpg', '\'quoted\' "text"')),
+    # mojibake that ftfy 6.0 left alone and later releases decode ("ë ë ë", "'quoted' text")
+    ('Ã« Ã« Ã«', ('http://example.com/p.jpg', 'Ã« Ã« Ã«')),
+    ('Â‘quoted’ text', ('http://example.com/p.jpg', "Â'quoted' text")),
+    ('Ã«K|  \ufffd', ('http://example.com/p.jpg', 'Ã«K   \ufffd')),
     ('„German“ quote', ('http://example.com/p.jpg', '"German" quote')),
     ('Ĳssel lake', ('http://example.com/p.jpg', 'IJssel lake')),
     ('ǄǅǆǇǈǉǊǋǌ', ('http://example.com/p.jpg', 'DŽDždžLJLjljNJNjnj')),
