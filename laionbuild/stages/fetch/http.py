@@ -6,11 +6,19 @@ certificate check keep the host name), and keeps finished ones for reuse
 (``fetch.keep_alive``), at most ``max_idle`` per (scheme, host, port, address).
 Every connection opened or reused is counted, per pool and per download thread
 (:meth:`ConnectionPool.take_row_counts`), so that each row can carry its own.
+
+A socket timeout bounds each ``recv``, not a request: a server that sends a byte now
+and then (a body, a header line, endless ``100 Continue`` answers) would hold a download
+thread for as long as it likes. Each checked-out connection is therefore armed on a
+:class:`Watchdog`, which shuts its socket down at the request's deadline; the blocked
+read returns at once and the row is a ``timeout``.
 """
 
 from __future__ import annotations
 
+import heapq
 import http.client
+import itertools
 import socket
 import ssl
 import threading
@@ -21,6 +29,8 @@ from collections import Counter
 READ_CHUNK = 1 << 18
 #: an error / redirect body up to this size is read and dropped so the connection can be reused
 MAX_DISCARD_BYTES = 1 << 16
+#: characters of a network error's text kept in the row's message
+MAX_MESSAGE = 200
 
 
 class FetchFailure(Exception):
@@ -33,14 +43,102 @@ class FetchFailure(Exception):
 
 
 class Conn:
-    """One pooled connection to a vetted address."""
+    """One pooled connection to a vetted address; ``alarm`` while a request uses it."""
 
-    __slots__ = ("http", "key", "reused")
+    __slots__ = ("http", "key", "reused", "alarm")
 
     def __init__(self, http_conn, key):
         self.http = http_conn
         self.key = key
         self.reused = False
+        self.alarm: Alarm | None = None
+
+    def hold_socket(self) -> None:
+        """Let the watchdog reach the socket of the request just sent, whatever ``http.client``
+        does with its own reference."""
+        if self.alarm is not None:
+            self.alarm.sock = self.http.sock
+
+    @property
+    def timed_out(self) -> bool:
+        """The watchdog shut this connection down at its request's deadline."""
+        return self.alarm is not None and self.alarm.fired
+
+
+class Alarm:
+    """A connection's deadline on the :class:`Watchdog`; ``sock``: the socket of the request
+    in flight (``http.client`` lets go of it once a response that ends the connection starts,
+    while the response reads on from it)."""
+
+    __slots__ = ("conn", "deadline", "fired", "done", "sock")
+
+    def __init__(self, conn: Conn, deadline: float):
+        self.conn = conn
+        self.deadline = deadline
+        self.fired = False
+        self.done = False
+        self.sock = None
+
+
+class Watchdog:
+    """One thread that shuts down the socket of every request still running at its deadline.
+
+    ``arm`` / ``disarm`` are O(log n); disarmed alarms leave the heap when their deadline
+    comes (at most ``fetch.timeout_s`` later).
+    """
+
+    def __init__(self):
+        self._heap: list[tuple[float, int, Alarm]] = []
+        self._cond = threading.Condition()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.fired = 0
+
+    def arm(self, conn: Conn, deadline: float) -> Alarm:
+        alarm = Alarm(conn, deadline)
+        with self._cond:
+            heapq.heappush(self._heap, (deadline, next(self._seq), alarm))
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="fetch-watchdog", daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is alarm:
+                self._cond.notify()
+        return alarm
+
+    def disarm(self, alarm: Alarm) -> bool:
+        """Stop ``alarm``; False when it had already fired (the socket is shut down)."""
+        with self._cond:
+            alarm.done = True
+            return not alarm.fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                now = time.monotonic()
+                while self._heap and (self._heap[0][2].done or self._heap[0][0] <= now):
+                    _, _, alarm = heapq.heappop(self._heap)
+                    if not alarm.done:
+                        alarm.fired = alarm.done = True
+                        self.fired += 1
+                        _shutdown(alarm.conn.http.sock or alarm.sock)
+                    alarm.conn = alarm.sock = None  # type: ignore[assignment]
+                self._cond.wait(self._heap[0][0] - now if self._heap else None)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+
+def _shutdown(sock) -> None:
+    """End every read and write on ``sock`` now (its owner then closes it)."""
+    if sock is None:
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def pinned(conn: http.client.HTTPConnection, ip: str) -> http.client.HTTPConnection:
@@ -70,8 +168,9 @@ def net_failure(exc: BaseException | None, timeout_s: float) -> FetchFailure:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return FetchFailure("timeout", f"no answer within {timeout_s}s")
     if isinstance(exc, ssl.SSLError):
-        return FetchFailure("connection_error", f"TLS: {exc}")
-    return FetchFailure("connection_error", f"{type(exc).__name__}: {exc}")
+        return FetchFailure("connection_error", f"TLS: {str(exc)[:MAX_MESSAGE]}")
+    # a bad status line quotes what the server sent (up to 64 KiB of it)
+    return FetchFailure("connection_error", f"{type(exc).__name__}: {str(exc)[:MAX_MESSAGE]!s}")
 
 
 class ConnectionPool:
@@ -91,6 +190,7 @@ class ConnectionPool:
         self._row = threading.local()
         self.stats: Counter = Counter()
         self.closed = False
+        self.watchdog = Watchdog()
 
     def _count(self, name: str) -> None:
         with self._lock:
@@ -105,7 +205,8 @@ class ConnectionPool:
         return opened, reused
 
     def checkout(self, scheme: str, host: str, port: int, addresses, deadline: float, fresh: bool) -> Conn:
-        """A kept-alive connection to one of ``addresses`` (all vetted), else a new one."""
+        """A kept-alive connection to one of ``addresses`` (all vetted), else a new one, armed on
+        the watchdog until ``deadline`` (:meth:`checkin` or :meth:`release` disarms it)."""
         if self.keep_alive and not fresh:
             for ip in addresses:
                 key = (scheme, host, port, ip)
@@ -115,6 +216,7 @@ class ConnectionPool:
                 if conn is not None:
                     conn.reused = True
                     self._count("connections_reused")
+                    conn.alarm = self.watchdog.arm(conn, deadline)
                     return conn
         last: BaseException | None = None
         for ip in addresses:  # every one of them was vetted
@@ -125,19 +227,32 @@ class ConnectionPool:
                 hc = http.client.HTTPSConnection(host, port, timeout=remaining, context=self._ssl)
             else:
                 hc = http.client.HTTPConnection(host, port, timeout=remaining)
-            pinned(hc, ip)
+            conn = Conn(pinned(hc, ip), (scheme, host, port, ip))
+            conn.alarm = self.watchdog.arm(conn, deadline)  # a TLS handshake is many reads
             try:
                 hc.connect()
             except Exception as exc:  # noqa: BLE001
-                hc.close()
+                self.release(conn)
+                if conn.timed_out:
+                    raise FetchFailure("timeout", "time limit reached while connecting") from None
                 last = exc
                 continue
             self._count("connections_opened")
-            return Conn(hc, (scheme, host, port, ip))
+            return conn
         raise net_failure(last or OSError("no address"), self.timeout_s)
+
+    def release(self, conn: Conn) -> None:
+        """Close a connection that will not be reused."""
+        if conn.alarm is not None:
+            self.watchdog.disarm(conn.alarm)
+        conn.http.close()
 
     def checkin(self, conn: Conn) -> None:
         """Keep a connection whose response was read completely (or close it)."""
+        alarm, conn.alarm = conn.alarm, None
+        if alarm is not None and not self.watchdog.disarm(alarm):
+            conn.http.close()  # shut down at the deadline: not reusable
+            return
         if not self.keep_alive or self.closed:
             conn.http.close()
             return
@@ -161,30 +276,39 @@ class ConnectionPool:
                 parts.append(chunk)
                 total += len(chunk)
                 if total > limit:
-                    conn.http.close()
+                    self.release(conn)
                     raise FetchFailure("too_large_bytes", f"body larger than {limit} bytes")
         except FetchFailure:
             raise
         except Exception as exc:  # noqa: BLE001
+            if conn.timed_out:
+                raise FetchFailure("timeout", f"body not complete within {self.timeout_s}s") from None
             raise net_failure(exc, self.timeout_s) from None
+        if conn.timed_out:  # the watchdog's shutdown looks like the end of the body
+            raise FetchFailure("timeout", f"body not complete within {self.timeout_s}s")
+        missing = getattr(resp, "length", None)
+        if missing:  # http.client returns what came when the server closes early
+            self.release(conn)
+            raise FetchFailure("connection_error", f"connection closed {missing} bytes before the end of the body")
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def discard(self, conn: Conn, resp, deadline: float) -> None:
         """Drop a small error / redirect body so the connection can be reused."""
         length = resp.getheader("Content-Length")
         if resp.will_close or length is None or not length.isdigit() or int(length) > MAX_DISCARD_BYTES:
-            conn.http.close()
+            self.release(conn)
             return
         try:
             set_timeout(conn, deadline)
             resp.read()
             self.checkin(conn)
         except Exception:  # noqa: BLE001
-            conn.http.close()
+            self.release(conn)
 
     def close(self) -> None:
         """Close every kept-alive connection; later check-ins close theirs."""
         self.closed = True
+        self.watchdog.close()
         with self._lock:
             conns = [c for idle in self._idle.values() for c in idle]
             self._idle.clear()
@@ -192,5 +316,5 @@ class ConnectionPool:
             c.http.close()
 
 
-__all__ = ["Conn", "ConnectionPool", "FetchFailure", "MAX_DISCARD_BYTES", "READ_CHUNK", "net_failure", "pinned",
+__all__ = ["Alarm", "Conn", "ConnectionPool", "FetchFailure", "Watchdog", "MAX_DISCARD_BYTES", "READ_CHUNK", "net_failure", "pinned",
            "set_timeout"]

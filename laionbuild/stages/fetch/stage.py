@@ -505,19 +505,25 @@ class ImageFetcher:
             try:
                 set_timeout(conn, deadline)
                 conn.http.request("GET", path, headers=self._headers)
+                conn.hold_socket()
                 resp = conn.http.getresponse()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                conn.http.close()
+                self.connections.release(conn)
+                if conn.timed_out:
+                    raise FetchFailure("timeout", f"no complete answer within {self.cfg.timeout_s}s") from None
                 if conn.reused:
                     continue  # a kept-alive connection the server had closed: open a new one
                 raise FetchFailure("connection_error", f"{type(exc).__name__}: {exc}") from None
             except Exception as exc:  # noqa: BLE001
-                conn.http.close()
+                self.connections.release(conn)
+                if conn.timed_out:  # e.g. header lines or "100 Continue" answers trickling in
+                    raise FetchFailure("timeout", f"no complete answer within {self.cfg.timeout_s}s") from None
                 raise net_failure(exc, self.cfg.timeout_s) from None
             try:
                 return self._response(conn, resp, deadline, policy_file)
             except BaseException:
-                conn.http.close()
+                resp.close()  # a response read until the server closes holds the socket too
+                self.connections.release(conn)
                 raise
         raise FetchFailure("connection_error", "connection closed by the server")
 
@@ -536,25 +542,25 @@ class ImageFetcher:
         if self.cfg.honour_opt_out and self.opt_out_directives and not policy_file:
             tags = resp.headers.get_all("X-Robots-Tag") or []
             if tags and _opted_out(tags, self.ua_token, self.opt_out_directives):
-                conn.http.close()
+                self.connections.release(conn)
                 raise FetchFailure("opt_out", f"X-Robots-Tag: {'; '.join(tags)[:200]}")
         if self.cfg.honour_tdm_header and not policy_file:
             reservation = resp.headers.get_all("tdm-reservation") or []
             if reservation and tdm_header_reserved(reservation):
-                conn.http.close()
+                self.connections.release(conn)
                 raise FetchFailure("opt_out_tdm_header", f"tdm-reservation: {'; '.join(reservation)[:200]}")
         limit = self.cfg.policy_max_bytes if policy_file else self.cfg.max_bytes
         declared = resp.getheader("Content-Length")
         if declared is not None:
             try:
                 if int(declared) > limit:
-                    conn.http.close()
+                    self.connections.release(conn)
                     raise FetchFailure("too_large_bytes", f"Content-Length {declared} > {limit}")
             except ValueError:
                 pass
         body = self.connections.read_body(conn, resp, limit, deadline)
         if resp.will_close:
-            conn.http.close()
+            self.connections.release(conn)
         else:
             self.connections.checkin(conn)
         return body

@@ -1,0 +1,174 @@
+"""Servers that keep a download busy: every row ends by its deadline, whatever the server does.
+
+A socket timeout bounds one read, not a request. Each server below keeps answering,
+a little at a time so that no single read waits long: the body 16 bytes at a time, a
+header line at a time, ``100 Continue`` answers without end. Each row must be a
+``timeout``, and the server must see the connection given up near the deadline: it
+counts the pieces it sent before the client went away (without a request deadline
+the client reads on until the server stops, after ``MAX_PIECES``).
+A server that closes the connection before the body's declared end gives a
+``connection_error``, never a truncated image.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.images import encode
+from laionbuild import schema as S
+from laionbuild.config import FetchConfig, ResizeConfig
+from laionbuild.stages.fetch import ImageFetcher
+
+HOST = "127.0.0.1"
+IMAGE = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
+#: seconds between two pieces of a slow answer
+STEP_S = 0.05
+TIMEOUT_S = 0.5
+#: a slow answer stops after this many pieces (40 timeouts): only a client without a
+#: request deadline reads that far
+MAX_PIECES = 400
+#: pieces a server may send before the client gives up: 10 fit in the deadline, the rest
+#: is room for a loaded machine
+PIECES_BOUND = 100
+
+
+def _pieces(conn: socket.socket, piece: bytes, sent: list[int]) -> None:
+    """Send ``piece`` every ``STEP_S`` until the client goes away (or ``MAX_PIECES``);
+    the count sent goes to ``sent``."""
+    n = 0
+    try:
+        for n in range(1, MAX_PIECES + 1):
+            conn.sendall(piece)
+            time.sleep(STEP_S)
+    except OSError:
+        pass
+    sent.append(n)
+
+
+def _head(n: int) -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % n
+
+
+def _endless_body(conn: socket.socket, sent: list[int]) -> None:
+    conn.sendall(_head(16 * MAX_PIECES))
+    _pieces(conn, b"\xff" * 16, sent)
+
+
+def _endless_headers(conn: socket.socket, sent: list[int]) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+    # one long header line, a few bytes at a time (http.client allows 100 lines of 64 KiB)
+    conn.sendall(b"X-Slow: ")
+    _pieces(conn, b"abcdefgh", sent)
+
+
+def _endless_continue(conn: socket.socket, sent: list[int]) -> None:
+    _pieces(conn, b"HTTP/1.1 100 Continue\r\n\r\n", sent)
+
+
+def _closed_early(conn: socket.socket, sent: list[int]) -> None:
+    conn.sendall(_head(len(IMAGE)) + IMAGE[: len(IMAGE) // 2])
+
+
+def _whole(conn: socket.socket, sent: list[int]) -> None:
+    conn.sendall(_head(len(IMAGE)) + IMAGE)
+
+
+ROUTES = {"/body": _endless_body, "/headers": _endless_headers, "/continue": _endless_continue,
+          "/closed": _closed_early, "/ok": _whole}
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A raw HTTP server on loopback: one thread per connection, the route picks the behaviour."""
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(64)
+    requests: list[str] = []
+    sent: dict[str, list[int]] = {path: [] for path in ROUTES}
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(4096)
+                    if not piece:
+                        return
+                    data += piece
+                path = data.split(b" ", 2)[1].decode().split("?", 1)[0]
+                requests.append(path)
+                ROUTES[path](conn, sent[path])
+            except OSError:  # the client gave up: expected for the slow routes
+                pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://{HOST}:{listener.getsockname()[1]}", requests, sent
+    listener.close()
+
+
+def _fetch(base: str, paths: list[str], **kw) -> dict:
+    cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), timeout_s=TIMEOUT_S, retries=0, threads=8,
+                      per_host_concurrency=8, **kw)
+    with ImageFetcher(cfg, ResizeConfig()) as fetcher:
+        urls = np.array([base + p for p in paths], dtype=object)
+        return fetcher({S.URL: urls, S.DROP_REASON: np.full(len(urls), "", dtype=object)})
+
+
+def _given_up(sent: list[int], start: int, count: int) -> list[int]:
+    """The piece counts of the ``count`` connections of a route after the first ``start``, once
+    their servers noticed that the client went away."""
+    for _ in range(200):
+        if len(sent) >= start + count:
+            break
+        time.sleep(STEP_S)
+    return sent[start:]
+
+
+@pytest.mark.parametrize("path", ["/body", "/headers", "/continue"])
+def test_an_answer_slower_than_the_deadline_is_a_timeout(server, path):
+    base, requests, sent = server
+    before, done = requests.count(path), len(sent[path])
+    out = _fetch(base, [path, "/ok"])
+    assert list(out[S.STATUS]) == ["timeout", "success"], list(out[S.ERROR_MESSAGE])
+    assert out[S.IMAGE][0] is None and out[S.DROP_REASON][0] == "fetch:timeout"
+    assert requests.count(path) - before == 1  # one attempt, not retried (retries=0)
+    counts = _given_up(sent[path], done, 1)
+    assert len(counts) == 1 and counts[0] < PIECES_BOUND, f"the client read {counts} pieces: it did not give up at its deadline"
+
+
+def test_the_deadline_holds_for_every_thread_at_once(server):
+    """Six endless answers and two fast ones on eight threads: six timeouts, each connection
+    given up near the deadline; the fast rows beside them succeed."""
+    base, _, sent = server
+    paths = ["/body", "/headers", "/continue", "/body", "/ok", "/headers", "/ok", "/continue"]
+    done = {p: len(sent[p]) for p in ("/body", "/headers", "/continue")}
+    out = _fetch(base, [f"{p}?{i}" for i, p in enumerate(paths)])  # eight URLs, eight downloads
+    assert [s for p, s in zip(paths, out[S.STATUS]) if p != "/ok"] == ["timeout"] * 6
+    assert [s for p, s in zip(paths, out[S.STATUS]) if p == "/ok"] == ["success"] * 2
+    for p, n in done.items():
+        counts = _given_up(sent[p], n, 2)
+        assert len(counts) == 2 and all(k < PIECES_BOUND for k in counts), (p, counts)
+
+
+@pytest.mark.parametrize("accept_truncated", [False, True])
+def test_a_body_cut_by_the_server_is_a_connection_error(server, accept_truncated):
+    """Not a truncated image, even where truncated images are accepted (LAION-5B's client failed
+    such a download too)."""
+    base, _, _ = server
+    out = _fetch(base, ["/closed"], accept_truncated=accept_truncated)
+    assert out[S.STATUS][0] == "connection_error", out[S.ERROR_MESSAGE][0]
+    assert "before the end of the body" in out[S.ERROR_MESSAGE][0]
