@@ -195,6 +195,9 @@ class FetchConfig:
     max_bytes: int = 20_000_000
     #: decompression-bomb guard (LAION used PIL's default of 89,478,484 pixels)
     max_pixels: int = 89_478_484
+    #: decoded pixels of large images (above 16 MP) one worker holds at once: such decodes wait
+    #: for room, so that a run of huge images (a few hundred MB each) cannot exhaust its memory
+    decode_budget_pixels: int = 89_478_484
     #: images whose width or height is below this many pixels are dropped (``too_small``)
     min_image_size: int = 10
     #: bodies smaller than this many bytes are dropped (``too_small_bytes``); LAION-5B: 5000.
@@ -871,7 +874,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",
-                 "batches_in_flight"):
+                 "batches_in_flight", "decode_budget_pixels"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
     if cfg.fetch.emit_after_s < 0:

@@ -91,6 +91,70 @@ _JPEG_EOI = b"\xff\xd9"
 _TRUNCATED_FLAG_LOCK = threading.Lock()
 
 
+#: images of more pixels than this take their pixels from the decode budget (:class:`PixelBudget`)
+BUDGET_THRESHOLD_PIXELS = 16_000_000
+
+
+class PixelBudget:
+    """Decodes of large images share a pixel budget, so that one worker's threads never hold
+    more than about ``pixels`` decoded pixels of large images at once (a few hundred MB each
+    at the size limit: 32 threads decoding such images at once would take tens of GB).
+
+    An image above :data:`BUDGET_THRESHOLD_PIXELS` waits until its pixels fit; one larger than
+    the whole budget runs alone. Smaller images never wait. Thread-safe.
+    """
+
+    def __init__(self, pixels: int, threshold: int = BUDGET_THRESHOLD_PIXELS):
+        self.limit = max(1, int(pixels))
+        self.threshold = threshold
+        self.used = 0
+        #: decodes that waited for room, and the most pixels held at once
+        self.waits = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def reserve(self, pixels: int):
+        if pixels <= self.threshold:
+            yield
+            return
+        need = min(int(pixels), self.limit)
+        with self._cond:
+            if self.used + need > self.limit:
+                self.waits += 1
+                while self.used + need > self.limit:
+                    self._cond.wait()
+            self.used += need
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            _release_freed_memory()
+            with self._cond:
+                self.used -= need
+                self._cond.notify_all()
+
+
+def _libc_malloc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of a large decode back to the system: Pillow allocates images in blocks
+    small enough to come from the thread's malloc arena, which would otherwise keep them (one
+    arena per download thread: hundreds of MB each after a large image)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class ImageRejected(Exception):
     """The bytes are not a usable image; ``status`` is the row's status code."""
 
@@ -108,24 +172,26 @@ def decode_and_resize(
     min_size: int,
     formats: tuple[str, ...],
     accept_truncated: bool = False,
+    budget: PixelBudget | None = None,
 ) -> tuple[np.ndarray, int, int]:
     """Decode ``data`` and resize it; returns ``(uint8 [S, S, 3], width, height)``.
 
     ``accept_truncated``: an image whose data ends early is used, the missing
     part filled as PIL's ``LOAD_TRUNCATED_IMAGES`` does (LAION-5B accepted them).
+    ``budget``: the worker's :class:`PixelBudget` (large images wait for their pixels).
     Raises :class:`ImageRejected` (only) when the image cannot be used.
     """
+    limits = dict(max_pixels=max_pixels, min_size=min_size, formats=formats, budget=budget)
     try:
-        return _decode_and_resize(data, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats)
+        return _decode_and_resize(data, cfg, **limits)
     except ImageRejected as exc:
         laion = cfg.pixel_path == "laion"
         if not (accept_truncated and exc.status == "decode_error" and ("truncated" in exc.message or laion)):
             raise
     if data[:2] == b"\xff\xd8" and cfg.pixel_path != "laion":  # JPEG
-        return _decode_and_resize(data + _JPEG_EOI, cfg, max_pixels=max_pixels, min_size=min_size,
-                                  formats=formats)
+        return _decode_and_resize(data + _JPEG_EOI, cfg, **limits)
     with _load_truncated_images():
-        return _decode_and_resize(data, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats)
+        return _decode_and_resize(data, cfg, **limits)
 
 
 @contextlib.contextmanager
@@ -141,7 +207,7 @@ def _load_truncated_images():
 
 
 def _decode_and_resize(data: bytes, cfg: ResizeConfig, *, max_pixels: int, min_size: int,
-                       formats: tuple[str, ...]) -> tuple[np.ndarray, int, int]:
+                       formats: tuple[str, ...], budget: PixelBudget | None) -> tuple[np.ndarray, int, int]:
     if not data:
         raise ImageRejected("not_an_image", "empty body")
     try:
@@ -154,12 +220,13 @@ def _decode_and_resize(data: bytes, cfg: ResizeConfig, *, max_pixels: int, min_s
         raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     img._laionbuild_bytes = data  # for the optional OpenCV decoder
     try:
-        return _process(img, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats)
+        return _process(img, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats, budget=budget)
     finally:
         img.close()
 
 
-def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: int, formats) -> tuple:
+def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: int, formats,
+             budget: PixelBudget | None = None) -> tuple:
     fmt = (img.format or "").upper()
     if fmt not in {f.upper() for f in formats}:
         raise ImageRejected("unsupported_format", f"format {fmt or 'unknown'} not accepted")
@@ -170,17 +237,30 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
         raise ImageRejected("too_small", f"{width}x{height} is smaller than {min_size} pixels")
     size = cfg.image_size
     try:
-        if cfg.pixel_path == "laion":
-            out = _laion_pixels(img, size, fmt)
-        elif cfg.mode in ("center_crop", "laion"):
-            out = _center_crop(img, size, cfg.fast_decode, round_long=cfg.mode == "laion")
-        else:
-            out = _fit(img, size, cfg.fast_decode, _PAD.get(cfg.mode, 0))
+        with budget.reserve(_decoded_pixels(width, height, fmt, cfg)) if budget is not None \
+                else contextlib.nullcontext():
+            if cfg.pixel_path == "laion":
+                out = _laion_pixels(img, size, fmt)
+            elif cfg.mode in ("center_crop", "laion"):
+                out = _center_crop(img, size, cfg.fast_decode, round_long=cfg.mode == "laion")
+            else:
+                out = _fit(img, size, cfg.fast_decode, _PAD.get(cfg.mode, 0))
     except ImageRejected:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated / corrupt data
         raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     return out, width, height
+
+
+def _decoded_pixels(width: int, height: int, fmt: str, cfg: ResizeConfig) -> int:
+    """Pixels a decode holds: JPEGs decoded at reduced size (``fast_decode``) are scaled by
+    libjpeg by 1/2, 1/4 or 1/8 while the short side stays at least the target size."""
+    if fmt == "JPEG" and cfg.fast_decode and cfg.pixel_path != "laion":
+        reduce = 1
+        while reduce < 8 and min(width, height) // (reduce * 2) >= cfg.image_size:
+            reduce *= 2
+        return -(-width // reduce) * -(-height // reduce)
+    return width * height
 
 
 def _center_crop(img: Image.Image, size: int, fast: bool, round_long: bool = False) -> np.ndarray:
@@ -263,7 +343,8 @@ def _decode(img: Image.Image, target: tuple[int, int], fast: bool) -> Image.Imag
         if data is not None:
             arr = _cv2.imdecode(np.frombuffer(data, np.uint8), _cv2.IMREAD_COLOR)
             if arr is not None and arr.shape[1] == img.size[0] and arr.shape[0] == img.size[1]:
-                return Image.fromarray(_cv2.cvtColor(arr, _cv2.COLOR_BGR2RGB), "RGB")
+                # in place: a large image is not held three times over
+                return Image.fromarray(_cv2.cvtColor(arr, _cv2.COLOR_BGR2RGB, dst=arr), "RGB")
     return _to_rgb(img)
 
 

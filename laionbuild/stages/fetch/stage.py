@@ -36,7 +36,7 @@ from ..optout import (
     tdm_header_reserved,
     tdm_reserved,
 )
-from ..resize import ImageRejected, decode_and_resize, encode_image
+from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
 from ..url_normalization import laion_response_url
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
@@ -152,6 +152,7 @@ class ImageFetcher:
                                           max_idle=fetch_cfg.per_host_concurrency, timeout_s=fetch_cfg.timeout_s,
                                           ssl_context=ssl.create_default_context())
         self._pool = ThreadPoolExecutor(max_workers=max(1, fetch_cfg.threads), thread_name_prefix="fetch")
+        self.pixel_budget = PixelBudget(fetch_cfg.decode_budget_pixels)
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
         self._lock = threading.Lock()
         self._stats: Counter = Counter()
@@ -372,6 +373,7 @@ class ImageFetcher:
             min_size=self.cfg.min_image_size,
             formats=self.formats,
             accept_truncated=self.cfg.accept_truncated,
+            budget=self.pixel_budget,
         )
         return arr, w, h, final
 
