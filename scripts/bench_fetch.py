@@ -108,11 +108,8 @@ def _web_size(rng: np.random.Generator) -> tuple[int, int]:
     return (_from_quantiles(u, LAION_WIDTH_Q, LAION_TAILS[0]), _from_quantiles(v, LAION_HEIGHT_Q, LAION_TAILS[1]))
 
 
-def _make_web(index: int, folder: str) -> tuple[str, int]:
-    rng = np.random.default_rng(5000 + index)
-    kind = rng.choice(["jpg", "jpg", "jpg", "png", "webp"])
-    w, h = _web_size(rng)
-    img = _texture(w, h, rng, float(rng.uniform(3, 14)))
+def _encode(img, kind: str, rng: np.random.Generator) -> bytes:
+    """``img`` as a file of ``kind`` (jpg, png, webp), at a quality drawn from ``rng``."""
     buf = io.BytesIO()
     if kind == "jpg":
         img.save(buf, "JPEG", quality=int(rng.integers(80, 93)))
@@ -120,9 +117,17 @@ def _make_web(index: int, folder: str) -> tuple[str, int]:
         img.save(buf, "PNG", compress_level=6)
     else:
         img.save(buf, "WEBP", quality=int(rng.integers(75, 90)), method=2)
+    return buf.getvalue()
+
+
+def _make_web(index: int, folder: str) -> tuple[str, int]:
+    rng = np.random.default_rng(5000 + index)
+    kind = rng.choice(["jpg", "jpg", "jpg", "png", "webp"])
+    w, h = _web_size(rng)
+    data = _encode(_texture(w, h, rng, float(rng.uniform(3, 14))), kind, rng)
     name = f"{index:05d}.{kind}"
-    (Path(folder) / name).write_bytes(buf.getvalue())
-    return name, len(buf.getvalue())
+    (Path(folder) / name).write_bytes(data)
+    return name, len(data)
 
 
 def _make_one(args) -> tuple[str, int]:
@@ -142,15 +147,7 @@ def _make_one(args) -> tuple[str, int]:
     noise = float(rng.uniform(3, 14))
     data = b""
     for _ in range(4):
-        img = _texture(w, h, rng, noise)
-        buf = io.BytesIO()
-        if kind == "jpg":
-            img.save(buf, "JPEG", quality=int(rng.integers(80, 93)))
-        elif kind == "png":
-            img.save(buf, "PNG", compress_level=6)
-        else:
-            img.save(buf, "WEBP", quality=int(rng.integers(75, 90)), method=2)
-        data = buf.getvalue()
+        data = _encode(_texture(w, h, rng, noise), kind, rng)
         if len(data) > MAX_BYTES:
             w, h = int(w * 0.7), int(h * 0.7)
         elif len(data) < MIN_BYTES:
