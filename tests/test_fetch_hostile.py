@@ -147,7 +147,8 @@ def test_an_answer_slower_than_the_deadline_is_a_timeout(server, path):
     assert out[S.IMAGE][0] is None and out[S.DROP_REASON][0] == "fetch:timeout"
     assert requests.count(path) - before == 1  # one attempt, not retried (retries=0)
     counts = _given_up(sent[path], done, 1)
-    assert len(counts) == 1 and counts[0] < PIECES_BOUND, f"the client read {counts} pieces: it did not give up at its deadline"
+    assert len(counts) == 1 and counts[0] < PIECES_BOUND, \
+        f"the client read {counts} pieces: it did not give up at its deadline"
 
 
 def test_the_deadline_holds_for_every_thread_at_once(server):

@@ -70,11 +70,10 @@ class Alarm:
     in flight (``http.client`` lets go of it once a response that ends the connection starts,
     while the response reads on from it)."""
 
-    __slots__ = ("conn", "deadline", "fired", "done", "sock")
+    __slots__ = ("conn", "fired", "done", "sock")
 
-    def __init__(self, conn: Conn, deadline: float):
+    def __init__(self, conn: Conn):
         self.conn = conn
-        self.deadline = deadline
         self.fired = False
         self.done = False
         self.sock = None
@@ -93,10 +92,9 @@ class Watchdog:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self.fired = 0
 
     def arm(self, conn: Conn, deadline: float) -> Alarm:
-        alarm = Alarm(conn, deadline)
+        alarm = Alarm(conn)
         with self._cond:
             heapq.heappush(self._heap, (deadline, next(self._seq), alarm))
             if self._thread is None and not self._closed:
@@ -120,7 +118,6 @@ class Watchdog:
                     _, _, alarm = heapq.heappop(self._heap)
                     if not alarm.done:
                         alarm.fired = alarm.done = True
-                        self.fired += 1
                         _shutdown(alarm.conn.http.sock or alarm.sock)
                     alarm.conn = alarm.sock = None  # type: ignore[assignment]
                 self._cond.wait(self._heap[0][0] - now if self._heap else None)
@@ -281,10 +278,9 @@ class ConnectionPool:
         except FetchFailure:
             raise
         except Exception as exc:  # noqa: BLE001
-            if conn.timed_out:
-                raise FetchFailure("timeout", f"body not complete within {self.timeout_s}s") from None
-            raise net_failure(exc, self.timeout_s) from None
-        if conn.timed_out:  # the watchdog's shutdown looks like the end of the body
+            if not conn.timed_out:
+                raise net_failure(exc, self.timeout_s) from None
+        if conn.timed_out:  # the watchdog's shutdown ends the read early, or looks like the end of the body
             raise FetchFailure("timeout", f"body not complete within {self.timeout_s}s")
         missing = getattr(resp, "length", None)
         if missing:  # http.client returns what came when the server closes early
@@ -316,5 +312,5 @@ class ConnectionPool:
             c.http.close()
 
 
-__all__ = ["Alarm", "Conn", "ConnectionPool", "FetchFailure", "Watchdog", "MAX_DISCARD_BYTES", "READ_CHUNK", "net_failure", "pinned",
-           "set_timeout"]
+__all__ = ["Alarm", "Conn", "ConnectionPool", "FetchFailure", "MAX_DISCARD_BYTES", "READ_CHUNK", "Watchdog",
+           "net_failure", "pinned", "set_timeout"]

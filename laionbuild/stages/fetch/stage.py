@@ -67,6 +67,9 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 
 
+#: what a kept-alive connection that the server had closed raises at the next request
+_STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
 def is_transient(status: str) -> bool:
     """Failures worth retrying: timeouts, connection errors, 5xx and 429."""
     if status in ("timeout", "connection_error", "http_error_429"):
@@ -509,17 +512,12 @@ class ImageFetcher:
                 conn.http.request("GET", path, headers=self._headers)
                 conn.hold_socket()
                 resp = conn.http.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                self.connections.release(conn)
-                if conn.timed_out:
-                    raise FetchFailure("timeout", f"no complete answer within {self.cfg.timeout_s}s") from None
-                if conn.reused:
-                    continue  # a kept-alive connection the server had closed: open a new one
-                raise FetchFailure("connection_error", f"{type(exc).__name__}: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 self.connections.release(conn)
                 if conn.timed_out:  # e.g. header lines or "100 Continue" answers trickling in
                     raise FetchFailure("timeout", f"no complete answer within {self.cfg.timeout_s}s") from None
+                if conn.reused and isinstance(exc, _STALE_CONNECTION):
+                    continue  # a kept-alive connection the server had closed: open a new one
                 raise net_failure(exc, self.cfg.timeout_s) from None
             try:
                 return self._response(conn, resp, deadline, policy_file)
