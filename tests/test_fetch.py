@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
 import zlib
 
 import numpy as np
@@ -14,7 +13,7 @@ from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, load_config
 from laionbuild.demo.image_server import LoopbackServer
 from helpers.dns import NoDNS
-from helpers.images import encode
+from helpers.images import encode, png_file
 from laionbuild.stages.fetch import (
     ImageFetcher,
     Resolver,
@@ -41,11 +40,8 @@ def textured(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 def bomb_png(width: int, height: int) -> bytes:
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    """A tiny PNG whose header announces width x height (the data is a few bytes)."""
+    return png_file(width, height, zlib.compress(b"\0" * 64))
 
 
 JPEG = encode(textured(640, 480), "JPEG")

@@ -4,7 +4,6 @@ a fetch worker's memory (a PNG of 81 MP is about 250 KB on the wire and 240 MB d
 from __future__ import annotations
 
 import io
-import struct
 import threading
 import time
 import zlib
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers.images import png_file
 from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig
 from laionbuild.demo.image_server import LoopbackServer
@@ -24,14 +24,9 @@ HOST = "127.0.0.1"
 
 def flat_png(width: int, height: int) -> bytes:
     """A grey RGB PNG written row by row (a few hundred KB however large)."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
     z = zlib.compressobj(9)
     row = b"\0" + b"\x80" * (width * 3)
-    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return png_file(width, height, b"".join(z.compress(row) for _ in range(height)) + z.flush())
 
 
 def test_budget_bounds_the_pixels_held_at_once():

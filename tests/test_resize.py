@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import io
-import struct
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.images import encode
+from helpers.images import encode, png_file
 from laionbuild.config import FetchConfig, ResizeConfig
 from laionbuild.stages.resize import ImageRejected, decode_and_resize, encode_image
 
@@ -180,11 +179,7 @@ def test_unsupported_format(fmt):
 
 def bomb_png(width: int, height: int) -> bytes:
     """A tiny PNG whose header announces width x height (the data is a few bytes)."""
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return png_file(width, height, zlib.compress(b"\0" * 64), colour_type=0)
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
