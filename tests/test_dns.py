@@ -156,6 +156,73 @@ def test_concurrent_lookups_of_one_name_share_one_query(clock):
     assert results == [("93.184.216.40",)] * 8
 
 
+class HangingLookup:
+    """A system resolver that never answers some names until the test lets it."""
+
+    def __init__(self, hanging: set[str], answer: str = "127.0.0.1"):
+        self.hanging, self.answer = hanging, answer
+        self.release = threading.Event()
+        self.calls: list[str] = []
+        self.answered_late = 0
+
+    def __call__(self, name):
+        self.calls.append(name)
+        if name in self.hanging:
+            self.release.wait(30)
+            self.answered_late += 1
+        return [self.answer]
+
+
+def test_a_lookup_ends_at_the_callers_deadline_and_its_answer_is_kept():
+    lookup = HangingLookup({"slow.example"}, "93.184.216.50")
+    r = Resolver(lookup=lookup)
+    try:
+        waiters = []
+        for _ in range(3):   # the first caller and two waiting for the same lookup
+            t = threading.Thread(target=lambda: waiters.append(_reason(r, "slow.example", 0.2)))
+            t.start()
+            waiters.append(t)
+        for t in [w for w in waiters if isinstance(w, threading.Thread)]:
+            t.join(10)
+        assert [w for w in waiters if not isinstance(w, threading.Thread)] == ["timeout"] * 3
+        assert lookup.answered_late == 0                   # all three gave up while it still hung
+        assert r.stats["deadline_exceeded"] == 3
+        assert r.resolve("fast.example", time.monotonic() + 5) == ("93.184.216.50",)  # not stuck behind it
+    finally:
+        lookup.release.set()
+    assert r.resolve("slow.example", time.monotonic() + 5) == ("93.184.216.50",)
+    assert lookup.calls.count("slow.example") == 1        # the late answer was cached, not asked again
+
+
+def _reason(resolver, name, seconds):
+    try:
+        resolver.resolve(name, time.monotonic() + seconds)
+    except ResolveError as exc:
+        return exc.reason
+    return "answered"
+
+
+def test_fetch_rows_end_at_the_deadline_while_dns_hangs():
+    lookup = HangingLookup({"hang.example"})
+    with LoopbackServer("127.0.0.1") as server:
+        server.add("/a.png", _png(), content_type="image/png")
+        cfg = FetchConfig(allow_addresses=("127.0.0.1/32",), timeout_s=0.5, retries=1, retry_backoff_s=0.01,
+                          threads=4)
+        urls = [f"http://hang.example:{server.port}/a.png", f"http://ok.example:{server.port}/a.png",
+                f"http://hang.example:{server.port}/b.png"]
+        try:
+            with ImageFetcher(cfg, ResizeConfig(image_size=16), resolver=Resolver(lookup=lookup)) as fetcher:
+                out = fetcher({S.URL: np.array(urls, dtype=object)})
+            answered_late = lookup.answered_late
+        finally:
+            lookup.release.set()
+    assert answered_late == 0                               # the batch did not wait for the hung lookup
+    assert list(out[S.STATUS]) == ["dns_error", "success", "dns_error"]
+    assert out[S.ERROR_MESSAGE][0].startswith("timeout: ") and "deadline" in out[S.ERROR_MESSAGE][0]
+    assert fetch_counters(out).counts["dns_error:timeout"] == 2
+    assert lookup.calls.count("hang.example") == 1          # one lookup however many rows and retries wait
+
+
 def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")

@@ -4,6 +4,7 @@ DNS through a per-worker LRU cache with TTLs, negative caching and retries of tr
 from __future__ import annotations
 
 import ipaddress
+import queue
 import re
 import socket
 import threading
@@ -68,7 +69,12 @@ class Resolver:
     first retried ``retries`` times with exponential back-off from
     ``retry_backoff_s`` and then cached for ``transient_ttl_s`` only. Threads asking
     for a name that is being looked up wait for that lookup instead of repeating it.
-    ``stats`` counts ``lookups``, ``retries``, ``failed:<reason>`` and ``lookup_ms``.
+
+    Lookups run on up to ``lookup_threads`` threads of the resolver, so a caller with a
+    ``deadline`` stops waiting when it passes (reason ``timeout``) whatever the system
+    resolver does; the lookup goes on and its answer is cached for the callers after it.
+    ``stats`` counts ``lookups``, ``retries``, ``failed:<reason>``, ``lookup_ms`` and
+    ``deadline_exceeded`` (callers that stopped waiting).
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class Resolver:
         retry_backoff_s: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        lookup_threads: int = 32,
     ):
         self.host_map = {k.lower().rstrip("."): v for k, v in (host_map or {}).items()}
         self.cache_size = max(0, int(cache_size))
@@ -92,8 +99,12 @@ class Resolver:
         self.retries, self.retry_backoff_s = max(0, int(retries)), retry_backoff_s
         self._clock, self._sleep = clock, sleep
         self._cache: OrderedDict[str, tuple[float, tuple[str, ...] | ResolveError]] = OrderedDict()
-        self._inflight: dict[str, threading.Event] = {}
+        self._inflight: dict[str, _Pending] = {}
         self._lock = threading.Lock()
+        self.lookup_threads = max(1, int(lookup_threads))
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = 0
+        self._idle = 0
         self._row = threading.local()  # lookups and cache hits of the calling thread's current row
         self.hits = 0
         self.misses = 0
@@ -103,10 +114,13 @@ class Resolver:
     def from_config(cls, cfg: FetchConfig, lookup: Callable[[str], Iterable[str]] | None = None) -> "Resolver":
         return cls(cfg.host_map, cfg.dns_cache_size, lookup, ttl_s=cfg.dns_ttl_s,
                    negative_ttl_s=cfg.dns_negative_ttl_s, transient_ttl_s=cfg.dns_transient_ttl_s,
-                   retries=cfg.dns_retries, retry_backoff_s=cfg.dns_retry_backoff_s)
+                   retries=cfg.dns_retries, retry_backoff_s=cfg.dns_retry_backoff_s,
+                   lookup_threads=2 * max(1, cfg.threads))
 
-    def resolve(self, host: str) -> tuple[str, ...]:
-        """Addresses of ``host`` (strings); raises :class:`ResolveError`."""
+    def resolve(self, host: str, deadline: float | None = None) -> tuple[str, ...]:
+        """Addresses of ``host`` (strings); raises :class:`ResolveError`.
+
+        ``deadline`` (``time.monotonic()`` seconds): give up waiting for a lookup then."""
         name = (host or "").strip().lower().rstrip(".")
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
@@ -121,40 +135,64 @@ class Resolver:
             return (self.host_map[name],)
         if name == "invalid" or name.endswith(".invalid"):
             raise ResolveError(f"{name}: .invalid names never resolve (RFC 6761)", "nxdomain")
-        while True:
-            with self._lock:
-                cached = self._cached(name)
-                if cached is None:
-                    waiting = self._inflight.get(name)
-                    if waiting is None:
-                        self._inflight[name] = threading.Event()
-                        self.misses += 1
-                        self._row.lookups = getattr(self._row, "lookups", 0) + 1
-                        break
-                else:
+        with self._lock:
+            cached = self._cached(name)
+            if cached is None:
+                pending = self._inflight.get(name)
+                if pending is None:
+                    pending = self._inflight[name] = _Pending()
+                    self.misses += 1
+                    self._row.lookups = getattr(self._row, "lookups", 0) + 1
+                    self._submit(name, pending)
+                else:  # answered by the lookup another row started
                     self.hits += 1
                     self._row.hits = getattr(self._row, "hits", 0) + 1
-            if cached is not None:
-                if isinstance(cached, ResolveError):
-                    raise cached
-                return cached
-            waiting.wait()
-        try:
-            result = self._lookup_with_retries(name)
-            if self.cache_size:
-                ttl = self.ttl_s if isinstance(result, tuple) else (
-                    self.transient_ttl_s if result.reason in TRANSIENT_DNS_REASONS else self.negative_ttl_s)
+            else:
+                self.hits += 1
+                self._row.hits = getattr(self._row, "hits", 0) + 1
+        if cached is None:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pending.done.wait(wait):
                 with self._lock:
-                    self._cache[name] = (self._clock() + ttl, result)
-                    self._cache.move_to_end(name)
-                    while len(self._cache) > self.cache_size:
-                        self._cache.popitem(last=False)
-        finally:
+                    self.stats["deadline_exceeded"] += 1
+                raise ResolveError(f"no answer for {name} within the request's deadline", "timeout")
+            cached = pending.result
+        if isinstance(cached, ResolveError):
+            raise cached
+        return cached
+
+    def _submit(self, name: str, pending: "_Pending") -> None:
+        """Queue one lookup (the lock held); a thread is started when none is idle."""
+        self._queue.put((name, pending))
+        if self._idle == 0 and self._threads < self.lookup_threads:
+            self._threads += 1
+            self._idle += 1
+            threading.Thread(target=self._serve, name=f"dns-{self._threads}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            name, pending = self._queue.get()
             with self._lock:
-                self._inflight.pop(name).set()
-        if isinstance(result, ResolveError):
-            raise result
-        return result
+                self._idle -= 1
+            result: tuple[str, ...] | ResolveError = ResolveError(f"cannot resolve {name}", "error")
+            try:
+                result = self._lookup_with_retries(name)
+                if self.cache_size:
+                    ttl = self.ttl_s if isinstance(result, tuple) else (
+                        self.transient_ttl_s if result.reason in TRANSIENT_DNS_REASONS else self.negative_ttl_s)
+                    with self._lock:
+                        self._cache[name] = (self._clock() + ttl, result)
+                        self._cache.move_to_end(name)
+                        while len(self._cache) > self.cache_size:
+                            self._cache.popitem(last=False)
+            except Exception as exc:  # noqa: BLE001 - a failing lookup function fails the name, not the thread
+                result = ResolveError(f"cannot resolve {name}: {type(exc).__name__}: {exc}", "error")
+            finally:
+                with self._lock:
+                    self._inflight.pop(name, None)
+                    self._idle += 1
+                pending.result = result
+                pending.done.set()
 
     def take_row_counts(self) -> tuple[int, int]:
         """(names looked up, names answered from the cache) by this thread since its last call."""
@@ -200,6 +238,16 @@ class Resolver:
         finally:
             with self._lock:
                 self.stats["lookup_ms"] += int(round((self._clock() - started) * 1000))
+
+
+class _Pending:
+    """One lookup in flight: its answer (or :class:`ResolveError`) once ``done`` is set."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.result: tuple[str, ...] | ResolveError | None = None
 
 
 def _system_lookup(name: str) -> list[str]:

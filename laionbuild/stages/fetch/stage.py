@@ -405,7 +405,7 @@ class ImageFetcher:
         deadline = time.monotonic() + self.cfg.timeout_s
         current = url
         for hop in range(self.cfg.max_redirects + 1):
-            target = self._vet(current)
+            target = self._vet(current, deadline)
             if not policy_file:
                 started = time.monotonic()
                 self._check_opt_outs(current, target)
@@ -418,8 +418,9 @@ class ImageFetcher:
             current = urljoin(current, location)
         raise FetchFailure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
-    def _vet(self, url: str) -> tuple[str, str, int, str, tuple[str, ...]]:
-        """Check scheme, host and addresses of one hop BEFORE any connection."""
+    def _vet(self, url: str, deadline: float | None = None) -> tuple[str, str, int, str, tuple[str, ...]]:
+        """Check scheme, host and addresses of one hop BEFORE any connection; the host's
+        lookup ends at ``deadline``."""
         try:
             parts = urlsplit(url.strip())
             scheme = parts.scheme.lower()
@@ -437,7 +438,7 @@ class ImageFetcher:
             raise FetchFailure("bad_url", f"host {host!r}: {exc}") from None
         started = time.monotonic()
         try:
-            addresses = self.resolver.resolve(host)
+            addresses = self.resolver.resolve(host, deadline)
         except ResolveError as exc:
             raise FetchFailure("dns_error", str(exc)) from None
         finally:
