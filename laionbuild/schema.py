@@ -35,6 +35,11 @@ WARC_OFFSET = "warc_offset"
 HASH = "hash"
 #: LAION-5B's LICENSE: the page's first creativecommons.org/licenses/ link (80 chars), else "?"
 LICENSE = "LICENSE"
+#: LAION-5B's row number: the first number of the input (``ordinal * SAMPLE_ID_STRIDE``) plus the
+#: candidate's position among the input's candidates (in link order, after the in-file de-dup)
+SAMPLE_ID = "SAMPLE_ID"
+#: numbers reserved per input (far above the candidates of one Common Crawl file)
+SAMPLE_ID_STRIDE = 1 << 24
 # language routing, produced by stages.langid
 SUBSET = "subset"
 LANGUAGE = "language"
@@ -76,11 +81,13 @@ CANDIDATE_SCHEMA = pa.schema(
 ROUTED_SCHEMA = CANDIDATE_SCHEMA.append(pa.field(SUBSET, pa.string())) \
     .append(pa.field(LANGUAGE, pa.string())) \
     .append(pa.field(LANGUAGE_SCORE, pa.float32())) \
-    .append(pa.field(NOLANG_REASON, pa.string()))
+    .append(pa.field(NOLANG_REASON, pa.string())) \
+    .append(pa.field(SAMPLE_ID, pa.int64()))
 
 #: schema of the published shards; LAION-5B's columns first
 OUTPUT_SCHEMA = pa.schema(
     [
+        pa.field("SAMPLE_ID", pa.int64()),
         pa.field("URL", pa.string()),
         pa.field("TEXT", pa.string()),
         pa.field("WIDTH", pa.int32()),
@@ -100,6 +107,7 @@ OUTPUT_SCHEMA = pa.schema(
 
 #: internal column -> published column
 OUTPUT_COLUMNS = {
+    SAMPLE_ID: "SAMPLE_ID",
     URL: "URL",
     ALT_TEXT: "TEXT",
     WIDTH: "WIDTH",
@@ -157,7 +165,14 @@ def url_hash(url: str) -> int:
 
 
 #: value of an output column whose internal column a batch lacks (rows made before it existed)
-OUTPUT_DEFAULTS = {LICENSE: "?"}
+OUTPUT_DEFAULTS = {LICENSE: "?", SAMPLE_ID: None}
+
+
+def sample_ids(ordinal: int, n: int) -> np.ndarray:
+    """``SAMPLE_ID`` of the ``n`` candidates of the input numbered ``ordinal``."""
+    if n > SAMPLE_ID_STRIDE:
+        raise ValueError(f"{n} candidates in one input: more than the {SAMPLE_ID_STRIDE} numbers each input has")
+    return np.arange(n, dtype=np.int64) + np.int64(ordinal) * SAMPLE_ID_STRIDE
 
 
 def pair_hash(url: str, text: str) -> int:

@@ -138,7 +138,8 @@ def test_writer_makes_one_part_per_shard_and_subset_of_its_batch(tmp_path):
     subsets = ["en", "multi", "nolang"]
     batch = S.rows_to_batch([{S.URL: f"http://x/{i}", S.ALT_TEXT: "t", S.PAGE_URL: "http://p", S.WARC_PATH: "w",
                               S.WARC_RECORD_ID: "r", S.WARC_OFFSET: i, S.HASH: i, S.SUBSET: subsets[i % 3],
-                              S.LANGUAGE: "en", S.LANGUAGE_SCORE: 1.0} for i in range(n)], S.ROUTED_SCHEMA)
+                              S.LANGUAGE: "en", S.LANGUAGE_SCORE: 1.0, S.SAMPLE_ID: 1000 + i} for i in range(n)],
+                            S.ROUTED_SCHEMA)
     batch.update({S.STATUS: np.array(["success"] * n, dtype=object), S.SIMILARITY: np.full(n, 0.5, np.float32),
                   S.DROP_REASON: np.array(["" if i % 4 else "clip:below_threshold" for i in range(n)], dtype=object),
                   S.WIDTH: np.full(n, 32, np.int32), S.HEIGHT: np.full(n, 32, np.int32),

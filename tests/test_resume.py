@@ -108,6 +108,27 @@ def reference(crawl, tmp_path_factory):
     return out, wall, requests
 
 
+def _check_sample_ids(out: Path, published: list[dict]) -> dict[str, int]:
+    """Each input holds its own number; its candidates are numbered from ``number * stride`` in
+    their order; a published row keeps its candidate's number. Returns ``{input path: number}``."""
+    from laionbuild.output.layout import OutputLayout
+    from laionbuild.schema import SAMPLE_ID_STRIDE
+
+    layout = OutputLayout(str(out))
+    ordinals, ids = {}, {}
+    for fid, marker in layout.candidate_markers().items():
+        ordinals[marker["path"]] = marker["ordinal"]
+        table = pq.read_table(layout.candidates_file(fid))
+        got = table.column("SAMPLE_ID").to_pylist()
+        assert got == [marker["ordinal"] * SAMPLE_ID_STRIDE + i for i in range(table.num_rows)]
+        ids.update(zip(got, zip(table.column("URL").to_pylist(), table.column("TEXT").to_pylist())))
+    assert sorted(ordinals.values()) == list(range(len(ordinals)))
+    numbers = [r["SAMPLE_ID"] for r in published]
+    assert None not in numbers and len(set(numbers)) == len(numbers)
+    assert all(ids[r["SAMPLE_ID"]] == (r["URL"], r["TEXT"]) for r in published)
+    return ordinals
+
+
 def test_each_image_fetched_once_and_rows_scored_are_unique_candidates(crawl, reference):
     first, _, _, _ = crawl
     out, _, requests = reference
@@ -120,6 +141,7 @@ def test_each_image_fetched_once_and_rows_scored_are_unique_candidates(crawl, re
     assert st["fetch"]["counts"]["rows"] == st["dedup"]["kept"]
     assert st["dedup"]["dropped_by_reason"]["duplicate"] == st["extract"]["kept"] - len(first.pairs)
     assert stats["work_shards"]["total"] >= 10
+    assert len(_check_sample_ids(out, _published(out))) == N_FILES
 
 
 def test_each_committed_work_shard_is_one_part_per_subset(reference):
@@ -293,7 +315,10 @@ def test_rerun_keeps_the_written_parts_of_an_uncommitted_shard_and_fetches_only_
     now = _published(out)
     assert old < {(r["URL"], r["TEXT"]) for r in now}
     assert {(r["URL"], r["TEXT"]) for r in now} - old <= new_pairs
-    _same_rows(_published(ref_out), [r for r in now if (r["URL"], r["TEXT"]) in old])
+    _same_rows(_published(ref_out), [r for r in now if (r["URL"], r["TEXT"]) in old])  # SAMPLE_ID included
+    # the added inputs are numbered after the first ones
+    ordinals = _check_sample_ids(out, now)
+    assert sorted(o for p, o in ordinals.items() if "/more/" in p) == list(range(N_FILES, N_FILES + 4))
     # the kept parts and the new ones are committed as one part per kind
     marker = json.loads((out / "scored" / "_done" / f"{m['shard_id']}.json").read_text())
     kinds = [os.path.basename(p).rsplit("-", 1)[0] for p in marker["parts"]]

@@ -40,7 +40,7 @@ def draw_pairs(n_inputs: int, rows: int, unique_fraction: float, seed: int) -> l
     return [rng.integers(0, pool, size=rows, dtype=np.int64) for _ in range(n_inputs)]
 
 
-def candidate_table(pairs: np.ndarray, warc_path: str) -> pa.Table:
+def candidate_table(pairs: np.ndarray, warc_path: str, ordinal: int = 0) -> pa.Table:
     urls = [pair_url(int(p)) for p in pairs]
     texts = [pair_text(int(p)) for p in pairs]
     n = len(pairs)
@@ -50,12 +50,12 @@ def candidate_table(pairs: np.ndarray, warc_path: str) -> pa.Table:
         "warc_offset": pa.array(np.arange(n, dtype=np.int64) * OFFSET_STEP),
         "hash": pa.array(S.pair_hashes(urls, texts)), "LICENSE": ["?"] * n,
         "subset": ["en"] * n, "LANGUAGE": ["en"] * n, "language_score": pa.array(np.ones(n, np.float32)),
-        "nolang_reason": [""] * n,
+        "nolang_reason": [""] * n, "SAMPLE_ID": pa.array(S.sample_ids(ordinal, n)),
     })
 
 
-def _marker(fid: str, path: str, rows: int, keys: dict) -> dict:
-    return {"path": path, "file_id": fid, "n_candidates": rows, "node": "", "token": uuid.uuid4().hex[:12],
+def _marker(fid: str, path: str, rows: int, keys: dict, ordinal: int) -> dict:
+    return {"path": path, "file_id": fid, "ordinal": ordinal, "n_candidates": rows, "node": "", "token": uuid.uuid4().hex[:12],
             "file": {"path": path, "status": "ok", "reason": "", "message": ""},
             "counters": {"extract": {"kept": rows}, "langid": {"kept": rows}}, "keys": keys}
 
@@ -66,11 +66,11 @@ def write_inputs(output: str, pairs: list[np.ndarray], key: str, first: int = 0)
     out = {}
     for i, p in enumerate(pairs, start=first):
         fid, path = f"in{i:06d}", f"synthetic/{i:06d}.warc.gz"
-        table = candidate_table(p, path)
+        table = candidate_table(p, path, i)
         shards.write_bytes_atomic(layout.fs, layout.candidates_file(fid), shards.table_to_bytes(table, "zstd"))
         data, info = K.encode_keys(table, key)
         shards.write_bytes_atomic(layout.fs, layout.candidates_keys(fid), data)
-        out[fid] = _marker(fid, path, table.num_rows, info)
+        out[fid] = _marker(fid, path, table.num_rows, info, i)
         shards.write_json_atomic(layout.fs, layout.candidates_marker(fid), out[fid])
     return out
 
@@ -96,7 +96,7 @@ def write_key_files(output: str, pairs: list[np.ndarray], key: str = "url_text")
         shards.write_bytes_atomic(layout.fs, layout.candidates_keys(fid), data)
         info = {"key": key, "rows": len(p), "bits": K.prefix_bits(len(p)), "first_warc_path": path,
                 "bytes": len(data)}
-        out[fid] = _marker(fid, path, len(p), info)
+        out[fid] = _marker(fid, path, len(p), info, i)
         shards.write_json_atomic(layout.fs, layout.candidates_marker(fid), out[fid])
     return out
 

@@ -61,16 +61,23 @@ class CandidatesWorker:
         self.layout = OutputLayout(output)
         self.router = LanguageRouter(localize_models(cfg).langid)  # this node's copy of the model cache
 
-    def process(self, path: str, fid: str) -> dict[str, Any]:
+    def process(self, path: str, fid: str, ordinal: int) -> dict[str, Any]:
+        """``ordinal``: the input's number, which gives its rows' ``SAMPLE_ID``."""
         from ..stages.langid import routing_counters
 
         result = extract_with_retries(path, self.cfg)
         batch = S.rows_to_batch(result.rows, S.CANDIDATE_SCHEMA)
         batch[S.DROP_REASON] = np.full(len(result.rows), "", dtype=object)
+        try:
+            batch[S.SAMPLE_ID] = S.sample_ids(ordinal, len(result.rows))
+        except ValueError as exc:
+            result.file = FileResult(path, "failed", "too_many_candidates", str(exc), result.file.attempts)
+            batch[S.SAMPLE_ID] = np.full(len(result.rows), -1, dtype=np.int64)
         routed = self.router(batch)
         counters = {"extract": result.counters.to_dict(), "langid": routing_counters(routed).to_dict()}
-        marker = {"path": path, "file_id": fid, "file": result.file.to_dict(), "n_candidates": len(result.rows),
-                  "node": node_id(), "token": uuid.uuid4().hex[:12], "counters": counters}
+        marker = {"path": path, "file_id": fid, "ordinal": int(ordinal), "file": result.file.to_dict(),
+                  "n_candidates": len(result.rows), "node": node_id(), "token": uuid.uuid4().hex[:12],
+                  "counters": counters}
         if result.file.status != "failed":
             table = S.batch_to_candidate_table(routed)
             fs = self.layout.fs
@@ -84,22 +91,31 @@ class CandidatesWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
-        markers = [self.process(str(p), str(f)) for p, f in zip(batch["path"], batch["file_id"])]
+        markers = [self.process(str(p), str(f), int(o))
+                   for p, f, o in zip(batch["path"], batch["file_id"], batch["ordinal"])]
         return {"file_id": np.array([m["file_id"] for m in markers], dtype=object),
                 "marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 
 
+def first_free_ordinal(markers) -> int:
+    """The next input number: above every number a committed input of this output holds (one run
+    writes an output at a time, see :mod:`..output.lease`)."""
+    return 1 + max((int(m["ordinal"]) for m in markers if m.get("ordinal") is not None), default=-1)
+
+
 def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, str],
-                         shape: ClusterShape, *, label: str = "phase 1/4 candidates",
+                         shape: ClusterShape, *, label: str = "phase 1/4 candidates", first_ordinal: int = 0,
                          ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Extract every pending input; returns ``{file_id: marker}`` of the files committed and of those
-    that failed (not committed: the next run tries them again). ``label`` names the progress line."""
+    that failed (not committed: the next run tries them again). ``label`` names the progress line.
+    The inputs are numbered from ``first_ordinal`` in ``pending``'s order (their ``SAMPLE_ID``)."""
     import json
 
     import ray
 
     actors, cpus = candidates_plan(cfg, shape, len(pending))
-    items = [{"path": path, "file_id": fid} for fid, path in pending.items()]
+    items = [{"path": path, "file_id": fid, "ordinal": first_ordinal + i}
+             for i, (fid, path) in enumerate(pending.items())]
     blocks = max(1, min(len(items), cfg.ray.max_blocks))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,

@@ -179,11 +179,12 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     shape = cluster_shape(cfg.ray.cpu_node_resource)
     phases = {"start": round(time.monotonic() - t0, 2)}
 
-    from .candidates import run_candidates_phase
+    from .candidates import first_free_ordinal, run_candidates_phase
 
     t = time.monotonic()
     label = "phase 1/4 candidates" if scoring else "candidates"  # extract runs this phase alone
-    done, failed = run_candidates_phase(cfg, layout, pending, shape, label=label) if pending else ({}, {})
+    done, failed = run_candidates_phase(cfg, layout, pending, shape, label=label,
+                                        first_ordinal=first_free_ordinal(on_disk.values())) if pending else ({}, {})
     phases["candidates"] = round(time.monotonic() - t, 2)
     markers = {**committed, **done}  # this run's commits came back through the stream
     stats = RunStats()
