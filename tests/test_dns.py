@@ -194,6 +194,39 @@ def test_a_lookup_ends_at_the_callers_deadline_and_its_answer_is_kept():
     assert lookup.calls.count("slow.example") == 1        # the late answer was cached, not asked again
 
 
+def test_lookup_threads_are_bounded_and_end_when_idle(monkeypatch):
+    from laionbuild.stages.fetch import dns
+
+    monkeypatch.setattr(dns, "_IDLE_EXIT_S", 0.2)
+    lock, running, most = threading.Lock(), [0], [0]
+
+    def lookup(name):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return ["93.184.216.60"]
+
+    r = Resolver(lookup=lookup, lookup_threads=2)
+    answers = []
+    callers = [threading.Thread(target=lambda i=i: answers.append(r.resolve(f"h{i}.example", time.monotonic() + 10)))
+               for i in range(8)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(10)
+    assert answers == [("93.184.216.60",)] * 8
+    assert most[0] == 2                                   # eight names, two lookups at a time
+    for _ in range(100):
+        if not r._threads:
+            break
+        time.sleep(0.05)
+    assert r._threads == 0                                # idle lookup threads end
+    assert r.resolve("late.example", time.monotonic() + 5) == ("93.184.216.60",)  # and start again
+
+
 def _reason(resolver, name, seconds):
     try:
         resolver.resolve(name, time.monotonic() + seconds)

@@ -14,6 +14,9 @@ from typing import Callable, Iterable, Mapping
 
 from ...config import FetchConfig
 
+#: seconds a lookup thread waits for work before it ends
+_IDLE_EXIT_S = 30.0
+
 # legacy IPv4 spellings accepted by inet_aton: 2130706433, 0x7f000001, 0177.0.0.1, 127.1
 _NUMERIC_HOST = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}\.?$", re.I)
 
@@ -104,7 +107,7 @@ class Resolver:
         self.lookup_threads = max(1, int(lookup_threads))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = 0
-        self._idle = 0
+        self._busy = 0  # lookups queued or running
         self._row = threading.local()  # lookups and cache hits of the calling thread's current row
         self.hits = 0
         self.misses = 0
@@ -162,18 +165,23 @@ class Resolver:
         return cached
 
     def _submit(self, name: str, pending: "_Pending") -> None:
-        """Queue one lookup (the lock held); a thread is started when none is idle."""
+        """Queue one lookup (the lock held); a thread is started while fewer run than lookups wait."""
         self._queue.put((name, pending))
-        if self._idle == 0 and self._threads < self.lookup_threads:
+        self._busy += 1
+        if self._threads < min(self._busy, self.lookup_threads):
             self._threads += 1
-            self._idle += 1
             threading.Thread(target=self._serve, name=f"dns-{self._threads}", daemon=True).start()
 
     def _serve(self) -> None:
         while True:
-            name, pending = self._queue.get()
-            with self._lock:
-                self._idle -= 1
+            try:
+                name, pending = self._queue.get(timeout=_IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():  # nothing was queued for this thread: it ends
+                        self._threads -= 1
+                        return
+                continue
             result: tuple[str, ...] | ResolveError = ResolveError(f"cannot resolve {name}", "error")
             try:
                 result = self._lookup_with_retries(name)
@@ -190,7 +198,7 @@ class Resolver:
             finally:
                 with self._lock:
                     self._inflight.pop(name, None)
-                    self._idle += 1
+                    self._busy -= 1
                 pending.result = result
                 pending.done.set()
 
