@@ -15,7 +15,7 @@ from laionbuild.schema import pair_hash
 
 pytestmark = pytest.mark.ray
 
-LAION_COLUMNS = [("URL", "string"), ("TEXT", "string"), ("WIDTH", "int32"), ("HEIGHT", "int32"),
+LAION_COLUMNS = [("SAMPLE_ID", "int64"), ("URL", "string"), ("TEXT", "string"), ("WIDTH", "int32"), ("HEIGHT", "int32"),
                  ("similarity", "float"), ("LANGUAGE", "string"), ("hash", "int64")]
 
 
@@ -55,6 +55,7 @@ def test_columns_are_laion_compatible(demo_run):
         assert [(f.name, str(f.type)) for f in schema][: len(LAION_COLUMNS)] == LAION_COLUMNS
         for row in _rows(out, subset):
             assert row["hash"] == pair_hash(row["URL"], row["TEXT"])
+            assert row["SAMPLE_ID"] is not None and row["SAMPLE_ID"] >= 0
             assert row["page_url"] and row["warc_path"] and row["warc_record_id"]
 
 
