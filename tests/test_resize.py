@@ -200,3 +200,66 @@ def test_encode_image_round_trip():
         back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
         assert back.shape == arr.shape
         assert np.abs(back.astype(np.int16) - arr).mean() < 3
+
+
+def _png_kinds() -> dict[str, bytes]:
+    rng = np.random.default_rng(11)
+    rgb = np.asarray(textured(300, 260, seed=3))
+    grey = Image.fromarray(rgb[:, :, 0])
+    wide = (rng.integers(0, 65536, (260, 300, 3))).astype(">u2")   # 16 bits per sample, big-endian
+    rows = b"".join(b"\x00" + row.tobytes() for row in wide.reshape(260, -1))
+    return {
+        "rgb8": encode(Image.fromarray(rgb), "PNG"),
+        "grey8": encode(grey, "PNG"),
+        "grey4": encode(grey, "PNG", bits=4),
+        "grey2": encode(grey, "PNG", bits=2),
+        "rgb_trns": encode(Image.fromarray(rgb), "PNG", transparency=(1, 2, 3)),
+        "rgb16": png_file(300, 260, zlib.compress(rows), bit_depth=16),
+        "palette": encode(Image.fromarray(rgb).convert("P"), "PNG"),
+        "rgba": encode(Image.fromarray(rgb).convert("RGBA"), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_png_kinds()))
+def test_png_decoders_give_the_same_pixels(kind, monkeypatch):
+    """libspng (when installed), OpenCV and PIL decode every kind of PNG to the same pixels."""
+    import laionbuild.stages.resize as R
+
+    data = _png_kinds()[kind]
+    results = []
+    for spng, cv2 in ((R._spng, R._cv2), (None, R._cv2), (None, None)):
+        monkeypatch.setattr(R, "_spng", spng)
+        monkeypatch.setattr(R, "_cv2", cv2)
+        results.append(run(data, fast_decode=True)[0])
+    assert all(np.array_equal(results[0], r) for r in results[1:])
+
+
+def _outcome(data: bytes):
+    try:
+        return run(data, fast_decode=True)[0]
+    except ImageRejected as exc:
+        return exc.status
+
+
+def test_damaged_pngs_get_the_same_answer_with_every_decoder(monkeypatch):
+    """Cut or altered PNGs: libspng (which pyspng lets use data whose CRC is wrong) gives the
+    answer OpenCV and PIL give, whatever the damage."""
+    import laionbuild.stages.resize as R
+
+    good = _png_kinds()["rgb8"]
+    rng = np.random.default_rng(5)
+    idat = good.index(b"IDAT")
+    crc_at = idat + 4 + int.from_bytes(good[idat - 4:idat], "big")
+    damaged = [good[:int(n)] for n in rng.integers(60, len(good), 8)]
+    for at in [crc_at, *rng.integers(idat + 4, crc_at, 24)]:
+        data = bytearray(good)
+        data[int(at)] ^= int(rng.integers(1, 256))
+        damaged.append(bytes(data))
+    assert not R._png_chunks_intact(damaged[-1]) and R._png_chunks_intact(good)
+    for data in damaged:
+        with_spng = _outcome(data)
+        monkeypatch.setattr(R, "_spng", None)
+        without = _outcome(data)
+        monkeypatch.undo()
+        assert type(with_spng) is type(without)
+        assert (with_spng == without) if isinstance(without, str) else np.array_equal(with_spng, without)
