@@ -57,12 +57,12 @@ import io
 import logging
 import threading
 import warnings
-import zlib
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from ..config import ResizeConfig
+from . import spng
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +73,9 @@ try:  # optional: faster PNG / WEBP decoding (installed with img2dataset)
 except ImportError:  # pragma: no cover - depends on the environment
     _cv2 = None
 
-try:  # optional: libspng, the fastest PNG decoder (same pixels as libpng and PIL)
-    import pyspng as _spng
-except ImportError:  # pragma: no cover - depends on the environment
-    _spng = None
-
 #: formats decoded with OpenCV when it is installed (same pixels, less CPU); JPEG
 #: stays with PIL because reduced-size decoding is what makes it fast; PNG goes to
-#: libspng first when it is installed
+#: libspng first when it is installed (:mod:`.spng`)
 _CV2_FORMATS = ("PNG", "WEBP")
 #: PIL's ``reducing_gap``: big down-scales first average whole pixel blocks
 _REDUCING_GAP = 3.0
@@ -347,12 +342,9 @@ def _decode(img: Image.Image, target: tuple[int, int], fast: bool) -> Image.Imag
         img.draft("RGB", target)
         return _to_rgb(img)
     data = getattr(img, "_laionbuild_bytes", None) if fast and img.mode in ("RGB", "L") else None
-    if data is not None and _spng is not None and img.format == "PNG" and _png_chunks_intact(data):
-        try:
-            arr = _spng.load(data, "RGB")
-        except Exception:  # noqa: BLE001 - damaged data: the decoders below say what is wrong
-            arr = None
-        if arr is not None and arr.shape == (img.size[1], img.size[0], 3):
+    if data is not None and img.format == "PNG":
+        arr = spng.decode_rgb8(data, *img.size)  # None when missing or refused: the decoders below say why
+        if arr is not None:
             return Image.fromarray(arr, "RGB")
     if data is not None and _cv2 is not None and img.format in _CV2_FORMATS:
         arr = _cv2.imdecode(np.frombuffer(data, np.uint8), _cv2.IMREAD_COLOR)
@@ -360,22 +352,6 @@ def _decode(img: Image.Image, target: tuple[int, int], fast: bool) -> Image.Imag
             # in place: a large image is not held three times over
             return Image.fromarray(_cv2.cvtColor(arr, _cv2.COLOR_BGR2RGB, dst=arr), "RGB")
     return _to_rgb(img)
-
-
-def _png_chunks_intact(data: bytes) -> bool:
-    """Every chunk of a PNG complete, with its CRC right, up to ``IEND`` (libspng as pyspng sets it
-    up uses data whose CRC is wrong; libpng and PIL reject it, and so do we)."""
-    view = memoryview(data)
-    pos, end = 8, len(data)
-    while pos + 12 <= end:
-        length = int.from_bytes(view[pos:pos + 4], "big")
-        stop = pos + 8 + length
-        if stop + 4 > end or zlib.crc32(view[pos + 4:stop]) != int.from_bytes(view[stop:stop + 4], "big"):
-            return False
-        if view[pos + 4:pos + 8] == b"IEND":
-            return True
-        pos = stop + 4
-    return False
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
