@@ -230,6 +230,7 @@ def test_png_decoders_give_the_same_pixels(kind, monkeypatch):
     data = _png_kinds()[kind]
     if kind in ("rgb8", "grey8", "grey4", "rgb16", "rgb_trns"):
         assert spng.decode_rgb8(data, 300, 260) is not None         # libspng decodes it itself
+        assert np.array_equal(spng.decode_rgb8(bytearray(data), 300, 260), spng.decode_rgb8(data, 300, 260))
     results = []
     for lib, cv2 in ((spng._lib, R._cv2), (None, R._cv2), (None, None)):
         monkeypatch.setattr(spng, "_lib", lib)

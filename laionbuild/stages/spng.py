@@ -64,6 +64,8 @@ def decode_rgb8(data: bytes, width: int, height: int) -> np.ndarray | None:
     lib = _lib
     if lib is None:
         return None
+    if not isinstance(data, bytes):  # bytearray, memoryview: ctypes passes bytes without a copy
+        data = bytes(data)
     ctx = lib.spng_ctx_new(0)
     if not ctx:
         return None
