@@ -429,5 +429,30 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def entry() -> None:
+    """The ``laionbuild`` command: :func:`main`, then the process ends with its exit code.
+
+    When Ray ran in this process it is shut down here, the output streams and the logs are
+    flushed, and the process ends with ``os._exit``: the interpreter's own teardown would stop
+    Ray's native threads at random points and can abort the process (exit code 134) after the
+    work is done and reported."""
+    code = main()
+    ray = sys.modules.get("ray")
+    if ray is None:
+        sys.exit(code)
+    try:
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - the work is done; ending the process is all that is left
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a reader that went away
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

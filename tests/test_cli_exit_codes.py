@@ -175,3 +175,34 @@ def test_an_unexpected_error_is_one_line_and_verbose_shows_it(monkeypatch, capsy
                            "(rerun with --verbose for the traceback)")
     with pytest.raises(ValueError):
         cli.main(["report", "x", "--verbose"])
+
+
+class _Ended(Exception):
+    def __init__(self, code):
+        self.code = code
+
+
+def test_the_command_ends_its_process_itself_once_ray_ran_in_it(monkeypatch):
+    """After a command that used Ray, the process ends with the command's exit status through
+    ``os._exit`` (the interpreter's teardown of Ray's threads can abort it), Ray shut down first;
+    without Ray the usual ``sys.exit``."""
+    import types
+
+    import laionbuild.cli as cli
+
+    calls = []
+    fake_ray = types.SimpleNamespace(is_initialized=lambda: True, shutdown=lambda: calls.append("shutdown"))
+
+    def ended(code):
+        raise _Ended(code)
+
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(cli.os, "_exit", ended)
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    with pytest.raises(_Ended) as info:
+        cli.entry()
+    assert info.value.code == 3 and calls == ["shutdown"]
+    monkeypatch.delitem(sys.modules, "ray")
+    with pytest.raises(SystemExit) as plain:
+        cli.entry()
+    assert plain.value.code == 3

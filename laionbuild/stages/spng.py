@@ -14,7 +14,10 @@ data; it never raises for bad data.
 from __future__ import annotations
 
 import ctypes
+import glob
+import importlib.util
 import logging
+import os
 
 import numpy as np
 
@@ -28,13 +31,26 @@ _CRC_ERROR = 0
 _CHUNK_LIMIT = 64 << 20
 
 
-def _load() -> ctypes.CDLL | None:
+def _library_path() -> str | None:
+    """The shared object of the ``pyspng`` wheel, found without importing it: its Python
+    module (pybind11) is never initialised, only libspng's C functions are called."""
     try:
-        from pyspng import _pyspng_c
-    except ImportError:
+        spec = importlib.util.find_spec("pyspng")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        found = sorted(glob.glob(os.path.join(folder, "_pyspng_c*.so")))
+        if found:
+            return found[0]
+    return None
+
+
+def _load() -> ctypes.CDLL | None:
+    path = _library_path()
+    if path is None:
         return None
     try:
-        lib = ctypes.CDLL(_pyspng_c.__file__)
+        lib = ctypes.CDLL(path)
         lib.spng_ctx_new.restype = ctypes.c_void_p
         lib.spng_ctx_new.argtypes = [ctypes.c_int]
         lib.spng_ctx_free.restype = None
