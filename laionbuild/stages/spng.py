@@ -3,9 +3,10 @@
 libspng decodes PNG in about two thirds of the CPU time libpng (OpenCV, PIL) takes, with the
 same pixels. ``pyspng``'s own ``load`` holds the interpreter lock while it decodes, which
 stalls every other download thread of a fetch worker, and it uses chunks whose CRC is wrong.
-Called through ``ctypes`` the lock is released for the decode, and the CRC of every chunk the
-decoder reads is checked (a mismatch fails the decode; the caller then asks the other decoders,
-which give the answer they always gave).
+Here the wheel's shared object is loaded with ``ctypes`` (its Python module is never imported)
+and libspng's C functions are called: the lock is released for the decode, and the CRC of
+every chunk the decoder reads is checked (a mismatch fails the decode; the caller then asks the
+other decoders, which give the answer they always gave).
 
 :func:`decode_rgb8` returns ``None`` whenever libspng is not installed or does not decode the
 data; it never raises for bad data.
