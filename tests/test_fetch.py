@@ -327,6 +327,18 @@ def test_keep_alive_reuses_connections(server):
         assert f.stats["connections_opened"] == 12 and f.stats["connections_reused"] == 0
 
 
+def test_an_error_answer_hands_its_connection_back_once(server):
+    """A 404 with a small body leaves its connection in the pool, open: the row's own error path
+    never closes it afterwards (another download thread may be using it by then)."""
+    with ImageFetcher(make_cfg(threads=1, per_host_concurrency=1, dedup_urls_in_batch=False),
+                      ResizeConfig(image_size=32), resolver=Resolver(lookup=NoDNS())) as f:
+        out = f({S.URL: np.array([server.base_url + "/404"] * 3 + [server.base_url + "/ok.png"], dtype=object)})
+        assert list(out[S.STATUS]) == ["http_error_404"] * 3 + ["success"]
+        idle = [hc for conns in f.connections._idle.values() for hc in conns]
+        assert len(idle) == 1 and idle[0].sock is not None            # kept, and still open
+        assert f.stats["connections_opened"] == 1 and f.stats["connections_reused"] == 3
+
+
 def test_fetcher_reused_across_batches(server):
     with ImageFetcher(make_cfg(), ResizeConfig(image_size=32), resolver=Resolver(lookup=NoDNS())) as f:
         for _ in range(3):

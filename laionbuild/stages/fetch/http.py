@@ -43,15 +43,19 @@ class FetchFailure(Exception):
 
 
 class Conn:
-    """One pooled connection to a vetted address; ``alarm`` while a request uses it."""
+    """One checkout of a pooled connection to a vetted address; ``alarm`` while a request uses
+    it. ``returned`` once :meth:`ConnectionPool.checkin` or :meth:`ConnectionPool.release` took
+    it back: every later call of theirs on this checkout does nothing, so a thread never closes
+    a connection that another thread has checked out since."""
 
-    __slots__ = ("http", "key", "reused", "alarm")
+    __slots__ = ("http", "key", "reused", "alarm", "returned")
 
-    def __init__(self, http_conn, key):
+    def __init__(self, http_conn, key, reused: bool = False):
         self.http = http_conn
         self.key = key
-        self.reused = False
+        self.reused = reused
         self.alarm: Alarm | None = None
+        self.returned = False
 
     def hold_socket(self) -> None:
         """Let the watchdog reach the socket of the request just sent, whatever ``http.client``
@@ -182,7 +186,7 @@ class ConnectionPool:
         self.max_idle = max(1, int(max_idle))
         self.timeout_s = timeout_s
         self._ssl = ssl_context or ssl.create_default_context()
-        self._idle: dict[tuple, list[Conn]] = {}
+        self._idle: dict[tuple, list[http.client.HTTPConnection]] = {}
         self._lock = threading.Lock()
         self._row = threading.local()
         self.stats: Counter = Counter()
@@ -209,9 +213,9 @@ class ConnectionPool:
                 key = (scheme, host, port, ip)
                 with self._lock:
                     idle = self._idle.get(key)
-                    conn = idle.pop() if idle else None
-                if conn is not None:
-                    conn.reused = True
+                    hc = idle.pop() if idle else None
+                if hc is not None:
+                    conn = Conn(hc, key, reused=True)
                     self._count("connections_reused")
                     conn.alarm = self.watchdog.arm(conn, deadline)
                     return conn
@@ -239,13 +243,20 @@ class ConnectionPool:
         raise net_failure(last or OSError("no address"), self.timeout_s)
 
     def release(self, conn: Conn) -> None:
-        """Close a connection that will not be reused."""
+        """Close a connection that will not be reused (nothing when it was handed back)."""
+        if conn.returned:
+            return
+        conn.returned = True
         if conn.alarm is not None:
             self.watchdog.disarm(conn.alarm)
         conn.http.close()
 
     def checkin(self, conn: Conn) -> None:
-        """Keep a connection whose response was read completely (or close it)."""
+        """Keep a connection whose response was read completely (or close it); nothing when it
+        was handed back already."""
+        if conn.returned:
+            return
+        conn.returned = True
         alarm, conn.alarm = conn.alarm, None
         if alarm is not None and not self.watchdog.disarm(alarm):
             conn.http.close()  # shut down at the deadline: not reusable
@@ -256,7 +267,7 @@ class ConnectionPool:
         with self._lock:
             idle = self._idle.setdefault(conn.key, [])
             if len(idle) < self.max_idle:
-                idle.append(conn)
+                idle.append(conn.http)
                 return
         conn.http.close()
 
@@ -309,7 +320,7 @@ class ConnectionPool:
             conns = [c for idle in self._idle.values() for c in idle]
             self._idle.clear()
         for c in conns:
-            c.http.close()
+            c.close()
 
 
 __all__ = ["Alarm", "Conn", "ConnectionPool", "FetchFailure", "MAX_DISCARD_BYTES", "READ_CHUNK", "Watchdog",

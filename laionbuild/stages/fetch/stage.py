@@ -523,8 +523,9 @@ class ImageFetcher:
             try:
                 return self._response(conn, resp, deadline, policy_file)
             except BaseException:
-                resp.close()  # a response read until the server closes holds the socket too
-                self.connections.release(conn)
+                if not conn.returned:  # an error answer's connection may be in the pool again
+                    resp.close()  # a response read until the server closes holds the socket too
+                    self.connections.release(conn)
                 raise
         raise FetchFailure("connection_error", "connection closed by the server")
 
