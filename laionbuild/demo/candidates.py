@@ -55,7 +55,8 @@ def candidate_table(pairs: np.ndarray, warc_path: str, ordinal: int = 0) -> pa.T
 
 
 def _marker(fid: str, path: str, rows: int, keys: dict, ordinal: int) -> dict:
-    return {"path": path, "file_id": fid, "ordinal": ordinal, "n_candidates": rows, "node": "", "token": uuid.uuid4().hex[:12],
+    return {"path": path, "file_id": fid, "ordinal": ordinal, "n_candidates": rows, "node": "",
+            "token": uuid.uuid4().hex[:12],
             "file": {"path": path, "status": "ok", "reason": "", "message": ""},
             "counters": {"extract": {"kept": rows}, "langid": {"kept": rows}}, "keys": keys}
 

@@ -70,6 +70,7 @@ _VALUED_DIRECTIVES = {"unavailable_after", "max-snippet", "max-image-preview", "
 #: what a kept-alive connection that the server had closed raises at the next request
 _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
+
 def is_transient(status: str) -> bool:
     """Failures worth retrying: timeouts, connection errors, 5xx and 429."""
     if status in ("timeout", "connection_error", "http_error_429"):
