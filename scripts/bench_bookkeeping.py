@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,14 @@ SHARDS_PER_GROUP = 30
 
 
 def _one(n_shards: int, rows: int) -> dict:
+    tmp = tempfile.mkdtemp(prefix="bench-bookkeeping-")
+    try:
+        return _measure(tmp, n_shards, rows)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _measure(tmp: str, n_shards: int, rows: int) -> dict:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -55,7 +64,6 @@ def _one(n_shards: int, rows: int) -> dict:
     from laionbuild.stages import shards
     from laionbuild.stats import RunStats
 
-    tmp = tempfile.mkdtemp(prefix="bench-bookkeeping-")
     layout = OutputLayout(str(Path(tmp) / "out"))
     cfg = load_config(None, [f"output.rows_per_shard={max(1000, n_shards * rows // 8)}"])
     ids = [f"g0000-b{i:05d}-00" for i in range(n_shards)]

@@ -157,9 +157,13 @@ def bench_model(spec: str, args, device: str, precision: str) -> dict:
     )
     text_models = None
     if text:
+        import atexit
+        import shutil
         import tempfile
 
-        lt = make_mclip_text_model(Path(tempfile.mkdtemp(prefix="bench-mclip-")), device)
+        folder = tempfile.mkdtemp(prefix="bench-mclip-")
+        atexit.register(shutil.rmtree, folder, True)
+        lt = make_mclip_text_model(Path(folder), device)
         text_models = {"multi": lt, "nolang": lt}
     scorer = ClipScorer(
         clip_cfg, size, models={"en": loaded, "multi": loaded, "nolang": loaded}, text_models=text_models,

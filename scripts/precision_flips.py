@@ -24,9 +24,11 @@ tags themselves mean nothing, their stability does). Prints JSON.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import platform
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
     from test_text_tower import _tiny_clip, build_tiny_st  # the tiny models the tests build
 
     tmp = Path(tempfile.mkdtemp(prefix="flips-"))
+    atexit.register(shutil.rmtree, tmp, True)
     image = _tiny_clip(tmp)
     mixed = ClipModelConfig(image.arch, image.pretrained, text_model=str(build_tiny_st(tmp / "st")))
     rng = np.random.RandomState(3)
