@@ -66,19 +66,22 @@ class CandidatesWorker:
         from ..stages.langid import routing_counters
 
         result = extract_with_retries(path, self.cfg)
-        batch = S.rows_to_batch(result.rows, S.CANDIDATE_SCHEMA)
-        batch[S.DROP_REASON] = np.full(len(result.rows), "", dtype=object)
-        try:
-            batch[S.SAMPLE_ID] = S.sample_ids(ordinal, len(result.rows))
-        except ValueError as exc:
-            result.file = FileResult(path, "failed", "too_many_candidates", str(exc), result.file.attempts)
-            batch[S.SAMPLE_ID] = np.full(len(result.rows), -1, dtype=np.int64)
-        routed = self.router(batch)
-        counters = {"extract": result.counters.to_dict(), "langid": routing_counters(routed).to_dict()}
+        counters = {"extract": result.counters.to_dict()}
+        routed = None
+        if result.file.status != "failed":
+            batch = S.rows_to_batch(result.rows, S.CANDIDATE_SCHEMA)
+            batch[S.DROP_REASON] = np.full(len(result.rows), "", dtype=object)
+            try:
+                batch[S.SAMPLE_ID] = S.sample_ids(ordinal, len(result.rows))
+            except ValueError as exc:  # not routed: the input is reported, its rows are not kept
+                result.file = FileResult(path, "failed", "too_many_candidates", str(exc), result.file.attempts)
+            else:
+                routed = self.router(batch)
+                counters["langid"] = routing_counters(routed).to_dict()
         marker = {"path": path, "file_id": fid, "ordinal": int(ordinal), "file": result.file.to_dict(),
                   "n_candidates": len(result.rows), "node": node_id(), "token": uuid.uuid4().hex[:12],
                   "counters": counters}
-        if result.file.status != "failed":
+        if routed is not None:
             table = S.batch_to_candidate_table(routed)
             fs = self.layout.fs
             shards.write_bytes_atomic(fs, self.layout.candidates_file(fid),
