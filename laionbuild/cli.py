@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import ConfigError, LaionBuildError, SetupError
+from .errors import ConfigError, LaionBuildError, SetupError, os_error_in, storage_full
 
 log = logging.getLogger("laionbuild")
 
@@ -410,23 +410,43 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return _quiet_closed_pipe()
-    except OSError as exc:
-        # a path the command was given that cannot be read or written, found while working
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"laionbuild: error: cannot use{where}: {_os_reason(exc)}", file=sys.stderr)
-        return EXIT_BAD_INVOCATION
-    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the traceback on request
-        if getattr(args, "verbose", False):
-            raise
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"laionbuild: error: unexpected {type(exc).__name__}{': ' + text if text else ''} "
-              f"(rerun with --verbose for the traceback)", file=sys.stderr)
-        return EXIT_BAD_INVOCATION
+    except Exception as exc:  # noqa: BLE001 - sorted below
+        return _report_error(exc, args)
     finally:
         # after a first Ctrl-C the second-interrupt handler stays until the process ends
         # (Ray's shutdown at exit included)
         if in_main_thread and signal.getsignal(signal.SIGINT) is _first_interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _report_error(exc: Exception, args: argparse.Namespace) -> int:
+    """One line on stderr for an error that stopped the command; its exit status."""
+    log.debug("the error that stopped the command", exc_info=exc)  # -v shows where it was raised
+    full = storage_full(exc)
+    if full and getattr(args, "command", None) in ("run", "extract", "demo"):
+        # in the driver or in a worker: nothing more can be committed
+        reason, path = full
+        print(f"laionbuild: error: the storage takes no more writes ({reason}{': ' + path if path else ''}); "
+              "the work committed so far is kept: free space and rerun the same command to resume",
+              file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    found = os_error_in(exc)
+    if found:
+        # a path that cannot be read or written, found while working (here or in a worker)
+        _, reason, path = found
+        print(f"laionbuild: error: cannot use{' ' + path if path else ''}: {reason}", file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    if isinstance(exc, OSError):
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"laionbuild: error: cannot use{where}: {_os_reason(exc)}", file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    # the last resort: one line, the traceback on request
+    if getattr(args, "verbose", False):
+        raise exc
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"laionbuild: error: unexpected {type(exc).__name__}{': ' + text if text else ''} "
+          f"(rerun with --verbose for the traceback)", file=sys.stderr)
+    return EXIT_BAD_INVOCATION
 
 
 def entry() -> None:

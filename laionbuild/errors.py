@@ -8,9 +8,15 @@
   run goes on and ends with status 1.
 * Record-level problems never raise: they become a row with a ``status`` /
   ``drop_reason`` (see :mod:`laionbuild.schema`) and are counted.
+* Storage that takes no more writes (a full disk, a quota, a read-only mount) stops the run:
+  nothing can be committed any more. :func:`storage_full` finds that cause, in the driver or
+  in a worker (whose error reaches the driver as text), so the CLI says it in one line; what
+  was committed is kept and a rerun resumes.
 """
 
 from __future__ import annotations
+
+import re
 
 
 class LaionBuildError(Exception):
@@ -35,7 +41,8 @@ class ModelMissingError(SetupError):
 
 
 def _chain(exc: BaseException):
-    """``exc`` and every exception it wraps (``__cause__``, ``__context__``, ``reason``, ``args``), once each."""
+    """``exc`` and every exception it wraps (``__cause__``, ``__context__``, ``reason``, ``args``,
+    Ray's ``cause``), once each."""
     seen: set[int] = set()
     todo = [exc]
     while todo:
@@ -44,7 +51,8 @@ def _chain(exc: BaseException):
             continue
         seen.add(id(e))
         yield e
-        for inner in (e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ())):
+        for inner in (e.__cause__, e.__context__, getattr(e, "reason", None), getattr(e, "cause", None),
+                      *getattr(e, "args", ())):
             if isinstance(inner, BaseException):
                 todo.append(inner)
 
@@ -84,3 +92,39 @@ def error_cause(exc: BaseException) -> str:
         return "is a folder"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+#: errno values of storage that takes no more writes: full, over quota, read-only, file too large
+STORAGE_FULL_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
+#: an ``OSError`` as Python prints it, the form in which a worker's error reaches the driver:
+#: ``OSError: [Errno 28] No space left on device: '/out/x.parquet'``
+_PRINTED_OSERROR = re.compile(r"\[Errno (\d+)\] ([^\n:]+?)(?:: '([^'\n]*)')?(?:\n|$)")
+
+
+def os_error_in(exc: BaseException) -> tuple[int, str, str] | None:
+    """``(errno, reason, path)`` of the operating-system error that ``exc`` is, wraps, or carries
+    as the text of a worker's error (Ray passes a worker's exception on as text); None when
+    there is none. ``path`` is ``""`` when the error names none."""
+    import errno
+
+    for e in _chain(exc):
+        if isinstance(e, OSError) and isinstance(e.errno, int) and e.errno > 0:
+            return e.errno, e.strerror or errno.errorcode.get(e.errno, str(e.errno)), str(e.filename or "")
+    for e in _chain(exc):
+        if not type(e).__module__.startswith("ray."):  # only Ray's errors carry a worker's as text
+            continue
+        # a printed traceback lists the wrapped errors first: the last is the one raised
+        found = ([None] + list(_PRINTED_OSERROR.finditer(str(e))))[-1]
+        if found:
+            return int(found.group(1)), found.group(2).strip(), found.group(3) or ""
+    return None
+
+
+def storage_full(exc: BaseException) -> tuple[str, str] | None:
+    """``(reason, path)`` when ``exc`` is, wraps or carries storage refusing any more writes
+    (:data:`STORAGE_FULL_ERRNOS`); None otherwise."""
+    import errno
+
+    found = os_error_in(exc)
+    wanted = {getattr(errno, n) for n in STORAGE_FULL_ERRNOS if hasattr(errno, n)}
+    return (found[1], found[2]) if found and found[0] in wanted else None

@@ -326,8 +326,10 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     quiet = logging.ERROR if not verbose else logging.INFO
     if not verbose:
         # a clean console: our progress and summary, not Ray's notices a user cannot act on
-        # (token authentication, disabled progress bars, actor constructor arguments); -v shows them
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+        # (token authentication, disabled progress bars, actor constructor arguments), nor its
+        # report of an error that stops a dataset: that stops the run, and the command reports it
+        # in one line; -v shows them all
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "CRITICAL")
         # the driver's own engine log (e.g. "constructor arguments in the object store" for every
         # actor pool); the workers' logs stay in Ray's session folder instead of the console
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
@@ -359,8 +361,8 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
             with _captured_stderr(echo=verbose):
                 ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
                          **kwargs)
-    for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(quiet)
+    logging.getLogger("ray").setLevel(quiet)
+    logging.getLogger("ray.data").setLevel(quiet if verbose else logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

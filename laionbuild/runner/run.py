@@ -204,10 +204,9 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         from .score import run_score_phase
 
         t = time.monotonic()
-        line = Progress(1, cfg.run.progress, "phase 2/4 de-dup", "generation")  # rows counted as it ends
-        new_generation = run_dedup_phase(cfg, layout, markers)
-        line.update(1, rows=new_generation["candidates"] if new_generation else 0)
-        line.close()
+        with Progress(1, cfg.run.progress, "phase 2/4 de-dup", "generation") as line:  # rows counted as it ends
+            new_generation = run_dedup_phase(cfg, layout, markers)
+            line.update(1, rows=new_generation["candidates"] if new_generation else 0)
         manifests = layout.manifests()
         phases["dedup"] = round(time.monotonic() - t, 2)
         for m in manifests:
@@ -229,10 +228,9 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
             scored.append({"parts": m["parts"], "part_rows": m.get("part_rows") or {}})
         t = time.monotonic()
         lease.check()  # never publish once another run holds the folder
-        line = Progress(1, cfg.run.progress, "phase 4/4 publish", "generation")
-        published = publish(cfg, layout, scored, stats)
-        line.update(1, rows=sum(stats.kept_per_subset.values()))
-        line.close()
+        with Progress(1, cfg.run.progress, "phase 4/4 publish", "generation") as line:
+            published = publish(cfg, layout, scored, stats)
+            line.update(1, rows=sum(stats.kept_per_subset.values()))
         phases["publish"] = round(time.monotonic() - t, 2)
     else:
         from ..schema import SUBSETS

@@ -8,6 +8,7 @@ may live on a remote filesystem; there the marker, written last, is the commit.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -45,14 +46,19 @@ def write_file_atomic(fs: fsspec.AbstractFileSystem, path: str, fh: BinaryIO) ->
     if parent:
         fs.makedirs(parent, exist_ok=True)
     fh.seek(0)
-    if is_local(fs):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with fs.open(tmp, "wb") as out:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if is_local(fs) else None
+    try:
+        with fs.open(tmp or path, "wb") as out:
             shutil.copyfileobj(fh, out, 1 << 20)
-        fs.mv(tmp, path)
-    else:
-        with fs.open(path, "wb") as out:
-            shutil.copyfileobj(fh, out, 1 << 20)
+        if tmp:
+            fs.mv(tmp, path)
+    except OSError as exc:
+        if tmp:  # a half-written file takes no space and no name
+            with contextlib.suppress(OSError):
+                fs.rm(tmp)
+        if exc.errno and not exc.filename:  # a full disk says so at a write, without the file's name
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+        raise
 
 
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
