@@ -115,3 +115,14 @@ def test_cli_run_into_a_held_folder_exits_2_with_one_line(output, tmp_path):
         assert len(line.splitlines()) == 1 and f"PID {os.getpid()}" in line and held.holder["started"] in line
         layout = OutputLayout(output)
         assert json.loads(layout.fs.cat_file(layout.path(LEASE)))["token"] == held.token  # ours, untouched
+
+
+def test_an_output_in_a_bucket_that_does_not_exist_is_refused_and_no_bucket_made():
+    with LoopbackS3() as s3, s3_environment(s3):
+        s3.client().create_bucket(Bucket=BUCKET)
+        with pytest.raises(SetupError) as err:
+            _lease("s3://lbleasx/out").acquire()  # one letter off
+        assert "lbleasx" in str(err.value) and "does not exist" in str(err.value)
+        assert sorted(b["Name"] for b in s3.client().list_buckets()["Buckets"]) == [BUCKET]
+        with _lease(f"s3://{BUCKET}/new/out"):  # a new folder in a bucket that exists is made
+            pass

@@ -11,6 +11,8 @@ import logging
 
 import fsspec
 
+from ..errors import SetupError
+
 #: client libraries that log each credential and endpoint lookup at INFO: kept to warnings, so
 #: that a refused invocation stays one line and a run's log says what the run does
 QUIET_LOGGERS = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google.auth")
@@ -38,6 +40,23 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols
+
+
+#: object stores whose filesystems create a missing bucket (container) when asked for a folder in it
+_BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "abfss", "az")
+
+
+def require_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Refuse an output in a bucket that does not exist. The object-store filesystems would
+    create it when the output folder is made: a misspelt name would become a new bucket, its
+    data written where nobody looks (and billed)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if not set(protocols) & set(_BUCKET_PROTOCOLS):
+        return
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        raise SetupError(f"the bucket of the output {url_of(fs, path)} does not exist ({bucket}); "
+                         "create it first (laionbuild never creates buckets)")
 
 
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:

@@ -26,7 +26,7 @@ import uuid
 from typing import Any, Callable
 
 from ..errors import SetupError
-from .fs import is_local
+from .fs import is_local, require_bucket
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class RunLease:
 
     def acquire(self) -> None:
         fs = self.layout.fs
+        require_bucket(fs, self.layout.root)
         fs.makedirs(self.layout.root, exist_ok=True)
         if is_local(fs):
             self._acquire_local()
