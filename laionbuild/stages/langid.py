@@ -232,8 +232,14 @@ class LanguageRouter:
             raise ModelMissingError(
                 "the fasttext module is missing: install fasttext-predict (pip install fasttext-predict)"
             ) from exc
+        from ..models.fasttext_file import FastTextFileError, check_fasttext_file
+
         try:
+            check_fasttext_file(self.model_path)  # fastText itself hangs on a truncated file
             self.model = fasttext.load_model(self.model_path)
+        except (FastTextFileError, OSError) as exc:
+            raise ModelMissingError(f"cannot load fastText model {self.model_path}: {exc}; download it again "
+                                    "(laionbuild models pull) or give another file") from None
         except Exception as exc:  # noqa: BLE001 - a corrupt or wrong file
             raise ModelMissingError(f"cannot load fastText model {self.model_path}: {exc}") from exc
         log.debug("loaded fastText model %s (threshold %.2f)", self.model_path, self.threshold)
