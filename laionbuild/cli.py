@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import ConfigError, LaionBuildError, SetupError, os_error_in, storage_full
+from .errors import ConfigError, LaionBuildError, SetupError, first_line, os_error_in, own_error_in, storage_full
 
 log = logging.getLogger("laionbuild")
 
@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
         return code
     except LaionBuildError as exc:
-        print(f"laionbuild: error: {exc}", file=sys.stderr)
+        # a Ray error standing for a worker's (RayTaskError(ModelMissingError)): its own message
+        print(f"laionbuild: error: {first_line(own_error_in(exc) or exc)}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     except KeyboardInterrupt:
         print("laionbuild: interrupted; rerun the same command to resume", file=sys.stderr)
@@ -429,6 +430,10 @@ def _report_error(exc: Exception, args: argparse.Namespace) -> int:
         print(f"laionbuild: error: the storage takes no more writes ({reason}{': ' + path if path else ''}); "
               "the work committed so far is kept: free space and rerun the same command to resume",
               file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    own = own_error_in(exc)
+    if own:  # this package's one-line error, raised in a worker
+        print(f"laionbuild: error: {first_line(own)}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     found = os_error_in(exc)
     if found:

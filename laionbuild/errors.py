@@ -40,6 +40,11 @@ class ModelMissingError(SetupError):
     """Model weights or tokenizer files are not available locally."""
 
 
+def first_line(text: object) -> str:
+    """The first non-empty line of ``text``: what an error says in one line."""
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
 def _chain(exc: BaseException):
     """``exc`` and every exception it wraps (``__cause__``, ``__context__``, ``reason``, ``args``,
     Ray's ``cause``), once each."""
@@ -98,7 +103,10 @@ def error_cause(exc: BaseException) -> str:
 STORAGE_FULL_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
 #: an ``OSError`` as Python prints it, the form in which a worker's error reaches the driver:
 #: ``OSError: [Errno 28] No space left on device: '/out/x.parquet'``
-_PRINTED_OSERROR = re.compile(r"\[Errno (\d+)\] ([^\n:]+?)(?:: '([^'\n]*)')?(?:\n|$)")
+_PRINTED_OSERROR = re.compile(r"^(?:[\w.]*\.)?\w*(?:Error|OSError): \[Errno (\d+)\] ([^\n:]+?)(?:: '([^'\n]*)')?$",
+                              re.MULTILINE)
+#: one of this package's errors as Python prints it in a worker's traceback
+_PRINTED_OWN_ERROR = re.compile(r"^laionbuild\.errors\.(\w+): (.+)$", re.MULTILINE)
 
 
 def os_error_in(exc: BaseException) -> tuple[int, str, str] | None:
@@ -128,3 +136,18 @@ def storage_full(exc: BaseException) -> tuple[str, str] | None:
     found = os_error_in(exc)
     wanted = {getattr(errno, n) for n in STORAGE_FULL_ERRNOS if hasattr(errno, n)}
     return (found[1], found[2]) if found and found[0] in wanted else None
+
+
+def own_error_in(exc: BaseException) -> str | None:
+    """The one-line message of this package's own error (:class:`LaionBuildError`) that ``exc`` is,
+    wraps, or carries as the text of a worker's error (a model that a Ray actor could not load);
+    None when there is none."""
+    for e in _chain(exc):
+        if isinstance(e, LaionBuildError) and not type(e).__module__.startswith("ray."):
+            return str(e)
+    for e in _chain(exc):
+        if type(e).__module__.startswith("ray."):
+            found = ([None] + list(_PRINTED_OWN_ERROR.finditer(str(e))))[-1]
+            if found:
+                return found.group(2).strip()
+    return None

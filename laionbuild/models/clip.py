@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..config import ClipConfig, ClipModelConfig
-from ..errors import ConfigError, ModelMissingError, SetupError
+from ..errors import ConfigError, ModelMissingError, SetupError, first_line
 from .hub import hf_cache_hint, hf_cached, quiet_library_handlers
 from .names import ASSETS_DIR, BUILTIN_PREFIX, HF_HUB_PREFIX, LOCAL_DIR_PREFIX, asset_path
 from .text_tower import (
@@ -386,13 +386,24 @@ def _read_checkpoint(path: Path) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ModelMissingError(f"checkpoint {path} cannot be read ({exc})") from None
+            raise ModelMissingError(f"checkpoint {path} cannot be read ({first_line(exc)})") from None
+
+
+def _check_whole(path: Path, what: str) -> None:
+    """ModelMissingError when the weights file at ``path`` is visibly not whole (a cut download)."""
+    from .weights_file import WeightsFileError, check_weights_file
+
+    try:
+        check_weights_file(path)
+    except (WeightsFileError, OSError) as exc:
+        raise ModelMissingError(f"{what}: checkpoint {path} is damaged: {exc}; download or copy it again") from None
 
 
 def check_model_available(model_cfg: ClipModelConfig) -> None:
     """Raise ConfigError / ModelMissingError when ``model_cfg`` cannot be loaded offline."""
     cfg, _, oc_name = resolve_arch(model_cfg)
-    _resolve_weights(model_cfg, oc_name)
+    weights = _resolve_weights(model_cfg, oc_name)
+    _check_whole(weights.path, f"clip model {_model_name(model_cfg)}")
     if "hf_model_name" in cfg.get("text_cfg", {}):
         _resolve_hf_text(model_cfg, cfg["text_cfg"])
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import schema
-from ..errors import ConfigError, ModelMissingError
+from ..errors import ConfigError, ModelMissingError, first_line
 from ..schema import DROP_REASON, IMAGE, PWATERMARK
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def _read(path: Path, fmt: str, what: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelMissingError(f"{what}: checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from None
+        raise ModelMissingError(f"{what}: checkpoint {path} cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != fmt:
         found = ckpt.get("format") if isinstance(ckpt, Mapping) else type(ckpt).__name__
         raise ConfigError(
