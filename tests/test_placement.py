@@ -139,3 +139,26 @@ def test_cpu_stages_on_cpu_nodes_scoring_on_the_gpu_node(shaped_cluster):
     assert {r[NODE_COLUMN + "fetch"] for r in rows} == {cpu_node}
     assert {r[NODE_COLUMN + "clip"] for r in rows} == {gpu_node}
     assert all(np.isfinite(r["mean"]) for r in rows if r[S.STATUS] == "success")
+
+
+@pytest.mark.parametrize("device,mode,gpus,outcome", [
+    ("cuda", "local", 0, "error"),     # a Ray this run started never gets a GPU
+    ("cuda", "env", 0, "warning"),     # a cluster may: an autoscaler adds GPU nodes for waiting actors
+    ("cuda", "connected", 0, "warning"),
+    ("cuda", "local", 1, "quiet"),
+    ("auto", "local", 0, "quiet"),     # auto scores on the CPU then
+    ("cpu", "env", 0, "quiet"),
+])
+def test_cuda_without_a_gpu_is_refused_locally_and_said_on_a_cluster(device, mode, gpus, outcome, caplog):
+    from laionbuild.errors import SetupError
+    from laionbuild.runner.run import _check_gpus
+
+    cfg = load_config(None, [f"clip.device={device}"])
+    caplog.set_level("WARNING", logger="laionbuild")
+    if outcome == "error":
+        with pytest.raises(SetupError, match="clip.device=auto"):
+            _check_gpus(cfg, mode, gpus)
+        return
+    _check_gpus(cfg, mode, gpus)
+    warned = [r for r in caplog.records if "no GPU" in r.getMessage()]
+    assert len(warned) == (1 if outcome == "warning" else 0)

@@ -140,6 +140,20 @@ def run(cfg: Config, command: str = "run") -> RunResult:
         return _run_holding(cfg, command, layout, lease, files, local, t0)
 
 
+def _check_gpus(cfg: Config, mode: str, gpus: float) -> None:
+    """``clip.device: cuda`` with no GPU in the cluster: the scoring actors would wait for one. A Ray
+    instance this run started never gets one (a setup error, before any work); a cluster may (an
+    autoscaler adds GPU nodes for the waiting actors), which the console says."""
+    if cfg.clip.device != "cuda" or gpus > 0:
+        return
+    if mode == "local":
+        raise SetupError("clip.device is cuda, but the Ray instance this run started on this machine has no GPU "
+                         "(Ray found none: no CUDA device, or CUDA_VISIBLE_DEVICES hides them); set "
+                         "clip.device=auto (GPU when there is one) or cpu, or run where a GPU is")
+    log.warning("clip.device is cuda and the Ray cluster has no GPU now: the scoring actors wait for GPU nodes to "
+                "join (an autoscaler adds them on demand); Ctrl-C stops the run, the same command resumes it")
+
+
 def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
                  local: Config, t0: float) -> RunResult:
     """The phases, while this run holds the output folder's lease."""
@@ -177,6 +191,8 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
 
         prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
     shape = cluster_shape(cfg.ray.cpu_node_resource)
+    if scoring:
+        _check_gpus(cfg, summary["mode"], shape.gpus)
     phases = {"start": round(time.monotonic() - t0, 2)}
 
     from .candidates import first_free_ordinal, run_candidates_phase
