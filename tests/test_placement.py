@@ -162,3 +162,18 @@ def test_cuda_without_a_gpu_is_refused_locally_and_said_on_a_cluster(device, mod
     _check_gpus(cfg, mode, gpus)
     warned = [r for r in caplog.records if "no GPU" in r.getMessage()]
     assert len(warned) == (1 if outcome == "warning" else 0)
+
+
+def test_no_stage_gets_more_actors_than_it_has_batches():
+    from laionbuild.runner.resources import ClusterShape, score_plan
+
+    cfg = load_config(None, ["ray.fetch_actors=600", "clip.actors=64", "clip.device=cuda", "ray.tokenize_actors=40",
+                             "fetch.batch_size=256", "clip.batch_size=512"])
+    shape = ClusterShape(cpus=1600.0, gpus=64.0, nodes=100, cpu_node_cpus=1536.0, gpu_node_cpus=64.0)
+    full = score_plan(cfg, shape)
+    assert (full.fetch_actors, full.clip_actors, full.tokenize_actors) == (600, 64, 40)
+    assert score_plan(cfg, shape, rows=10_000_000) == full
+    small = score_plan(cfg, shape, rows=1000)  # 4 fetch batches, 2 CLIP batches
+    assert (small.fetch_actors, small.clip_actors, small.tokenize_actors) == (4, 2, 2)
+    assert score_plan(cfg, shape, rows=0).fetch_actors == 1
+    assert small.fetch_cpus >= full.fetch_cpus  # fewer actors: nothing scaled down for them

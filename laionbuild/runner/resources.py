@@ -100,16 +100,25 @@ def candidates_plan(cfg: Config, shape: ClusterShape, n_inputs: int) -> tuple[in
     return actors, cpus["extract"]
 
 
-def score_plan(cfg: Config, shape: ClusterShape) -> ScorePlan:
-    """Phase 3: GPUs when the cluster has them (or clip.device=cuda asks an autoscaler for them)."""
+def score_plan(cfg: Config, shape: ClusterShape, rows: int | None = None) -> ScorePlan:
+    """Phase 3: GPUs when the cluster has them (or clip.device=cuda asks an autoscaler for them).
+    ``rows``: the rows to fetch; no stage gets more actors than it has batches of them (a small
+    run on a cluster config would otherwise start hundreds of idle actor processes)."""
     r, c = cfg.ray, cfg.clip
     use_gpu = c.device == "cuda" or (c.device == "auto" and shape.gpus > 0)
     tokenize = c.tokenize_upstream == "always" or (c.tokenize_upstream == "auto" and use_gpu)
+
+    def actors(wanted: int, batch_size: int) -> int:
+        return wanted if rows is None else max(1, min(wanted, -(-rows // max(1, batch_size))))
+
+    fetch_actors = actors(r.fetch_actors, cfg.fetch.batch_size)
+    clip_actors = actors(c.actors, c.batch_size)
+    tokenize_actors = actors(r.tokenize_actors, c.batch_size)
     plan = {"fetch": r.fetch_num_cpus, "tokenize": r.tokenize_num_cpus, "clip": c.num_cpus_per_actor,
             "read": r.read_num_cpus, "write": r.write_num_cpus}
-    need = plan["read"] + plan["write"] + r.fetch_actors * plan["fetch"]
-    need += 0.0 if use_gpu else c.actors * plan["clip"]
-    need += r.tokenize_actors * plan["tokenize"] if tokenize else 0.0
+    need = plan["read"] + plan["write"] + fetch_actors * plan["fetch"]
+    need += 0.0 if use_gpu else clip_actors * plan["clip"]
+    need += tokenize_actors * plan["tokenize"] if tokenize else 0.0
     # CPU stages fit the CPU nodes; GPU actors the CPUs of the GPU nodes
     plan = _scale(plan, need, shape.cpu_stage_cpus, "the fetch-and-score phase")
     cpu_resources = cpu_stage_resources(cfg, shape)
@@ -117,13 +126,13 @@ def score_plan(cfg: Config, shape: ClusterShape) -> ScorePlan:
         gpu_cpus = c.num_cpus_per_gpu_actor
         gpu_node_cpus = shape.gpu_node_cpus if shape.gpus > 0 else 0.0
         if gpu_node_cpus > 0:
-            gpu_cpus = _scale({"clip": gpu_cpus}, c.actors * gpu_cpus, gpu_node_cpus, "the GPU scoring actors")["clip"]
+            gpu_cpus = _scale({"clip": gpu_cpus}, clip_actors * gpu_cpus, gpu_node_cpus, "the GPU scoring actors")["clip"]
         clip_resources = {"num_gpus": c.num_gpus_per_actor, "num_cpus": gpu_cpus}
     else:
         clip_resources = {"num_cpus": plan["clip"], **cpu_resources}
     tasks = task_pool_size(shape.cpu_stage_cpus)
-    return ScorePlan(use_gpu, tokenize, r.fetch_actors, plan["fetch"], r.tokenize_actors, plan["tokenize"],
-                     c.actors, clip_resources, plan["read"], plan["write"], tasks, tasks, cpu_resources)
+    return ScorePlan(use_gpu, tokenize, fetch_actors, plan["fetch"], tokenize_actors, plan["tokenize"],
+                     clip_actors, clip_resources, plan["read"], plan["write"], tasks, tasks, cpu_resources)
 
 
 def task_pool_size(cpus: float) -> int:

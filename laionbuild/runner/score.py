@@ -242,7 +242,7 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
 
     recovered = recover_parts(layout, pending)
     kept = sum(len(r.rows) for r in recovered.values())
-    plan = score_plan(cfg, shape)
+    plan = score_plan(cfg, shape, rows=sum(pending.values()) - kept)
     items = stream_items(layout, pending, recovered)
     log.info("fetch and score: %d work shards, %d rows; CLIP actors: %d x %s; parts of %d rows", len(pending),
              sum(pending.values()) - kept, plan.clip_actors, plan.clip_resources, part_rows(cfg))
