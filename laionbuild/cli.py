@@ -436,19 +436,17 @@ def _report_error(exc: Exception, args: argparse.Namespace) -> int:
         print(f"laionbuild: error: {first_line(own)}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     found = os_error_in(exc)
+    if found is None and isinstance(exc, OSError):  # one without an errno
+        found = (0, _os_reason(exc), str(exc.filename or ""))
     if found:
         # a path that cannot be read or written, found while working (here or in a worker)
         _, reason, path = found
         print(f"laionbuild: error: cannot use{' ' + path if path else ''}: {reason}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
-    if isinstance(exc, OSError):
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"laionbuild: error: cannot use{where}: {_os_reason(exc)}", file=sys.stderr)
-        return EXIT_BAD_INVOCATION
     # the last resort: one line, the traceback on request
     if getattr(args, "verbose", False):
         raise exc
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = first_line(exc)
     print(f"laionbuild: error: unexpected {type(exc).__name__}{': ' + text if text else ''} "
           f"(rerun with --verbose for the traceback)", file=sys.stderr)
     return EXIT_BAD_INVOCATION

@@ -118,13 +118,19 @@ def os_error_in(exc: BaseException) -> tuple[int, str, str] | None:
     for e in _chain(exc):
         if isinstance(e, OSError) and isinstance(e.errno, int) and e.errno > 0:
             return e.errno, e.strerror or errno.errorcode.get(e.errno, str(e.errno)), str(e.filename or "")
+    found = _printed_in_worker(exc, _PRINTED_OSERROR)
+    return (int(found.group(1)), found.group(2).strip(), found.group(3) or "") if found else None
+
+
+def _printed_in_worker(exc: BaseException, pattern: re.Pattern) -> re.Match | None:
+    """The last line matching ``pattern`` in the text of a Ray error that ``exc`` is or wraps: Ray
+    passes a worker's exception on as its printed traceback, whose wrapped errors come first and
+    the one raised last. Other errors' messages are not read."""
     for e in _chain(exc):
-        if not type(e).__module__.startswith("ray."):  # only Ray's errors carry a worker's as text
-            continue
-        # a printed traceback lists the wrapped errors first: the last is the one raised
-        found = ([None] + list(_PRINTED_OSERROR.finditer(str(e))))[-1]
-        if found:
-            return int(found.group(1)), found.group(2).strip(), found.group(3) or ""
+        if type(e).__module__.startswith("ray."):
+            found = ([None] + list(pattern.finditer(str(e))))[-1]
+            if found:
+                return found
     return None
 
 
@@ -145,9 +151,5 @@ def own_error_in(exc: BaseException) -> str | None:
     for e in _chain(exc):
         if isinstance(e, LaionBuildError) and not type(e).__module__.startswith("ray."):
             return str(e)
-    for e in _chain(exc):
-        if type(e).__module__.startswith("ray."):
-            found = ([None] + list(_PRINTED_OWN_ERROR.finditer(str(e))))[-1]
-            if found:
-                return found.group(2).strip()
-    return None
+    found = _printed_in_worker(exc, _PRINTED_OWN_ERROR)
+    return found.group(2).strip() if found else None
