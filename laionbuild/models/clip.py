@@ -389,21 +389,12 @@ def _read_checkpoint(path: Path) -> Any:
             raise ModelMissingError(f"checkpoint {path} cannot be read ({first_line(exc)})") from None
 
 
-def _check_whole(path: Path, what: str) -> None:
-    """ModelMissingError when the weights file at ``path`` is visibly not whole (a cut download)."""
-    from .weights_file import WeightsFileError, check_weights_file
-
-    try:
-        check_weights_file(path)
-    except (WeightsFileError, OSError) as exc:
-        raise ModelMissingError(f"{what}: checkpoint {path} is damaged: {exc}; download or copy it again") from None
-
-
 def check_model_available(model_cfg: ClipModelConfig) -> None:
     """Raise ConfigError / ModelMissingError when ``model_cfg`` cannot be loaded offline."""
     cfg, _, oc_name = resolve_arch(model_cfg)
-    weights = _resolve_weights(model_cfg, oc_name)
-    _check_whole(weights.path, f"clip model {_model_name(model_cfg)}")
+    from .weights_file import require_whole
+
+    require_whole(_resolve_weights(model_cfg, oc_name).path, f"clip model {_model_name(model_cfg)}: checkpoint")
     if "hf_model_name" in cfg.get("text_cfg", {}):
         _resolve_hf_text(model_cfg, cfg["text_cfg"])
 

@@ -167,16 +167,11 @@ def check_text_model_available(model_cfg: ClipModelConfig) -> None:
             f"clip text model '{text_model_name(model_cfg)}' needs the 'transformers' package "
             f"(pip install 'laionbuild[multilingual]')"
         ) from None
-    from .weights_file import WeightsFileError, check_weights_file
+    from .weights_file import require_whole
 
     layout = _read_st_layout(model_cfg)
     for sub in (layout.transformer, *(d for d, _ in layout.dense)):
-        weights = _first_file(sub, _ST_WEIGHT_FILES)
-        try:
-            check_weights_file(weights)
-        except (WeightsFileError, OSError) as exc:
-            raise ModelMissingError(f"clip text model '{text_model_name(model_cfg)}': {weights} is damaged: {exc}; "
-                                    "download or copy it again") from None
+        require_whole(_first_file(sub, _ST_WEIGHT_FILES), f"clip text model '{text_model_name(model_cfg)}'")
 
 
 class TextTokenizer:

@@ -72,4 +72,14 @@ def check_weights_file(path: str | os.PathLike) -> None:
         _check_zip(path, size)  # a zip archive, or the first bytes of one
 
 
-__all__ = ["WeightsFileError", "check_weights_file"]
+def require_whole(path: str | os.PathLike, what: str) -> None:
+    """:func:`check_weights_file` for a preflight: ``ModelMissingError`` naming ``what`` and the file."""
+    from ..errors import ModelMissingError
+
+    try:
+        check_weights_file(path)
+    except (WeightsFileError, OSError) as exc:
+        raise ModelMissingError(f"{what}: {os.fspath(path)} is damaged: {exc}; download or copy it again") from None
+
+
+__all__ = ["WeightsFileError", "check_weights_file", "require_whole"]
