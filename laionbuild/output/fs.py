@@ -54,9 +54,10 @@ def require_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
     if not set(protocols) & set(_BUCKET_PROTOCOLS):
         return
     bucket = path.split("/", 1)[0]
-    if not fs.exists(bucket):
-        raise SetupError(f"the bucket of the output {url_of(fs, path)} does not exist ({bucket}); "
-                         "create it first (laionbuild never creates buckets)")
+    if not fs.exists(bucket):  # the filesystem answers False for a bucket its probes cannot reach too
+        raise SetupError(f"the bucket of the output {url_of(fs, path)} does not exist or cannot be reached with "
+                         f"these credentials ({bucket}); create it first (laionbuild never creates buckets), or "
+                         "check the credentials and the endpoint")
 
 
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
