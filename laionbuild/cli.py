@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import ConfigError, LaionBuildError, SetupError, first_line, os_error_in, own_error_in, storage_full
+from .errors import (ConfigError, LaionBuildError, SetupError, first_line, os_error_in, own_error_in, storage_full,
+                     worker_died)
 
 log = logging.getLogger("laionbuild")
 
@@ -434,6 +435,13 @@ def _report_error(exc: Exception, args: argparse.Namespace) -> int:
     own = own_error_in(exc)
     if own:  # this package's one-line error, raised in a worker
         print(f"laionbuild: error: {first_line(own)}", file=sys.stderr)
+        return EXIT_BAD_INVOCATION
+    died = worker_died(exc)
+    if died and getattr(args, "command", None) in ("run", "extract", "demo"):
+        print(f"laionbuild: error: a worker process died each time it ran the same work ({died}; "
+              "ray.max_task_retries runs again): a crash, the out-of-memory killer or lost nodes; "
+              "the work committed so far is kept: rerun the same command to resume "
+              "(-v shows Ray's report)", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     found = os_error_in(exc)
     if found is None and isinstance(exc, OSError):  # one without an errno

@@ -550,6 +550,11 @@ class RayConfig:
     dedup_num_cpus: float = 1.0
     #: concurrent reads per de-dup task (key-file slices of every input, winners of every range)
     dedup_read_threads: int = 8
+    #: times one batch or input is run again after the process running it died (a crash, the
+    #: out-of-memory killer, a lost node); past this the run stops, keeping what it committed.
+    #: Restarted workers decode and parse in child processes, so one bad image or input never
+    #: uses these up (it becomes a row or a file with a reason); -1: without end (Ray's default)
+    max_task_retries: int = 4
 
 
 @dataclass(frozen=True)
@@ -865,6 +870,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: '{section}.{name}' must be positive")
     if cfg.output.part_rows < 0:
         raise ConfigError(f"{source}: 'output.part_rows' must be 0 (automatic) or positive")
+    if cfg.ray.max_task_retries < -1:
+        raise ConfigError(f"{source}: 'ray.max_task_retries' must be -1 (without end), 0 or positive")
     if cfg.ray.dedup_group_candidates < 0:
         raise ConfigError(f"{source}: 'ray.dedup_group_candidates' must not be negative")
     for name in ("input_retries", "input_backoff_s", "input_max_backoff_s"):

@@ -12,6 +12,8 @@
   nothing can be committed any more. :func:`storage_full` finds that cause, in the driver or
   in a worker (whose error reaches the driver as text), so the CLI says it in one line; what
   was committed is kept and a rerun resumes.
+* A worker process that died on the same work more than ``ray.max_task_retries`` times stops
+  the run (:func:`worker_died`): the CLI says so in one line; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -153,3 +155,17 @@ def own_error_in(exc: BaseException) -> str | None:
             return str(e)
     found = _printed_in_worker(exc, _PRINTED_OWN_ERROR)
     return found.group(2).strip() if found else None
+
+
+#: Ray's errors for work whose process died (or whose actor cannot be reached any more)
+_WORKER_DEATHS = ("ActorDiedError", "ActorUnavailableError", "WorkerCrashedError", "OutOfMemoryError",
+                  "NodeDiedError", "LocalRayletDiedError")
+
+
+def worker_died(exc: BaseException) -> str | None:
+    """The name of Ray's error when ``exc`` is, or wraps, work whose worker process died more
+    often than it is run again (``ray.max_task_retries``); None otherwise."""
+    for e in _chain(exc):
+        if type(e).__module__.startswith("ray.") and any(c.__name__ in _WORKER_DEATHS for c in type(e).__mro__):
+            return type(e).__name__
+    return None

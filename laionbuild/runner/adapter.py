@@ -21,10 +21,17 @@ NODE_COLUMN = "_node_"
 
 
 class StageActor:
+    """A stage built by ``factory(cfg)``. When Ray restarted this actor after its process died
+    (:func:`actor_restarted`), a stage with an ``isolate()`` method is told to run its native
+    code in child processes from now on: the batches Ray hands it again may hold the row that
+    killed the process, which then becomes a row with a reason instead of a death without end."""
+
     def __init__(self, factory: Callable[[Config], Callable[[Batch], Batch]], cfg: Config, name: str = ""):
         self.stage = factory(cfg)
         self.name = name
         self.node = node_id()
+        if actor_restarted() and hasattr(self.stage, "isolate"):
+            self.stage.isolate()
 
     def __call__(self, batch: Batch) -> Batch:
         out = self.stage(batch)
@@ -64,6 +71,20 @@ def actor_pool(size: int, in_flight: int | None = None, concurrent_calls: int = 
     return ray.data.ActorPoolStrategy(size=max(1, int(size)), **kwargs)
 
 
+def retries(cfg: Config, actors: bool = True) -> dict[str, int]:
+    """``map_batches`` arguments that bound how often Ray runs one batch again after the process
+    running it died (``ray.max_task_retries``). Ray Data's default is without end: work whose
+    process dies each time (a crash on one row, memory it can never get) would run for ever.
+    Restarted fetch and candidates workers isolate their native code, so the work they get
+    again ends; past the bound the run stops with one line and keeps what it committed."""
+    import warnings
+
+    # Ray Data 2.60 has no named parameter for these and warns on every remote argument passed on
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", module=r"laionbuild\.")
+    n = int(cfg.ray.max_task_retries)
+    return {"max_task_retries": n} if actors else {"max_retries": n}
+
+
 def task_pool(size: int):
     """A task stage with at most ``size`` tasks at once. Ray Data warns when a stage gets fewer
     inputs than that (a run of one work shard): a cap, not a wish, so the warning is not shown."""
@@ -73,6 +94,23 @@ def task_pool(size: int):
 
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks for", category=UserWarning)
     return ray.data.TaskPoolStrategy(size=max(1, int(size)))
+
+
+def actor_restarted() -> bool:
+    """True in a Ray actor that Ray restarted after its process died (a crash, the kernel's
+    out-of-memory killer, a lost node); False in its first life and outside Ray."""
+    import warnings
+
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        with warnings.catch_warnings():  # deprecated in Ray 2.x without a replacement
+            warnings.simplefilter("ignore")
+            return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - not an actor, or a Ray without the attribute
+        return False
 
 
 def node_id() -> str:

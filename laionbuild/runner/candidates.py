@@ -7,6 +7,12 @@ candidate, sorted by key hash: see :mod:`.dedupkeys`) and then its marker. The a
 summary row per file to the driver (no side files, no polling). A file that
 failed is not committed and is tried again by the next run; a file that ends
 early is committed as ``partial`` (its bytes will not change).
+
+An input whose parsing kills the worker's process (a native parser's crash, the out-of-memory
+killer) would kill it again each time Ray restarts the worker and hands it the same input.
+A restarted worker therefore extracts each input in a child process
+(:mod:`laionbuild.stages.isolate`): an input that kills that child is reported ``failed``
+(reason ``crashed``) and the run goes on.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from .. import schema as S
 from ..config import Config
 from ..stages import shards
 from ..stats import FileResult, StageCounters
-from .adapter import actor_pool, node_id
+from .adapter import actor_pool, actor_restarted, node_id, retries
 from .dedupkeys import encode_keys
 from ..output.layout import OutputLayout
 from .progress import Progress
@@ -50,6 +56,20 @@ def extract_with_retries(path: str, cfg: Config):
         time.sleep(min(5.0, 0.5 * attempts))
 
 
+def extract_isolated(path: str, cfg: Config):
+    """:func:`extract_with_retries` in a child process; an input whose extraction kills the
+    child is a ``failed`` file (reason ``crashed``), not tried again in this run."""
+    from ..stages.candidates import FileExtraction
+    from ..stages.isolate import ChildDied, run_alone
+
+    try:
+        return run_alone(extract_with_retries, path, cfg)
+    except ChildDied as exc:
+        log.warning("extraction of %s: its process %s", path, exc)
+        return FileExtraction(path, [], StageCounters(),
+                              FileResult(path, "failed", "crashed", f"the extraction's process {exc}", 1))
+
+
 class CandidatesWorker:
     """Actor body: extract + language + commit, one input file at a time."""
 
@@ -60,12 +80,17 @@ class CandidatesWorker:
         self.cfg = cfg
         self.layout = OutputLayout(output)
         self.router = LanguageRouter(localize_models(cfg).langid)  # this node's copy of the model cache
+        #: restarted after its process died: the input it gets again may be what killed it
+        self.isolated = actor_restarted()
+        if self.isolated:
+            log.warning("this candidates worker was restarted after its process died: it extracts each "
+                        "input in a child process from now on")
 
     def process(self, path: str, fid: str, ordinal: int) -> dict[str, Any]:
         """``ordinal``: the input's number, which gives its rows' ``SAMPLE_ID``."""
         from ..stages.langid import routing_counters
 
-        result = extract_with_retries(path, self.cfg)
+        result = (extract_isolated if self.isolated else extract_with_retries)(path, self.cfg)
         counters = {"extract": result.counters.to_dict()}
         routed = None
         if result.file.status != "failed":
@@ -123,7 +148,7 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,
                         batch_format="numpy", compute=actor_pool(actors, in_flight=1), num_cpus=cpus,
-                        **cpu_stage_resources(cfg, shape))
+                        **cpu_stage_resources(cfg, shape), **retries(cfg))
     done: dict[str, dict] = {}
     failed: dict[str, dict] = {}
     progress = Progress(len(items), cfg.run.progress, label, "file")

@@ -29,7 +29,7 @@ from ..output.fs import open_fs
 from ..output.layout import OutputLayout
 from ..stages import registry, shards
 from ..stats import StageCounters
-from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, task_pool
+from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, retries, task_pool
 from .commit import (FATES, SHARD_ID, SHARD_ROW, Compactor, ShardTracker, compact_shard, part_name, recover_parts,
                      with_part_meta)
 from .progress import Progress
@@ -72,6 +72,10 @@ class FetchStage:
     def stream(self, batch):
         """The batch's rows in the order they complete (several calls may run at once)."""
         return self.fetcher.stream([self.blocklist(batch)])
+
+    def isolate(self) -> None:
+        """Decode images in child processes from now on (a restarted worker)."""
+        self.fetcher.isolate_decoding()
 
 
 def tokenize_stage(cfg: Config):
@@ -258,21 +262,22 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         return sorted(tracker.pending), kept
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
     ds = ds.map_batches(read_work_shard, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
-                        compute=task_pool(plan.read_tasks), **plan.cpu_resources)
+                        compute=task_pool(plan.read_tasks), **plan.cpu_resources, **retries(cfg, actors=False))
     ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
                         batch_size=cfg.fetch.batch_size,
                         compute=actor_pool(plan.fetch_actors, concurrent_calls=cfg.fetch.batches_in_flight),
-                        num_cpus=plan.fetch_cpus, **plan.cpu_resources)
+                        num_cpus=plan.fetch_cpus, **plan.cpu_resources, **retries(cfg))
     if plan.tokenize_upstream:
         ds = ds.map_batches(StageActor, fn_constructor_args=(tokenize_stage, cfg, "tokenize"), batch_format="numpy",
                             batch_size=cfg.clip.batch_size, compute=actor_pool(plan.tokenize_actors),
-                            num_cpus=plan.tokenize_cpus, **plan.cpu_resources)
+                            num_cpus=plan.tokenize_cpus, **plan.cpu_resources, **retries(cfg))
     ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
                         batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
-                        **plan.clip_resources)
+                        **plan.clip_resources, **retries(cfg))
     # one part per ``part_rows`` rows of a shard (the scored rows carry no pixels: small batches)
     ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=part_rows(cfg),
-                        compute=task_pool(plan.write_tasks), num_cpus=plan.write_cpus, **plan.cpu_resources)
+                        compute=task_pool(plan.write_tasks), num_cpus=plan.write_cpus, **plan.cpu_resources,
+                        **retries(cfg, actors=False))
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             tracker.add(batch)

@@ -165,6 +165,9 @@ class ImageRejected(Exception):
         self.message = message or status
         super().__init__(f"{status}: {self.message}")
 
+    def __reduce__(self):  # raised in a child process (:mod:`.isolate`), re-raised in the worker
+        return type(self), (self.status, self.message)
+
 
 def decode_and_resize(
     data: bytes,

@@ -36,6 +36,7 @@ from ..optout import (
     tdm_header_reserved,
     tdm_reserved,
 )
+from ..isolate import ChildDied, IsolatedCalls
 from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
 from ..url_normalization import laion_response_url
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
@@ -50,7 +51,7 @@ STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
-    "too_small_bytes",
+    "too_small_bytes", "decoder_crashed",
 )  # plus http_error_<code> and blocklisted:<list>
 
 #: per-row columns counting the connections and DNS work of the row's download; summed into
@@ -161,6 +162,21 @@ class ImageFetcher:
         self._lock = threading.Lock()
         self._stats: Counter = Counter()
         self._closed = False
+        self._isolated: IsolatedCalls | None = None
+
+    def isolate_decoding(self, workers: int | None = None) -> None:
+        """Decode every image from now on in child processes (:mod:`..isolate`): an image whose
+        decoder kills its process is a ``decoder_crashed`` row, not a dead worker. A worker that
+        Ray restarted after its process died calls this (:func:`laionbuild.runner.adapter.actor_restarted`):
+        the work it gets again may hold the image that killed it. ``workers``: child processes
+        (default: up to 4, no more than the machine's CPUs); each decodes one image at a time."""
+        import os
+
+        if self._isolated is None:
+            self._isolated = IsolatedCalls(workers or max(1, min(4, os.cpu_count() or 1)))
+            logger.warning("this fetch worker was restarted after its process died: it decodes images in "
+                           "child processes from now on, so that an image that crashes its decoder is "
+                           "reported as decoder_crashed")
 
     @property
     def stats(self) -> Counter:
@@ -370,15 +386,15 @@ class ImageFetcher:
         data, final = self._fetch_with_url(url)
         if len(data) < self.cfg.min_bytes:
             raise FetchFailure("too_small_bytes", f"{len(data)} bytes is less than {self.cfg.min_bytes}")
-        arr, w, h = decode_and_resize(
-            data,
-            self.resize_cfg,
-            max_pixels=self.cfg.max_pixels,
-            min_size=self.cfg.min_image_size,
-            formats=self.formats,
-            accept_truncated=self.cfg.accept_truncated,
-            budget=self.pixel_budget,
-        )
+        limits = dict(max_pixels=self.cfg.max_pixels, min_size=self.cfg.min_image_size, formats=self.formats,
+                      accept_truncated=self.cfg.accept_truncated)
+        if self._isolated is None:
+            arr, w, h = decode_and_resize(data, self.resize_cfg, budget=self.pixel_budget, **limits)
+            return arr, w, h, final
+        try:  # each child decodes one image at a time: no shared pixel budget is needed
+            arr, w, h = self._isolated(decode_and_resize, data, self.resize_cfg, **limits)
+        except ChildDied as exc:
+            raise ImageRejected("decoder_crashed", f"the decoder's process {exc}") from None
         return arr, w, h, final
 
     # ------------------------------------------------------------------ download
@@ -574,6 +590,8 @@ class ImageFetcher:
         self._closed = True
         self._pool.shutdown(wait=True)
         self.connections.close()
+        if self._isolated is not None:
+            self._isolated.close()
 
     def __enter__(self) -> "ImageFetcher":
         return self

@@ -1,0 +1,119 @@
+"""An image whose decoder kills the worker's process does not stop the run or hang it: Ray
+restarts the fetch worker, which then decodes in child processes, and the image is a row with
+``fetch:decoder_crashed``; every other row is as in a run without that image.
+
+The crash is a real segfault: a PIL image plugin, loaded into every process of the run by a
+``sitecustomize`` module on ``PYTHONPATH``, reads address 0 when it opens an image starting
+with ``LBCRASH!``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from laionbuild.demo.crawl import build_crawl
+from laionbuild.demo.image_server import LoopbackServer
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+
+PLUGIN = '''
+import ctypes
+import faulthandler
+
+from PIL import Image, ImageFile
+
+
+class CrashingImage(ImageFile.ImageFile):
+    format = "LBCRASH"
+
+    def _open(self):
+        faulthandler.disable()
+        ctypes.string_at(0)  # SIGSEGV, as a decoder's bug on hostile bytes would
+
+
+Image.register_open(CrashingImage.format, CrashingImage, lambda prefix: prefix[:8] == b"LBCRASH!")
+'''
+
+
+def _run(crawl, out: Path, site: Path | None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "laionbuild", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
+           "--output", str(out), "--no-progress", "--set", "ray.fetch_actors=1", "--set", "ray.num_cpus=2"]
+    for path in crawl.warc_paths:
+        cmd += ["--input", path]
+    for s in crawl.config_overrides("127.0.0.1"):
+        cmd += ["--set", s]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _published(out: Path) -> set[tuple[str, str]]:
+    return {(r["URL"], r["TEXT"]) for subset in ("en", "multi", "nolang")
+            for f in sorted((out / subset).glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
+
+
+def test_an_image_that_crashes_its_decoder_is_a_row_and_the_run_ends(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(PLUGIN)
+    with LoopbackServer("127.0.0.1") as server:
+        crawl = build_crawl(str(tmp_path / "inputs"), n_files=2, pages_per_file=4, images_per_page=5,
+                            image_base=f"http://images.crawl.test:{server.port}")
+        crawl.register(server)
+        poison_path = sorted(crawl.images)[3]
+        server.add(poison_path, b"LBCRASH!" + crawl.images[poison_path], content_type="image/jpeg")
+        crashed = _run(crawl, tmp_path / "crashed", site)
+        assert crashed.returncode == 0, crashed.stderr[-4000:]
+        assert server.request_count(poison_path) >= 2  # the first life died on it; the restart asked again
+        plain = _run(crawl, tmp_path / "plain", None)  # the same crawl, the same bytes, no crashing plugin
+        assert plain.returncode == 0, plain.stderr[-4000:]
+    stats = json.loads((tmp_path / "crashed" / "stats.json").read_text())
+    drops = stats["stages"]["fetch"]["dropped_by_reason"]
+    assert drops.get("decoder_crashed") == 1, drops
+    # without the plugin the same bytes are a decode error (not a JPEG): every other row is the same
+    plain_drops = json.loads((tmp_path / "plain" / "stats.json").read_text())["stages"]["fetch"]["dropped_by_reason"]
+    assert "decoder_crashed" not in plain_drops and sum(plain_drops.values()) == sum(drops.values())
+    assert _published(tmp_path / "crashed") == _published(tmp_path / "plain")
+    assert len(_published(tmp_path / "plain")) > 0
+    assert "Traceback" not in crashed.stderr and "Warning:" not in crashed.stderr, crashed.stderr[-3000:]
+
+
+class DiesOnRow3:
+    """A stage that kills its process on one row whatever it does: a death no isolation mends."""
+
+    def __call__(self, batch):
+        if 3 in list(batch["id"]):
+            os._exit(1)
+        return batch
+
+
+def test_work_that_kills_its_worker_every_time_stops_the_run_with_one_line(ray_session, capsys):
+    """Ray Data's default runs such work again without end (the run hangs); ``ray.max_task_retries``
+    bounds it and the CLI names it in one line."""
+    import argparse
+
+    from laionbuild import cli
+    from laionbuild.config import Config, RayConfig
+    from laionbuild.errors import worker_died
+    from laionbuild.runner.adapter import actor_pool, retries
+
+    cfg = Config(ray=RayConfig(max_task_retries=1))
+    ds = ray_session.data.range(6, override_num_blocks=6).map_batches(
+        DiesOnRow3, batch_size=1, batch_format="numpy", compute=actor_pool(1), **retries(cfg))
+    with pytest.raises(Exception) as raised:
+        ds.take_all()
+    assert worker_died(raised.value)
+    assert cli._report_error(raised.value, argparse.Namespace(command="run", verbose=False)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a worker process died each time it ran the same work" in err[0], err
+    assert worker_died(RuntimeError("ActorDiedError in a message")) is None  # only Ray's own errors
