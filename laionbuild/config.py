@@ -195,6 +195,11 @@ class FetchConfig:
     max_bytes: int = 20_000_000
     #: decompression-bomb guard (LAION used PIL's default of 89,478,484 pixels)
     max_pixels: int = 89_478_484
+    #: JPEGs of more scans are dropped before decoding (``too_many_scans``): each scan of a
+    #: progressive JPEG is a pass over every block of the image, so a small hostile file of many
+    #: near-empty scans keeps a decoder busy for minutes (a colour progressive JPEG of libjpeg: 10
+    #: scans); 0 = no limit
+    max_jpeg_scans: int = 500
     #: decoded pixels of large images (above 16 MP) one worker holds at once: such decodes wait
     #: for room, so that a run of huge images (a few hundred MB each) cannot exhaust its memory
     decode_budget_pixels: int = 89_478_484
@@ -877,15 +882,14 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     for name in ("input_retries", "input_backoff_s", "input_max_backoff_s"):
         if getattr(cfg.extract, name) < 0:
             raise ConfigError(f"{source}: 'extract.{name}' must not be negative")
-    for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s"):
+    for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s",
+                 "emit_after_s", "max_jpeg_scans"):
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",
                  "batches_in_flight", "decode_budget_pixels"):
         if getattr(cfg.fetch, name) <= 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must be positive")
-    if cfg.fetch.emit_after_s < 0:
-        raise ConfigError(f"{source}: 'fetch.emit_after_s' must not be negative")
     if cfg.clip.num_cpus_per_gpu_actor < 0:
         raise ConfigError(f"{source}: 'clip.num_cpus_per_gpu_actor' must not be negative")
     if not cfg.ray.cpu_node_resource.strip():

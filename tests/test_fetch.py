@@ -13,7 +13,7 @@ from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, load_config
 from laionbuild.demo.image_server import LoopbackServer
 from helpers.dns import NoDNS
-from helpers.images import encode, png_file
+from helpers.images import encode, many_scans_jpeg, png_file
 from laionbuild.stages.fetch import (
     ImageFetcher,
     Resolver,
@@ -80,6 +80,7 @@ def server():
         srv.add_stream("/huge-actual", b"\xff" * 65536, n_chunks=400)  # 26 MB, chunked, no length
         srv.add("/bomb.png", bomb_png(10_000, 10_000), content_type="image/png")
         srv.add("/truncated.jpg", TRUNCATED)
+        srv.add("/many-scans.jpg", many_scans_jpeg(1000, 1000, 600))  # 32 KB
         srv.add("/text", b"<html><body>not an image</body></html>", content_type="image/jpeg")
         srv.add("/noai.jpg", JPEG, headers={"X-Robots-Tag": "noai"})
         srv.add("/noimageai.jpg", JPEG, headers={"X-Robots-Tag": "noindex, NoImageAI"})
@@ -200,6 +201,7 @@ def test_empty_batch_and_missing_drop_reason(server):
         ("/huge-actual", "too_large_bytes"),
         ("/bomb.png", "too_large_pixels"),
         ("/truncated.jpg", "decode_error"),
+        ("/many-scans.jpg", "too_many_scans"),
         ("/text", "not_an_image"),
         ("/noai.jpg", "opt_out"),
         ("/noimageai.jpg", "opt_out"),
@@ -494,7 +496,8 @@ def test_failed_rows_carry_no_pixels_through_the_object_store(server):
 
 
 @pytest.mark.parametrize("override", ["fetch.batches_in_flight=0", "fetch.emit_after_s=-1",
-                                      "clip.num_cpus_per_gpu_actor=-1", "ray.cpu_node_resource=' '"])
+                                      "fetch.max_jpeg_scans=-1", "clip.num_cpus_per_gpu_actor=-1",
+                                      "ray.cpu_node_resource=' '"])
 def test_streaming_and_placement_keys_validated(override):
     from laionbuild.errors import ConfigError
 

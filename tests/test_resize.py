@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.images import encode, png_file
+from helpers.images import encode, many_scans_jpeg, png_file
 from laionbuild.config import FetchConfig, ResizeConfig
 from laionbuild.stages.resize import ImageRejected, decode_and_resize, encode_image
 
@@ -268,3 +268,23 @@ def test_damaged_pngs_get_the_same_answer_with_every_decoder(monkeypatch):
         monkeypatch.undo()
         assert type(with_spng) is type(without)
         assert (with_spng == without) if isinstance(without, str) else np.array_equal(with_spng, without)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    hostile = many_scans_jpeg(2000, 2000, 600)  # 31 KB; every scan a pass over 62,500 blocks
+    assert len(hostile) < 40_000
+    got = reject(hostile, max_scans=500)
+    assert got.status == "too_many_scans" and "600" in got.message
+    # the same file is a valid image: it decodes when the limit allows it (flat grey)
+    for limit in (0, 600):
+        arr, w, h = decode_and_resize(hostile, ResizeConfig(), **LIMITS, max_scans=limit)
+        assert (w, h) == (2000, 2000) and arr.shape == (224, 224, 3) and np.ptp(arr) == 0
+    # ordinary progressive and sequential JPEGs, under the default limit of the fetch config
+    for progressive in (True, False):
+        data = encode(textured(640, 480), "JPEG", progressive=progressive)
+        arr, w, h = decode_and_resize(data, ResizeConfig(), **LIMITS, max_scans=FETCH.max_jpeg_scans)
+        assert (w, h) == (640, 480)
+    # only progressive JPEGs are counted: the marker bytes in a sequential JPEG's comment are not scans
+    plain = encode(textured(64, 64), "JPEG", comment=b"\xff\xda" * 100)
+    assert plain.count(b"\xff\xda") > 100
+    decode_and_resize(plain, ResizeConfig(), **LIMITS, max_scans=10)

@@ -10,7 +10,10 @@ Checks, in order, all made from the header before any pixel is decoded:
 ``not_an_image`` (no known image signature), ``unsupported_format`` (not in
 ``fetch.formats``), ``too_large_pixels`` (decompression-bomb guard: width x
 height above ``fetch.max_pixels``), ``too_small`` (shortest side below
-``fetch.min_image_size``); then ``decode_error`` for a truncated or corrupt body.
+``fetch.min_image_size``), ``too_many_scans`` (a JPEG of more scans than
+``fetch.max_jpeg_scans``: each scan of a progressive JPEG is one more pass over
+all of the image's blocks, so a small file of many near-empty scans can keep a
+decoder busy for minutes); then ``decode_error`` for a truncated or corrupt body.
 
 Resize modes (``resize.mode``):
 
@@ -85,7 +88,12 @@ _REDUCING_GAP = 3.0
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 #: statuses this module can produce
-RESIZE_STATUSES = ("not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format")
+RESIZE_STATUSES = ("not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
+                   "too_many_scans")
+#: a JPEG's start-of-scan marker; entropy-coded data never holds it (a 0xFF byte there is
+#: followed by 0x00 or a restart marker), so counting it over-counts only through embedded
+#: data such as an EXIF thumbnail
+_JPEG_SOS = b"\xff\xda"
 
 _PAD = {"keep_ratio": 0, "border": 255}
 #: JPEG end-of-image marker: appended to a truncated JPEG, libjpeg finishes the image
@@ -178,15 +186,17 @@ def decode_and_resize(
     formats: tuple[str, ...],
     accept_truncated: bool = False,
     budget: PixelBudget | None = None,
+    max_scans: int = 0,
 ) -> tuple[np.ndarray, int, int]:
     """Decode ``data`` and resize it; returns ``(uint8 [S, S, 3], width, height)``.
 
     ``accept_truncated``: an image whose data ends early is used, the missing
     part filled as PIL's ``LOAD_TRUNCATED_IMAGES`` does (LAION-5B accepted them).
     ``budget``: the worker's :class:`PixelBudget` (large images wait for their pixels).
+    ``max_scans``: a JPEG with more scans is ``too_many_scans`` (0: no limit).
     Raises :class:`ImageRejected` (only) when the image cannot be used.
     """
-    limits = dict(max_pixels=max_pixels, min_size=min_size, formats=formats, budget=budget)
+    limits = dict(max_pixels=max_pixels, min_size=min_size, formats=formats, budget=budget, max_scans=max_scans)
     try:
         return _decode_and_resize(data, cfg, **limits)
     except ImageRejected as exc:
@@ -212,7 +222,8 @@ def _load_truncated_images():
 
 
 def _decode_and_resize(data: bytes, cfg: ResizeConfig, *, max_pixels: int, min_size: int,
-                       formats: tuple[str, ...], budget: PixelBudget | None) -> tuple[np.ndarray, int, int]:
+                       formats: tuple[str, ...], budget: PixelBudget | None,
+                       max_scans: int = 0) -> tuple[np.ndarray, int, int]:
     if not data:
         raise ImageRejected("not_an_image", "empty body")
     try:
@@ -225,13 +236,14 @@ def _decode_and_resize(data: bytes, cfg: ResizeConfig, *, max_pixels: int, min_s
         raise ImageRejected("decode_error", f"{type(exc).__name__}: {exc}") from None
     img._laionbuild_bytes = data  # for the optional OpenCV decoder
     try:
-        return _process(img, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats, budget=budget)
+        return _process(img, cfg, max_pixels=max_pixels, min_size=min_size, formats=formats, budget=budget,
+                        max_scans=max_scans)
     finally:
         img.close()
 
 
 def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: int, formats,
-             budget: PixelBudget | None = None) -> tuple:
+             budget: PixelBudget | None = None, max_scans: int = 0) -> tuple:
     fmt = (img.format or "").upper()
     if fmt not in {f.upper() for f in formats}:
         raise ImageRejected("unsupported_format", f"format {fmt or 'unknown'} not accepted")
@@ -240,6 +252,13 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
         raise ImageRejected("too_large_pixels", f"{width}x{height} is more than {max_pixels} pixels")
     if min(width, height) < min_size:
         raise ImageRejected("too_small", f"{width}x{height} is smaller than {min_size} pixels")
+    data = getattr(img, "_laionbuild_bytes", None)
+    # a sequential JPEG has a scan per component at most, each with its blocks' data; only
+    # progressive scans can be near-empty passes over every block
+    if max_scans > 0 and fmt == "JPEG" and data is not None and img.info.get("progressive"):
+        scans = data.count(_JPEG_SOS)
+        if scans > max_scans:
+            raise ImageRejected("too_many_scans", f"{scans} JPEG scans, more than {max_scans}")
     size = cfg.image_size
     try:
         with budget.reserve(_decoded_pixels(width, height, fmt, cfg)) if budget is not None \

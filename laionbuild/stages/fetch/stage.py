@@ -51,7 +51,7 @@ STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
-    "too_small_bytes", "decoder_crashed",
+    "too_small_bytes", "decoder_crashed", "too_many_scans",
 )  # plus http_error_<code> and blocklisted:<list>
 
 #: per-row columns counting the connections and DNS work of the row's download; summed into
@@ -387,7 +387,7 @@ class ImageFetcher:
         if len(data) < self.cfg.min_bytes:
             raise FetchFailure("too_small_bytes", f"{len(data)} bytes is less than {self.cfg.min_bytes}")
         limits = dict(max_pixels=self.cfg.max_pixels, min_size=self.cfg.min_image_size, formats=self.formats,
-                      accept_truncated=self.cfg.accept_truncated)
+                      accept_truncated=self.cfg.accept_truncated, max_scans=self.cfg.max_jpeg_scans)
         if self._isolated is None:
             arr, w, h = decode_and_resize(data, self.resize_cfg, budget=self.pixel_budget, **limits)
             return arr, w, h, final
