@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import errno as _errno
 import re
 
 
@@ -107,6 +108,10 @@ STORAGE_FULL_ERRNOS = ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
 #: ``OSError: [Errno 28] No space left on device: '/out/x.parquet'``
 _PRINTED_OSERROR = re.compile(r"^(?:[\w.]*\.)?\w*(?:Error|OSError): \[Errno (\d+)\] ([^\n:]+?)(?:: '([^'\n]*)')?$",
                               re.MULTILINE)
+#: the same without an errno, as object-store clients raise them (s3fs: ``PermissionError: Access Denied``)
+_PRINTED_OSERROR_NO_ERRNO = re.compile(
+    r"^(?:builtins\.)?(PermissionError|FileNotFoundError|FileExistsError|IsADirectoryError|NotADirectoryError): "
+    r"(?!\[Errno)([^\n]+)$", re.MULTILINE)
 #: one of this package's errors as Python prints it in a worker's traceback
 _PRINTED_OWN_ERROR = re.compile(r"^laionbuild\.errors\.(\w+): (.+)$", re.MULTILINE)
 
@@ -120,19 +125,30 @@ def os_error_in(exc: BaseException) -> tuple[int, str, str] | None:
     for e in _chain(exc):
         if isinstance(e, OSError) and isinstance(e.errno, int) and e.errno > 0:
             return e.errno, e.strerror or errno.errorcode.get(e.errno, str(e.errno)), str(e.filename or "")
-    found = _printed_in_worker(exc, _PRINTED_OSERROR)
-    return (int(found.group(1)), found.group(2).strip(), found.group(3) or "") if found else None
+    found = _printed_in_worker(exc, _PRINTED_OSERROR, _PRINTED_OSERROR_NO_ERRNO)
+    if found is None:
+        return None
+    if found.re is _PRINTED_OSERROR:
+        return int(found.group(1)), found.group(2).strip(), found.group(3) or ""
+    return _ERRNO_OF[found.group(1)], found.group(2).strip(), ""
 
 
-def _printed_in_worker(exc: BaseException, pattern: re.Pattern) -> re.Match | None:
-    """The last line matching ``pattern`` in the text of a Ray error that ``exc`` is or wraps: Ray
-    passes a worker's exception on as its printed traceback, whose wrapped errors come first and
-    the one raised last. Other errors' messages are not read."""
+#: the errno that each of Python's file errors stands for
+_ERRNO_OF = {"PermissionError": _errno.EACCES, "FileNotFoundError": _errno.ENOENT,
+             "FileExistsError": _errno.EEXIST, "IsADirectoryError": _errno.EISDIR,
+             "NotADirectoryError": _errno.ENOTDIR}
+
+
+def _printed_in_worker(exc: BaseException, *patterns: re.Pattern) -> re.Match | None:
+    """The last line matching one of ``patterns`` in the text of a Ray error that ``exc`` is or
+    wraps: Ray passes a worker's exception on as its printed traceback, whose wrapped errors come
+    first and the one raised last. Other errors' messages are not read."""
     for e in _chain(exc):
         if type(e).__module__.startswith("ray."):
-            found = ([None] + list(pattern.finditer(str(e))))[-1]
+            text = str(e)
+            found = [m for pattern in patterns for m in pattern.finditer(text)]
             if found:
-                return found
+                return max(found, key=lambda m: m.start())
     return None
 
 

@@ -50,6 +50,14 @@ def test_a_worker_error_is_found_in_the_text_ray_passes_on():
     denied = UserCodeException(f"PermissionError: [Errno {errno.EACCES}] Permission denied: '/models/m.bin'")
     assert storage_full(denied) is None
     assert os_error_in(denied) == (errno.EACCES, "Permission denied", "/models/m.bin")
+    # an object store's refusal has no errno (s3fs: PermissionError("Access Denied")); the last printed
+    # error is the one raised
+    refused = UserCodeException(f"OSError: [Errno {errno.ENOSPC}] {FULL}: '/tmp/x'\n\nThe above exception ...\n\n"
+                                "PermissionError: Access Denied\n\nray.exceptions.UserCodeException: UDF failed")
+    assert os_error_in(refused) == (errno.EACCES, "Access Denied", "") and storage_full(refused) is None
+    assert os_error_in(UserCodeException("FileNotFoundError: no-such-bucket/out")) == (
+        errno.ENOENT, "no-such-bucket/out", "")
+    assert os_error_in(UserCodeException("ValueError: Access Denied")) is None
     # only Ray's errors carry a worker's error as text; another error's message is not read
     assert os_error_in(RuntimeError(f"[Errno {errno.ENOSPC}] {FULL}: '/x'")) is None
     assert storage_full(OSError(errno.EDQUOT, "Disk quota exceeded")) == ("Disk quota exceeded", "")
@@ -103,3 +111,18 @@ def test_a_full_disk_in_a_ray_data_worker_reaches_the_driver_with_its_path(ray_s
         ds.take_all()
     assert storage_full(raised.value) == (FULL, path)
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_an_object_stores_refusal_in_a_worker_is_one_line(monkeypatch, capsys, tmp_path):
+    from ray.exceptions import UserCodeException
+
+    def run(*args, **kwargs):
+        raise UserCodeException("Traceback ...\nPermissionError: Access Denied\n\n"
+                                "ray.exceptions.UserCodeException: UDF failed to process a data block.")
+
+    monkeypatch.setattr("laionbuild.runner.run.run", run)
+    warc = tmp_path / "a.warc.gz"
+    warc.write_bytes(b"")
+    assert cli.main(["extract", str(warc), "-o", str(tmp_path / "o")]) == cli.EXIT_BAD_INVOCATION
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["laionbuild: error: cannot use: Access Denied"]
