@@ -441,3 +441,35 @@ def test_demo_uses_a_ray_of_its_own_unless_given_an_address(monkeypatch, tmp_pat
     with own_ray("127.0.0.1:6379") as isolation:                   # an address given: used as given
         assert isolation == [] and os.environ["RAY_TMPDIR"] == str(tmp_path)
 
+
+
+def test_raylet_notices_go_to_the_log_not_to_standard_output(monkeypatch, capsys, caplog):
+    """Ray prints a node's notices (a worker that died, a task run again) to standard output;
+    without -v each becomes one line of the run's log and the whole text stays at debug level."""
+    import logging
+
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # undone after
+    assert C.route_engine_notices() and C.route_engine_notices()  # the second call changes nothing
+    hook = ray_worker.print_to_stdstream
+    assert hook._laionbuild_original is not None and not hasattr(hook._laionbuild_original, "_laionbuild_original")
+    died = ("A worker died or was killed while executing a task by an unexpected system error. To troubleshoot "
+            "the problem, check the logs for the dead worker. Worker PID: 12652 Worker exit type: SYSTEM_ERROR")
+    retried = ("Task MapWorker(MapBatches(StreamStageActor)).submit failed. There are 4 retries remaining, so the "
+               "task will be retried. Error: The actor is temporarily unavailable")
+    with caplog.at_level(logging.DEBUG, logger=C.log.name):
+        hook({"lines": [retried, died, "Something else happened. More detail."], "pid": "raylet", "is_err": False},
+             ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    shown = [(r.levelno, r.getMessage()) for r in caplog.records if r.levelno >= logging.INFO]
+    assert shown == [
+        (logging.INFO, "Ray runs a failed task again (4 more tries left)"),
+        (logging.WARNING, "a worker process died; Ray runs its work again, at most ray.max_task_retries times "
+                          "(-v shows Ray's report)"),
+        (logging.WARNING, "Ray: Something else happened. (-v shows the whole report)")]
+    assert any(died in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+    # a worker's own output is printed as Ray prints it
+    hook({"lines": ["hello from a worker"], "pid": 4242, "ip": "127.0.0.1", "is_err": False, "task_name": "t",
+          "actor_name": "", "job": "01000000"}, ignore_prefix=False)
+    assert "hello from a worker" in capsys.readouterr().out

@@ -33,6 +33,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -138,6 +139,56 @@ def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
             return True
     except (OSError, ValueError):
         return False
+
+
+#: the start of Ray's notice that a worker process died (sent to the driver by a node's raylet)
+_WORKER_DIED_NOTICE = "a worker died or was killed"
+#: Ray's notice that a task failed and runs again
+_RETRY_NOTICE = re.compile(r"There are (\d+) retries remaining")
+
+
+def route_engine_notices() -> bool:
+    """Ray prints the notices a node's raylet sends the driver (a worker process that died, a
+    task killed for memory) to standard output, as many lines of engine detail. Without ``-v``
+    they go to this module's log instead: one warning line each, the whole text at debug level.
+    True when the hook is in place (it is Ray's private printer, replaced at most once)."""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:  # pragma: no cover - another Ray layout: its own printing stays
+        return False
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is None:  # pragma: no cover
+        return False
+    if getattr(printer, "_laionbuild_original", None) is not None:
+        return True
+
+    def to_log(data, *args, **kwargs):
+        if not isinstance(data, dict) or data.get("pid") != "raylet":
+            return printer(data, *args, **kwargs)
+        for line in data.get("lines") or ():
+            text = " ".join(str(line).split())
+            if not text:
+                continue
+            log.debug("Ray: %s", text)
+            retried = _RETRY_NOTICE.search(text)
+            if text.lower().startswith(_WORKER_DIED_NOTICE):
+                log.warning("a worker process died; Ray runs its work again, at most ray.max_task_retries "
+                            "times (-v shows Ray's report)")
+            elif retried:
+                log.info("Ray runs a failed task again (%s more tries left)", retried.group(1))
+            else:
+                log.warning("Ray: %s (-v shows the whole report)", _first_sentence(text))
+        return None
+
+    to_log._laionbuild_original = printer
+    ray_worker.print_to_stdstream = to_log
+    return True
+
+
+def _first_sentence(text: str, limit: int = 200) -> str:
+    end = text.find(". ")
+    text = text if end < 0 else text[:end + 1]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @contextlib.contextmanager
@@ -363,6 +414,8 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
                          **kwargs)
     logging.getLogger("ray").setLevel(quiet)
     logging.getLogger("ray.data").setLevel(quiet if verbose else logging.CRITICAL)
+    if not verbose:
+        route_engine_notices()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -373,4 +426,4 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
 
 
 __all__ = ["MODES", "choose_address", "cluster_summary", "connect", "join_failure", "running_cluster_address",
-           "match_authentication", "probe_authentication", "read_token", "token_source"]
+           "match_authentication", "probe_authentication", "read_token", "route_engine_notices", "token_source"]
