@@ -9,7 +9,7 @@
 #
 #   PYTHON=/path/to/python OUT=/tmp/gpu-out scripts/gpu_check.sh
 # Results: $OUT/{pytest_gpu.txt,bench_fp16.json,bench_bf16.json,precision_flips.json,summary.txt}
-set -u
+set -u -o pipefail  # a failing test or bench fails the check, not only its last pipe
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 OUT="${OUT:-gpu-check-output}"
