@@ -200,6 +200,12 @@ class FetchConfig:
     #: near-empty scans keeps a decoder busy for minutes (a colour progressive JPEG of libjpeg: 10
     #: scans); 0 = no limit
     max_jpeg_scans: int = 500
+    #: CPU-seconds one image's decode and resize may use (``decode_timeout``); 0 = no limit. A
+    #: worker of a run whose in-process decode goes past it ends itself (a native decoder cannot
+    #: be stopped from outside); Ray restarts it, and the restarted worker decodes in child
+    #: processes that the kernel stops at the limit. The largest ordinary images take a few
+    #: seconds
+    decode_cpu_limit_s: float = 60.0
     #: decoded pixels of large images (above 16 MP) one worker holds at once: such decodes wait
     #: for room, so that a run of huge images (a few hundred MB each) cannot exhaust its memory
     decode_budget_pixels: int = 89_478_484
@@ -883,7 +889,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if getattr(cfg.extract, name) < 0:
             raise ConfigError(f"{source}: 'extract.{name}' must not be negative")
     for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s",
-                 "emit_after_s", "max_jpeg_scans"):
+                 "emit_after_s", "max_jpeg_scans", "decode_cpu_limit_s"):
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",

@@ -171,3 +171,128 @@ def test_an_input_that_kills_its_extraction_is_a_failed_file(forked_children, mo
     assert "SIGSEGV" in crashed.file.message and crashed.rows == []
     fine = phase.extract_isolated(sample.warc_paths[0], cfg)
     assert fine.file.status == "ok" and len(fine.rows) == len(real(sample.warc_paths[0], cfg.extract).rows) > 0
+
+
+# ----------------------------------------------------------------------------- calls stuck in native code
+def spin() -> None:
+    while True:  # a call that never ends, as a decoder stuck in a loop
+        pass
+
+
+def test_a_call_over_its_cpu_limit_is_ended_by_the_kernel_and_told_apart():
+    with pytest.raises(isolate.ChildDied) as died:
+        isolate.run_alone(spin, cpu_limit_s=1)
+    assert isolate.over_cpu_limit(died.value) and "SIGXCPU" in str(died.value)
+    assert isolate.run_alone(sleeper, 1.5, cpu_limit_s=1) == "woke"  # CPU time counts, not wall time
+    with pytest.raises(isolate.ChildDied) as crashed:
+        isolate.run_alone(square, 7, cpu_limit_s=1)
+    assert not isolate.over_cpu_limit(crashed.value)
+    calls = isolate.IsolatedCalls(workers=1, cpu_limit_s=1)
+    try:
+        assert calls(square, 3) == 9
+        with pytest.raises(isolate.ChildDied) as stuck:
+            calls(spin)
+        assert isolate.over_cpu_limit(stuck.value)
+        assert [calls(square, x) for x in (4, 5)] == [16, 25]  # the next children have their own limit
+    finally:
+        calls.close()
+    assert calls.stats["calls_killed_child"] == 1
+
+
+def test_a_watched_call_over_its_cpu_time_is_reported_once_and_a_waiting_one_never():
+    import time
+
+    stuck = []
+    watch = isolate.CpuWatch(0.3, lambda what, seconds: stuck.append((what, seconds)), period_s=0.05)
+    try:
+        with watch.watching("sleeps"):
+            time.sleep(0.8)  # waiting uses no CPU
+        with watch.watching("spins"):
+            start = time.thread_time()
+            while time.thread_time() - start < 0.8:  # CPU time: however loaded the machine is
+                pass
+        with watch.watching("quick"):
+            pass
+    finally:
+        watch.close()
+    assert [what for what, _ in stuck] == ["spins"] and stuck[0][1] > 0.3
+
+
+def _slow_jpeg_fetch(server, n_good: int = 3):
+    """URLs of good images and of one valid JPEG whose many scans take seconds of CPU to decode."""
+    from helpers.images import encode, many_scans_jpeg
+    from PIL import Image
+
+    good = encode(Image.new("RGB", (64, 48), (30, 200, 30)), "PNG")
+    urls = [server.add(f"/ok/{i}.png", good, content_type="image/png") for i in range(n_good)]
+    urls.append(server.add("/slow.jpg", many_scans_jpeg(9000, 9000, 900)))  # 9000 x 9000, 900 scans: 4-5 CPU-s
+    return urls
+
+
+def test_a_decode_past_its_cpu_limit_is_a_decode_timeout_row_in_a_restarted_fetcher():
+    from laionbuild.demo.image_server import LoopbackServer
+    from laionbuild.stages.fetch import ImageFetcher
+
+    with LoopbackServer("127.0.0.1") as server:
+        urls = _slow_jpeg_fetch(server)
+        cfg = FetchConfig(threads=4, allow_addresses=("127.0.0.1",), retries=0, max_jpeg_scans=0,
+                          decode_cpu_limit_s=1, timeout_s=30)
+        batch = {S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.full(len(urls), "", dtype=object)}
+        with ImageFetcher(cfg, ResizeConfig(image_size=32)) as fetcher:
+            fetcher.isolate_decoding(workers=1)
+            out = fetcher(batch)
+    assert list(out[S.STATUS]) == ["success"] * 3 + ["decode_timeout"]
+    assert out[S.DROP_REASON][3] == "fetch:decode_timeout" and "1 CPU-seconds" in out[S.ERROR_MESSAGE][3]
+
+
+def test_a_fetch_worker_whose_decode_is_stuck_ends_its_own_process(tmp_path):
+    """In its first life a worker decodes in its own threads; past the CPU limit it ends itself
+    (Ray then restarts it into the isolated mode above). Run in a process of its own here."""
+    import subprocess
+    import sys
+
+    from laionbuild.demo.image_server import LoopbackServer
+    from laionbuild.stages.fetch import stage as fetch_stage
+
+    script = """
+import sys
+import numpy as np
+from laionbuild import schema as S
+from laionbuild.config import FetchConfig, ResizeConfig
+from laionbuild.stages.fetch import ImageFetcher
+urls = sys.argv[1:]
+cfg = FetchConfig(threads=4, allow_addresses=("127.0.0.1",), retries=0, max_jpeg_scans=0, decode_cpu_limit_s=1,
+                  timeout_s=30)
+fetcher = ImageFetcher(cfg, ResizeConfig(image_size=32))
+fetcher.end_process_when_stuck()
+out = fetcher({S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.full(len(urls), "", dtype=object)})
+print("finished", list(out[S.STATUS]))
+"""
+    with LoopbackServer("127.0.0.1") as server:
+        urls = _slow_jpeg_fetch(server)
+        done = subprocess.run([sys.executable, "-c", script, *urls], capture_output=True, text=True, timeout=120)
+    assert done.returncode == fetch_stage.STUCK_DECODE_EXIT, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert "finished" not in done.stdout
+    assert "/slow.jpg has used" in done.stderr and "decode_timeout" in done.stderr
+
+
+def test_a_stage_actor_watches_in_its_first_life_and_isolates_after_a_restart(monkeypatch):
+    from laionbuild.runner import adapter
+
+    class Stage:
+        def __init__(self, cfg):
+            self.told = []
+
+        def isolate(self):
+            self.told.append("isolate")
+
+        def watch(self):
+            self.told.append("watch")
+
+        def __call__(self, batch):
+            return batch
+
+    monkeypatch.setattr(adapter, "node_id", lambda: "n")
+    for restarted, told in ((False, ["watch"]), (True, ["isolate"])):
+        monkeypatch.setattr(adapter, "actor_restarted", lambda r=restarted: r)
+        assert adapter.StageActor(Stage, Config()).stage.told == told

@@ -24,7 +24,9 @@ class StageActor:
     """A stage built by ``factory(cfg)``. When Ray restarted this actor after its process died
     (:func:`actor_restarted`), a stage with an ``isolate()`` method is told to run its native
     code in child processes from now on: the batches Ray hands it again may hold the row that
-    killed the process, which then becomes a row with a reason instead of a death without end."""
+    killed the process, which then becomes a row with a reason instead of a death without end.
+    Otherwise a stage with a ``watch()`` method is told that it runs in a worker process of its
+    own, which it may end when its native code is stuck (Ray restarts it, isolated)."""
 
     def __init__(self, factory: Callable[[Config], Callable[[Batch], Batch]], cfg: Config, name: str = ""):
         self.stage = factory(cfg)
@@ -32,6 +34,8 @@ class StageActor:
         self.node = node_id()
         if actor_restarted() and hasattr(self.stage, "isolate"):
             self.stage.isolate()
+        elif hasattr(self.stage, "watch"):
+            self.stage.watch()
 
     def __call__(self, batch: Batch) -> Batch:
         out = self.stage(batch)

@@ -77,6 +77,10 @@ class FetchStage:
         """Decode images in child processes from now on (a restarted worker)."""
         self.fetcher.isolate_decoding()
 
+    def watch(self) -> None:
+        """End this worker process when a decode is stuck past ``fetch.decode_cpu_limit_s``."""
+        self.fetcher.end_process_when_stuck()
+
 
 def tokenize_stage(cfg: Config):
     from ..models import localize_models

@@ -20,7 +20,8 @@ Statuses
 ``blocklisted:<list>`` (a redirect led to a block-listed URL), ``blocked_address``,
 ``bad_scheme``, ``bad_url`` and, from the decoder, ``not_an_image``,
 ``decode_error``, ``decoder_crashed`` (the decoder killed its process: see
-:mod:`laionbuild.stages.isolate`), ``too_small``, ``too_large_pixels``, ``too_many_scans`` (a progressive JPEG of
+:mod:`laionbuild.stages.isolate`), ``decode_timeout`` (the decode used more than
+``fetch.decode_cpu_limit_s`` of CPU time), ``too_small``, ``too_large_pixels``, ``too_many_scans`` (a progressive JPEG of
 more scans than ``fetch.max_jpeg_scans``), ``unsupported_format``,
 and ``too_small_bytes`` (a body under ``fetch.min_bytes``; LAION-5B: 5,000).
 Truncated images are used with ``fetch.accept_truncated`` (LAION-5B did);

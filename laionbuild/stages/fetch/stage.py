@@ -10,8 +10,10 @@ back no other row.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
+import os
 import queue
 import ssl
 import threading
@@ -36,7 +38,7 @@ from ..optout import (
     tdm_header_reserved,
     tdm_reserved,
 )
-from ..isolate import ChildDied, IsolatedCalls
+from ..isolate import ChildDied, CpuWatch, IsolatedCalls, over_cpu_limit
 from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
 from ..url_normalization import laion_response_url
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
@@ -51,7 +53,7 @@ STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
-    "too_small_bytes", "decoder_crashed", "too_many_scans",
+    "too_small_bytes", "decoder_crashed", "too_many_scans", "decode_timeout",
 )  # plus http_error_<code> and blocklisted:<list>
 
 #: per-row columns counting the connections and DNS work of the row's download; summed into
@@ -163,6 +165,18 @@ class ImageFetcher:
         self._stats: Counter = Counter()
         self._closed = False
         self._isolated: IsolatedCalls | None = None
+        self._watch: CpuWatch | None = None
+
+    def end_process_when_stuck(self, on_stuck: Callable[[str, float], None] | None = None) -> None:
+        """From now on, an image whose decode uses more than ``fetch.decode_cpu_limit_s`` of CPU
+        time ends this process (``on_stuck(url, seconds)`` instead, when given). A fetch worker
+        of a run calls this: a decoder stuck in native code cannot be stopped from its thread,
+        and the worker would hold that batch for ever. Ray restarts the process, and the
+        restarted worker decodes in child processes (:meth:`isolate_decoding`) that the kernel
+        stops at the limit: the image becomes a ``decode_timeout`` row."""
+        limit = self.cfg.decode_cpu_limit_s
+        if limit > 0 and self._watch is None and self._isolated is None:
+            self._watch = CpuWatch(limit, on_stuck or _end_process)
 
     def isolate_decoding(self, workers: int | None = None) -> None:
         """Decode every image from now on in child processes (:mod:`..isolate`): an image whose
@@ -170,10 +184,9 @@ class ImageFetcher:
         Ray restarted after its process died calls this (:func:`laionbuild.runner.adapter.actor_restarted`):
         the work it gets again may hold the image that killed it. ``workers``: child processes
         (default: up to 4, no more than the machine's CPUs); each decodes one image at a time."""
-        import os
-
         if self._isolated is None:
-            self._isolated = IsolatedCalls(workers or max(1, min(4, os.cpu_count() or 1)))
+            self._isolated = IsolatedCalls(workers or max(1, min(4, os.cpu_count() or 1)),
+                                           cpu_limit_s=self.cfg.decode_cpu_limit_s or None)
             logger.warning("this fetch worker was restarted after its process died: it decodes images in "
                            "child processes from now on, so that an image that crashes its decoder is "
                            "reported as decoder_crashed")
@@ -389,11 +402,15 @@ class ImageFetcher:
         limits = dict(max_pixels=self.cfg.max_pixels, min_size=self.cfg.min_image_size, formats=self.formats,
                       accept_truncated=self.cfg.accept_truncated, max_scans=self.cfg.max_jpeg_scans)
         if self._isolated is None:
-            arr, w, h = decode_and_resize(data, self.resize_cfg, budget=self.pixel_budget, **limits)
+            with self._watch.watching(url) if self._watch is not None else contextlib.nullcontext():
+                arr, w, h = decode_and_resize(data, self.resize_cfg, budget=self.pixel_budget, **limits)
             return arr, w, h, final
         try:  # each child decodes one image at a time: no shared pixel budget is needed
             arr, w, h = self._isolated(decode_and_resize, data, self.resize_cfg, **limits)
         except ChildDied as exc:
+            if over_cpu_limit(exc):
+                raise ImageRejected("decode_timeout", f"decoding used more than {self.cfg.decode_cpu_limit_s:g} "
+                                                      "CPU-seconds") from None
             raise ImageRejected("decoder_crashed", f"the decoder's process {exc}") from None
         return arr, w, h, final
 
@@ -592,6 +609,8 @@ class ImageFetcher:
         self.connections.close()
         if self._isolated is not None:
             self._isolated.close()
+        if self._watch is not None:
+            self._watch.close()
 
     def __enter__(self) -> "ImageFetcher":
         return self
@@ -605,6 +624,21 @@ class ImageFetcher:
                 self._pool.shutdown(wait=False)
         except Exception:  # noqa: BLE001
             pass
+
+
+#: exit status of a fetch worker that ends itself over a stuck decode
+STUCK_DECODE_EXIT = 70
+
+
+def _end_process(url: str, seconds: float) -> None:
+    """A decode stuck in native code: log it and end this worker process (Ray restarts it)."""
+    logger.error("decoding %s has used %.0f CPU-seconds (fetch.decode_cpu_limit_s): this fetch worker "
+                 "ends itself; Ray restarts it and runs its work again, decoding in child processes that "
+                 "stop such an image (decode_timeout)", url[:300], seconds)
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os._exit(STUCK_DECODE_EXIT)
 
 
 # --------------------------------------------------------------------------- counters
