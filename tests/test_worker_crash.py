@@ -1,10 +1,11 @@
-"""An image whose decoder kills the worker's process does not stop the run or hang it: Ray
-restarts the fetch worker, which then decodes in child processes, and the image is a row with
-``fetch:decoder_crashed``; every other row is as in a run without that image.
+"""An image whose decoder kills the worker's process, or never ends, does not stop the run or
+hang it: Ray restarts the fetch worker, which then decodes in child processes, and the images
+are rows with ``fetch:decoder_crashed`` and ``fetch:decode_timeout``; every other row is as in a
+run without those images.
 
 The crash is a real segfault: a PIL image plugin, loaded into every process of the run by a
 ``sitecustomize`` module on ``PYTHONPATH``, reads address 0 when it opens an image starting
-with ``LBCRASH!``.
+with ``LBCRASH!``, and loops for ever on one starting with ``LBHANG!!``.
 """
 
 from __future__ import annotations
@@ -40,13 +41,23 @@ class CrashingImage(ImageFile.ImageFile):
         ctypes.string_at(0)  # SIGSEGV, as a decoder's bug on hostile bytes would
 
 
+class HangingImage(ImageFile.ImageFile):
+    format = "LBHANG"
+
+    def _open(self):
+        while True:  # a decoder that never ends, as one looping on hostile bytes would
+            pass
+
+
 Image.register_open(CrashingImage.format, CrashingImage, lambda prefix: prefix[:8] == b"LBCRASH!")
+Image.register_open(HangingImage.format, HangingImage, lambda prefix: prefix[:8] == b"LBHANG!!")
 '''
 
 
 def _run(crawl, out: Path, site: Path | None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "laionbuild", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
-           "--output", str(out), "--no-progress", "--set", "ray.fetch_actors=1", "--set", "ray.num_cpus=2"]
+           "--output", str(out), "--no-progress", "--set", "ray.fetch_actors=1", "--set", "ray.num_cpus=2",
+           "--set", "fetch.decode_cpu_limit_s=2"]
     for path in crawl.warc_paths:
         cmd += ["--input", path]
     for s in crawl.config_overrides("127.0.0.1"):
@@ -70,8 +81,9 @@ def test_an_image_that_crashes_its_decoder_is_a_row_and_the_run_ends(tmp_path):
         crawl = build_crawl(str(tmp_path / "inputs"), n_files=2, pages_per_file=4, images_per_page=5,
                             image_base=f"http://images.crawl.test:{server.port}")
         crawl.register(server)
-        poison_path = sorted(crawl.images)[3]
+        poison_path, hang_path = sorted(crawl.images)[3], sorted(crawl.images)[11]
         server.add(poison_path, b"LBCRASH!" + crawl.images[poison_path], content_type="image/jpeg")
+        server.add(hang_path, b"LBHANG!!" + crawl.images[hang_path], content_type="image/jpeg")
         crashed = _run(crawl, tmp_path / "crashed", site)
         assert crashed.returncode == 0, crashed.stderr[-4000:]
         assert server.request_count(poison_path) >= 2  # the first life died on it; the restart asked again
@@ -79,10 +91,13 @@ def test_an_image_that_crashes_its_decoder_is_a_row_and_the_run_ends(tmp_path):
         assert plain.returncode == 0, plain.stderr[-4000:]
     stats = json.loads((tmp_path / "crashed" / "stats.json").read_text())
     drops = stats["stages"]["fetch"]["dropped_by_reason"]
-    assert drops.get("decoder_crashed") == 1, drops
+    # the image whose decoder never ends: ended by the first life's CPU watch (the worker ends itself)
+    # or, in the restarted worker, by its child's CPU-time limit
+    assert drops.get("decoder_crashed") == 1 and drops.get("decode_timeout") == 1, drops
     # without the plugin the same bytes are a decode error (not a JPEG): every other row is the same
     plain_drops = json.loads((tmp_path / "plain" / "stats.json").read_text())["stages"]["fetch"]["dropped_by_reason"]
-    assert "decoder_crashed" not in plain_drops and sum(plain_drops.values()) == sum(drops.values())
+    assert "decoder_crashed" not in plain_drops and "decode_timeout" not in plain_drops
+    assert sum(plain_drops.values()) == sum(drops.values())
     assert _published(tmp_path / "crashed") == _published(tmp_path / "plain")
     assert len(_published(tmp_path / "plain")) > 0
     assert "Traceback" not in crashed.stderr and "Warning:" not in crashed.stderr, crashed.stderr[-3000:]
