@@ -33,8 +33,8 @@ import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from multiprocessing.connection import wait
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,14 @@ def over_cpu_limit(exc: ChildDied) -> bool:
 
 def _cpu_limited(fn: Callable, cpu_limit_s: float | None, args: tuple, kwargs: dict) -> Any:
     """``fn(*args, **kwargs)`` in a child process whose CPU time may grow by ``cpu_limit_s`` at
-    most while it runs (then the kernel sends ``SIGXCPU``, which ends the process)."""
-    if not cpu_limit_s:
-        return fn(*args, **kwargs)
+    most while it runs (then the kernel sends ``SIGXCPU``, which ends the process). A child
+    that a crash or the limit ends writes no core file."""
     import math
     import resource
 
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    if not cpu_limit_s:
+        return fn(*args, **kwargs)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
     cap = math.ceil(usage.ru_utime + usage.ru_stime + cpu_limit_s)

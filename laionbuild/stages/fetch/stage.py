@@ -189,7 +189,7 @@ class ImageFetcher:
                                            cpu_limit_s=self.cfg.decode_cpu_limit_s or None)
             logger.warning("this fetch worker was restarted after its process died: it decodes images in "
                            "child processes from now on, so that an image that crashes its decoder is "
-                           "reported as decoder_crashed")
+                           "reported as decoder_crashed, and one whose decode does not end as decode_timeout")
 
     @property
     def stats(self) -> Counter:
