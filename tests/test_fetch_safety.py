@@ -216,6 +216,19 @@ def test_allow_list_is_exact():
         assert default.check(ip) is None, ip
 
 
+def test_ipv6_forms_of_ipv4_addresses_are_judged_by_the_address_they_reach():
+    """NAT64 (64:ff9b::/96, what DNS64 answers on IPv6-only networks) and 6to4 (2002::/16) carry
+    an IPv4 address: a private one is refused, a public one allowed, like the plain address."""
+    default = AddressPolicy()
+    for ip in ("64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1", "64:ff9b::a00:1", "2002:a9fe:a9fe::1", "2002:7f00:1::",
+               "2002:c0a8:101::1"):
+        assert default.check(ip) is not None, ip
+    for ip in ("64:ff9b::808:808", "64:ff9b::5db8:d822", "2002:808:808::1"):
+        assert default.check(ip) is None, ip
+    assert AddressPolicy(["10.1.0.0/16"]).check("64:ff9b::a01:203") is None  # NAT64 form of an allowed address
+    assert default.check("64:ff9b:1::808:808") is not None  # local-use NAT64 prefix: not the well-known one
+
+
 def test_bad_allow_list_entry_is_a_config_error():
     with pytest.raises(ConfigError):
         AddressPolicy(["not-an-ip"])

@@ -27,11 +27,11 @@ class AddressPolicy:
             return f"{address!r} is not an IP address"
         if any(ip.version == net.version and ip in net for net in self.allow):
             return None
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            mapped = ip.ipv4_mapped
-            if any(net.version == 4 and mapped in net for net in self.allow):
+        embedded = _embedded_ipv4(ip) if ip.version == 6 else None
+        if embedded is not None:  # judged as the IPv4 address it reaches
+            if any(net.version == 4 and embedded in net for net in self.allow):
                 return None
-            ip = mapped
+            ip = embedded
         for flag in ("is_loopback", "is_private", "is_link_local", "is_multicast", "is_reserved",
                      "is_unspecified"):
             if getattr(ip, flag):
@@ -41,5 +41,19 @@ class AddressPolicy:
         return None
 
 
+#: the well-known NAT64 prefix (RFC 6052): its last 32 bits are the IPv4 address a NAT64
+#: gateway connects to (DNS64 answers with such addresses on IPv6-only networks)
+NAT64_PREFIX = ipaddress.ip_network("64:ff9b::/96")
 
-__all__ = ["AddressPolicy"]
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address stands for: IPv4-mapped (``::ffff:a.b.c.d``), NAT64
+    (``64:ff9b::a.b.c.d``) and 6to4 (``2002:AABB:CCDD::``); None for any other."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in NAT64_PREFIX:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.sixtofour
+
+
+__all__ = ["AddressPolicy", "NAT64_PREFIX"]
