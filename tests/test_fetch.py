@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import zlib
 
@@ -81,6 +82,14 @@ def server():
         srv.add("/bomb.png", bomb_png(10_000, 10_000), content_type="image/png")
         srv.add("/truncated.jpg", TRUNCATED)
         srv.add("/many-scans.jpg", many_scans_jpeg(1000, 1000, 600))  # 32 KB
+        # compressed although we ask for identity: undone as a browser would; a bomb is cut
+        srv.add("/gzip.png", gzip.compress(PNG), content_type="image/png", headers={"Content-Encoding": "gzip"})
+        raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+        srv.add("/deflate.png", raw_deflate.compress(PNG) + raw_deflate.flush(), content_type="image/png",
+                headers={"Content-Encoding": "deflate"})
+        srv.add("/mislabelled.png", PNG, content_type="image/png", headers={"Content-Encoding": "gzip"})
+        srv.add("/gzip-bomb.png", gzip.compress(b"\0" * (MAX_BYTES * 3)), content_type="image/png",
+                headers={"Content-Encoding": "gzip"})
         srv.add("/text", b"<html><body>not an image</body></html>", content_type="image/jpeg")
         srv.add("/noai.jpg", JPEG, headers={"X-Robots-Tag": "noai"})
         srv.add("/noimageai.jpg", JPEG, headers={"X-Robots-Tag": "noindex, NoImageAI"})
@@ -202,6 +211,10 @@ def test_empty_batch_and_missing_drop_reason(server):
         ("/bomb.png", "too_large_pixels"),
         ("/truncated.jpg", "decode_error"),
         ("/many-scans.jpg", "too_many_scans"),
+        ("/gzip.png", "success"),
+        ("/deflate.png", "success"),
+        ("/mislabelled.png", "success"),
+        ("/gzip-bomb.png", "too_large_bytes"),
         ("/text", "not_an_image"),
         ("/noai.jpg", "opt_out"),
         ("/noimageai.jpg", "opt_out"),

@@ -599,6 +599,9 @@ class ImageFetcher:
             self.connections.release(conn)
         else:
             self.connections.checkin(conn)
+        coding = (resp.getheader("Content-Encoding") or "").strip().lower()
+        if coding in _DECOMPRESSED_CODINGS:
+            body = _decode_content(body, coding, limit)
         return body
 
     # ------------------------------------------------------------------ life cycle
@@ -624,6 +627,30 @@ class ImageFetcher:
                 self._pool.shutdown(wait=False)
         except Exception:  # noqa: BLE001
             pass
+
+
+#: ``Content-Encoding`` values undone after download: we ask for ``identity``, but some servers
+#: compress anyway, and browsers (and LAION-5B's client, which asked for gzip) decode them
+_DECOMPRESSED_CODINGS = ("gzip", "x-gzip", "deflate")
+
+
+def _decode_content(body: bytes, coding: str, limit: int) -> bytes:
+    """``body`` with its content coding undone, at most ``limit`` bytes (a compression bomb is
+    ``too_large_bytes`` without being inflated further). A body that is not what the header says
+    is kept as it came (the decoder then judges it)."""
+    import zlib
+
+    # 47: a gzip or zlib header; "deflate" also comes raw, without a header, from some servers
+    for wbits in ((47,) if coding != "deflate" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise FetchFailure("too_large_bytes", f"body larger than {limit} bytes once decompressed ({coding})")
+        return out
+    return body
 
 
 #: exit status of a fetch worker that ends itself over a stuck decode
