@@ -192,8 +192,13 @@ def _dechunk(data: bytes) -> bytes | None:
     return b"".join(out)
 
 
-def _decompress(data: bytes, coding: str, limit: int) -> bytes | None:
-    """Undo a ``Content-Encoding``; at most ``limit + 1`` bytes; ``None`` if it does not apply."""
+def decompress_content(data: bytes, coding: str, limit: int) -> bytes | None:
+    """Undo a ``Content-Encoding`` (a lower-cased ``gzip``, ``x-gzip``, ``deflate`` or ``br``);
+    at most ``limit + 1`` bytes, so a caller tells a body over its limit without inflating a
+    bomb; ``None`` when the body is not encoded as claimed (``gzip`` without gzip's magic bytes
+    included). Used for WARC payloads and downloaded images alike."""
+    if coding in ("gzip", "x-gzip") and data[:2] != b"\x1f\x8b":
+        return None
     try:
         if coding in ("gzip", "x-gzip", "deflate"):
             # 47: gzip or zlib header, auto-detected; raw deflate as a fallback
@@ -230,10 +235,7 @@ def decode_body(body: bytes, headers: dict[str, str], limit: int, counters: Stag
             body = dechunked
     ce = headers.get("content-encoding", "").strip().lower()
     if ce and ce not in ("identity", "none", "utf-8", "utf8"):
-        if body[:2] == b"\x1f\x8b" or ce not in ("gzip", "x-gzip"):
-            decoded = _decompress(body, ce, limit)
-        else:
-            decoded = None
+        decoded = decompress_content(body, ce, limit)
         if decoded is None:
             counters.count("content_encoding_mismatch")
         else:

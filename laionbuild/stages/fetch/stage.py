@@ -41,6 +41,7 @@ from ..optout import (
 from ..isolate import ChildDied, CpuWatch, IsolatedCalls, over_cpu_limit
 from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
 from ..url_normalization import laion_response_url
+from ..warc import decompress_content
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
 from .policy import AddressPolicy
@@ -600,8 +601,11 @@ class ImageFetcher:
         else:
             self.connections.checkin(conn)
         coding = (resp.getheader("Content-Encoding") or "").strip().lower()
-        if coding in _DECOMPRESSED_CODINGS:
-            body = _decode_content(body, coding, limit)
+        decoded = decompress_content(body, coding, limit) if coding in _DECOMPRESSED_CODINGS else None
+        if decoded is not None:  # else not encoded as claimed: kept as it came, the decoder judges it
+            if len(decoded) > limit:  # a compression bomb is not inflated further
+                raise FetchFailure("too_large_bytes", f"body larger than {limit} bytes once decompressed ({coding})")
+            body = decoded
         return body
 
     # ------------------------------------------------------------------ life cycle
@@ -632,25 +636,6 @@ class ImageFetcher:
 #: ``Content-Encoding`` values undone after download: we ask for ``identity``, but some servers
 #: compress anyway, and browsers (and LAION-5B's client, which asked for gzip) decode them
 _DECOMPRESSED_CODINGS = ("gzip", "x-gzip", "deflate")
-
-
-def _decode_content(body: bytes, coding: str, limit: int) -> bytes:
-    """``body`` with its content coding undone, at most ``limit`` bytes (a compression bomb is
-    ``too_large_bytes`` without being inflated further). A body that is not what the header says
-    is kept as it came (the decoder then judges it)."""
-    import zlib
-
-    # 47: a gzip or zlib header; "deflate" also comes raw, without a header, from some servers
-    for wbits in ((47,) if coding != "deflate" else (zlib.MAX_WBITS, -zlib.MAX_WBITS)):
-        inflater = zlib.decompressobj(wbits)
-        try:
-            out = inflater.decompress(body, limit + 1)
-        except zlib.error:
-            continue
-        if len(out) > limit or inflater.unconsumed_tail:
-            raise FetchFailure("too_large_bytes", f"body larger than {limit} bytes once decompressed ({coding})")
-        return out
-    return body
 
 
 #: exit status of a fetch worker that ends itself over a stuck decode
