@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 
 import pytest
 
@@ -252,3 +253,27 @@ def test_single_member_gzip_warc(tmp_path, reader):
     assert fe.file.status == "ok"
     assert alts(fe) == [GOOD_ALT.format(i=i) for i in range(3)]
     assert fe.counters.counts["records"] == 4
+
+
+def test_a_compression_bomb_payload_is_not_inflated_past_the_limit():
+    """decompress_content returns at most limit + 1 bytes and never holds the whole bomb."""
+    import tracemalloc
+
+    from laionbuild.stages.warc import decompress_content
+
+    payload = b"\0" * 50_000_000
+    bombs = {"gzip": gzip.compress(payload), "deflate": zlib.compress(payload)}
+    try:
+        import brotli
+
+        bombs["br"] = brotli.compress(payload, quality=5)
+    except ImportError:  # brotli is optional
+        pass
+    for coding, bomb in bombs.items():
+        tracemalloc.start()
+        out = decompress_content(bomb, coding, 1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(out) == 1_000_001, coding
+        assert peak < 10_000_000, (coding, peak)  # the 50 MB are never held
+    assert decompress_content(b"not gzip at all", "gzip", 100) is None

@@ -212,7 +212,11 @@ def decompress_content(data: bytes, coding: str, limit: int) -> bytes | None:
         if coding == "br":
             import brotli
 
-            out = brotli.decompress(data)
+            inflater = brotli.Decompressor()
+            try:  # the output stops growing at the limit (brotli >= 1.2)
+                out = inflater.process(data, output_buffer_limit=limit + 1)
+            except TypeError:  # an older brotli: whole
+                out = inflater.process(data)
             return out[: limit + 1]
     except Exception:  # noqa: BLE001 - any decoder error means "not encoded as claimed"
         return None
