@@ -35,10 +35,13 @@ def photo_like(w: int, h: int, seed: int = 0) -> np.ndarray:
     return np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-def reference(data: bytes, size: int = 224) -> np.ndarray:
-    """LAION's steps written out with Pillow, then CLIP's preprocessing (torchvision resize, crop)."""
+def reference(data: bytes, size: int = 224, opened_as: str | None = None) -> np.ndarray:
+    """LAION's steps written out with Pillow, then CLIP's preprocessing (torchvision resize, crop).
+    ``opened_as``: the mode an older Pillow opened the file in."""
     im = Image.open(io.BytesIO(data))
     fmt = im.format
+    if opened_as is not None:
+        im = im.convert(opened_as)
     w, h = im.size
     if min(w, h) > size:
         r = min(w, h) / size
@@ -64,6 +67,9 @@ CASES = {
     "png_palette": lambda: encode(Image.fromarray(photo_like(400, 300, 3)).quantize(64), "PNG"),
     "webp": lambda: encode(Image.fromarray(photo_like(320, 240, 4)), "WEBP", quality=95),
     "png_gray": lambda: encode(Image.fromarray(photo_like(260, 300, 5)[..., 0], "L"), "PNG"),
+    # short side under 224: only CLIP's resize scales it, up, the long side to a fraction of a pixel
+    "jpeg_upscaled": lambda: encode(Image.fromarray(photo_like(289, 223, 6)), "JPEG", quality=90),
+    "png_upscaled": lambda: encode(Image.fromarray(photo_like(100, 138, 7)), "PNG"),
 }
 
 
@@ -81,6 +87,21 @@ def _mean_diff(name: str) -> float:
     a, _, _ = decode_and_resize(data, LAION, **LIMITS)
     b, _, _ = decode_and_resize(data, OURS, **LIMITS)
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_16_bit_greyscale_png_is_read_as_the_pillow_of_laions_time_read_it():
+    """Pillow 8 opened a 16-bit greyscale PNG in mode ``I`` (32-bit integers), resized it there and
+    clipped it to 0-255 in ``convert("RGB")``; Pillow 13 opens it as ``I;16``, whose resize and
+    conversion give other pixels. The faithful path reads it as LAION-5B's Pillow did
+    (``scripts/check_pixel_path.py`` compares with Pillow 8.4.0 itself)."""
+    levels = np.random.default_rng(0).integers(0, 400, (400, 600))  # in and above 0-255: some are clipped
+    img = Image.fromarray(levels.astype(np.uint16))
+    assert img.mode == "I;16"
+    data = encode(img, "PNG")
+    got, w, h = decode_and_resize(data, LAION, **LIMITS)
+    assert (w, h) == (600, 400)
+    assert np.array_equal(got, reference(data, opened_as="I"))
+    assert not np.array_equal(got, reference(data))  # what Pillow 13's own mode would give
 
 
 def test_alpha_is_dropped_not_composited_on_white():

@@ -325,6 +325,8 @@ def _laion_pixels(img: Image.Image, size: int, fmt: str) -> np.ndarray:
     RGB, bicubic resize of the short side to ``size`` (torchvision: long side
     truncated; a no-op when already ``size``), centre crop.
     """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        img = img.convert("I")  # the Pillow of LAION-5B's time (8.x) opened 16-bit greyscale PNGs in mode I
     width, height = img.size
     short = min(width, height)
     if short > size:
@@ -343,7 +345,21 @@ def _laion_pixels(img: Image.Image, size: int, fmt: str) -> np.ndarray:
         img.load()
         if img.mode != "RGB":
             img = img.convert("RGB")
-    return _center_crop(img, size, fast=False)
+    return _clip_preprocess(img, size)
+
+
+def _clip_preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """CLIP's preprocessing of a PIL image as torchvision does it, step by step: bicubic resize
+    of the whole image to short side ``size`` (long side truncated; none when the short side
+    already is ``size``), then the centre crop at rounded offsets. (:func:`_center_crop`
+    resizes only the cropped box in one call: the same up to rounding, a level here and there.)"""
+    width, height = img.size
+    if min(width, height) != size:
+        tw, th = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+        img = img.resize((tw, th), Image.BICUBIC)
+    width, height = img.size
+    left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+    return _as_array(img.crop((left, top, left + size, top + size)))
 
 
 def _fit(img: Image.Image, size: int, fast: bool, fill: int) -> np.ndarray:
