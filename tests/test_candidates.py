@@ -156,6 +156,69 @@ def test_unknown_or_binary_codec_labels_are_ignored():
     assert c.counts["charset_from_meta"] == 1
 
 
+RU = "Тестовое изображение"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "<!-- <meta charset='koi8-r'> --><meta charset='utf-8'>",  # a commented-out declaration
+        "<meta content='text/html; charset=koi8-r'><meta charset='utf-8'>",  # content without http-equiv
+        "<meta property='og:description' content='about charset=koi8-r'>",  # not a declaration at all
+        "<meta name=x content='a > b'><META HTTP-EQUIV='Content-Type' CONTENT='text/html; charset=utf-8'>",
+    ],
+)
+def test_meta_prescan_finds_only_what_browsers_read_as_a_declaration(head):
+    rows, c = run(html_page(f"<img src='/a.jpg' alt='{RU}'>", head=head).encode("utf-8"), charset=None)
+    assert [r["alt_text"] for r in rows] == [RU]
+    assert sniff_charset(html_page("", head=head).encode(), None)[0] == "utf-8"
+
+
+def test_meta_http_equiv_content_type_is_read():
+    head = "<meta http-equiv='content-type' content='text/html; charset=\"windows-1251\"'>"
+    rows, c = run(html_page(f"<img src='/a.jpg' alt='{RU}'>", head=head).encode("cp1251"), charset=None)
+    assert [r["alt_text"] for r in rows] == [RU]
+    assert c.counts["charset_from_meta"] == 1
+
+
+def test_charset_labels_as_browsers_know_them():
+    heb = "תמונה של חתול על הגג"
+    rows, _ = run(html_page(f"<img src='/a.jpg' alt='{heb}'>", head="<meta charset='iso-8859-8-i'>").encode("iso8859-8"),
+                  charset=None)
+    assert [r["alt_text"] for r in rows] == [heb]
+    assert resolve_charset("koi8-ru") == "koi8-u"
+    # labels Python knows but browsers do not are ignored
+    assert resolve_charset("utf-7") is None and resolve_charset("utf-32") is None and resolve_charset("cp037") is None
+    rows, _ = run(html_page("<img src='/a.jpg' alt='C++ and C# +AAA- book'>", head="<meta charset='utf-7'>"),
+                  charset=None)
+    assert [r["alt_text"] for r in rows] == ["C++ and C# +AAA- book"]
+
+
+def test_utf16_from_the_http_header_without_a_bom(tmp_path):
+    page = html_page(f"<img src='/a.jpg' alt='{RU}'>").encode("utf-16-le")
+    path = write_warc(tmp_path / "u16.warc.gz", [{"url": PAGE, "html": page,
+                                                    "content_type": "text/html; charset=UTF-16LE"}])
+    fe = extract_file(str(path), ExtractConfig())
+    assert fe.file.status == "ok" and [r["alt_text"] for r in fe.rows] == [RU]
+    assert sniff_charset(page, "utf-16") == ("utf-16-le", "http")
+    # in a <meta>, a UTF-16 label reads as UTF-8 (the bytes that say it are ASCII)
+    assert sniff_charset(html_page("", head="<meta charset='utf-16'>").encode(), None) == ("utf-8", "meta")
+
+
+def test_euc_jp_reads_nec_row_13_as_browsers_do():
+    alt = "株式会社①㈱テスト"
+    page = html_page(f"<img src='/a.jpg' alt='{alt}'>").encode("euc_jis_2004")
+    with pytest.raises(UnicodeDecodeError):
+        page.decode("euc_jp")  # Python's own euc_jp lacks the row
+    rows, _ = run(page, charset="EUC-JP")
+    assert [r["alt_text"] for r in rows] == [alt]
+
+
+def test_a_long_run_of_spaces_does_not_cut_the_alt_text():
+    rows, c = run(html_page("<img src='/a.jpg' alt='ab" + " " * 5000 + "\n\t real description text'>"))
+    assert [r["alt_text"] for r in rows] == ["ab real description text"]
+
+
 def test_broken_utf8_alt_is_cleaned_and_counted():
     page = html_page("<img src='/a.jpg' alt='caf\udcff au lait bowl'>").encode("utf-8", "surrogateescape")
     rows, c = run(page)
@@ -176,6 +239,10 @@ def test_broken_utf8_alt_is_cleaned_and_counted():
         ("../a.jpg?x=1&amp;y=2", "http://www.example.com/a.jpg?x=1&y=2"),
         ("  \n /img/b c.jpg \t", "http://www.example.com/img/b%20c.jpg"),
         ("/img/\na\tb.jpg", "http://www.example.com/img/ab.jpg"),
+        # browsers read a backslash before the query of an http(s) URL as a slash
+        ("\\\\cdn.example.net\\img\\b.jpg", "http://cdn.example.net/img/b.jpg"),
+        ("http:\\\\cdn.example.net\\b2.jpg?a=\\x", "http://cdn.example.net/b2.jpg?a=\\x"),
+        ("img\\c.jpg#f\\g", "http://www.example.com/dir/img/c.jpg#f\\g"),
     ],
 )
 def test_url_resolution(src, expected):
@@ -353,7 +420,8 @@ def test_url_shortcuts_match_urllib(base):
     for src in ["/a.jpg", "/a/../b.jpg", "/./x.jpg", "//cdn.x/y.jpg", "a.jpg", "../a.jpg", "?q=2", "#f",
                 "/a b.jpg", "/a?x=/y#z", "/%7Euser/p.png", "/a\\b.jpg", "/", "/a/b/./c.jpg"]:
         url = resolve_url(src, base, origin)
-        assert url == urljoin(base, src).replace(" ", "%20")
+        # a backslash before the query is a slash, as browsers read it (urljoin keeps it)
+        assert url == urljoin(base, src.replace("\\", "/")).replace(" ", "%20")
         parts = urlsplit(url)
         assert url_parts(url) == (parts.scheme, parts.netloc, parts.path)
 

@@ -41,7 +41,7 @@ from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
 from .laion_links import page_rows
 from .wat_links import page_links
-from .warc import HtmlDocument, iter_html_documents
+from .warc import HtmlDocument, iter_html_documents, utf16_codec
 from .wat import input_kind, iter_wat_pages
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,15 @@ META_PRESCAN_BYTES = 8192
 #: bytes given to charset-normalizer when nothing is declared
 DETECT_BYTES = 65_536
 
-#: applied to lower-cased bytes
-_META_CHARSET_RE = re.compile(rb"""<meta[^>]*?charset\s*=\s*["']?\s*([a-z0-9_.:\-]+)""")
+#: applied to lower-cased bytes: a comment (an unclosed one runs to the end), a <meta> tag and its
+#: attributes, the charset inside a content attribute
+_COMMENT_RE = re.compile(rb"<!--.*?(?:-->|\Z)", re.DOTALL)
+_META_TAG_RE = re.compile(rb"""<meta[\s/]((?:[^>"']+|"[^"]*"|'[^']*')*)""")
+_ATTR_RE = re.compile(rb"""([^\s/>"'=][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]*)))?""")
+_CONTENT_CHARSET_RE = re.compile(rb"""charset\s*=\s*["']?([^\s"';]+)""")
 _URL_STRIP = " \t\n\r\f"
+_ASCII_SPACE_RUN = re.compile(r"[ \t\n\r\f\v]{2,}")
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _TOKEN_SPLIT = re.compile(r"[,\s]+")
 _HTTP_URL_RE = re.compile(r"(https?)://([^/?#\\]*)([^?#]*)", re.IGNORECASE)
 _TAG_RE = re.compile(rb"<(/?)([A-Za-z][A-Za-z0-9]{0,15})")
@@ -105,6 +111,10 @@ _WHATWG = {
         "cp932",
     ),
     **dict.fromkeys(("euc-jp", "x-euc-jp", "cseucpkdfmtjapanese"), "euc_jp"),
+    **dict.fromkeys(("iso-8859-8-i", "csiso88598i", "logical", "iso-8859-8", "iso8859-8", "iso_8859-8", "hebrew",
+                     "csisolatinhebrew", "iso-ir-138", "visual", "iso_8859-8:1988"), "iso8859-8"),
+    **dict.fromkeys(("koi8-u", "koi8-ru"), "koi8-u"),
+    **dict.fromkeys(("x-user-defined",), "cp1252"),
     **dict.fromkeys(("euc-kr", "ks_c_5601-1987", "ks_c_5601-1989", "windows-949", "cseuckr", "korean"), "cp949"),
     **dict.fromkeys(("iso-8859-9", "latin5", "l5", "windows-1254"), "cp1254"),
     **dict.fromkeys(("tis-620", "iso-8859-11", "windows-874", "dos-874"), "cp874"),
@@ -114,6 +124,14 @@ _WHATWG = {
     **dict.fromkeys(("utf-8", "utf8", "unicode-1-1-utf-8", "x-unicode20utf8"), "utf-8"),
 }
 _codec_cache: dict[str, str | None] = {}
+#: Python codecs of the encodings the WHATWG Encoding Standard defines: a label that Python
+#: knows but browsers do not (``utf-7``, ``utf-32``, EBCDIC, ...) is ignored, as browsers ignore it
+_BROWSER_CODECS = frozenset(
+    ["utf-8", "cp866", "koi8-r", "koi8-u", "mac-roman", "mac-cyrillic", "cp874", "gb18030", "big5hkscs",
+     "euc_jp", "iso2022_jp", "cp932", "cp949", "utf-16-le", "utf-16-be"]
+    + [f"iso8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 10, 13, 14, 15, 16)]
+    + [f"cp{n}" for n in range(1250, 1259)]
+)
 
 #: codecs that read ASCII bytes as ASCII, so a pure-ASCII page can skip decoding
 _ASCII_COMPATIBLE = frozenset(
@@ -146,7 +164,10 @@ def resolve_charset(label: str | None) -> str | None:
         if info is not None and getattr(info, "_is_text_encoding", True):
             name = info.name
             name = {"utf-8": "utf-8", "shift_jis": "cp932", "gb2312": "gb18030", "gbk": "gb18030",
-                    "latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252", "euc_kr": "cp949"}.get(name, name)
+                    "latin-1": "cp1252", "iso8859-1": "cp1252", "ascii": "cp1252", "euc_kr": "cp949",
+                    "iso8859-9": "cp1254", "iso8859-11": "cp874"}.get(name, name)
+            if name not in _BROWSER_CODECS:
+                name = None
     if len(_codec_cache) < 1000:
         _codec_cache[key] = name
     return name
@@ -158,14 +179,13 @@ def sniff_charset(html: bytes, http_charset: str | None) -> tuple[str, str]:
         return "utf-8", "bom"
     if html[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return ("utf-16-le" if html[:2] == b"\xff\xfe" else "utf-16-be"), "bom"
-    codec = resolve_charset(http_charset)
+    codec = utf16_codec(http_charset) or resolve_charset(http_charset)
     if codec:
         return codec, "http"
     lower_head = html[:META_PRESCAN_BYTES].lower()
-    for m in _META_CHARSET_RE.finditer(lower_head) if b"charset" in lower_head else ():
-        codec = resolve_charset(m.group(1).decode("ascii", "ignore"))
-        if codec:
-            return codec, "meta"
+    codec = meta_charset(lower_head) if b"charset" in lower_head else None
+    if codec:
+        return codec, "meta"
     if html.isascii():
         return "utf-8", "ascii"
     try:
@@ -185,6 +205,54 @@ def sniff_charset(html: bytes, http_charset: str | None) -> tuple[str, str]:
     return "cp1252", "fallback"
 
 
+def _euc_jp_errors(exc: UnicodeError) -> tuple[str, int]:
+    """Python's ``euc_jp`` lacks row 13 of JIS X 0208 (NEC's ①, ㈱, ㍉, ...) that browsers'
+    EUC-JP decodes; such a two-byte character is read with ``euc_jis_2004``, which has it.
+    Anything else becomes U+FFFD, both bytes of a two-byte sequence consumed."""
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    pair = exc.object[exc.start:exc.start + 2]
+    if len(pair) == 2 and 0xA1 <= pair[0] <= 0xFE and 0xA1 <= pair[1] <= 0xFE:
+        try:
+            return bytes(pair).decode("euc_jis_2004"), exc.start + 2
+        except UnicodeDecodeError:
+            return "\ufffd", exc.start + 2
+    return "\ufffd", exc.end
+
+
+codecs.register_error("laionbuild-euc-jp", _euc_jp_errors)
+
+
+def decode_bytes(html: bytes, codec: str) -> str:
+    """``html`` decoded with ``codec`` as browsers decode it, invalid bytes replaced."""
+    return html.decode(codec, "laionbuild-euc-jp" if codec == "euc_jp" else "replace")
+
+
+def meta_charset(lower_head: bytes) -> str | None:
+    """The codec of the first ``<meta>`` that declares a known one, as browsers' prescan finds it:
+    outside comments; ``charset=`` as an attribute, or inside ``content`` when ``http-equiv`` is
+    ``content-type``. ``lower_head``: the page's first bytes, lower-cased."""
+    if b"<!--" in lower_head:
+        lower_head = _COMMENT_RE.sub(b" ", lower_head)
+    for tag in _META_TAG_RE.finditer(lower_head):
+        if b"charset" not in tag.group(1):
+            continue
+        attrs: dict[bytes, bytes] = {}
+        for m in _ATTR_RE.finditer(tag.group(1)):
+            value = m.group(2) if m.group(2) is not None else m.group(3) if m.group(3) is not None else m.group(4)
+            attrs.setdefault(m.group(1), value or b"")
+        label = attrs.get(b"charset")
+        if label is None and attrs.get(b"http-equiv", b"").strip() == b"content-type":
+            found = _CONTENT_CHARSET_RE.search(attrs.get(b"content", b""))
+            label = found.group(1) if found else None
+        if label is None:
+            continue
+        codec = resolve_charset(label.decode("ascii", "ignore"))
+        if codec:  # a <meta> cannot really say UTF-16: the bytes that say it read as ASCII
+            return "utf-8" if codec.startswith("utf-16") else codec
+    return None
+
+
 def parse_html(html: bytes, http_charset: str | None, counters: StageCounters | None = None) -> LexborHTMLParser:
     """Decode and parse a page with lexbor; UTF-8 (and pure ASCII) pages skip Python decoding."""
     codec, source = sniff_charset(html, http_charset)
@@ -197,7 +265,7 @@ def parse_html(html: bytes, http_charset: str | None, counters: StageCounters | 
     if codec in _ASCII_COMPATIBLE and html.isascii():
         return LexborHTMLParser(html)
     # lexbor parses UTF-8 bytes faster than a str with non-Latin-1 characters
-    return LexborHTMLParser(html.decode(codec, "replace").encode("utf-8", "replace"))
+    return LexborHTMLParser(decode_bytes(html, codec).encode("utf-8", "replace"))
 
 
 # --------------------------------------------------------------------------- text and URLs
@@ -298,6 +366,8 @@ def resolve_url(src: str, base: str, origin: str = "") -> str:
     shortcut for root-relative paths without dot segments, with the same result
     as ``urljoin``.
     """
+    if "\\" in src:
+        src = _backslashes_as_slashes(src)
     head = src[:8].lower()
     if head.startswith("http://") or head.startswith("https://"):
         url = src
@@ -308,6 +378,21 @@ def resolve_url(src: str, base: str, origin: str = "") -> str:
     if " " in url:
         url = url.replace(" ", "%20")
     return url
+
+
+def _backslashes_as_slashes(src: str) -> str:
+    """A ``\\`` before the query of an http(s) URL (or of a relative one, which an http(s) page
+    resolves) is a ``/``, as browsers' URL parser reads it: ``\\\\cdn.example\\a.jpg`` is
+    ``//cdn.example/a.jpg``. Other schemes keep it."""
+    scheme = _SCHEME_RE.match(src)
+    if scheme is not None and scheme.group(1).lower() not in ("http", "https"):
+        return src
+    end = len(src)
+    for mark in ("?", "#"):
+        i = src.find(mark)
+        if 0 <= i < end:
+            end = i
+    return src[:end].replace("\\", "/") + src[end:]
 
 
 def url_origin(url: str) -> str:
@@ -544,7 +629,10 @@ def _candidates_from_tree(
                 counters.count("alt_truncated")
             text = finish_alt_laion(text, max_alt)
         else:
-            text = normalize_alt(alt[: max_alt * 4 + 64])
+            bound = max_alt * 4 + 64
+            if len(alt) > bound:  # runs of spaces collapse below: shorten them first, not the text after them
+                alt = _ASCII_SPACE_RUN.sub(" ", alt)
+            text = normalize_alt(alt[:bound])
             if len(text) < min_alt:
                 dropped["alt_too_short"] += 1
                 continue
@@ -591,7 +679,7 @@ def decode_html(html: bytes, http_charset: str | None, counters: StageCounters |
         counters.count(f"charset_from_{source}")
     if codec == "utf-8" and html[:3] == b"\xef\xbb\xbf":
         html = html[3:]
-    return html.decode(codec, "replace")
+    return decode_bytes(html, codec)
 
 
 def _laion_candidates(

@@ -263,6 +263,19 @@ class _RecordReader:
         return data
 
 
+#: WHATWG labels of UTF-16: an HTTP header's label is followed (a ``<meta>`` one reads as UTF-8)
+UTF16_LABELS = {
+    **dict.fromkeys(("utf-16", "utf-16le", "unicode", "ucs-2", "csunicode", "iso-10646-ucs-2", "unicodefeff"),
+                    "utf-16-le"),
+    **dict.fromkeys(("utf-16be", "unicodefffe"), "utf-16-be"),
+}
+
+
+def utf16_codec(label: str | None) -> str | None:
+    """The UTF-16 codec an HTTP charset label names, else None."""
+    return UTF16_LABELS.get(label.strip().strip("\"'").lower()) if label else None
+
+
 def _html_from_block(
     reader: _RecordReader, cfg: ExtractConfig, counters: StageCounters
 ) -> tuple[bytes, str | None] | None:
@@ -293,7 +306,7 @@ def _html_from_block(
     if not body or body.isspace():
         raise _BadRecord("empty_payload")
     sniff = body[:_BINARY_SNIFF_BYTES]
-    if b"\x00" in sniff and not sniff.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if b"\x00" in sniff and not sniff.startswith((b"\xff\xfe", b"\xfe\xff")) and utf16_codec(charset) is None:
         raise _BadRecord("binary_payload")
     return body, charset
 
