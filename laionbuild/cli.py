@@ -451,12 +451,10 @@ def _report_error(exc: Exception, args: argparse.Namespace) -> int:
         _, reason, path = found
         print(f"laionbuild: error: cannot use{' ' + path if path else ''}: {reason}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
-    # the last resort: one line, the traceback on request
-    if getattr(args, "verbose", False):
-        raise exc
+    # the last resort: one line; with --verbose the debug log above showed the traceback
     text = first_line(exc)
-    print(f"laionbuild: error: unexpected {type(exc).__name__}{': ' + text if text else ''} "
-          f"(rerun with --verbose for the traceback)", file=sys.stderr)
+    hint = "" if getattr(args, "verbose", False) else " (rerun with --verbose for the traceback)"
+    print(f"laionbuild: error: unexpected {type(exc).__name__}{': ' + text if text else ''}{hint}", file=sys.stderr)
     return EXIT_BAD_INVOCATION
 
 

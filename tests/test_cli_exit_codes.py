@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
@@ -162,7 +163,7 @@ def test_first_ctrl_c_is_a_clean_stop(tmp_path):
     assert "Traceback" not in err and "resume" in err
 
 
-def test_an_unexpected_error_is_one_line_and_verbose_shows_it(monkeypatch, capsys):
+def test_an_unexpected_error_is_one_line_and_verbose_shows_it(monkeypatch, capsys, caplog):
     import laionbuild.cli as cli
 
     def broken(args):
@@ -173,8 +174,12 @@ def test_an_unexpected_error_is_one_line_and_verbose_shows_it(monkeypatch, capsy
     err = capsys.readouterr().err
     assert err.strip() == ("laionbuild: error: unexpected ValueError: a value nobody expected "
                            "(rerun with --verbose for the traceback)")
-    with pytest.raises(ValueError):
-        cli.main(["report", "x", "--verbose"])
+    # --verbose: the same status and line, the traceback in the debug log before it
+    caplog.set_level(logging.DEBUG)
+    assert cli.main(["report", "x", "--verbose"]) == EXIT_BAD_INVOCATION
+    err = capsys.readouterr().err
+    assert err.strip() == "laionbuild: error: unexpected ValueError: a value nobody expected"
+    assert [r.exc_info[0] for r in caplog.records if r.exc_info] == [ValueError]
 
 
 class _Ended(Exception):
