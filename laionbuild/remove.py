@@ -40,7 +40,7 @@ from . import schema as S
 from .errors import LaionBuildError
 from .stages import shards
 from .output.layout import IMAGES, OutputLayout, REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
-from .stages.blocklist import Blocklist, filter_image_tars, filter_table, list_name, read_list_bytes
+from .stages.blocklist import Blocklist, filter_image_tars, filter_table, list_lines, list_name, read_list_bytes
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[s
     for kind, source in sources:
         try:
             data = read_list_bytes(source)
-        except (OSError, ValueError) as exc:
+            next(iter(list_lines(data, source)), None)  # a broken .gz or binary data: refused before any is stored
+        except (OSError, EOFError, ValueError) as exc:
             raise LaionBuildError(f"remove: cannot read {source}: {exc}") from None
         loaded.append((kind, source, data))
     from .config import RunConfig

@@ -221,3 +221,20 @@ def test_remove_refuses_an_unfinished_folder(tmp_path, capsys):
     assert cli.main(["remove", str(tmp_path / "nothing"), "--urls", str(lst)]) == 2
     assert "stats.json" in capsys.readouterr().err
     assert cli.main(["remove", str(tmp_path)]) == 2
+
+
+def test_a_list_that_cannot_be_read_is_refused_before_anything_is_stored(tmp_path, capsys):
+    import gzip
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text("{}")
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(gzip.compress(b"http://x.test/a.jpg\n" * 200)[:-30])
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for flag, path in (("--urls", cut), ("--hashes", binary)):
+        assert cli.main(["remove", str(out), flag, str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"laionbuild: error: remove: cannot read {path}") and "\n" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json"]  # nothing recorded: later runs are unaffected

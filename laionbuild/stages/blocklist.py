@@ -180,6 +180,8 @@ def read_list_bytes(path: str) -> bytes:
 def list_lines(data: bytes, path: str = "") -> Iterable[str]:
     if path.endswith(".gz") or data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
+    if b"\x00" in data:
+        raise ValueError("binary data, not a text list")
     for line in data.decode("utf-8", errors="replace").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
