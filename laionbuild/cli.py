@@ -78,8 +78,17 @@ def _common(p: argparse.ArgumentParser, *, config_required: bool) -> None:
     p.add_argument("--verbose", "-v", action="store_true", help="debug logging")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a bad option reported as one line (the usage stays on ``--help``)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if message.endswith("expected one argument"):
+            message += " (a value that starts with '-' is written --option=VALUE)"
+        self.exit(EXIT_BAD_INVOCATION, f"laionbuild: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="laionbuild",
         description="Build LAION-5B style image-text datasets from Common Crawl WARC files: "
                     "candidates -> language -> images -> CLIP filter -> en/multi/nolang parquet.",
@@ -209,8 +218,11 @@ def _check_shard(text: str) -> str:
 def _options(args: argparse.Namespace) -> list[str]:
     """The ``dotted.key=value`` settings made from command-line options other than ``--set``."""
     out: list[str] = []
-    if getattr(args, "output", None):
-        out.append(f"run.output={args.output}")
+    output = getattr(args, "output", None)
+    if output is not None:
+        if not output.strip():
+            raise ConfigError("--output is empty: give the output folder or URL")
+        out.append(f"run.output={output}")
     if getattr(args, "limit", None) is not None:
         if args.limit < 1:
             raise ConfigError(f"--limit must be at least 1 (the number of input files to process), "
@@ -392,8 +404,22 @@ def _dispatch(args: argparse.Namespace) -> int:
     return EXIT_BAD_INVOCATION
 
 
+def _check_utf8(argv: list[str]) -> None:
+    """Arguments are written into config.yaml, stats.json and paths: bytes that are not UTF-8
+    (which Python keeps as lone surrogates) are refused, naming the argument."""
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            before = f" (after {argv[i - 1]})" if i and argv[i - 1].startswith("-") else ""
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            print(f"laionbuild: error: argument '{shown}'{before} is not valid UTF-8", file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INVOCATION) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    _check_utf8(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
     in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler

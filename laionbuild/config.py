@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -656,6 +657,8 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{source}: '{where}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{source}: '{where}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -728,6 +731,29 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> 
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML forbids it; PyYAML
+    would keep the last one and drop the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found the key {key!r} twice",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _parse_scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else ""
@@ -751,7 +777,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
                 child = {}
                 node[part] = child
             elif not isinstance(child, dict):
-                raise ConfigError(f"--set: '{key}' goes through '{part}', which is not a mapping")
+                where = ".".join(parts[: parts.index(part) + 1])
+                raise ConfigError(f"'{where}' must be a mapping, got {child!r} (setting '{key}')")
             node = child
         node[parts[-1]] = _parse_scalar(raw)
     return data
@@ -784,7 +811,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
         except (OSError, UnicodeDecodeError) as exc:
@@ -865,6 +892,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
     if not 0 < cfg.run.lease_heartbeat_s < cfg.run.lease_expiry_s:
         raise ConfigError(f"{source}: 'run' needs 0 < lease_heartbeat_s < lease_expiry_s")
+    if not cfg.run.output.strip():
+        raise ConfigError(f"{source}: 'run.output' is empty: give the output folder or URL")
     if cfg.run.limit < 0:
         raise ConfigError(f"{source}: 'run.limit' must be 0 (all inputs) or positive, got {cfg.run.limit}")
     if cfg.run.shard:

@@ -47,6 +47,8 @@ def _cases():
         ("bad value without --set", ["extract", warc, "-c", "{t}/neg.yaml"], ["run.limit"], ["with --set"]),
         ("bad value with --set", ["extract", warc, "--set", "run.limit=-1"], ["run.limit", "with --set"], []),
         ("missing input", ["extract", "{t}/none.warc.gz", "-o", "{t}/o"], ["{t}/none.warc.gz"], []),
+        ("empty output", ["extract", warc, "-o", ""], ["--output", "empty"], []),
+        ("empty run.output", ["extract", warc, "--set", "run.output="], ["run.output", "empty"], []),
         ("remove without lists", ["remove", "{t}/folder"], ["--urls"], []),
         ("report of a non-output", ["report", "{t}/folder"], ["{t}/folder"], []),
         ("models with a bad config", ["models", "list", "-c", "{t}/bad.yaml"], ["line 3"], []),
@@ -72,6 +74,29 @@ def test_bad_invocation_is_one_line_and_exit_2(files, capsys, name, argv, must, 
     assert "Traceback" not in err
     assert not (files / "o").exists()
     assert (files / "regular").read_text() == "not a folder\n"  # nothing in the way is deleted
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["extract", "x.warc.gz", "--limit", "abc"], ["--limit", "'abc'", "laionbuild extract --help"]),
+        (["run"], ["--config", "laionbuild run --help"]),
+        (["extract", "x.warc.gz", "--shard", "-1/2"], ["--shard", "--option=VALUE"]),
+        (["frobnicate"], ["frobnicate", "laionbuild --help"]),
+        (["extract", "x.warc.gz", "--set", "run.name=\udcff"], ["'run.name=\\xff' (after --set)", "UTF-8"]),
+        (["extract", "x.warc.gz", "-o", "out/\udcffdir"], ["'out/\\xffdir' (after -o)", "UTF-8"]),
+    ],
+)
+def test_option_errors_are_one_line_without_the_usage(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_BAD_INVOCATION
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("laionbuild: error: "), err
+    for word in words:
+        assert word in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_a_refused_output_leaves_no_folder_behind(files, capsys):

@@ -95,8 +95,25 @@ def test_override_errors():
         load_config(None, ["clip.tresholds.en=0.3"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
         load_config(None, ["clip.thresholds.en"])
-    with pytest.raises(ConfigError, match="not a mapping"):
+    with pytest.raises(ConfigError, match="'run.name' must be a mapping, got 'x' \\(setting 'run.name.sub'\\)"):
         apply_overrides({"run": {"name": "x"}}, ["run.name.sub=1"])
+
+
+def test_duplicate_keys_non_finite_numbers_and_an_empty_output_are_refused(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("run:\n  name: a\nclip:\n  device: cpu\nrun:\n  limit: 2\n")
+    with pytest.raises(ConfigError, match="line 5, column 1: found the key 'run' twice"):
+        load_config(str(dup))
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("fetch:\n  timeout_s: 5\n  timeout_s: 6\n")
+    with pytest.raises(ConfigError, match="found the key 'timeout_s' twice"):
+        load_config(str(nested))
+    for value in (".nan", ".inf", "-.inf"):
+        with pytest.raises(ConfigError, match="'fetch.timeout_s' must be a finite number"):
+            load_config(None, [f"fetch.timeout_s={value}"])
+    for value in ("", "null", "'  '"):
+        with pytest.raises(ConfigError, match="'run.output' is empty"):
+            load_config(None, [f"run.output={value}"])
 
 
 def test_cross_field_validation():
