@@ -22,6 +22,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from pathlib import Path
 
 from .config import RunConfig
@@ -65,6 +66,8 @@ def read_listing(path: str, base_url: str) -> list[str]:
             raw = gzip.GzipFile(fileobj=io.BytesIO(raw)).read()
         except (OSError, EOFError) as exc:
             raise SetupError(f"listing {path} is not valid gzip: {exc}") from None
+    if b"\x00" in raw:
+        raise SetupError(f"listing {path} holds binary data, not one path per line")
     out = []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         line = line.strip()
@@ -107,6 +110,29 @@ def _expand_remote(url: str) -> list[str]:
     return [url]
 
 
+def _check_local_file(path: str, shown: str) -> None:
+    """A local input file that is missing or cannot be read stops the run before any work."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))  # non-blocking: a FIFO does not wait for a writer
+    except FileNotFoundError:
+        raise SetupError(f"input path does not exist: {shown}") from None
+    except IsADirectoryError:
+        raise SetupError(f"input {shown} is a folder; list it as an input of its own") from None
+    except OSError as exc:
+        raise SetupError(f"cannot read input {shown}: {error_cause(exc)}") from None
+
+
+def _check_not_around_output(folder: str, shown: str, output: str) -> None:
+    """An input folder that is, or holds, the output folder would read the run's own files
+    (named after its inputs) as inputs when the command is run again."""
+    if not output or is_url(output):
+        return
+    inside, out = Path(folder).resolve(), Path(output).resolve()
+    if out == inside or inside in out.parents:
+        raise SetupError(f"input folder {shown} holds the output folder {output}: a rerun would read "
+                         "the run's own files as inputs; give an output outside it")
+
+
 def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[str]:
     """Expand globs and listings, check local paths exist, apply limit and shard."""
     if not inputs:
@@ -114,24 +140,41 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
     files: list[str] = []
     for item in inputs:
         if _is_listing(item):
-            files.extend(read_listing(item, run.paths_base_url))
+            listed = read_listing(item, run.paths_base_url)
+            if not listed:
+                raise SetupError(f"listing {item} holds no path")
+            for entry in listed:
+                if not is_url(entry):
+                    _check_local_file(entry.removeprefix("file://"), f"{entry} (listed in {item})")
+            files.extend(listed)
         elif is_url(item):
             files.extend(_expand_remote(item))
         elif any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item))
             if not matches:
                 raise SetupError(f"input glob matches no file: {item}")
+            for match in matches:
+                if not os.path.isdir(match):
+                    _check_local_file(match, match)
             files.extend(matches)
         else:
             local = item.removeprefix("file://")
-            if not os.path.exists(local):
-                raise SetupError(f"input path does not exist: {item}")
-            if os.path.isdir(local):
+            try:
+                is_dir = stat.S_ISDIR(os.stat(local).st_mode)
+            except FileNotFoundError:
+                raise SetupError(f"input path does not exist: {item}") from None
+            except OSError as exc:
+                raise SetupError(f"cannot read input {item}: {error_cause(exc)}") from None
+            if is_dir:
+                _check_not_around_output(local, item, run.output)
+                if not os.access(local, os.R_OK | os.X_OK):
+                    raise SetupError(f"cannot read input folder {item}: permission denied")
                 found = sorted(str(p) for p in Path(local).rglob("*") if p.is_file() and _is_warc(p.name))
                 if not found:
                     raise SetupError(f"input folder holds no *.warc* file: {item}")
                 files.extend(found)
             else:
+                _check_local_file(local, item)
                 files.append(os.path.abspath(local))
     seen: set[str] = set()
     unique = [f for f in files if not (f in seen or seen.add(f))]

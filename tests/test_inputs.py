@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import pytest
 
@@ -46,3 +47,43 @@ def test_file_id_is_stable_and_distinct():
     assert a == file_id("/data/x/CC-MAIN-1.warc.gz")
     assert a != file_id("/data/y/CC-MAIN-1.warc.gz")
     assert "/" not in file_id("s3://bucket/a b/c.warc.gz")
+
+
+def test_an_input_folder_that_holds_the_output_is_refused(tmp_path):
+    crawl = tmp_path / "crawl"
+    crawl.mkdir()
+    (crawl / "a.warc.gz").write_bytes(b"x")
+    for output in (crawl, crawl / "out", crawl / "deep" / "er"):
+        with pytest.raises(SetupError, match="holds the output folder"):
+            expand_inputs([str(crawl)], RunConfig(output=str(output)))
+    assert len(expand_inputs([str(crawl)], RunConfig(output=str(tmp_path / "out")))) == 1
+    assert len(expand_inputs([str(crawl)], RunConfig(output="s3://bucket/crawl"))) == 1
+    # a file input inside the output folder is read as it is: the run's own files are not *.warc*
+    assert len(expand_inputs([str(crawl / "a.warc.gz")], RunConfig(output=str(crawl)))) == 1
+
+
+def test_inputs_that_cannot_be_read_stop_the_run_before_it_starts(tmp_path):
+    (tmp_path / "loop.warc.gz").symlink_to(tmp_path / "loop.warc.gz")
+    with pytest.raises(SetupError, match="cannot read input .*loop.warc.gz"):
+        expand_inputs([str(tmp_path / "loop.warc.gz")], RunConfig())
+    with pytest.raises(SetupError, match="cannot read input .*loop.warc.gz"):
+        expand_inputs([str(tmp_path / "*.warc.gz")], RunConfig())
+    fifo = tmp_path / "pipe.warc.gz"
+    os.mkfifo(fifo)
+    assert expand_inputs([str(fifo)], RunConfig()) == [str(fifo)]  # checked without waiting for a writer
+
+
+def test_listings_that_name_nothing_readable_are_refused(tmp_path):
+    binary = tmp_path / "bin.paths.gz"
+    binary.write_bytes(gzip.compress(bytes(range(256))))
+    with pytest.raises(SetupError, match="binary data"):
+        expand_inputs([str(binary)], RunConfig())
+    empty = tmp_path / "empty.paths.gz"
+    empty.write_bytes(gzip.compress(b"# nothing\n\n"))
+    with pytest.raises(SetupError, match="holds no path"):
+        expand_inputs([str(empty)], RunConfig())
+    local = tmp_path / "local.paths"
+    local.write_text(f"{tmp_path}/there.warc.gz\n{tmp_path}/missing.warc.gz\n")
+    (tmp_path / "there.warc.gz").write_bytes(b"x")
+    with pytest.raises(SetupError, match=r"does not exist: .*missing.warc.gz \(listed in .*local.paths\)"):
+        expand_inputs([str(local)], RunConfig())
