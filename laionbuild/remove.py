@@ -139,6 +139,7 @@ def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[s
     if not fs.exists(stats_path):
         raise LaionBuildError(f"{output} holds no stats.json: not a finished output folder "
                               "(a running or interrupted run applies recorded removals when it publishes)")
+    shards.read_json_object(fs, stats_path, posixpath.join(output.rstrip("/"), "stats.json"))  # before any change
     sources = [("urls", p) for p in url_files] + [("hashes", p) for p in hash_files]
     if not sources:
         raise LaionBuildError("remove: give at least one --urls or --hashes list")
@@ -172,7 +173,7 @@ def _remove_holding(layout: OutputLayout, output: str, loaded: list[tuple[str, s
     per_subset = {s: int(result["per_dir"].get(s, 0)) for s in S.SUBSETS}
     by_list = {name.split(":", 1)[1]: n for name, n in result["by_list"].items()}
 
-    stats = shards.read_json(fs, stats_path)
+    stats = shards.read_json_object(fs, stats_path)
     section = stats.setdefault("removed", {"total": 0, "by_list": {}, "per_subset": {}})
     for name, n in by_list.items():
         section["by_list"][name] = section["by_list"].get(name, 0) + n

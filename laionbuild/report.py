@@ -50,6 +50,7 @@ import yaml
 from .config import ClipConfig
 from .schema import SUBSETS
 from .stages import registry
+from .stages.shards import read_json_object
 from .errors import SetupError
 from .output.fs import open_fs
 from .output.layout import OutputLayout
@@ -71,11 +72,6 @@ TOP_REASONS = 15
 
 
 # --------------------------------------------------------------------------- reading
-def _read_json(fs, path: str) -> dict[str, Any]:
-    with fs.open(path, "rb") as fh:
-        return json.loads(fh.read().decode("utf-8"))
-
-
 def _iter_batches(fs, paths: Iterable[str], columns: list[str]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """``(path, {column: values})`` per record batch; missing columns are left out; bad files are skipped."""
     for path in paths:
@@ -196,7 +192,7 @@ def _load(output_dir: str) -> _Data:
     stats_path = posixpath.join(root, "stats.json")
     if not fs.exists(stats_path):
         raise SetupError(f"{output_dir} holds no stats.json: not a finished output folder")
-    stats = _read_json(fs, stats_path)
+    stats = read_json_object(fs, stats_path, posixpath.join(output_dir.rstrip("/"), "stats.json"))
 
     cfg_path = posixpath.join(root, "config.yaml")
     config: dict[str, Any] = {}

@@ -25,6 +25,11 @@ def files(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "empty.warc.gz").write_bytes(b"")
     (tmp_path / "folder").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "stats.json").write_text('{"stages": ')
+    (tmp_path / "listy").mkdir()
+    (tmp_path / "listy" / "stats.json").write_text("[1, 2]")
+    (tmp_path / "urls.txt").write_text("http://x.test/a.jpg\n")
     return tmp_path
 
 
@@ -51,6 +56,10 @@ def _cases():
         ("empty run.output", ["extract", warc, "--set", "run.output="], ["run.output", "empty"], []),
         ("remove without lists", ["remove", "{t}/folder"], ["--urls"], []),
         ("report of a non-output", ["report", "{t}/folder"], ["{t}/folder"], []),
+        ("report of a cut stats.json", ["report", "{t}/corrupt"], ["{t}/corrupt/stats.json", "not valid JSON"], []),
+        ("report of a stats.json list", ["report", "{t}/listy"], ["{t}/listy/stats.json", "list"], []),
+        ("remove from a cut stats.json", ["remove", "{t}/corrupt", "--urls", "{t}/urls.txt"],
+         ["{t}/corrupt/stats.json", "not valid JSON"], []),
         ("models with a bad config", ["models", "list", "-c", "{t}/bad.yaml"], ["line 3"], []),
         ("demo output is a regular file", ["demo", "-o", "{t}/regular"], ["{t}/regular", "not a folder"], []),
         ("demo output under /proc", ["demo", "-o", "/proc/laionbuild-x"], ["/proc/laionbuild-x"], []),

@@ -70,6 +70,22 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
         return json.loads(fh.read().decode("utf-8"))
 
 
+def read_json_object(fs: fsspec.AbstractFileSystem, path: str, shown: str = "") -> dict[str, Any]:
+    """A JSON file that must hold an object (``stats.json``, ``provenance.json``); one that does
+    not is a :class:`~laionbuild.errors.SetupError` naming the file (``shown``, else ``path``)."""
+    from ..errors import SetupError
+
+    try:
+        data = read_json(fs, path)
+    except (ValueError, UnicodeDecodeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise SetupError(f"{shown or path} is not valid JSON ({exc}); restore it or rerun the run that wrote it") \
+            from None
+    if not isinstance(data, dict):
+        raise SetupError(f"{shown or path} holds a JSON {type(data).__name__}, not an object; restore it or rerun "
+                         "the run that wrote it")
+    return data
+
+
 def table_to_bytes(table: pa.Table, compression: str, row_group_size: int | None = None) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression=compression, row_group_size=row_group_size)
