@@ -475,6 +475,8 @@ def _report_error(exc: Exception, args: argparse.Namespace) -> int:
     if found:
         # a path that cannot be read or written, found while working (here or in a worker)
         _, reason, path = found
+        if not path and getattr(args, "command", None) in ("report", "remove"):
+            path = args.output  # an object store's refusal names no key; these commands read one folder
         print(f"laionbuild: error: cannot use{' ' + path if path else ''}: {reason}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
     # the last resort: one line; with --verbose the debug log above showed the traceback

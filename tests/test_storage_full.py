@@ -126,3 +126,17 @@ def test_an_object_stores_refusal_in_a_worker_is_one_line(monkeypatch, capsys, t
     assert cli.main(["extract", str(warc), "-o", str(tmp_path / "o")]) == cli.EXIT_BAD_INVOCATION
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["laionbuild: error: cannot use: Access Denied"]
+
+
+@pytest.mark.parametrize("command", ["report", "remove"])
+def test_a_refusal_without_a_key_names_the_folder_the_command_reads(command, monkeypatch, capsys, tmp_path):
+    def refused(*args, **kwargs):
+        raise PermissionError("Forbidden")  # s3fs: no errno, no key
+
+    monkeypatch.setattr("laionbuild.report.write_report", refused)
+    monkeypatch.setattr("laionbuild.remove.remove", refused)
+    lst = tmp_path / "urls.txt"
+    lst.write_text("http://x.test/a.jpg\n")
+    argv = [command, "s3://bucket/out"] + (["--urls", str(lst)] if command == "remove" else [])
+    assert cli.main(argv) == cli.EXIT_BAD_INVOCATION
+    assert capsys.readouterr().err.strip().splitlines() == ["laionbuild: error: cannot use s3://bucket/out: Forbidden"]
