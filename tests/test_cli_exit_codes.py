@@ -63,6 +63,7 @@ def _cases():
         ("models with a bad config", ["models", "list", "-c", "{t}/bad.yaml"], ["line 3"], []),
         ("demo output is a regular file", ["demo", "-o", "{t}/regular"], ["{t}/regular", "not a folder"], []),
         ("demo output under /proc", ["demo", "-o", "/proc/laionbuild-x"], ["/proc/laionbuild-x"], []),
+        ("demo with an unknown key", ["demo", "-o", "{t}/o", "--set", "foo=1"], ["unknown key 'foo'"], []),
     ]
 
 
@@ -81,7 +82,7 @@ def test_bad_invocation_is_one_line_and_exit_2(files, capsys, name, argv, must, 
     for word in must_not:
         assert word not in lines[0], lines[0]
     assert "Traceback" not in err
-    assert not (files / "o").exists()
+    assert not (files / "o").exists() and not (files / "o-sample").exists()
     assert (files / "regular").read_text() == "not a folder\n"  # nothing in the way is deleted
 
 

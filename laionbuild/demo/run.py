@@ -119,6 +119,7 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
     from ..runner.run import run
 
     out = Path(output)
+    load_config(config or SMOKE_CONFIG, [*(overrides or [])])  # a bad --set stops here, before anything is built
     clear_for_rerun(out)
     sample_dir = Path(f"{output.rstrip('/')}-sample")
     if sample_dir.exists():

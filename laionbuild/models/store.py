@@ -330,14 +330,14 @@ def pull(cfg: Config, *, cache: str | None = None, progress: bool = True,
             origins = source_origins(req.fetch)
             if origins and all(o in down for o in origins):
                 reason = "; ".join(f"{o} is unreachable: {down[o]}" for o in origins)
-                log.error("cannot fetch %s (%s): %s", req.name, req.kind, reason)
+                log.debug("cannot fetch %s (%s): %s", req.name, req.kind, reason)
                 failed.append(f"{req.name} ({reason})")
                 continue
             log.info("fetching %s (%s) from %s", req.name, req.kind, req.source)
             try:
                 records += _fetch_one(req, layout, cfg, progress)
             except ModelDownloadError as exc:
-                log.error("cannot fetch %s (%s): %s", req.name, req.kind, exc)
+                log.debug("cannot fetch %s (%s): %s", req.name, req.kind, exc)
                 failed.append(f"{req.name} ({exc})")
     finally:
         if records:
