@@ -4,7 +4,7 @@ Exit status (see :data:`EXIT_CODES`): 0 a clean run; 1 the run finished but some
 input files failed (they are listed in ``stats.json``); 2 a bad invocation or a
 problem found before any work started (bad config, bad option value, missing or
 unreadable input, output folder that cannot be written, unreachable model host,
-missing model file), printed as one line; 130 interrupted (Ctrl-C).
+missing model file), printed as one line; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -28,11 +28,13 @@ EXIT_OK = 0
 EXIT_FILES_FAILED = 1
 EXIT_BAD_INVOCATION = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_CODES = {
     EXIT_OK: "clean run",
     EXIT_FILES_FAILED: "the run finished but some input files failed or were read only in part",
     EXIT_BAD_INVOCATION: "bad invocation or setup problem, printed as one line; nothing was run",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); rerun the same command to resume",
+    EXIT_TERMINATED: "terminated (SIGTERM: kill, timeout, a scheduler); rerun the same command to resume",
 }
 
 EPILOG = """\
@@ -56,7 +58,8 @@ exit status:
     output folder that cannot be written, unreachable model host or missing
     model file (one line on stderr; nothing was run); an unexpected error is
     one line too (--verbose shows its traceback),
-  130 interrupted (Ctrl-C; a second Ctrl-C stops at once).
+  130 interrupted (Ctrl-C; a second Ctrl-C stops at once),
+  143 terminated (SIGTERM: kill, timeout, a scheduler; stops as Ctrl-C does).
 """
 
 
@@ -378,6 +381,24 @@ def _first_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: the run stops as after a first Ctrl-C (what is committed stays)."""
+
+
+def _second_termination(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+    try:
+        sys.stderr.write("laionbuild: terminated again; stopping now (rerun the same command to resume)\n")
+        sys.stderr.flush()
+    finally:
+        os._exit(EXIT_TERMINATED)
+
+
+def _first_termination(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+    """``kill``, ``timeout``, a batch scheduler: stop cleanly; a second SIGTERM stops the process."""
+    signal.signal(signal.SIGTERM, _second_termination)
+    raise Terminated
+
+
 def _quiet_closed_pipe() -> int:
     """stdout was closed by the reader (``| head``): stop quietly, without a traceback at exit."""
     try:
@@ -425,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if in_main_thread:
         signal.signal(signal.SIGINT, _first_interrupt)
+        signal.signal(signal.SIGTERM, _first_termination)  # kept after ray.init (runner.connect)
     try:
         code = _dispatch(args)
         sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
@@ -433,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         # a Ray error standing for a worker's (RayTaskError(ModelMissingError)): its own message
         print(f"laionbuild: error: {first_line(own_error_in(exc) or exc)}", file=sys.stderr)
         return EXIT_BAD_INVOCATION
+    except Terminated:
+        print("laionbuild: terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("laionbuild: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -445,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         # (Ray's shutdown at exit included)
         if in_main_thread and signal.getsignal(signal.SIGINT) is _first_interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if in_main_thread and signal.getsignal(signal.SIGTERM) is _first_termination:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _report_error(exc: Exception, args: argparse.Namespace) -> int:

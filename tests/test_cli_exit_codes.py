@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from laionbuild.cli import EXIT_BAD_INVOCATION, EXIT_CODES, EXIT_INTERRUPTED, main
+from laionbuild.cli import EXIT_BAD_INVOCATION, EXIT_CODES, EXIT_INTERRUPTED, EXIT_TERMINATED, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,6 +196,44 @@ def test_first_ctrl_c_is_a_clean_stop(tmp_path):
     assert proc.wait(timeout=30) == EXIT_INTERRUPTED
     err = proc.stderr.read()
     assert "Traceback" not in err and "resume" in err
+
+
+@pytest.mark.ray
+def test_sigterm_after_ray_started_is_a_clean_stop(tmp_path):
+    """kill / timeout / a scheduler send SIGTERM: one line and 143, also once ray.init installed its
+    native handler (which printed a stack dump and ended the process with status 15)."""
+    script = tmp_path / "term.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time
+        import laionbuild.cli as cli
+        from laionbuild.runner.connect import connect
+
+        def slow(args):
+            connect(local=True, num_cpus=1)
+            print("ready", flush=True)
+            time.sleep(120)
+            return 0
+
+        cli._dispatch = slow
+        code = cli.main(["report", "x"])
+        import ray
+        ray.shutdown()
+        sys.exit(code)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    err = proc.stderr.read()
+    assert code == EXIT_TERMINATED, err
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("laionbuild:")] == [
+        "laionbuild: terminated (SIGTERM); rerun the same command to resume"]
 
 
 def test_an_unexpected_error_is_one_line_and_verbose_shows_it(monkeypatch, capsys, caplog):

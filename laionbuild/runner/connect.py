@@ -34,8 +34,10 @@ import ipaddress
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -364,6 +366,13 @@ def cluster_summary() -> dict[str, Any]:
     }
 
 
+def _keep_python_handler(signum: int, handler: Any) -> None:
+    """``ray.init`` installs a native crash handler for SIGTERM in the driver (it prints a stack
+    dump and ends the process): give the signal back to the Python handler set before it."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signum, handler)
+
+
 def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 0,
             verbose: bool = False) -> dict[str, Any]:
     """Connect this process to Ray (see the module docstring); returns the cluster summary.
@@ -390,6 +399,7 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    sigterm_before = signal.getsignal(signal.SIGTERM)
     if ray.is_initialized():
         mode, target = "connected", ray.get_runtime_context().gcs_address
     else:
@@ -412,6 +422,7 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
             with _captured_stderr(echo=verbose):
                 ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
                          **kwargs)
+    _keep_python_handler(signal.SIGTERM, sigterm_before)
     logging.getLogger("ray").setLevel(quiet)
     logging.getLogger("ray.data").setLevel(quiet if verbose else logging.CRITICAL)
     if not verbose:
