@@ -284,3 +284,23 @@ def test_the_command_ends_its_process_itself_once_ray_ran_in_it(monkeypatch):
     with pytest.raises(SystemExit) as plain:
         cli.entry()
     assert plain.value.code == 3
+
+
+def test_a_local_ray_that_does_not_start_is_one_line(monkeypatch):
+    import ray
+
+    from laionbuild.errors import SetupError
+    from laionbuild.runner.connect import connect
+
+    def init(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of\n"
+                        "the Ray processes failed to startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    with pytest.raises(SetupError) as raised:
+        connect(local=True, num_cpus=1)
+    text = str(raised.value)
+    assert "\n" not in text
+    assert text.startswith("a local Ray instance did not start (Exception: The current node timed out during startup.")
+    assert "rerun the same command" in text

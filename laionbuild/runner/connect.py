@@ -41,7 +41,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import ClusterJoinError
+from ..errors import ClusterJoinError, SetupError
 
 log = logging.getLogger(__name__)
 
@@ -419,9 +419,16 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
             log.info("starting a local Ray instance with %d CPUs%s", n,
                      " (--local)" if local else " (no running cluster found)")
             # "local" never reads RAY_ADDRESS; the instance stays on loopback, without dashboard
-            with _captured_stderr(echo=verbose):
-                ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
-                         **kwargs)
+            try:
+                with _captured_stderr(echo=verbose):
+                    ray.init(address="local", num_cpus=n, include_dashboard=False, _node_ip_address="127.0.0.1",
+                             **kwargs)
+            except Exception as exc:  # noqa: BLE001 - Ray's processes did not come up: one line
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+                text = " ".join(str(exc).split())[:300]
+                raise SetupError(f"a local Ray instance did not start ({type(exc).__name__}: {text}); on a busy "
+                                 "machine rerun the same command, work committed so far is kept") from None
     _keep_python_handler(signal.SIGTERM, sigterm_before)
     logging.getLogger("ray").setLevel(quiet)
     logging.getLogger("ray.data").setLevel(quiet if verbose else logging.CRITICAL)
