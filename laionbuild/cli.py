@@ -366,13 +366,21 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return models_cli.pull_models(cfg, progress=not args.no_progress)
 
 
-def _second_interrupt(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
-    """A second Ctrl-C while the first one is being handled: one line, stop at once."""
-    try:
-        sys.stderr.write("laionbuild: interrupted again; stopping now (rerun the same command to resume)\n")
-        sys.stderr.flush()
-    finally:
-        os._exit(EXIT_INTERRUPTED)
+def _stop_at_once(code: int, what: str):
+    """The handler of a second signal while the first one's clean stop runs: one line, stop now."""
+
+    def handler(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
+        try:
+            sys.stderr.write(f"laionbuild: {what} again; stopping now (rerun the same command to resume)\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+    return handler
+
+
+_second_interrupt = _stop_at_once(EXIT_INTERRUPTED, "interrupted")
+_second_termination = _stop_at_once(EXIT_TERMINATED, "terminated")
 
 
 def _first_interrupt(signum, frame) -> None:
@@ -383,14 +391,6 @@ def _first_interrupt(signum, frame) -> None:
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived: the run stops as after a first Ctrl-C (what is committed stays)."""
-
-
-def _second_termination(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
-    try:
-        sys.stderr.write("laionbuild: terminated again; stopping now (rerun the same command to resume)\n")
-        sys.stderr.flush()
-    finally:
-        os._exit(EXIT_TERMINATED)
 
 
 def _first_termination(signum, frame) -> None:  # noqa: ARG001 (signal handler signature)
