@@ -253,6 +253,13 @@ def test_single_member_gzip_warc(tmp_path, reader):
     assert fe.file.status == "ok"
     assert alts(fe) == [GOOD_ALT.format(i=i) for i in range(3)]
     assert fe.counters.counts["records"] == 4
+    # cut short: every record that decompresses is read (warcio lost all but the first), the file is partial
+    cut = tmp_path / "cut-member.warc.gz"
+    for trim in (8, len(p.read_bytes()) // 3):
+        cut.write_bytes(p.read_bytes()[:-trim])
+        fe = extract_file(str(cut), ExtractConfig(reader=reader))
+        assert fe.file.status == ("ok" if (reader, trim) == ("fastwarc", 8) else "partial"), (reader, trim)
+        assert alts(fe) == [GOOD_ALT.format(i=i) for i in range(3 if trim == 8 else len(alts(fe)))]
 
 
 def test_a_compression_bomb_payload_is_not_inflated_past_the_limit():

@@ -185,3 +185,111 @@ def test_both_reader_engines_read_wat_alike(tmp_path):
         results[engine] = (_triples(whole.rows), partial_rows)
     assert results["warcio"] == results["fastwarc"]
     assert results["warcio"][0] == EXPECTED
+
+
+def _wat_of_payloads(path: Path, payloads: list[bytes], record_type: str = "metadata", one_member: bool = False):
+    """A WAT of raw JSON payloads (shapes ``wat_json`` never writes); one gzip member if asked."""
+    import io
+
+    from warcio.warcwriter import WARCWriter
+
+    buf = io.BytesIO()
+    writer = WARCWriter(buf, gzip=not one_member)
+    for i, payload in enumerate(payloads):
+        writer.write_record(writer.create_warc_record(f"http://p.example/{i}", record_type, payload=io.BytesIO(payload),
+                                                      warc_content_type="application/json"))
+    data = buf.getvalue()
+    path.write_bytes(gzip.compress(data) if one_member else data)
+    return path
+
+
+def _good(i: int) -> bytes:
+    from laionbuild.stages.wat import wat_json
+
+    return wat_json(f"http://p.example/{i}.html",
+                    [{"path": "IMG@/src", "url": f"http://cdn.example.com/{i}.jpg", "alt": f"picture number {i}"}])
+
+
+def test_a_record_of_another_json_shape_is_skipped_and_the_file_read_on(tmp_path):
+    shapes = [b'["IMG@"]', b'"IMG@"', b'{"Envelope": "IMG@"}',
+              b'{"Envelope": {"WARC-Header-Metadata": {"WARC-Target-URI": "http://x/"}, "Payload-Metadata": '
+              b'{"HTTP-Response-Metadata": {"HTML-Metadata": {"Links": 5}}}}, "k": "IMG@"}',
+              b'{"Envelope": {"WARC-Header-Metadata": {"WARC-Target-URI": "http://x/"}, "Payload-Metadata": '
+              b'{"HTTP-Response-Metadata": {"HTML-Metadata": ["IMG@"]}}}}']
+    for n, shape in enumerate(shapes):
+        got = extract_file(str(_wat_of_payloads(tmp_path / f"s{n}.wat.gz", [_good(1), shape, _good(2)])), LAION)
+        assert got.file.status == "ok", (shape, got.file)
+        assert [r[schema.URL] for r in got.rows] == ["http://cdn.example.com/1.jpg", "http://cdn.example.com/2.jpg"]
+        assert got.counters.counts["record_skipped:bad_json"] == 1
+
+
+def test_lone_surrogates_from_json_escapes_never_reach_a_row(tmp_path):
+    from laionbuild.stages.wat import wat_json
+
+    def escaped(payload: bytes) -> bytes:  # JSON escapes of lone surrogates, as a WAT may carry them
+        return payload.replace(b"HIGH", b"\\ud800").replace(b"LOW", b"\\udc80")
+
+    bad_url = escaped(wat_json("http://p.example/s.html", [{"path": "IMG@/src", "url": "http://cdn.example.com/HIGH.jpg",
+                                                            "alt": "a surrogate in the url"}]))
+    bad_page = escaped(wat_json("http://p.example/LOW/p.html",
+                                [{"path": "A@/href", "url": "https://creativecommons.org/licenses/by/4.0/HIGH"},
+                                 {"path": "IMG@/src", "url": "http://cdn.example.com/k.jpg", "alt": "kept, page url mended"}]))
+    got = extract_file(str(_wat_of_payloads(tmp_path / "s.wat.gz", [_good(1), bad_url, bad_page, _good(2)])), LAION)
+    assert got.file.status == "ok"
+    assert [r[schema.URL] for r in got.rows] == ["http://cdn.example.com/1.jpg", "http://cdn.example.com/k.jpg",
+                                                 "http://cdn.example.com/2.jpg"]
+    assert got.rows[1][schema.PAGE_URL] == "http://p.example/\ufffd/p.html"
+    assert got.rows[1][schema.LICENSE] == "?"  # the licence link with the surrogate was left out
+    for row in got.rows:
+        for value in row.values():
+            if isinstance(value, str):
+                value.encode("utf-8")  # every value can be written
+
+
+def test_empty_and_wet_files_named_wat_are_named_so(tmp_path):
+    empty = tmp_path / "empty.wat.gz"
+    empty.write_bytes(b"")
+    empty_gz = tmp_path / "emptygz.wat.gz"
+    empty_gz.write_bytes(gzip.compress(b""))
+    wet = _wat_of_payloads(tmp_path / "wet.wat.gz", [b"plain text"] * 2, record_type="conversion")
+    for path, reason in ((empty, "empty_file"), (empty_gz, "empty_file"), (wet, "wet_file")):
+        got = extract_file(str(path), LAION)
+        assert (got.file.status, got.file.reason) == ("failed", reason), path.name
+
+
+def test_a_wat_of_one_gzip_member_is_read_whole_by_both_engines(tmp_path):
+    import dataclasses
+
+    whole = _wat_of_payloads(tmp_path / "one.wat.gz", [_good(i) for i in range(3)], one_member=True)
+    cut = tmp_path / "cut.wat.gz"
+    cut.write_bytes(whole.read_bytes()[:-8])  # only the gzip trailer is missing: every record is there
+    for engine in ("warcio", "fastwarc"):
+        cfg = dataclasses.replace(LAION, reader=engine)
+        got = extract_file(str(whole), cfg)
+        assert (got.file.status, len(got.rows)) == ("ok", 3), engine
+        got = extract_file(str(cut), cfg)
+        assert len(got.rows) == 3, engine
+        assert got.file.status == ("partial" if engine == "warcio" else "ok"), engine
+
+
+def test_pages_whose_only_img_marker_is_another_path_or_a_text_match_between_wat_and_warc(tmp_path):
+    """LAION kept a WAT record when "IMG@" appeared anywhere in it: an <img> with only a data-href, an
+    alt text that mentions IMG@; the WARC side finds the same pages."""
+    from laionbuild.stages.wat import write_wat_from_warc
+
+    pages = [
+        {"url": "http://a.example.com/1.html", "html": html_page(
+            "<img data-href='http://a.example.com/big.jpg'><a href='http://a.example.com/b.jpg' "
+            "alt='anchor alt text one'>b</a>")},
+        {"url": "http://b.example.com/2.html", "html": html_page(
+            "<a href='http://b.example.com/c.jpg' alt='see IMG@home now'>c</a>")},
+        {"url": "http://c.example.com/3.html", "html": html_page("<a href='http://c.example.com/d.jpg' "
+                                                                   "alt='no marker anywhere here'>d</a>")},
+    ]
+    warc = write_warc(tmp_path / "m.warc.gz", pages)
+    wat = tmp_path / "m.wat.gz"
+    write_wat_from_warc([str(warc)], str(wat))
+    from_warc, from_wat = extract_file(str(warc), LAION), extract_file(str(wat), LAION)
+    assert _triples(from_warc.rows) == _triples(from_wat.rows) == [
+        ("http://a.example.com/b.jpg", "anchor alt text one", "?"),
+        ("http://b.example.com/c.jpg", "see IMG@home now", "?")]

@@ -39,7 +39,7 @@ from selectolax.lexbor import LexborHTMLParser
 from .. import schema
 from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
-from .laion_links import page_rows
+from .laion_links import IMG_PATH_MARKER, page_rows
 from .wat_links import page_links
 from .warc import HtmlDocument, iter_html_documents, utf16_codec
 from .wat import input_kind, iter_wat_pages
@@ -688,6 +688,10 @@ def _laion_candidates(
     """LAION-5B's rules on the page's links as the WAT generator records them (raw attribute values)."""
     links, has_img = page_links(text)
     counters.count("imgs", sum(1 for link in links if link.path == "IMG@/src"))
+    if not has_img:  # LAION's test was "IMG@" anywhere in the WAT record: another IMG@ path, a URL, an alt
+        has_img = IMG_PATH_MARKER in doc.page_url or any(
+            link.path.startswith(IMG_PATH_MARKER) or IMG_PATH_MARKER in link.url
+            or (link.alt is not None and IMG_PATH_MARKER in link.alt) for link in links)
     if not has_img:
         counters.count("pages_without_img_link")
         return []

@@ -28,6 +28,7 @@ Problems are data, never exceptions:
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import re
 import zlib
@@ -384,6 +385,48 @@ def _process_response(
     return doc
 
 
+class GunzipMembers(io.RawIOBase):
+    """The decompressed bytes of a stream of gzip members, for a file compressed as one member
+    (which warcio cannot read record by record). Unlike ``gzip.GzipFile`` it gives everything that
+    decompresses when the file is cut short (even a missing 8-byte trailer), and then says so:
+    :attr:`complete` is false when the last member did not end."""
+
+    _IN = 1 << 16
+    _OUT = 1 << 20
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self._d = zlib.decompressobj(31)
+        self._fed = False
+        self._pending = b""
+        self._raw_done = False
+        self.complete = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            data = self._d.unconsumed_tail
+            if not data:
+                if self._d.eof:
+                    data, self._d, self._fed = self._d.unused_data, zlib.decompressobj(31), False
+                if not data:
+                    if self._raw_done:
+                        self.complete = self._d.eof or not self._fed
+                        return 0
+                    data = self.raw.read(self._IN)
+                    if not data:
+                        self._raw_done = True
+                        continue
+            self._fed = True
+            self._pending = self._d.decompress(data, self._OUT)
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+
 def _content_length(value) -> int | None:
     try:
         return int(value)
@@ -448,9 +491,10 @@ def _iter_warcio(
             # a WARC compressed as one gzip member: valid, only not record-seekable
             counters.count("single_member_gzip")
             stream.seek(0)
-            yield from _iter_warcio(
-                gzip.GzipFile(fileobj=stream), path, cfg, counters, file_result, skip=seen
-            )
+            members = GunzipMembers(stream)
+            yield from _iter_warcio(io.BufferedReader(members), path, cfg, counters, file_result, skip=seen)
+            if not members.complete:
+                _set_partial(file_result, "truncated", "the file ends inside its gzip member")
             return
         if seen == 0:
             _set_failed(file_result, "not_warc", msg)

@@ -22,6 +22,7 @@ short keeps what was read (``partial``, ``truncated``).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from typing import Iterator
 from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
 from .laion_links import IMG_PATH_MARKER, PageLink
-from .warc import open_input, resolve_reader
+from .warc import GunzipMembers, open_input, resolve_reader
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +67,61 @@ def input_kind(path: str) -> str:
     return "warc"
 
 
+def _member(obj: dict, key: str, kind: type = dict):
+    """``obj[key]`` when it is a ``kind``; empty when absent; ``ValueError`` for another shape."""
+    value = obj.get(key)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise ValueError(f"'{key}' is a JSON {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """JSON's ``\\ud800`` escapes give strings that cannot be written as UTF-8."""
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def page_from_json(payload: bytes) -> tuple[str, str, list[PageLink]] | None:
     """``(page URL, record id, links)`` of one WAT JSON payload; None when it names no page.
 
-    Raises ``ValueError`` for a payload that is not JSON.
+    Raises ``ValueError`` for a payload that is not JSON or not shaped as a WAT record (an
+    object where Common Crawl writes one, a list of ``Links``). A link whose ``url`` holds a
+    lone surrogate (``\\ud800``: no character, cannot be written) is left out, as links without
+    a ``url`` are; such a surrogate in the page URL or record id becomes U+FFFD.
     """
     data = json.loads(payload)
-    envelope = data.get("Envelope") or {}
-    header = envelope.get("WARC-Header-Metadata") or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"the record is a JSON {type(data).__name__}, not an object")
+    envelope = _member(data, "Envelope")
+    header = _member(envelope, "WARC-Header-Metadata")
     page_url = header.get("WARC-Target-URI")
     if not isinstance(page_url, str):
         return None
-    html_meta = (((envelope.get("Payload-Metadata") or {}).get("HTTP-Response-Metadata") or {})
-                 .get("HTML-Metadata") or {})
+    html_meta = _member(_member(_member(envelope, "Payload-Metadata"), "HTTP-Response-Metadata"), "HTML-Metadata")
     links = []
-    for entry in html_meta.get("Links") or ():
+    for entry in _member(html_meta, "Links", list):
         if not isinstance(entry, dict):
             continue
         url = entry.get("url")
-        if not isinstance(url, str):
+        if not isinstance(url, str) or _has_lone_surrogate(url):
             continue
         alt = entry.get("alt")
         links.append(PageLink(url, alt if isinstance(alt, str) else None, str(entry.get("path") or "")))
-    return page_url, str(header.get("WARC-Record-ID") or ""), links
+    record_id = str(header.get("WARC-Record-ID") or "")
+    return _replace_lone_surrogates(page_url), _replace_lone_surrogates(record_id), links
+
+
+def _replace_lone_surrogates(text: str) -> str:
+    if not _has_lone_surrogate(text):
+        return text
+    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
 
 
 def _check_length(payload: bytes, declared) -> None:
@@ -117,10 +150,23 @@ def _metadata_payloads(stream, reader: str, counters: StageCounters) -> Iterator
             _check_length(payload, record.content_length)
             yield record.stream_pos, record.headers.get("Content-Type", ""), payload
     else:
-        from warcio.archiveiterator import ArchiveIterator
+        yield from _warcio_metadata_payloads(stream, counters)
 
-        it = ArchiveIterator(stream, no_record_parse=True, check_digests=False)
+
+def _warcio_metadata_payloads(stream, counters: StageCounters, skip: int = 0) -> Iterator[tuple[int, str, bytes]]:
+    """The warcio side of :func:`_metadata_payloads`. A file compressed as one gzip member (not
+    record by record) is read again through ``gzip``, its first ``skip`` records passed over, as
+    the WARC reader does."""
+    from warcio.archiveiterator import ArchiveIterator
+    from warcio.exceptions import ArchiveLoadFailed
+
+    seen = 0
+    it = ArchiveIterator(stream, no_record_parse=True, check_digests=False)
+    try:
         for record in it:
+            seen += 1
+            if seen <= skip:
+                continue
             counters.count("records")
             if record.rec_headers.get_header("Content-Length") is None:
                 raise EOFError("a WARC header block cut short (no Content-Length)")
@@ -131,6 +177,15 @@ def _metadata_payloads(stream, reader: str, counters: StageCounters) -> Iterator
             payload = record.raw_stream.read()
             _check_length(payload, record.rec_headers.get_header("Content-Length"))
             yield it.offset, record.rec_headers.get_header("Content-Type") or "", payload
+    except ArchiveLoadFailed as exc:
+        if "non-chunked gzip" not in str(exc) or skip:
+            raise
+        counters.count("single_member_gzip")
+        stream.seek(0)
+        members = GunzipMembers(stream)
+        yield from _warcio_metadata_payloads(io.BufferedReader(members), counters, skip=seen)
+        if not members.complete:
+            raise EOFError("the file ends inside its gzip member")
 
 
 def iter_wat_pages(path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult
@@ -165,6 +220,7 @@ def iter_wat_pages(path: str, cfg: ExtractConfig, counters: StageCounters, file_
                 counters.count("record_skipped:bad_json")
                 continue
             if page is None:
+                counters.count("record_skipped:no_target_uri")
                 continue
             counters.count("wat_pages")
             yield WatPage(page_url=page[0], record_id=page[1], links=page[2], offset=offset, wat_path=path)
@@ -183,11 +239,34 @@ def iter_wat_pages(path: str, cfg: ExtractConfig, counters: StageCounters, file_
             pass
     if broken is not None:
         file_result.status, file_result.reason, file_result.message = "failed", broken.reason, str(broken)
-    elif json_records == 0 and file_result.status == "ok":
+    elif json_records == 0 and file_result.status in ("ok", "failed"):
         seen = counters.counts.get("records", 0)
-        file_result.status, file_result.reason = "failed", "not_wat"
-        file_result.message = (f"{seen} WARC records, none a JSON metadata record: not a WAT file"
-                               if seen else "no WARC record in the file")
+        if counters.counts.get("records_conversion", 0) and not counters.counts.get("records_response", 0):
+            file_result.status, file_result.reason = "failed", "wet_file"
+            file_result.message = "a WET file (conversion records): WET files hold plain text without links"
+        elif not seen and _is_empty(path, cfg):
+            file_result.status, file_result.reason, file_result.message = "failed", "empty_file", "no record in the file"
+        elif file_result.status == "ok" or file_result.reason == "not_wat":
+            file_result.status, file_result.reason = "failed", "not_wat"
+            file_result.message = (f"{seen} WARC records, none a JSON metadata record: not a WAT file"
+                                   if seen else file_result.message or "no WARC record in the file")
+
+
+def _is_empty(path: str, cfg: ExtractConfig) -> bool:
+    """A file of no bytes, or of gzip members that hold none."""
+    import gzip
+
+    try:
+        stream = open_input(path, cfg.input_timeout_s, cfg)
+        try:
+            head = stream.read(64)
+            if not head or head[:2] != b"\x1f\x8b":
+                return not head
+            return not gzip.decompress(head + stream.read(1 << 20))
+        finally:
+            stream.close()
+    except Exception:  # noqa: BLE001 - unreadable, or not (whole) gzip: not empty
+        return False
 
 
 def wat_json(
@@ -256,7 +335,8 @@ def write_wat_from_warc(warc_paths: list[str], out_path: str) -> int:
                     http = dict(record.http_headers.headers) if record.http_headers is not None else {}
                     links: list[dict] = []
                     title, metas, head = "", [], {}
-                    mime, charset = split_content_type(http.get("Content-Type", ""))
+                    content_type = next((v for k, v in http.items() if k.lower() == "content-type"), "")
+                    mime, charset = split_content_type(content_type)
                     if record.rec_type == "response" and mime in ("text/html", "application/xhtml+xml"):
                         body = record.content_stream().read()
                         try:
