@@ -45,6 +45,10 @@ SUBSET = "subset"
 LANGUAGE = "language"
 LANGUAGE_SCORE = "language_score"
 NOLANG_REASON = "nolang_reason"
+#: the text language id reads when it is not ``ALT_TEXT``: LAION-5B identified the language of the
+#: whole cleaned alt text and cut it to ``extract.max_alt_length`` after (a row field between the
+#: extraction and the language stage only, never written)
+LANGID_TEXT = "langid_text"
 # fetch / resize, produced by stages.fetch + stages.resize
 STATUS = "status"
 ERROR_MESSAGE = "error_message"

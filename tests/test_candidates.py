@@ -434,3 +434,27 @@ def test_meta_tdm_reservation_drops_the_page():
     assert len(run(page, honour_meta_tdm=False)[0]) == 2
     # content 0 reserves nothing
     assert len(run(html_page(imgs, head="<meta name='tdm-reservation' content='0'>"))[0]) == 2
+
+
+def test_the_ftfy_shortcut_equals_ftfy_for_every_character():
+    """fix_text skips ftfy when nothing would change: checked on every BMP character (curly quotes,
+    digraph letters such as Ǆ and ʼ, U+FFFC were once missed)."""
+    from laionbuild.stages.candidates import _FTFY_CONFIG
+
+    differ = []
+    for o in range(0x80, 0x10000):
+        if 0xD800 <= o <= 0xDFFF:
+            continue
+        text = f"café {chr(o)} x"
+        if fix_text(text) != ftfy.fix_text(text, config=_FTFY_CONFIG):
+            differ.append(f"U+{o:04X}")
+    assert differ == []
+
+
+def test_the_laion_cleaning_runs_ftfy_on_ascii_text_too():
+    from laionbuild.stages.candidates import _FTFY_CONFIG, normalize_alt_laion
+
+    for text in ("\x1b[31mRed\x1b[0m alert sign", "tab\there and a\x01control", "cr\rline"):
+        expected = ftfy.fix_text(text, config=_FTFY_CONFIG).strip()
+        assert normalize_alt_laion(text) == "".join(ch for ch in expected if ch.isprintable())
+    assert normalize_alt_laion("\x1b[31mRed\x1b[0m alert sign") == "Red alert sign"

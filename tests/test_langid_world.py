@@ -167,3 +167,37 @@ def test_agreement_report_on_a_warc(tmp_path, capsys):
     assert out["per_fasttext_subset"]["multi"]["agreement"] == 1.0
     assert out["per_fasttext_subset"]["en"]["agreement"] == 1.0
     assert out["per_fasttext_subset"]["nolang"]["rows"] == 1
+
+
+@needs_cld3
+def test_faithful_language_id_reads_the_alt_text_before_its_cut(tmp_path):
+    """LAION-5B ran CLD3 on the whole cleaned alt text and cut it to 2,000 characters after; CLD3's
+    answer depends on what follows the cut."""
+    from pathlib import Path
+
+    from conftest_extract import write_wat
+    from laionbuild import schema
+    from laionbuild.config import load_config
+    from laionbuild.stages.candidates import candidate_batch, extract_file
+    from laionbuild.stages.laion_links import laion_clean_alt
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "laion5b.yaml")
+    en = "Beautiful sunset behind the mountains with a lake in the foreground, photographed in the evening. "
+    es = "Hermosa puesta de sol detrás de las montañas con un lago en primer plano, fotografiada por la tarde. "
+    long_alt = (en * 40)[:2000] + " " + es * 40
+    wat = write_wat(tmp_path / "long.wat.gz", [{"url": "http://p.example/a.html", "links": [
+        {"path": "IMG@/src", "url": "http://cdn.example.com/long.jpg", "alt": long_alt},
+        {"path": "IMG@/src", "url": "http://cdn.example.com/short.jpg", "alt": "A short English caption"}]}])
+    fe = extract_file(str(wat), cfg.extract)
+    assert [len(r[schema.ALT_TEXT]) for r in fe.rows] == [2000, 23]
+    assert fe.rows[0][schema.LANGID_TEXT] == laion_clean_alt(long_alt) and schema.LANGID_TEXT not in fe.rows[1]
+
+    detector = gcld3.NNetLanguageIdentifier(min_num_bytes=5, max_num_bytes=2000)  # as LAION-5B ran it
+    res = detector.FindLanguage(text=laion_clean_alt(long_alt))
+    laion = res.language.split("-")[0] if res.is_reliable else ""
+    router = LanguageRouter(cfg.langid)
+    routed = router(candidate_batch(fe.rows))
+    assert routed[schema.LANGUAGE][0] == (laion or cfg.langid.nolang_language)
+    assert routed[schema.SUBSET][0] == ("en" if laion == "en" else "multi" if laion else "nolang")
+    assert router.route(fe.rows[0][schema.ALT_TEXT])[1] != routed[schema.LANGUAGE][0]  # the cut text differs
+    assert routed[schema.SUBSET][1] == router.route(fe.rows[1][schema.ALT_TEXT])[0]  # no langid text: TEXT

@@ -88,14 +88,14 @@ class CandidatesWorker:
 
     def process(self, path: str, fid: str, ordinal: int) -> dict[str, Any]:
         """``ordinal``: the input's number, which gives its rows' ``SAMPLE_ID``."""
+        from ..stages.candidates import candidate_batch
         from ..stages.langid import routing_counters
 
         result = (extract_isolated if self.isolated else extract_with_retries)(path, self.cfg)
         counters = {"extract": result.counters.to_dict()}
         routed = None
         if result.file.status != "failed":
-            batch = S.rows_to_batch(result.rows, S.CANDIDATE_SCHEMA)
-            batch[S.DROP_REASON] = np.full(len(result.rows), "", dtype=object)
+            batch = candidate_batch(result.rows)
             try:
                 batch[S.SAMPLE_ID] = S.sample_ids(ordinal, len(result.rows))
             except ValueError as exc:  # not routed: the input is reported, its rows are not kept

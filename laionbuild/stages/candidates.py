@@ -141,8 +141,13 @@ _ASCII_COMPATIBLE = frozenset(
 
 _FTFY_CONFIG = ftfy.TextFixerConfig(unescape_html=False, explain=False)
 #: characters that an ftfy fixer other than the mojibake fixer may change: C1 controls,
-#: Latin ligatures, full/half-width forms, ideographic space, surrogates, escapes, line breaks
-_FTFY_TOUCHES = re.compile("[\x1b\x80-\x9f\u2028\u2029\u3000\ud800-\udfff\ufb00-\ufb06\uff00-\uffef]")
+#: curly quotes and ʼ (uncurled), Latin ligatures and digraph letters (Ĳ ŉ Ǆ Ǉ Ǌ Ǳ, ﬁ...),
+#: full/half-width forms, ideographic space, surrogates, U+FFFC, escapes, line breaks
+_FTFY_TOUCHES = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u0132\u0133\u0149\u01c4-\u01cc\u01f1-\u01f3\u02bc\u2018-\u201f"
+    "\u2028\u2029\u206a-\u206f\u3000\ud800-\udfff\ufb00-\ufb06\ufeff\ufff9-\ufffc\uff00-\uffef]")
+#: the ASCII characters among them: control characters (removed), CR (a line break), ESC (escapes)
+_FTFY_TOUCHES_ASCII = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
 #: format characters kept in alt text: they change how the text reads (Persian, Indic, emoji)
 _KEEP_FORMAT = frozenset("\u200c\u200d")
 
@@ -277,7 +282,7 @@ def fix_text(text: str) -> str:
     present, the result of ftfy is exactly the NFC form, computed directly.
     """
     if text.isascii():
-        return text
+        return text if _FTFY_TOUCHES_ASCII.search(text) is None else ftfy.fix_text(text, config=_FTFY_CONFIG)
     if not is_bad(text) and _FTFY_TOUCHES.search(text) is None:
         return unicodedata.normalize("NFC", text)
     return ftfy.fix_text(text, config=_FTFY_CONFIG)
@@ -305,9 +310,7 @@ def normalize_alt_laion(text: str) -> str:
     non-printable character removed (``str.isprintable``: tabs and zero-width
     characters included). Runs of spaces stay; cutting to ``max_alt_length`` and
     ``|`` -> space come after the length check (see :func:`finish_alt_laion`)."""
-    text = text.replace("\n", " ")
-    if not text.isascii():
-        text = fix_text(text)
+    text = fix_text(text.replace("\n", " "))  # ASCII too: ftfy removes control characters and escapes
     text = text.strip()
     if not text.isprintable():
         text = "".join(ch for ch in text if ch.isprintable())
@@ -658,9 +661,10 @@ def _candidates_from_tree(
     return rows
 
 
-def _candidate_row(doc: HtmlDocument, url: str, text: str, h: int, license_: str) -> dict:
-    """One candidate of a page: the pair, where it was found, its hash and the page's licence."""
-    return {
+def _candidate_row(doc: HtmlDocument, url: str, text: str, h: int, license_: str, langid_text: str = "") -> dict:
+    """One candidate of a page: the pair, where it was found, its hash and the page's licence
+    (``langid_text``: see :data:`schema.LANGID_TEXT`)."""
+    row = {
         schema.URL: url,
         schema.ALT_TEXT: text,
         schema.PAGE_URL: doc.page_url,
@@ -670,6 +674,19 @@ def _candidate_row(doc: HtmlDocument, url: str, text: str, h: int, license_: str
         schema.HASH: h,
         schema.LICENSE: license_,
     }
+    if langid_text:
+        row[schema.LANGID_TEXT] = langid_text
+    return row
+
+
+def candidate_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The candidate rows of one input as the batch the language stage takes: the candidate
+    columns, an empty ``DROP_REASON`` and, when a row has one, ``LANGID_TEXT``."""
+    batch = schema.rows_to_batch(rows, schema.CANDIDATE_SCHEMA)
+    batch[schema.DROP_REASON] = np.full(len(rows), "", dtype=object)
+    if any(schema.LANGID_TEXT in row for row in rows):  # read by the language stage, never written
+        batch[schema.LANGID_TEXT] = np.array([row.get(schema.LANGID_TEXT, "") for row in rows], dtype=object)
+    return batch
 
 
 def decode_html(html: bytes, http_charset: str | None, counters: StageCounters | None = None) -> str:
@@ -697,8 +714,8 @@ def _laion_candidates(
         return []
     found = page_rows(links, doc.page_url, cfg, counters, seen, by_url=cfg.dedup_key == "url")
     rows = [
-        _candidate_row(doc, url, text, h, license_)
-        for url, text, license_, h in found
+        _candidate_row(doc, url, text, h, license_, langid_text)
+        for url, text, license_, h, langid_text in found
     ]
     if rows:
         counters.count("candidates", len(rows))
@@ -734,19 +751,11 @@ def _extract_other_kind(
     by_url = cfg.dedup_key == "url"
     try:
         for page in iter_wat_pages(path, cfg, counters, result):
-            for url, text, license_, h in page_rows(page.links, page.page_url, cfg, counters, seen, by_url):
-                rows.append(
-                    {
-                        schema.URL: url,
-                        schema.ALT_TEXT: text,
-                        schema.PAGE_URL: page.page_url,
-                        schema.WARC_PATH: page.wat_path,
-                        schema.WARC_RECORD_ID: page.record_id,
-                        schema.WARC_OFFSET: page.offset,
-                        schema.HASH: h,
-                        schema.LICENSE: license_,
-                    }
-                )
+            doc = HtmlDocument(page_url=page.page_url, html=b"", http_charset=None, record_id=page.record_id,
+                               offset=page.offset, warc_path=page.wat_path)
+            for url, text, license_, h, langid_text in page_rows(page.links, page.page_url, cfg, counters, seen,
+                                                                 by_url):
+                rows.append(_candidate_row(doc, url, text, h, license_, langid_text))
     except Exception as exc:  # noqa: BLE001 - the reader reports bad files; this is a last guard
         log.warning("extraction of %s stopped: %s: %s", path, type(exc).__name__, exc)
         result.status = "partial" if rows else "failed"
@@ -789,6 +798,7 @@ __all__ = [
     "DROP_REASONS",
     "FileExtraction",
     "extract_candidates",
+    "candidate_batch",
     "extract_file",
     "normalize_alt",
     "normalize_alt_laion",

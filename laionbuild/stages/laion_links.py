@@ -85,6 +85,14 @@ def decide_link(
     With ``counters``, a kept link whose URL or text was cut counts ``url_cut`` /
     ``alt_truncated``.
     """
+    decision = _decide(url, alt, base_url, cfg, counters)
+    return decision if isinstance(decision, str) else decision[:2]
+
+
+def _decide(
+    url: str, alt: str, base_url: str, cfg: ExtractConfig, counters: StageCounters | None = None
+) -> tuple[str, str, str] | str:
+    """:func:`decide_link`, with the cleaned text before its cut (the text LAION's CLD3 read)."""
     url_cut = len(url) > cfg.max_url_length
     url = url[: cfg.max_url_length].replace("\n", "")
     if not is_valid_url(url):
@@ -110,13 +118,13 @@ def decide_link(
             counters.count("url_cut")
         if len(text) > cfg.max_alt_length:
             counters.count("alt_truncated")
-    text = laion_finish_alt(text, cfg.max_alt_length)
+    cleaned, text = text, laion_finish_alt(text, cfg.max_alt_length)
     if not url.startswith("http"):
         try:
             url = urljoin(base_url, url)
         except ValueError:
             return "invalid_url"
-    return url, text
+    return url, text, cleaned
 
 
 def page_rows(
@@ -126,8 +134,9 @@ def page_rows(
     counters: StageCounters,
     seen: set[int],
     by_url: bool = True,
-) -> list[tuple[str, str, str, str]]:
-    """``(URL, TEXT, LICENSE, hash)`` of the links of one page that LAION-5B kept.
+) -> list[tuple[str, str, str, int, str]]:
+    """``(URL, TEXT, LICENSE, hash, langid text)`` of the links of one page that LAION-5B kept; the
+    langid text is the cleaned alt text before its cut when the cut changed it, else "".
 
     ``seen`` holds the de-duplication keys already kept from the same input file
     (``hash(URL)`` with ``by_url``, else the pair hash); it is updated.
@@ -135,7 +144,7 @@ def page_rows(
     """
     base = page_base_url(page_url)
     license_ = NO_LICENSE
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[tuple[str, str, str, int, str]] = []
     dropped = counters.dropped_by_reason
     n_links = n_alt = 0
     for link in links:
@@ -146,11 +155,11 @@ def page_rows(
         if link.alt is None:
             continue
         n_alt += 1
-        decision = decide_link(url, link.alt, base, cfg, counters)
+        decision = _decide(url, link.alt, base, cfg, counters)
         if isinstance(decision, str):
             dropped[decision] += 1
             continue
-        url, text = decision
+        url, text, cleaned = decision
         h = schema.pair_hash(url, text)
         if cfg.dedup_within_file:
             key = hash(url) if by_url else h
@@ -158,7 +167,7 @@ def page_rows(
                 dropped["duplicate_in_file"] += 1
                 continue
             seen.add(key)
-        rows.append((url, text, license_, h))
+        rows.append((url, text, license_, h, cleaned if len(cleaned) > cfg.max_alt_length else ""))
     counters.count("links", n_links)
     counters.count("links_with_alt", n_alt)
     return rows

@@ -88,10 +88,14 @@ def prepare_text(text: str) -> str:
     return " ".join(text.split())
 
 
+#: Hangul fillers: invisible, yet Unicode letters
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0")
+
+
 def _is_word_char(ch: str) -> bool:
     """A letter, or a mark that is part of a letter (vowel signs and viramas of Indic,
     Thai, Khmer, Myanmar, Tibetan... scripts, accents written as combining marks)."""
-    return ch.isalpha() or unicodedata.category(ch)[0] == "M"
+    return (ch.isalpha() and ch not in _FILLERS) or unicodedata.category(ch)[0] == "M"
 
 
 def _strip_punctuation(token: str) -> str:
@@ -108,6 +112,8 @@ def _counted(word: str, letters: int) -> int:
     """Letters of one word that count: not a camera / file / unit word, not a single
     letter (unless its script is written without spaces)."""
     if letters == 1 and not _wide_script(word[0]):
+        return 0
+    if not any(ch.isalpha() for ch in word):  # combining marks with no letter to sit on
         return 0
     if letters <= 6 and word.lower() in _JUNK_WORDS:
         return 0
@@ -126,7 +132,7 @@ def _word_letters(token: str) -> int:
     between the words (``2019年拍摄``) and only separate them. Each word then
     passes :func:`_counted`.
     """
-    if token.isalpha():
+    if token.isalpha() and _FILLERS.isdisjoint(token):
         return _counted(token, len(token))
     letters = 0
     start = -1
@@ -195,6 +201,30 @@ def language_letters(text: str) -> int:
             continue
         letters += _word_letters(token)
     return letters
+
+
+#: fastText (lid.176) was trained on cased text: a caption in capitals is mostly unknown to it
+#: (``BEAUTIFUL SUNSET BEHIND THE MOUNTAINS`` -> no language at 0.12; lower-cased: en at 0.75); short
+#: codes in capitals (``REF 4471-22-A``) stay as written: lower-cased, fastText finds words in them
+_CAPITALS_MIN_LETTERS = 8
+_CAPITALS_SHARE = 0.75
+
+
+def _uncapitalized(line: str) -> str:
+    """``line`` lower-cased when most of its cased letters are capitals (fastText only)."""
+    upper = sum(1 for ch in line if ch.isupper())
+    if upper < _CAPITALS_MIN_LETTERS:
+        return line
+    lower = sum(1 for ch in line if ch.islower())
+    return line.lower() if upper >= _CAPITALS_SHARE * (upper + lower) else line
+
+
+def _without_lone_surrogates(text: str) -> str:
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
 
 
 def has_no_language(text: str, min_letters: int) -> bool:
@@ -272,7 +302,7 @@ class LanguageRouter:
         if self.cld3 is not None:
             lang, p, reliable = self.predict_cld3(text)
             return lang, (p if reliable else 0.0)
-        line = prepare_text(text)
+        line = _uncapitalized(prepare_text(text))
         if _HAN_RE.search(line) is not None and _KANA_RE.search(line) is None:
             votes: dict[str, float] = {}
             for view in (line, " ".join(line.replace(" ", ""))):
@@ -287,6 +317,8 @@ class LanguageRouter:
 
     def route(self, text: str) -> tuple[str, str, float, str]:
         """``(subset, language_code, score, nolang_reason)`` of one alt text."""
+        if not text.isascii():
+            text = _without_lone_surrogates(text)
         if not text or not text.strip():
             return "nolang", schema.NOLANG_CODE, 0.0, REASON_EMPTY
         if self.cfg.detect_no_language and has_no_language(text, self.cfg.min_letters):
@@ -303,6 +335,7 @@ class LanguageRouter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = batch[schema.ALT_TEXT]
+        whole = batch.get(schema.LANGID_TEXT)  # LAION-5B's rules: the alt text before its cut
         n = len(texts)
         drops = batch.get(schema.DROP_REASON)
         subset = np.empty(n, dtype=object)
@@ -316,7 +349,8 @@ class LanguageRouter:
             if drops is not None and drops[i]:
                 continue
             try:
-                subset[i], language[i], score[i], reason[i] = self.route(str(texts[i]))
+                text = whole[i] if whole is not None and whole[i] else texts[i]
+                subset[i], language[i], score[i], reason[i] = self.route(str(text))
             except Exception as exc:  # noqa: BLE001 - one odd text never stops the batch
                 log.debug("language id failed on row %d: %s", i, exc)
                 subset[i], language[i], score[i], reason[i] = "nolang", schema.NOLANG_CODE, 0.0, "error"
