@@ -68,7 +68,14 @@ class LoopbackS3:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def __enter__(self) -> "LoopbackS3":
+        import urllib.request
+
         self._thread.start()
+        # moto keeps its buckets in process-wide state: without a reset, a server started after
+        # another one in the same process would hold that one's buckets
+        reset = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST",
+                                       headers={"User-Agent": OBSERVER})  # not counted
+        urllib.request.urlopen(reset, timeout=30)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -83,7 +83,8 @@ def test_publish_cut_short_shows_old_or_new_and_the_rerun_completes_it(output, m
     P.publish(cfg, layout, first, RunStats())
     old = _seen(output)
     assert {k: len(v) for k, v in old.items()} == {"en": 7, "multi": 5}
-    assert layout.published()["generation"] == 1
+    # on an object store each publish takes its own number: the one cut short above kept 1
+    assert layout.published()["generation"] == (2 if output.startswith("s3://") else 1)
 
     both = first + [_shard(layout, "s1", {"en": list(range(7, 15)), "multi": list(range(5, 9))})]
     new_sizes = {"en": 15, "multi": 9}
@@ -133,3 +134,61 @@ def test_publish_in_the_driver_joins_the_parts_a_chunk_at_a_time(tmp_path, monke
     assert published[2] == published[10_000]
     assert sorted(r["URL"] for t in published[2]["en"] for r in t) == \
         sorted(f"http://img.test/en/{i}.jpg" for i in range(28))
+
+
+def test_a_publisher_paused_past_its_lease_never_mixes_with_the_run_that_took_over(tmp_path):
+    """Run A starts to publish and pauses (its lease expires); run B takes the folder over and
+    publishes. When A wakes up, its files go under a generation number of its own, its pointer
+    write fails (the pointer changed since A started), and it removes nothing of B's."""
+    from laionbuild.output.layout import PublishedMeanwhile
+
+    with output_location("s3", tmp_path, BUCKET) as output:
+        cfg = load_config(None, ["output.rows_per_shard=3"])
+        layout = OutputLayout(output)
+        a_rows = [_shard(layout, "a0", {"en": list(range(4)), "multi": list(range(2))})]
+        b_rows = a_rows + [_shard(layout, "b1", {"en": list(range(4, 9)), "multi": list(range(2, 5))})]
+        real_commit = OutputLayout.commit_published
+        paused: dict = {}
+
+        def pause_before_commit(self, generation, files, counts, expect_tag=None):
+            if not paused:  # run A, about to point readers at its files: B runs now, whole
+                paused["generation"] = generation
+                P.publish(cfg, OutputLayout(output), b_rows, RunStats())
+            return real_commit(self, generation, files, counts, expect_tag=expect_tag)
+
+        OutputLayout.commit_published = pause_before_commit
+        try:
+            with pytest.raises(PublishedMeanwhile):
+                P.publish(cfg, layout, a_rows, RunStats())
+        finally:
+            OutputLayout.commit_published = real_commit
+        pointer = layout.published()
+        assert pointer["generation"] != paused["generation"]  # B never wrote under A's number
+        assert {k: len(v) for k, v in _seen(output).items()} == {"en": 9, "multi": 5}  # B's, whole
+        for subset in ("en", "multi"):
+            assert all(layout.exists(p) for p in layout.published_files(subset, pointer=pointer))
+
+
+def test_a_lease_not_renewed_within_its_expiry_stops_the_next_commit(tmp_path):
+    import time
+
+    from laionbuild.output.lease import LeaseHeld, RunLease
+
+    with output_location("s3", tmp_path, BUCKET) as output:
+        now = [time.time()]
+        lease = RunLease(OutputLayout(output), 30.0, 10.0, clock=lambda: now[0])
+        with lease:
+            lease.check()  # just renewed
+            now[0] += 28.0  # paused (or unable to renew) for most of the expiry
+            with pytest.raises(LeaseHeld, match="not renewed within its expiry"):
+                lease.check()
+        gone = RunLease(OutputLayout(output + "-2"), 30.0, 0.1)
+        gone.acquire()
+        try:
+            OutputLayout(output + "-2").rm(gone.path)  # taken over and released by another run meanwhile
+            deadline = time.monotonic() + 20
+            while not gone.lost and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert gone.lost  # a renewal of a lease that no longer exists is a lost lease, not a retry
+        finally:
+            gone.release()

@@ -34,6 +34,8 @@ LEASE = "_lease.json"
 LOCK = "_lease.lock"
 #: seconds between the write and the read-back of an emulated lease
 SETTLE_S = 1.0
+#: a run stops committing once its lease was last renewed this share of the expiry ago
+EXPIRY_MARGIN = 0.9
 
 
 class LeaseHeld(SetupError):
@@ -45,6 +47,14 @@ def _holder_line(url: str, holder: dict | None) -> str:
         return f"{url} is in use by another run (its lease names no holder)"
     return (f"{url} is in use by another run (host {holder.get('host', '?')}, PID {holder.get('pid', '?')}, "
             f"started {holder.get('started', '?')}); wait for it to end or choose another --output")
+
+
+def _gone(exc: BaseException) -> bool:
+    """The lease object no longer exists (a conditional renewal of a deleted key)."""
+    if isinstance(exc, FileNotFoundError):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    return "NoSuchKey" in text or "does not exist" in text or "404" in text
 
 
 def _precondition_failed(exc: BaseException) -> bool:
@@ -70,6 +80,9 @@ class RunLease:
         self._thread: threading.Thread | None = None
         #: set when the heartbeat found the lease taken by another run: stop writing
         self.lost = False
+        #: when the lease was last written (object stores, emulated): past ``expiry_s`` another run
+        #: may hold it, whatever this run's heartbeat thread knows (a process paused that long)
+        self._renewed: float | None = None
 
     # ------------------------------------------------------------------ public
     def __enter__(self) -> "RunLease":
@@ -92,9 +105,16 @@ class RunLease:
         log.debug("holding %s (lease %s)", self.layout.url, self.token[:8])
 
     def check(self) -> None:
-        """Raise when the lease was lost (another run took it over): the caller stops writing."""
+        """Raise when the lease was lost (another run took it over), or when it was last renewed so
+        long ago that another run may have taken it (a process paused past the expiry, a heartbeat
+        that could not write): the caller stops writing before its next commit."""
+        if not self.lost and self._renewed is not None and self.clock() > self._renewed + self.expiry_s * EXPIRY_MARGIN:
+            self.lost = True
+            log.error("the lease on %s was last renewed %.0f s ago (expiry %.0f s): another run may hold it",
+                      self.layout.url, self.clock() - self._renewed, self.expiry_s)
         if self.lost:
-            raise LeaseHeld(f"{self.layout.url}: this run's lease was taken over by another run; stopping")
+            raise LeaseHeld(f"{self.layout.url}: this run's lease was taken over by another run, or not renewed "
+                            "within its expiry; stopping (rerun the same command to resume)")
 
     def release(self) -> None:
         self._stop.set()
@@ -141,7 +161,9 @@ class RunLease:
 
     def _put(self, **condition: str) -> str:
         bucket, key, _ = self.layout.fs.split_path(self.path)
+        written = self.clock()
         out = self.layout.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **condition)
+        self._renewed = written
         return out["ETag"]
 
     def _get(self) -> tuple[dict | None, str | None]:
@@ -184,7 +206,7 @@ class RunLease:
             try:
                 self._etag = self._put(IfMatch=self._etag)
             except Exception as exc:  # noqa: BLE001
-                if _precondition_failed(exc):
+                if _precondition_failed(exc) or _gone(exc):  # taken over, or taken over and released since
                     self.lost = True
                     log.error("the lease on %s was taken over by another run", self.layout.url)
                     return
@@ -207,6 +229,7 @@ class RunLease:
         holder = self._read()
         if holder is not None and self.clock() <= float(holder.get("expires", 0)):
             raise LeaseHeld(_holder_line(self.layout.url, holder))
+        self._renewed = self.clock()
         shards.write_bytes_atomic(self.layout.fs, self.path, self._body())
         time.sleep(SETTLE_S)
         if (self._read() or {}).get("token") != self.token:
@@ -222,7 +245,9 @@ class RunLease:
                 self.lost = True
                 log.error("the lease on %s was taken over by another run", self.layout.url)
                 return
+            renewed = self.clock()
             shards.write_bytes_atomic(self.layout.fs, self.path, self._body())
+            self._renewed = renewed
 
 
 __all__ = ["LEASE", "LeaseHeld", "RunLease"]

@@ -178,8 +178,11 @@ def _part_rows(layout: OutputLayout, scored: list[dict], parts: list[str]) -> di
     return {p: known[p] for p in parts}
 
 
-def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunStats) -> dict[str, list[str]]:
-    """Write the published subsets from the committed work shards; books what the filters took out."""
+def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunStats, lease=None) -> dict[str, list[str]]:
+    """Write the published subsets from the committed work shards; books what the filters took out.
+
+    ``lease``: the run's :class:`~laionbuild.output.lease.RunLease`, checked before the pointer is
+    written; the pointer is written only if no other run published since this one started to."""
     parts = sorted(p for m in scored for p in m["parts"] if part_subset(p) in S.SUBSETS)
     rows = _part_rows(layout, scored, parts)
     n_buckets: dict[str, int] = {}
@@ -190,8 +193,9 @@ def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunSta
             totals[subset] = sum(rows[p] for p in mine)
             n_buckets[subset] = max(1, -(-totals[subset] // cfg.output.rows_per_shard))
     layout.rm(layout.path("_publish"))  # the staging folder of earlier versions
+    tag = layout.published_tag()  # before the pointer: the commit is conditioned on it
     old = layout.published()
-    generation = layout.next_generation(old)
+    generation = layout.reserve_generation(old)
     row_filter = PublishFilter(cfg.blocklist, layout.url)
     results: list[dict] = []
     if parts:
@@ -224,7 +228,9 @@ def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunSta
                              on_engine=sum(totals.values()) > cfg.ray.local_max_rows)
     if images:
         files[IMAGES] = images
-    layout.commit_published(generation, files, dict(stats.kept_per_subset))
+    if lease is not None:
+        lease.check()  # a run paused past its lease never points readers at its files
+    layout.commit_published(generation, files, dict(stats.kept_per_subset), expect_tag=tag)
     return {folder: files.get(folder, [])
             for folder in [*S.SUBSETS, *(f"{s}_safe" for s in S.SUBSETS if cfg.safety.write_safe_subsets)]}
 

@@ -245,7 +245,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         t = time.monotonic()
         lease.check()  # never publish once another run holds the folder
         with Progress(1, cfg.run.progress, "phase 4/4 publish", "generation") as line:
-            published = publish(cfg, layout, scored, stats)
+            published = publish(cfg, layout, scored, stats, lease)
             line.update(1, rows=sum(stats.kept_per_subset.values()))
         phases["publish"] = round(time.monotonic() - t, 2)
     else:
