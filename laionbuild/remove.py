@@ -31,6 +31,7 @@ import re
 import tarfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
 import pyarrow as pa
@@ -40,7 +41,8 @@ from . import schema as S
 from .errors import LaionBuildError
 from .stages import shards
 from .output.layout import IMAGES, OutputLayout, REMOVAL_KINDS as _KIND_OF, REMOVALS as REMOVALS_DIR, REMOVED as PREFIX, STORED_REMOVAL as _STORED
-from .stages.blocklist import Blocklist, filter_image_tars, filter_table, list_lines, list_name, read_list_bytes
+from .stages.blocklist import (TAR_THREADS, Blocklist, filter_image_tar, filter_image_tars, filter_table, list_lines,
+                               list_name, read_list_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,9 @@ def _compression(meta: pq.FileMetaData) -> str:
     return "zstd"
 
 
-def _rewrite(fs, path: str, keep_fn) -> int:
-    """Rewrite one parquet file with the rows ``keep_fn(table)`` keeps; returns rows removed."""
+def _rewrite(fs, path: str, keep_fn, target: str | None = None) -> int:
+    """Write the rows ``keep_fn(table)`` keeps of one parquet file to ``target`` (default: the
+    file itself) when it drops any; returns rows removed."""
     with fs.open(path, "rb") as fh:
         pf = pq.ParquetFile(fh)
         compression = _compression(pf.metadata)
@@ -77,14 +80,21 @@ def _rewrite(fs, path: str, keep_fn) -> int:
     kept = keep_fn(table)
     removed = table.num_rows - kept.num_rows
     if removed:
-        shards.write_bytes_atomic(fs, path, shards.table_to_bytes(kept, compression))
+        shards.write_bytes_atomic(fs, target or path, shards.table_to_bytes(kept, compression))
     return removed
 
 
-def _published_folders(layout: OutputLayout) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
-    """Files of the published generation: row tables and key-only companions (``*_embeddings``) per
-    folder, and the image tars."""
-    pointer = layout.published()
+def _renamed(path: str, generation: int) -> str:
+    """``path`` of a published file under ``generation`` (``part-g0002-00005.parquet`` ->
+    ``part-g0003-00005.parquet``)."""
+    folder, name = posixpath.split(path)
+    return posixpath.join(folder, f"part-g{generation:04d}-" + re.sub(r"^part-g\d{4}-", "", name))
+
+
+def _published_folders(layout: OutputLayout, pointer: dict | None
+                       ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
+    """Files of the published generation (``pointer``): row tables and key-only companions
+    (``*_embeddings``) per folder, and the image tars."""
     if pointer is not None:
         folders = sorted(pointer.get("files", {}))
     else:  # a folder published before the pointer existed: its folders as listed
@@ -100,13 +110,29 @@ def _published_folders(layout: OutputLayout) -> tuple[dict[str, list[str]], dict
     return main, companions, layout.published_files(IMAGES, pointer=pointer)
 
 
-def apply_to_published(layout: OutputLayout, lists: list[Blocklist]) -> dict[str, Any]:
-    """Remove the rows the lists name from every published file; counts per folder and per list."""
+def apply_to_published(layout: OutputLayout, lists: list[Blocklist], lease=None) -> dict[str, Any]:
+    """Remove the rows the lists name from every published file; counts per folder and per list.
+
+    The files that lose rows are written under a new generation and the pointer is moved to it
+    last, as a publish does: a reader sees the folder before the removal or after it, never
+    some files of each; unchanged files stay where they are. (A folder published before the
+    pointer existed is rewritten in place.) ``lease``: checked before the pointer is written."""
     fs = layout.fs
-    main, companions, images = _published_folders(layout)
+    tag = layout.published_tag()  # before the pointer: the commit is conditioned on it
+    pointer = layout.published()
+    generation = layout.reserve_generation(pointer) if pointer is not None else None
+    main, companions, images = _published_folders(layout, pointer)
     per_dir: Counter = Counter()
     by_list: Counter = Counter()
     keys: set[str] = set()
+    files: dict[str, list[str]] = {}
+
+    def rewrite(folder: str, path: str, keep_fn) -> None:
+        target = _renamed(path, generation) if generation is not None else None
+        removed = _rewrite(fs, path, keep_fn, target)
+        per_dir[folder] += removed
+        files.setdefault(folder, []).append(target if removed and target else path)
+
     for subset, paths in main.items():
         for path in paths:
             def keep(table: pa.Table) -> pa.Table:
@@ -116,7 +142,7 @@ def apply_to_published(layout: OutputLayout, lists: list[Blocklist]) -> dict[str
                     by_list.update(counts)
                 return kept
 
-            per_dir[subset] += _rewrite(fs, path, keep)
+            rewrite(subset, path, keep)
     for name, paths in companions.items():
         for path in paths:
             def keep_keys(table: pa.Table) -> pa.Table:
@@ -125,8 +151,27 @@ def apply_to_published(layout: OutputLayout, lists: list[Blocklist]) -> dict[str
                 mask = [k not in keys for k in table.column("key").to_pylist()]
                 return table.filter(pa.array(mask, pa.bool_()))
 
-            per_dir[name] += _rewrite(fs, path, keep_keys)
-    dropped = filter_image_tars(fs, layout.path(IMAGES), lists, keys, paths=images) if images else 0
+            rewrite(name, path, keep_keys)
+    dropped = 0
+    if images and generation is None:
+        dropped = filter_image_tars(fs, layout.path(IMAGES), lists, keys, paths=images)
+    elif images:
+        def one_tar(path: str) -> tuple[str, int]:
+            target = _renamed(path, generation)
+            n = filter_image_tar(fs, path, lists, keys, target=target, copy_unchanged=False)
+            return (target if n else path), n
+
+        with ThreadPoolExecutor(max_workers=max(1, min(TAR_THREADS, len(images)))) as pool:
+            done = list(pool.map(one_tar, sorted(images)))
+        files[IMAGES] = [p for p, _ in done]
+        dropped = sum(n for _, n in done)
+    if generation is not None:
+        for folder in pointer.get("files", {}):  # folders with nothing to rewrite keep their files
+            files.setdefault(folder, [layout.path(rel) for rel in pointer["files"][folder]])
+        counts = {s: max(0, int(n) - int(per_dir.get(s, 0))) for s, n in (pointer.get("counts") or {}).items()}
+        if lease is not None:
+            lease.check()
+        layout.commit_published(generation, files, counts, expect_tag=tag)
     return {"per_dir": dict(per_dir), "by_list": dict(by_list), "images": dropped}
 
 
@@ -155,11 +200,12 @@ def remove(output: str, *, url_files: Iterable[str] = (), hash_files: Iterable[s
     from .output.lease import RunLease
 
     defaults = RunConfig()
-    with RunLease(layout, defaults.lease_expiry_s, defaults.lease_heartbeat_s):  # not while a run writes
-        return _remove_holding(layout, output, loaded)
+    with RunLease(layout, defaults.lease_expiry_s, defaults.lease_heartbeat_s) as lease:  # not while a run writes
+        return _remove_holding(layout, output, loaded, lease)
 
 
-def _remove_holding(layout: OutputLayout, output: str, loaded: list[tuple[str, str, bytes]]) -> dict[str, Any]:
+def _remove_holding(layout: OutputLayout, output: str, loaded: list[tuple[str, str, bytes]],
+                    lease=None) -> dict[str, Any]:
     fs, root = layout.fs, layout.root
     stats_path = posixpath.join(root, "stats.json")
     records = []
@@ -168,7 +214,7 @@ def _remove_holding(layout: OutputLayout, output: str, loaded: list[tuple[str, s
         stored = _record(fs, root, kind, source, data)
         info = lists.add_bytes(data, _KIND_OF[kind], posixpath.basename(stored), stored)
         records.append((kind, source, stored, info))
-    result = apply_to_published(layout, [lists])
+    result = apply_to_published(layout, [lists], lease)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     per_subset = {s: int(result["per_dir"].get(s, 0)) for s in S.SUBSETS}
     by_list = {name.split(":", 1)[1]: n for name, n in result["by_list"].items()}

@@ -89,7 +89,11 @@ def removed(ray_session, tmp_path_factory):
     url_list.write_text("# takedown request 1\n" + "".join(r["URL"] + "\n" for r in by_url))
     hash_list = root / "takedown-hashes.txt"
     hash_list.write_text(f"{by_hash['hash']}\n")
+    pointer_before = OutputLayout(str(out)).published()
     code = cli.main(["remove", str(out), "--urls", str(url_list), "--hashes", str(hash_list)])
+    pointer_after = OutputLayout(str(out)).published()
+    disk_after = {folder: {f"{folder}/{p.name}" for p in (out / folder).iterdir() if p.is_file()}
+                  for folder in pointer_after["files"]}
     after = _snapshot(out)
     raw_after = {p: _raw(out, p) for p in after}
     stats_after = json.loads((out / "stats.json").read_text())
@@ -103,6 +107,7 @@ def removed(ray_session, tmp_path_factory):
         "removed": [*by_url, by_hash], "stats_before": stats_before, "stats_after": stats_after,
         "prov_after": prov_after, "tars_before": tars_before, "tars_after": tars_after, "rerun": rerun,
         "lists": (url_list, hash_list), "tar_pairs": tar_pairs,
+        "pointers": (pointer_before, pointer_after), "disk_after": disk_after,
     }
 
 
@@ -238,3 +243,21 @@ def test_a_list_that_cannot_be_read_is_refused_before_anything_is_stored(tmp_pat
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"laionbuild: error: remove: cannot read {path}") and "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == ["stats.json"]  # nothing recorded: later runs are unaffected
+
+
+def test_remove_publishes_a_new_generation_and_keeps_untouched_files(removed):
+    """The files that lose rows are written under a new generation and the pointer moves last:
+    a reader sees the folder before the removal or after it, never a mix."""
+    before, after = removed["pointers"]
+    assert after["generation"] == before["generation"] + 1
+    assert after["counts"]["en"] == before["counts"]["en"] - 2  # two of the three removed rows are English
+    assert sum(after["counts"].values()) == sum(before["counts"].values()) - 3
+    for folder, old_files in before["files"].items():
+        new_files = after["files"][folder]
+        assert len(new_files) == len(old_files), folder
+        for old, new in zip(sorted(old_files), sorted(new_files)):
+            assert new == old or new.startswith(f"{folder}/part-g{after['generation']:04d}-"), (old, new)
+    assert any(new != old for folder in before["files"]
+               for old, new in zip(sorted(before["files"][folder]), sorted(after["files"][folder])))
+    for folder, files in after["files"].items():
+        assert removed["disk_after"][folder] == set(files), folder  # the replaced files are gone

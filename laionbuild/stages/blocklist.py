@@ -394,15 +394,15 @@ def filter_table(table: pa.Table, lists: Iterable[Blocklist]) -> tuple[pa.Table,
 
 
 def filter_image_tar(fs, path: str, lists: Iterable[Blocklist], keys: Iterable[str] = (),
-                     target: str | None = None) -> int:
+                     target: str | None = None, copy_unchanged: bool = True) -> int:
     """Drop the members of the tar ``path`` whose row a list names (or whose key is in ``keys``);
     the result goes to ``target`` (default: ``path`` itself). A tar with nothing to drop is left
-    alone, or copied to ``target`` (on object stores a copy inside the store). Returns the rows
-    dropped."""
+    alone, or copied to ``target`` (on object stores a copy inside the store) unless not
+    ``copy_unchanged``. Returns the rows dropped."""
     lists = [bl for bl in lists if not bl.empty]
     drop = set(keys)
     if not lists and not drop:
-        if target is not None and target != path:
+        if copy_unchanged and target is not None and target != path:
             fs.copy(path, target)
         return 0
     with fs.open(path, "rb") as fh:
@@ -423,7 +423,7 @@ def filter_image_tar(fs, path: str, lists: Iterable[Blocklist], keys: Iterable[s
                 drop.add(info.name.rsplit(".", 1)[0])
     gone = {info.name.rsplit(".", 1)[0] for info, _ in members} & drop
     if not gone:
-        if target is not None and target != path:
+        if copy_unchanged and target is not None and target != path:
             fs.copy(path, target)
         return 0
     sink = io.BytesIO()
