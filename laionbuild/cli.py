@@ -257,6 +257,7 @@ def check_output_folder(output: str) -> None:
     URLs (``s3://...``) are left to the filesystem they name.
     """
     if "://" in output:
+        _check_remote_output(output)
         return
     path = Path(output)
     if path.exists() and not path.is_dir():
@@ -275,6 +276,20 @@ def check_output_folder(output: str) -> None:
                 break
     if not writable:
         raise SetupError(f"cannot write into output folder {output}: permission denied")
+
+
+def _check_remote_output(output: str) -> None:
+    """An object-store output that names an existing object (not a prefix) is refused, as a local
+    output that is a file is; any other problem (credentials, endpoint) shows where it occurs."""
+    from .output.fs import open_fs
+
+    try:
+        fs, root = open_fs(output)
+        is_object = fs.isfile(root)
+    except Exception:  # noqa: BLE001 - reported by the run's own checks, with their wording
+        return
+    if is_object:
+        raise SetupError(f"output {output} is an existing object, not a folder; give a folder (prefix) with --output")
 
 
 def _os_reason(exc: OSError) -> str:

@@ -126,3 +126,14 @@ def test_an_output_in_a_bucket_that_does_not_exist_is_refused_and_no_bucket_made
         assert sorted(b["Name"] for b in s3.client().list_buckets()["Buckets"]) == [BUCKET]
         with _lease(f"s3://{BUCKET}/new/out"):  # a new folder in a bucket that exists is made
             pass
+
+
+def test_an_output_that_names_an_existing_object_is_refused():
+    from laionbuild.cli import check_output_folder
+
+    with LoopbackS3() as s3, s3_environment(s3):
+        s3.client().create_bucket(Bucket=BUCKET)
+        s3.client().put_object(Bucket=BUCKET, Key="afile", Body=b"x")
+        with pytest.raises(SetupError, match="s3://lblease/afile is an existing object"):
+            check_output_folder(f"s3://{BUCKET}/afile")
+        check_output_folder(f"s3://{BUCKET}/a-new-prefix")  # a prefix that holds nothing yet is fine
