@@ -78,7 +78,7 @@ class RunConfig:
     #: ``lease_heartbeat_s`` and taken over by another run once not renewed for ``lease_expiry_s``
     #: (a local folder is held by an OS lock, released when the process ends)
     lease_expiry_s: float = 300.0
-    #: seconds between two renewals of the run's lease on an object store (below ``lease_expiry_s``)
+    #: seconds between two renewals of the run's lease on an object store (at most half ``lease_expiry_s``)
     lease_heartbeat_s: float = 30.0
 
 
@@ -890,8 +890,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'clip.tokenize_upstream' must be auto, always or never")
     if cfg.clip.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
-    if not 0 < cfg.run.lease_heartbeat_s < cfg.run.lease_expiry_s:
-        raise ConfigError(f"{source}: 'run' needs 0 < lease_heartbeat_s < lease_expiry_s")
+    if not 0 < cfg.run.lease_heartbeat_s <= cfg.run.lease_expiry_s / 2:
+        raise ConfigError(f"{source}: 'run' needs 0 < lease_heartbeat_s <= lease_expiry_s / 2 (a lease not renewed "
+                          "within 90 % of its expiry counts as lost)")
     if not cfg.run.output.strip():
         raise ConfigError(f"{source}: 'run.output' is empty: give the output folder or URL")
     if cfg.run.limit < 0:

@@ -138,6 +138,8 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
     if not inputs:
         raise SetupError("no input given: pass --input PATH (or set run.inputs in the config)")
     files: list[str] = []
+    #: local files named by a listing or a glob, checked once limit and shard chose the run's own
+    shown: dict[str, str] = {}
     for item in inputs:
         if _is_listing(item):
             listed = read_listing(item, run.paths_base_url)
@@ -145,7 +147,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
                 raise SetupError(f"listing {item} holds no path")
             for entry in listed:
                 if not is_url(entry):
-                    _check_local_file(entry.removeprefix("file://"), f"{entry} (listed in {item})")
+                    shown.setdefault(entry, f"{entry} (listed in {item})")
             files.extend(listed)
         elif is_url(item):
             files.extend(_expand_remote(item))
@@ -155,7 +157,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
                 raise SetupError(f"input glob matches no file: {item}")
             for match in matches:
                 if not os.path.isdir(match):
-                    _check_local_file(match, match)
+                    shown.setdefault(match, match)
             files.extend(matches)
         else:
             local = item.removeprefix("file://")
@@ -183,6 +185,9 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
     if run.shard:
         i, n = (int(x) for x in run.shard.split("/"))
         unique = unique[i::n]
+    for path in unique:
+        if path in shown:
+            _check_local_file(path.removeprefix("file://"), shown[path])
     return unique
 
 

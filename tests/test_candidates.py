@@ -205,6 +205,15 @@ def test_utf16_from_the_http_header_without_a_bom(tmp_path):
     assert sniff_charset(html_page("", head="<meta charset='utf-16'>").encode(), None) == ("utf-8", "meta")
 
 
+def test_euc_jp_reads_the_rows_python_lacks_as_browsers_do():
+    from laionbuild.stages.candidates import decode_bytes
+
+    # NEC row 13 and IBM rows 89-92 of the WHATWG index (cp932 holds the same); JIS X 0213 has none
+    assert decode_bytes(b"\xad\xa1\xad\xea\xf9\xa1", "euc_jp") == "①㈱纊"
+    assert decode_bytes(b"\xae\xa1\xfe\xfe", "euc_jp") == "\ufffd\ufffd"
+    assert decode_bytes(b"\xb0\xa1\xa5\xc6", "euc_jp") == "亜テ"
+
+
 def test_euc_jp_reads_nec_row_13_as_browsers_do():
     alt = "株式会社①㈱テスト"
     page = html_page(f"<img src='/a.jpg' alt='{alt}'>").encode("euc_jis_2004")

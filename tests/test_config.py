@@ -99,6 +99,12 @@ def test_override_errors():
         apply_overrides({"run": {"name": "x"}}, ["run.name.sub=1"])
 
 
+def test_a_lease_is_renewed_at_least_twice_per_expiry():
+    load_config(None, ["run.lease_expiry_s=4", "run.lease_heartbeat_s=2"])
+    with pytest.raises(ConfigError, match="lease_heartbeat_s <= lease_expiry_s / 2"):
+        load_config(None, ["run.lease_expiry_s=4", "run.lease_heartbeat_s=3"])
+
+
 def test_duplicate_keys_non_finite_numbers_and_an_empty_output_are_refused(tmp_path):
     dup = tmp_path / "dup.yaml"
     dup.write_text("run:\n  name: a\nclip:\n  device: cpu\nrun:\n  limit: 2\n")

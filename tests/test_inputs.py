@@ -87,3 +87,15 @@ def test_listings_that_name_nothing_readable_are_refused(tmp_path):
     (tmp_path / "there.warc.gz").write_bytes(b"x")
     with pytest.raises(SetupError, match=r"does not exist: .*missing.warc.gz \(listed in .*local.paths\)"):
         expand_inputs([str(local)], RunConfig())
+
+
+def test_only_the_inputs_a_run_reads_are_checked(tmp_path):
+    """A listing shared by several machines names files other shards read (or that --limit leaves
+    out): only the run's own must be there."""
+    (tmp_path / "a.warc.gz").write_bytes(b"x")
+    listing = tmp_path / "warc.paths"
+    listing.write_text("".join(f"{tmp_path}/{n}.warc.gz\n" for n in "abc"))
+    assert expand_inputs([str(listing)], RunConfig(limit=1)) == [f"{tmp_path}/a.warc.gz"]
+    assert expand_inputs([str(listing)], RunConfig(shard="0/3")) == [f"{tmp_path}/a.warc.gz"]
+    with pytest.raises(SetupError, match="b.warc.gz"):
+        expand_inputs([str(listing)], RunConfig(shard="1/3"))

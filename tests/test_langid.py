@@ -206,6 +206,12 @@ def test_a_caption_in_capitals_is_identified_as_written_in_lower_case(router, ca
     assert langid._uncapitalized("NASA and ESA photograph Saturn") == "NASA and ESA photograph Saturn"
 
 
+def test_a_hangul_filler_separates_words_and_counts_for_nothing():
+    assert language_letters("\u3164사랑해요\u3164") == 4
+    assert language_letters("hello\u3164world friends") == 17
+    assert language_letters("\u3164\u3164\u3164") == 0
+
+
 def test_a_lone_surrogate_is_no_error(router):
     subset, code, score, reason = router.route("Red leather handbag \ud800 with a gold chain strap")
     assert (subset, code, reason) == ("en", "en", "")

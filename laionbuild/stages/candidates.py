@@ -211,15 +211,19 @@ def sniff_charset(html: bytes, http_charset: str | None) -> tuple[str, str]:
 
 
 def _euc_jp_errors(exc: UnicodeError) -> tuple[str, int]:
-    """Python's ``euc_jp`` lacks row 13 of JIS X 0208 (NEC's ①, ㈱, ㍉, ...) that browsers'
-    EUC-JP decodes; such a two-byte character is read with ``euc_jis_2004``, which has it.
-    Anything else becomes U+FFFD, both bytes of a two-byte sequence consumed."""
+    """Python's ``euc_jp`` lacks rows of the WHATWG EUC-JP decoder's index (jis0208): NEC's row
+    13 (①, ㈱, ㍉) and the IBM rows 89-92. cp932 holds the same index, so such a two-byte
+    character is read as its Shift_JIS form with cp932; anything else becomes U+FFFD, both
+    bytes of a two-byte sequence consumed."""
     if not isinstance(exc, UnicodeDecodeError):
         raise exc
     pair = exc.object[exc.start:exc.start + 2]
     if len(pair) == 2 and 0xA1 <= pair[0] <= 0xFE and 0xA1 <= pair[1] <= 0xFE:
+        row, cell = pair[0] - 0x80, pair[1] - 0x80  # JIS X 0208 row / cell bytes, 0x21-0x7E
+        lead = ((row + 1) >> 1) + (0x70 if row <= 0x5E else 0xB0)
+        trail = cell + (0x7E if row % 2 == 0 else (0x20 if cell >= 0x60 else 0x1F))
         try:
-            return bytes(pair).decode("euc_jis_2004"), exc.start + 2
+            return bytes((lead, trail)).decode("cp932"), exc.start + 2
         except UnicodeDecodeError:
             return "\ufffd", exc.start + 2
     return "\ufffd", exc.end

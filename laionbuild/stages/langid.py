@@ -149,7 +149,9 @@ def _word_letters(token: str) -> int:
         cat = unicodedata.category(ch)
         if cat == "Cf":
             continue
-        if cat[0] == "N" or cat == "Pc":
+        if ch in _FILLERS:  # invisible: it separates words, as a space would
+            pass
+        elif cat[0] == "N" or cat == "Pc":
             if wide is None:
                 wide = any(_wide_script(c) for c in token)
             if not wide:

@@ -419,6 +419,10 @@ class GunzipMembers(io.RawIOBase):
                     if not data:
                         self._raw_done = True
                         continue
+            if not self._fed:
+                data = data.lstrip(b"\0")  # zero padding after a member (tape blocks), as gzip skips it
+                if not data:
+                    continue
             self._fed = True
             self._pending = self._d.decompress(data, self._OUT)
         n = min(len(buffer), len(self._pending))
