@@ -400,6 +400,13 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     import ray
 
     sigterm_before = signal.getsignal(signal.SIGTERM)
+    if callable(sigterm_before) and threading.current_thread() is threading.main_thread():
+        # the driver's core worker would install a native crash handler that takes SIGTERM (a
+        # stack dump, status 15), at times after ray.init has returned: the command handles
+        # SIGTERM itself. Read by this process only; workers keep Ray's handler.
+        from ray._private import ray_constants
+
+        ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     if ray.is_initialized():
         mode, target = "connected", ray.get_runtime_context().gcs_address
     else:
