@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import load_config
@@ -458,9 +459,15 @@ def main(argv: list[str] | None = None) -> int:
     _check_utf8(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "verbose", False))
-    in_main_thread = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    main_thread = threading.current_thread() is threading.main_thread()
+    # Ctrl-C: only where Python's own handler is in place (a shell that starts a job in the
+    # background makes it ignore SIGINT; an embedding program may have its own)
+    in_main_thread = main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if in_main_thread:
         signal.signal(signal.SIGINT, _first_interrupt)
+    # SIGTERM: whenever nobody chose another disposition (background jobs, schedulers, nohup)
+    on_term = main_thread and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if on_term:
         signal.signal(signal.SIGTERM, _first_termination)  # kept after ray.init (runner.connect)
     try:
         code = _dispatch(args)
@@ -485,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         # (Ray's shutdown at exit included)
         if in_main_thread and signal.getsignal(signal.SIGINT) is _first_interrupt:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        if in_main_thread and signal.getsignal(signal.SIGTERM) is _first_termination:
+        if on_term and signal.getsignal(signal.SIGTERM) is _first_termination:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
