@@ -79,8 +79,31 @@ def _whole(conn: socket.socket, sent: list[int]) -> None:
     conn.sendall(_head(len(IMAGE)) + IMAGE)
 
 
+def _early_hints(conn: socket.socket, sent: list[int]) -> None:
+    """Interim answers (RFC 9110: a client passes over them) before the image."""
+    conn.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                 b"HTTP/1.1 102 Processing\r\n\r\n" + _head(len(IMAGE)) + IMAGE)
+
+
+_busy = {"now": 0, "most": 0}
+_busy_lock = threading.Lock()
+
+
+def _slow_whole(conn: socket.socket, sent: list[int]) -> None:
+    """The image after 0.3 s; counts the requests in progress at once."""
+    with _busy_lock:
+        _busy["now"] += 1
+        _busy["most"] = max(_busy["most"], _busy["now"])
+    try:
+        time.sleep(0.3)
+        conn.sendall(_head(len(IMAGE)) + IMAGE)
+    finally:
+        with _busy_lock:
+            _busy["now"] -= 1
+
+
 ROUTES = {"/body": _endless_body, "/headers": _endless_headers, "/continue": _endless_continue,
-          "/closed": _closed_early, "/ok": _whole}
+          "/closed": _closed_early, "/ok": _whole, "/hints": _early_hints, "/slow": _slow_whole}
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +196,30 @@ def test_a_body_cut_by_the_server_is_a_connection_error(server, accept_truncated
     out = _fetch(base, ["/closed"], accept_truncated=accept_truncated)
     assert out[S.STATUS][0] == "connection_error", out[S.ERROR_MESSAGE][0]
     assert "before the end of the body" in out[S.ERROR_MESSAGE][0]
+
+
+def test_interim_answers_before_the_image_are_passed_over(server):
+    base, _, _ = server
+    out = _fetch(base, ["/hints", "/hints"])
+    assert list(out[S.STATUS]) == ["success", "success"]
+
+
+def test_waiting_for_the_hosts_turn_is_no_server_time(server):
+    """Eight images of one host, two at a time, each answered in 0.3 s with a 0.5 s deadline:
+    the queued ones used to time out before they were even sent."""
+    base, _, _ = server
+    _busy["most"] = 0
+    cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), timeout_s=TIMEOUT_S, retries=0, threads=8,
+                      per_host_concurrency=2)
+    with ImageFetcher(cfg, ResizeConfig()) as fetcher:
+        urls = np.array([f"{base}/slow?{i}" for i in range(8)], dtype=object)
+        out = fetcher({S.URL: urls, S.DROP_REASON: np.full(len(urls), "", dtype=object)})
+    assert list(out[S.STATUS]) == ["success"] * 8
+    assert _busy["most"] <= 2  # the host never saw more than its share at once
+
+
+def test_an_ipv6_site_local_address_is_refused():
+    from laionbuild.stages.fetch.policy import AddressPolicy
+
+    assert AddressPolicy(()).check("fec0::1") == "fec0::1 is site-local"
+    assert AddressPolicy(("fec0::/10",)).check("fec0::1") is None

@@ -207,3 +207,12 @@ def test_opt_out_config_keys():
     assert c.fetch.honour_tdmrep_json and c.fetch.honour_robots_txt and c.fetch.honour_tdm_header
     d = load_config(None)
     assert not d.fetch.honour_tdmrep_json and not d.fetch.honour_robots_txt
+
+
+def test_a_robots_txt_over_the_size_limit_is_read_as_far_as_the_limit(server):
+    """RFC 9309: parse at least the first 500 KiB; a larger file used to allow everything."""
+    body = b"User-agent: *\nDisallow: /private/\n" + b"# padding\n" * 60_000  # 600 KB
+    server.add("/robots.txt", body, content_type="text/plain")
+    out, _ = fetch([server.url("/private/a.png"), server.url("/free/a.png")], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS]) == ["opt_out_robots_txt", "success"]
+    assert server.request_count("/private/a.png") == 0

@@ -83,6 +83,19 @@ class Alarm:
         self.sock = None
 
 
+class InterimSkippingResponse(http.client.HTTPResponse):
+    """An HTTP response that passes over every interim (1xx) answer before the final one, as
+    RFC 9110 asks of a client: ``http.client`` skips only ``100 Continue``, so a ``103 Early
+    Hints`` or ``102 Processing`` ahead of the image was taken for the answer."""
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if status == http.client.CONTINUE or not 100 <= status < 200 or status == http.client.SWITCHING_PROTOCOLS:
+                return version, status, reason
+            http.client._read_headers(self.fp)  # the interim answer's header fields: not needed
+
+
 class Watchdog:
     """One thread that shuts down the socket of every request still running at its deadline.
 
@@ -228,6 +241,7 @@ class ConnectionPool:
                 hc = http.client.HTTPSConnection(host, port, timeout=remaining, context=self._ssl)
             else:
                 hc = http.client.HTTPConnection(host, port, timeout=remaining)
+            hc.response_class = InterimSkippingResponse
             conn = Conn(pinned(hc, ip), (scheme, host, port, ip))
             conn.alarm = self.watchdog.arm(conn, deadline)  # a TLS handshake is many reads
             try:
@@ -271,8 +285,9 @@ class ConnectionPool:
                 return
         conn.http.close()
 
-    def read_body(self, conn: Conn, resp, limit: int, deadline: float) -> bytes:
-        """The whole body, at most ``limit`` bytes (``too_large_bytes`` past it)."""
+    def read_body(self, conn: Conn, resp, limit: int, deadline: float, truncate: bool = False) -> bytes:
+        """The whole body, at most ``limit`` bytes (``too_large_bytes`` past it; with ``truncate``
+        its first ``limit`` bytes instead, the connection left for the caller to release)."""
         parts = []
         total = 0
         try:
@@ -283,6 +298,8 @@ class ConnectionPool:
                     break
                 parts.append(chunk)
                 total += len(chunk)
+                if total > limit and truncate:
+                    return b"".join(parts)[:limit]
                 if total > limit:
                     self.release(conn)
                     raise FetchFailure("too_large_bytes", f"body larger than {limit} bytes")

@@ -32,9 +32,9 @@ class AddressPolicy:
             if any(net.version == 4 and embedded in net for net in self.allow):
                 return None
             ip = embedded
-        for flag in ("is_loopback", "is_private", "is_link_local", "is_multicast", "is_reserved",
+        for flag in ("is_loopback", "is_private", "is_link_local", "is_site_local", "is_multicast", "is_reserved",
                      "is_unspecified"):
-            if getattr(ip, flag):
+            if getattr(ip, flag, False):  # is_site_local: IPv6 fec0::/10, deprecated, never routed
                 return f"{address} is {flag[3:].replace('_', '-')}"
         if not ip.is_global:
             return f"{address} is not globally routable"

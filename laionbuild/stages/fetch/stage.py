@@ -446,7 +446,9 @@ class ImageFetcher:
                 self._check_opt_outs(current, target)
                 deadline += time.monotonic() - started  # opt-out files do not eat the image's time
             slot = self._slot(target[1])
+            waiting = time.monotonic()
             with slot:
+                deadline += time.monotonic() - waiting  # waiting for the host's turn is no server time
                 location = self._request(target, deadline, policy_file)
             if isinstance(location, bytes):
                 return location, current
@@ -588,22 +590,28 @@ class ImageFetcher:
                 raise FetchFailure("opt_out_tdm_header", f"tdm-reservation: {'; '.join(reservation)[:200]}")
         limit = self.cfg.policy_max_bytes if policy_file else self.cfg.max_bytes
         declared = resp.getheader("Content-Length")
-        if declared is not None:
+        if declared is not None and not policy_file:
             try:
                 if int(declared) > limit:
                     self.connections.release(conn)
                     raise FetchFailure("too_large_bytes", f"Content-Length {declared} > {limit}")
             except ValueError:
                 pass
-        body = self.connections.read_body(conn, resp, limit, deadline)
-        if resp.will_close:
+        # an opt-out file is read up to the limit and used as far as it goes (RFC 9309 asks
+        # crawlers to parse at least the first 500 KiB of a robots.txt, not to ignore it)
+        body = self.connections.read_body(conn, resp, limit, deadline, truncate=policy_file)
+        if len(body) >= limit and policy_file:
+            self.connections.release(conn)  # the rest was not read: the connection cannot be reused
+        elif resp.will_close:
             self.connections.release(conn)
         else:
             self.connections.checkin(conn)
         coding = (resp.getheader("Content-Encoding") or "").strip().lower()
         decoded = decompress_content(body, coding, limit) if coding in _DECOMPRESSED_CODINGS else None
         if decoded is not None:  # else not encoded as claimed: kept as it came, the decoder judges it
-            if len(decoded) > limit:  # a compression bomb is not inflated further
+            if len(decoded) > limit and policy_file:
+                decoded = decoded[:limit]
+            elif len(decoded) > limit:  # a compression bomb is not inflated further
                 raise FetchFailure("too_large_bytes", f"body larger than {limit} bytes once decompressed ({coding})")
             body = decoded
         return body
