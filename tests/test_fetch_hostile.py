@@ -90,16 +90,15 @@ _busy_lock = threading.Lock()
 
 
 def _slow_whole(conn: socket.socket, sent: list[int]) -> None:
-    """The image after 0.3 s; counts the requests in progress at once."""
+    """The image after 0.3 s; counts the requests waiting for their answer at once (a request
+    leaves the count before its answer is sent, so the client's next one cannot overlap it)."""
     with _busy_lock:
         _busy["now"] += 1
         _busy["most"] = max(_busy["most"], _busy["now"])
-    try:
-        time.sleep(0.3)
-        conn.sendall(_head(len(IMAGE)) + IMAGE)
-    finally:
-        with _busy_lock:
-            _busy["now"] -= 1
+    time.sleep(0.3)
+    with _busy_lock:
+        _busy["now"] -= 1
+    conn.sendall(_head(len(IMAGE)) + IMAGE)
 
 
 ROUTES = {"/body": _endless_body, "/headers": _endless_headers, "/continue": _endless_continue,
