@@ -130,7 +130,8 @@ CATEGORIES = {
     "threshold": "below our CLIP similarity threshold",
     "safety": "dropped by a safety rule",
     "blocklist": "on a block or opt-out list",
-    "pending": "its work shard is not scored yet",
+    "pending": "not scored yet (its work shard is pending, or the output was never de-duplicated: "
+               "`laionbuild extract`, a run stopped before phase 2)",
     "not_published": "kept by scoring but not in the published shards (removed)",
     "other": "another drop reason",
 }
@@ -283,6 +284,8 @@ def load_ours(output: str) -> Ours:
     fate[~published & in_ws & ~in_fates] = "pending:not_scored"
     fate[~in_ws & url_in_ws] = f"dedup:{dedup_key}"
     fate[~in_ws & ~url_in_ws] = "dedup:not_in_workshards"
+    if not ws_paths and not layout.manifests():  # no de-dup committed: `laionbuild extract`, or stopped before
+        fate[~published] = "pending:not_deduplicated"
     t = t.append_column("fate", pa.array(fate.tolist(), s))
     # our similarity: the fates' (kept or not), else the published one
     sim = pc.coalesce(t.column("similarity"), t.column("pub_similarity"))
@@ -302,6 +305,7 @@ def load_ours(output: str) -> Ours:
 def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
     """``(filesystem, path)`` of every parquet file the patterns (globs, folders, files, URLs) name."""
     out: list[tuple[Any, str]] = []
+    seen: set[tuple[str, str]] = set()  # a file two patterns name is read once
     for pattern in patterns:
         fs, path = open_fs(pattern)
         if any(ch in path for ch in "*?["):
@@ -314,8 +318,14 @@ def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
             paths = []
         if not paths:
             raise SetupError(f"reference {pattern} matches no parquet file")
-        out += [(fs, p) for p in paths]
+        out += [(fs, p) for p in paths if (_protocol(fs), p) not in seen]
+        seen.update((_protocol(fs), p) for p in paths)
     return out
+
+
+def _protocol(fs) -> str:
+    protocol = fs.protocol
+    return protocol[0] if isinstance(protocol, tuple) else str(protocol)
 
 
 #: LANGUAGE values of a reference row without a language (LAION-5B's nolang subset)
@@ -327,9 +337,13 @@ def subset_of(path: str, names: Iterable[str], subset: str | None = None) -> str
     its LANGUAGE values can tell (see :func:`subset_from_languages`)."""
     if subset:
         return subset
-    for rx, name in SUBSET_FROM_PATH:
-        if rx.search(path):
-            return name
+    for part in reversed([p for p in re.split(r"[/\\]", path) if p]):  # the name nearest the file decides
+        found = {name for rx, name in SUBSET_FROM_PATH if rx.search(part)}
+        if len(found) == 1:
+            return found.pop()
+        if found:
+            raise SetupError(f"reference file {path}: '{part}' names several subsets ({', '.join(sorted(found))}): "
+                             "pass --subset")
     if any(n in REFERENCE_ALIASES["LANGUAGE"] for n in names):
         return None
     raise SetupError(f"cannot tell the subset of reference file {path} (no laion2B-en / laion2B-multi / "

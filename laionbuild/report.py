@@ -331,7 +331,8 @@ def _plot_funnel(steps, reasons, path: Path) -> None:
     labels = [s["label"] for s in steps][::-1]
     values = [s["rows"] for s in steps][::-1]
     bars = ax.barh(labels, values, color="#4c72b0")
-    bars[0].set_color("#2ca02c")  # the published pairs
+    if len(bars):
+        bars[0].set_color("#2ca02c")  # the published pairs
     for bar, v in zip(bars, values):
         ax.text(bar.get_width() + top * 0.01, bar.get_y() + bar.get_height() / 2,
                 f"{_fmt(v)}  ({100 * v / top:.1f}%)", va="center", fontsize=9)
@@ -377,13 +378,11 @@ def _plot_similarity(data: _Data, path: Path) -> None:
     for ax, s in zip(axes, SUBSETS):
         sim = data.similarity[s]
         thr = data.thresholds[s]
-        edges = SIM_EDGES[::group]
         below = _regroup(sim.hist - sim.hist_kept, group)
         kept = _regroup(sim.hist_kept, group)
-        widths = np.diff(edges)[: len(kept)]
-        ax.bar(edges[: len(kept)], below, width=widths, align="edge", color="#c7c7c7", label="below threshold")
-        ax.bar(edges[: len(kept)], kept, width=widths, align="edge", bottom=below, color=SUBSET_COLOURS[s],
-               label="kept")
+        left, widths = _group_edges(group)
+        ax.bar(left, below, width=widths, align="edge", color="#c7c7c7", label="below threshold")
+        ax.bar(left, kept, width=widths, align="edge", bottom=below, color=SUBSET_COLOURS[s], label="kept")
         ax.axvline(thr, color="#d62728", linestyle="--", linewidth=1.5)
         ax.text(thr, 1.0, f" threshold {thr:g}", color="#d62728", transform=ax.get_xaxis_transform(),
                 va="top", ha="left", fontsize=9,
@@ -403,6 +402,13 @@ def _plot_similarity(data: _Data, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _group_edges(group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left edges and widths of the bars of :func:`_regroup` (the last group may be narrower:
+    ``group`` need not divide the bins)."""
+    left = SIM_EDGES[:-1][::group]
+    return left, np.append(left[1:], SIM_EDGES[-1]) - left
 
 
 def _regroup(hist: np.ndarray, group: int) -> np.ndarray:

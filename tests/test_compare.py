@@ -407,3 +407,18 @@ def test_reference_files_are_filtered_by_ray_tasks_when_ray_is_up(ray_session, f
         compare(str(out), [str(bad / "*.parquet")], batch_rows=100)
     assert str(err.value).startswith("cannot read reference file") and "\n" not in str(err.value)
     assert len(calls) == 2
+
+
+def test_an_output_never_deduplicated_is_pending_not_dedup(folders, tmp_path):
+    """`laionbuild extract`, or a run stopped before phase 2: no work shards at all. Its pairs were
+    put down to the de-dup, as if another row had won."""
+    import shutil
+
+    out, ref = folders
+    copy = tmp_path / "extract-only"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("workshards", "scored", "en", "multi", "nolang",
+                                                             "_published.json"))
+    got = write_compare(str(copy), [str(ref / "*" / "*.parquet")], use_ray=False, report_dir=str(tmp_path / "r"))
+    by_category = got["overall"]["reference_only"]["by_category"]
+    assert set(by_category) == {"pending"} or set(by_category) <= {"pending", "alt_text", "language", "blocklist"}
+    assert "dedup" not in by_category and by_category.get("pending", 0) > 0

@@ -54,3 +54,22 @@ def test_gap_between_rows_read_and_pairs_is_explained():
     assert "1 not (their URL is not among our candidates)" in text
     assert "1 repeat(s) a (URL, TEXT) pair" in text and "8 comparable pairs" in text
     assert _gap_text({"rows_read": 5, "comparable_rows": 5}, {"reference_duplicate_rows": 0}) == ""
+
+
+def test_the_name_nearest_the_file_decides_its_subset():
+    # a study folder named after en above a multi reference: multi
+    assert subset_of("/w/laion2B-en-study/refs/relaion2B-multi-research-safe/part-0.parquet", ["URL"]) == "multi"
+    assert subset_of("/w/laion2B-multi-notes/laion2B-en/part-00000.parquet", ["URL"]) == "en"
+    assert subset_of("/w/refs/laion1B-nolang-part-3.parquet", ["URL"]) == "nolang"
+    with pytest.raises(SetupError, match="names several subsets"):
+        subset_of("/w/laion2B-en-vs-laion2B-multi.parquet", ["URL"])
+
+
+def test_a_file_two_patterns_name_is_read_once(tmp_path):
+    from laionbuild.compare import reference_files
+
+    folder = tmp_path / "laion2B-en"
+    folder.mkdir()
+    pq.write_table(pa.table({"URL": ["u"], "TEXT": ["t"]}), folder / "a.parquet")
+    files = reference_files([str(folder), str(folder / "*.parquet"), str(folder / "a.parquet")])
+    assert [p for _, p in files] == [str(folder / "a.parquet")]

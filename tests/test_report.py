@@ -252,3 +252,23 @@ def test_report_command_on_an_fsspec_output(tmp_path, capsys):
         assert fs.exists(report_dir + "/" + name), name
     assert main(["report", url.rstrip("/") + "-missing"]) == 2
     assert "holds no stats.json" in capsys.readouterr().err
+
+
+def test_similarity_bars_have_one_width_each_for_every_grouping():
+    """Grouping the 400 bins by a number that does not divide them (3, 7, 11...) gave one bar
+    more than widths, and the report stopped on a shape mismatch."""
+    from laionbuild.report import SIM_EDGES, _group_edges, _regroup
+
+    ones = np.ones(len(SIM_EDGES) - 1, dtype=np.int64)
+    for group in range(1, 41):
+        left, widths = _group_edges(group)
+        bars = _regroup(ones, group)
+        assert len(left) == len(widths) == len(bars), group
+        assert bars.sum() == 400 and np.isclose(widths.sum(), 2.0) and (widths > 0).all()
+
+
+def test_an_empty_stats_object_gives_a_report(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "stats.json").write_text("{}", encoding="utf-8")
+    assert Path(write_report(str(out))).is_file()
