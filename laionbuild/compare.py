@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from .config import ClipConfig
-from .errors import SetupError
+from .errors import SetupError, error_cause
 from .output.fs import open_fs
 from .output.layout import OutputLayout
 from .report import _Doc, _fmt, _pct, _plt, _thousands, report_folder
@@ -226,11 +226,9 @@ def load_ours(output: str) -> Ours:
     cand_paths = candidate_files(layout)
     if not cand_paths:
         raise SetupError(f"{output} holds no committed candidates (candidates/_done/): not an output folder of a run")
-    config: dict[str, Any] = {}
-    cfg_path = posixpath.join(root, CONFIG_FILE)
-    if fs.exists(cfg_path):
-        with fs.open(cfg_path, "rb") as fh:
-            config = yaml.safe_load(fh.read().decode("utf-8")) or {}
+    from .report import read_output_config
+
+    config = read_output_config(fs, posixpath.join(root, CONFIG_FILE), posixpath.join(output.rstrip("/"), CONFIG_FILE))
     defaults = ClipConfig().thresholds
     cfg_thr = (config.get("clip") or {}).get("thresholds") or {}
     thresholds = {s: float(cfg_thr.get(s, defaults[s])) for s in SUBSETS}
@@ -307,15 +305,18 @@ def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
     out: list[tuple[Any, str]] = []
     seen: set[tuple[str, str]] = set()  # a file two patterns name is read once
     for pattern in patterns:
-        fs, path = open_fs(pattern)
-        if any(ch in path for ch in "*?["):
-            paths = sorted(fs.glob(path))
-        elif fs.isdir(path):
-            paths = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-        elif fs.exists(path):
-            paths = [path]
-        else:
-            paths = []
+        try:
+            fs, path = open_fs(pattern)
+            if any(ch in path for ch in "*?["):
+                paths = sorted(fs.glob(path))
+            elif fs.isdir(path):
+                paths = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+            elif fs.exists(path):
+                paths = [path]
+            else:
+                paths = []
+        except Exception as exc:  # noqa: BLE001 - an unknown protocol, credentials, an endpoint: name the reference
+            raise SetupError(f"cannot read reference {pattern}: {error_cause(exc)}") from None
         if not paths:
             raise SetupError(f"reference {pattern} matches no parquet file")
         out += [(fs, p) for p in paths if (_protocol(fs), p) not in seen]

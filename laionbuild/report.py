@@ -85,6 +85,33 @@ def _iter_batches(fs, paths: Iterable[str], columns: list[str]) -> Iterator[tupl
             log.warning("report: cannot read %s: %s: %s", path, type(exc).__name__, exc)
 
 
+def read_output_config(fs, path: str, shown: str) -> dict[str, Any]:
+    """An output's ``config.yaml`` as a mapping (empty when there is none). One that cannot be
+    read, or whose ``clip`` settings are not what a run writes, is one line naming the file."""
+    if not fs.exists(path):
+        return {}
+    try:
+        with fs.open(path, "rb") as fh:
+            data = yaml.safe_load(fh.read().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        problem = " ".join(str(exc).split())[:200]
+        raise SetupError(f"{shown} is not valid YAML ({problem}); restore it or rerun the run that wrote it") from None
+    data = {} if data is None else data
+    not_written = (f"{shown} is not a config a run writes (a mapping; clip.thresholds and clip.models mappings); "
+                   "restore it or rerun the run that wrote it")
+    if not isinstance(data, dict):
+        raise SetupError(not_written)
+    clip = data.get("clip")
+    if clip is None:
+        return data
+    if not isinstance(clip, dict) or any(not isinstance(clip.get(key) or {}, dict) for key in ("thresholds", "models")):
+        raise SetupError(not_written)
+    for subset, value in (clip.get("thresholds") or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SetupError(f"{shown}: clip.thresholds.{subset} is not a number ({value!r})")
+    return data
+
+
 # --------------------------------------------------------------------------- aggregation
 @dataclass
 class _Similarity:
@@ -195,10 +222,7 @@ def _load(output_dir: str) -> _Data:
     stats = read_json_object(fs, stats_path, posixpath.join(output_dir.rstrip("/"), "stats.json"))
 
     cfg_path = posixpath.join(root, "config.yaml")
-    config: dict[str, Any] = {}
-    if fs.exists(cfg_path):
-        with fs.open(cfg_path, "rb") as fh:
-            config = yaml.safe_load(fh.read().decode("utf-8")) or {}
+    config = read_output_config(fs, cfg_path, posixpath.join(output_dir.rstrip("/"), "config.yaml"))
     clip = config.get("clip") or {}
     defaults = ClipConfig()
     thresholds = {s: float((clip.get("thresholds") or {}).get(s, defaults.thresholds[s])) for s in SUBSETS}

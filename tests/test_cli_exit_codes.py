@@ -30,6 +30,10 @@ def files(tmp_path):
     (tmp_path / "listy").mkdir()
     (tmp_path / "listy" / "stats.json").write_text("[1, 2]")
     (tmp_path / "urls.txt").write_text("http://x.test/a.jpg\n")
+    for name, config in (("badyaml", "clip: [unclosed\n"), ("listcfg", "- a\n"), ("strthr", "clip:\n  thresholds:\n    en: high\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stats.json").write_text("{}")
+        (tmp_path / name / "config.yaml").write_text(config)
     return tmp_path
 
 
@@ -57,6 +61,10 @@ def _cases():
         ("remove without lists", ["remove", "{t}/folder"], ["--urls"], []),
         ("report of a non-output", ["report", "{t}/folder"], ["{t}/folder"], []),
         ("report of a cut stats.json", ["report", "{t}/corrupt"], ["{t}/corrupt/stats.json", "not valid JSON"], []),
+        ("report of a damaged config.yaml", ["report", "{t}/badyaml"], ["{t}/badyaml/config.yaml", "not valid YAML"],
+         ["unexpected"]),
+        ("report of a config.yaml list", ["report", "{t}/listcfg"], ["{t}/listcfg/config.yaml", "not a config"], []),
+        ("report of a threshold word", ["report", "{t}/strthr"], ["{t}/strthr/config.yaml", "clip.thresholds.en"], []),
         ("report of a stats.json list", ["report", "{t}/listy"], ["{t}/listy/stats.json", "list"], []),
         ("remove from a cut stats.json", ["remove", "{t}/corrupt", "--urls", "{t}/urls.txt"],
          ["{t}/corrupt/stats.json", "not valid JSON"], []),

@@ -73,3 +73,10 @@ def test_a_file_two_patterns_name_is_read_once(tmp_path):
     pq.write_table(pa.table({"URL": ["u"], "TEXT": ["t"]}), folder / "a.parquet")
     files = reference_files([str(folder), str(folder / "*.parquet"), str(folder / "a.parquet")])
     assert [p for _, p in files] == [str(folder / "a.parquet")]
+
+
+def test_a_reference_that_cannot_be_listed_is_named():
+    from laionbuild.compare import reference_files
+
+    with pytest.raises(SetupError, match=r"cannot read reference foo://x/\*\.parquet"):
+        reference_files(["foo://x/*.parquet"])
