@@ -444,10 +444,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _check_utf8(argv: list[str]) -> None:
     """Arguments are written into config.yaml, stats.json and paths: bytes that are not UTF-8
     (which Python keeps as lone surrogates) are refused, naming the argument."""
+    from .stages.surrogates import has_lone_surrogate
+
     for i, arg in enumerate(argv):
-        try:
-            arg.encode("utf-8")
-        except UnicodeEncodeError:
+        if has_lone_surrogate(arg):
             before = f" (after {argv[i - 1]})" if i and argv[i - 1].startswith("-") else ""
             shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             print(f"laionbuild: error: argument '{shown}'{before} is not valid UTF-8", file=sys.stderr)

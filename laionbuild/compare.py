@@ -45,9 +45,9 @@ import pyarrow.parquet as pq
 
 from .config import ClipConfig
 from .errors import SetupError, error_cause
-from .output.fs import open_fs
+from .output.fs import open_fs, url_of
 from .output.layout import OutputLayout
-from .report import _Doc, _fmt, _pct, _plt, _thousands, report_folder
+from .report import _Doc, _fmt, _pct, _plt, _thousands, read_output_config, report_folder
 from .schema import NOLANG_CODE, SUBSETS
 from .stages import registry
 
@@ -225,8 +225,6 @@ def load_ours(output: str) -> Ours:
     cand_paths = candidate_files(layout)
     if not cand_paths:
         raise SetupError(f"{output} holds no committed candidates (candidates/_done/): not an output folder of a run")
-    from .report import read_output_config
-
     config = read_output_config(fs, posixpath.join(root, CONFIG_FILE), posixpath.join(output.rstrip("/"), CONFIG_FILE))
     defaults = ClipConfig().thresholds
     cfg_thr = (config.get("clip") or {}).get("thresholds") or {}
@@ -302,7 +300,7 @@ def load_ours(output: str) -> Ours:
 def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
     """``(filesystem, path)`` of every parquet file the patterns (globs, folders, files, URLs) name."""
     out: list[tuple[Any, str]] = []
-    seen: set[tuple[str, str]] = set()  # a file two patterns name is read once
+    seen: set[str] = set()  # a file two patterns name is read once
     for pattern in patterns:
         try:
             fs, path = open_fs(pattern)
@@ -318,14 +316,9 @@ def reference_files(patterns: Iterable[str]) -> list[tuple[Any, str]]:
             raise SetupError(f"cannot read reference {pattern}: {error_cause(exc)}") from None
         if not paths:
             raise SetupError(f"reference {pattern} matches no parquet file")
-        out += [(fs, p) for p in paths if (_protocol(fs), p) not in seen]
-        seen.update((_protocol(fs), p) for p in paths)
+        out += [(fs, p) for p in paths if url_of(fs, p) not in seen]
+        seen.update(url_of(fs, p) for p in paths)
     return out
-
-
-def _protocol(fs) -> str:
-    protocol = fs.protocol
-    return protocol[0] if isinstance(protocol, tuple) else str(protocol)
 
 
 #: LANGUAGE values of a reference row without a language (LAION-5B's nolang subset)

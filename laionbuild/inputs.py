@@ -23,6 +23,7 @@ import io
 import os
 import re
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .config import RunConfig
@@ -110,6 +111,10 @@ def _expand_remote(url: str) -> list[str]:
     return [url]
 
 
+#: local input files checked at once before a run starts
+CHECK_THREADS = 32
+
+
 def _check_local_file(path: str, shown: str) -> None:
     """A local input file that is missing or cannot be read stops the run before any work."""
     try:
@@ -185,9 +190,11 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
     if run.shard:
         i, n = (int(x) for x in run.shard.split("/"))
         unique = unique[i::n]
-    for path in unique:
-        if path in shown:
-            _check_local_file(path.removeprefix("file://"), shown[path])
+    todo = [path for path in unique if path in shown]
+    if todo:  # one open each, many at once: a listing of 100,000 files on a network filesystem
+        with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(todo))) as pool:
+            for _ in pool.map(lambda path: _check_local_file(path.removeprefix("file://"), shown[path]), todo):
+                pass  # the first file that fails, in input order, is the one reported
     return unique
 
 

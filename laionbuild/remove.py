@@ -84,13 +84,6 @@ def _rewrite(fs, path: str, keep_fn, target: str | None = None) -> int:
     return removed
 
 
-def _renamed(path: str, generation: int) -> str:
-    """``path`` of a published file under ``generation`` (``part-g0002-00005.parquet`` ->
-    ``part-g0003-00005.parquet``)."""
-    folder, name = posixpath.split(path)
-    return posixpath.join(folder, f"part-g{generation:04d}-" + re.sub(r"^part-g\d{4}-", "", name))
-
-
 def _published_folders(layout: OutputLayout, pointer: dict | None
                        ) -> tuple[dict[str, list[str]], dict[str, list[str]], list[str]]:
     """Files of the published generation (``pointer``): row tables and key-only companions
@@ -128,7 +121,7 @@ def apply_to_published(layout: OutputLayout, lists: list[Blocklist], lease=None)
     files: dict[str, list[str]] = {}
 
     def rewrite(folder: str, path: str, keep_fn) -> None:
-        target = _renamed(path, generation) if generation is not None else None
+        target = layout.under_generation(path, generation) if generation is not None else None
         removed = _rewrite(fs, path, keep_fn, target)
         per_dir[folder] += removed
         files.setdefault(folder, []).append(target if removed and target else path)
@@ -157,7 +150,7 @@ def apply_to_published(layout: OutputLayout, lists: list[Blocklist], lease=None)
         dropped = filter_image_tars(fs, layout.path(IMAGES), lists, keys, paths=images)
     elif images:
         def one_tar(path: str) -> tuple[str, int]:
-            target = _renamed(path, generation)
+            target = layout.under_generation(path, generation)
             n = filter_image_tar(fs, path, lists, keys, target=target, copy_unchanged=False)
             return (target if n else path), n
 

@@ -37,9 +37,34 @@ def open_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
+def protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    """The protocol names of ``fs`` (fsspec gives one name or a tuple of them)."""
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return "file" in protocols or "local" in protocols
+    return bool({"file", "local"} & set(protocols(fs)))
+
+
+def takes_conditional_writes(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` can write an object only if it is absent or unchanged (S3 through s3fs)."""
+    return bool({"s3", "s3a"} & set(protocols(fs))) and hasattr(fs, "call_s3")
+
+
+def put_if(fs: fsspec.AbstractFileSystem, path: str, body: bytes, **condition: str) -> str:
+    """Write ``body`` to ``path`` of a filesystem that :func:`takes_conditional_writes`, under
+    ``condition`` (``IfNoneMatch="*"``: only if absent; ``IfMatch=etag``: only if unchanged);
+    returns the new ETag. A failed condition raises what :func:`precondition_failed` tells."""
+    bucket, key, _ = fs.split_path(path)
+    out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+    return out["ETag"]
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """The error of a conditional write whose condition did not hold (HTTP 412)."""
+    text = f"{type(exc).__name__} {exc} {getattr(exc, '__cause__', '')}"
+    return "PreconditionFailed" in text or "412" in text or "pre-conditions" in text
 
 
 #: object stores whose filesystems create a missing bucket (container) when asked for a folder in it
@@ -50,8 +75,7 @@ def require_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
     """Refuse an output in a bucket that does not exist. The object-store filesystems would
     create it when the output folder is made: a misspelt name would become a new bucket, its
     data written where nobody looks (and billed)."""
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    if not set(protocols) & set(_BUCKET_PROTOCOLS):
+    if not set(protocols(fs)) & set(_BUCKET_PROTOCOLS):
         return
     bucket = path.split("/", 1)[0]
     if not fs.exists(bucket):  # the filesystem answers False for a bucket its probes cannot reach too
@@ -64,5 +88,4 @@ def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path of ``fs`` as a URL that another process (a Ray worker) can open."""
     if is_local(fs):
         return path
-    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
-    return f"{protocol}://{path}"
+    return f"{protocols(fs)[0]}://{path}"

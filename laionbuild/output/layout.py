@@ -31,7 +31,6 @@ This module has no Ray: ``report``, ``remove`` and ``compare`` use it too.
 
 from __future__ import annotations
 
-import json
 import posixpath
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from typing import Any, Iterable, Iterator
 
 from ..errors import SetupError
 from ..stages import shards
-from .fs import open_fs, url_of
+from .fs import open_fs, precondition_failed, put_if, takes_conditional_writes, url_of
 
 CANDIDATES = "candidates"
 DEDUP = "dedup"
@@ -238,20 +237,10 @@ class OutputLayout:
     def next_generation(self, pointer: dict | None) -> int:
         return int(pointer["generation"]) + 1 if pointer else 1
 
-    def _conditional(self) -> bool:
-        """Whether this filesystem takes conditional writes (S3 through s3fs)."""
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        return any(p in ("s3", "s3a") for p in protocols) and hasattr(self.fs, "call_s3")
-
-    def _put(self, path: str, body: bytes, **condition: str) -> None:
-        bucket, key, _ = self.fs.split_path(path)
-        self.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, **condition)
-        self.fs.invalidate_cache(posixpath.dirname(path))
-
     def published_tag(self) -> str | None:
         """The ETag of the pointer (object stores; None when there is none, or elsewhere). Read
         before the pointer itself: a commit conditioned on it fails if the pointer changed since."""
-        if not self._conditional():
+        if not takes_conditional_writes(self.fs):
             return None
         try:
             return self.fs.info(self.path(PUBLISHED))["ETag"]
@@ -265,22 +254,27 @@ class OutputLayout:
         ``_generations/gNNNN.json``: two runs that saw the same pointer (one paused past its
         lease, the other took the lease over) never write the same file names. Elsewhere the
         folder's OS lock keeps it to one run, and the number follows the pointer's."""
-        from .lease import _precondition_failed
-
         generation = self.next_generation(pointer)
-        if not self._conditional():
+        if not takes_conditional_writes(self.fs):
             return generation
         while True:
             try:
-                self._put(self.path(GENERATIONS, f"g{generation:04d}.json"), b"{}", IfNoneMatch="*")
+                put_if(self.fs, self.path(GENERATIONS, f"g{generation:04d}.json"), b"{}", IfNoneMatch="*")
                 return generation
             except Exception as exc:  # noqa: BLE001 - only a failed precondition means "taken"
-                if not _precondition_failed(exc):
+                if not precondition_failed(exc):
                     raise
                 generation += 1
 
     def published_name(self, generation: int, index: int, ext: str = ".parquet") -> str:
         return f"part-g{generation:04d}-{index:05d}{ext}"
+
+    @staticmethod
+    def under_generation(path: str, generation: int) -> str:
+        """``path`` of a published file named for ``generation`` instead (``part-g0002-00005.parquet``
+        -> ``part-g0003-00005.parquet``; a name of no generation gets the prefix)."""
+        folder, name = posixpath.split(path)
+        return posixpath.join(folder, f"part-g{generation:04d}-" + _GENERATION_PART.sub("", name))
 
     def commit_published(self, generation: int, files: dict[str, list[str]], counts: dict,
                          expect_tag: str | None = None) -> dict:
@@ -290,19 +284,16 @@ class OutputLayout:
         On an object store the pointer is written only if it is still the one this publish
         started from (``expect_tag``, :meth:`published_tag`; none: there was none): when another
         run published meanwhile, nothing is changed and :class:`PublishedMeanwhile` is raised."""
-        from .lease import _precondition_failed
-
         pointer = {"generation": generation,
                    "files": {folder: sorted(posixpath.relpath(p, self.root) for p in paths)
                              for folder, paths in sorted(files.items())},
                    "counts": counts}
-        if self._conditional():
-            body = json.dumps(pointer, indent=1, ensure_ascii=False, sort_keys=True).encode("utf-8")
+        if takes_conditional_writes(self.fs):
             try:
-                self._put(self.path(PUBLISHED), body,
-                          **({"IfMatch": expect_tag} if expect_tag else {"IfNoneMatch": "*"}))
+                put_if(self.fs, self.path(PUBLISHED), shards.json_bytes(pointer),
+                       **({"IfMatch": expect_tag} if expect_tag else {"IfNoneMatch": "*"}))
             except Exception as exc:  # noqa: BLE001 - only a failed precondition means "changed"
-                if not _precondition_failed(exc):
+                if not precondition_failed(exc):
                     raise
                 raise PublishedMeanwhile(f"{self.url}: another run published into this folder while this one "
                                          "was publishing; this run's generation is not published") from None
@@ -319,7 +310,7 @@ class OutputLayout:
         keep = {self.path(rel) for paths in pointer["files"].values() for rel in paths}
         folders = [s + suffix for s in SUBSETS for suffix in PUBLISHED_SUFFIXES] + [IMAGES]
         stale = [p for f in folders for p in self.ls(self.path(f)) if p not in keep]
-        taken = self.names(self.path(GENERATIONS), ".json") if self._conditional() else {}
+        taken = self.names(self.path(GENERATIONS), ".json") if takes_conditional_writes(self.fs) else {}
         stale += [p for name, p in taken.items() if name < f"g{int(pointer['generation']):04d}"]
         self.rm_many(stale)
 

@@ -26,7 +26,7 @@ import uuid
 from typing import Any, Callable
 
 from ..errors import SetupError
-from .fs import is_local, require_bucket
+from .fs import is_local, precondition_failed, put_if, require_bucket, takes_conditional_writes
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ def _gone(exc: BaseException) -> bool:
     text = f"{type(exc).__name__} {exc}"
     return "NoSuchKey" in text or "does not exist" in text or "404" in text
 
-
-def _precondition_failed(exc: BaseException) -> bool:
-    text = f"{type(exc).__name__} {exc} {getattr(exc, '__cause__', '')}"
-    return "PreconditionFailed" in text or "412" in text or "pre-conditions" in text
 
 
 class RunLease:
@@ -98,7 +94,7 @@ class RunLease:
         fs.makedirs(self.layout.root, exist_ok=True)
         if is_local(fs):
             self._acquire_local()
-        elif self._is_s3():
+        elif takes_conditional_writes(self.layout.fs):
             self._acquire_s3()
         else:
             self._acquire_emulated()
@@ -151,20 +147,15 @@ class RunLease:
         shards.write_json_atomic(self.layout.fs, self.path, self.holder)
 
     # ------------------------------------------------------------------ S3: conditional writes
-    def _is_s3(self) -> bool:
-        protocols = self.layout.fs.protocol if isinstance(self.layout.fs.protocol, tuple) else (self.layout.fs.protocol,)
-        return any(p in ("s3", "s3a") for p in protocols) and hasattr(self.layout.fs, "call_s3")
-
     def _body(self) -> bytes:
         now = self.clock()
         return json.dumps({**self.holder, "renewed": now, "expires": now + self.expiry_s}).encode("utf-8")
 
     def _put(self, **condition: str) -> str:
-        bucket, key, _ = self.layout.fs.split_path(self.path)
         written = self.clock()
-        out = self.layout.fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), **condition)
+        etag = put_if(self.layout.fs, self.path, self._body(), **condition)
         self._renewed = written
-        return out["ETag"]
+        return etag
 
     def _get(self) -> tuple[dict | None, str | None]:
         """The lease and its ETag. The ETag is read first: a takeover conditioned on it fails if the
@@ -184,7 +175,7 @@ class RunLease:
         try:
             self._etag = self._put(IfNoneMatch="*")
         except Exception as exc:  # noqa: BLE001 - only a failed precondition means "held"
-            if not _precondition_failed(exc):
+            if not precondition_failed(exc):
                 raise
             holder, etag = self._get()
             if holder is not None and self.clock() <= float(holder.get("expires", 0)):
@@ -192,7 +183,7 @@ class RunLease:
             try:  # expired (or gone since): take it over, unless another run just did
                 self._etag = self._put(IfMatch=etag) if etag else self._put(IfNoneMatch="*")
             except Exception as exc2:  # noqa: BLE001
-                if not _precondition_failed(exc2):
+                if not precondition_failed(exc2):
                     raise
                 raise LeaseHeld(_holder_line(self.layout.url, self._get()[0])) from None
             log.warning("took over the expired lease of %s (host %s, PID %s, started %s)", self.layout.url,
@@ -206,7 +197,7 @@ class RunLease:
             try:
                 self._etag = self._put(IfMatch=self._etag)
             except Exception as exc:  # noqa: BLE001
-                if _precondition_failed(exc) or _gone(exc):  # taken over, or taken over and released since
+                if precondition_failed(exc) or _gone(exc):  # taken over, or taken over and released since
                     self.lost = True
                     log.error("the lease on %s was taken over by another run", self.layout.url)
                     return

@@ -45,6 +45,7 @@ from .. import schema
 from ..config import LangIdConfig
 from ..errors import ModelMissingError
 from ..stats import StageCounters
+from .surrogates import without_lone_surrogates
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,6 @@ def _uncapitalized(line: str) -> str:
     return line.lower() if upper >= _CAPITALS_SHARE * (upper + lower) else line
 
 
-def _without_lone_surrogates(text: str) -> str:
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
-
-
 def has_no_language(text: str, min_letters: int) -> bool:
     return language_letters(text) < min_letters
 
@@ -319,8 +312,7 @@ class LanguageRouter:
 
     def route(self, text: str) -> tuple[str, str, float, str]:
         """``(subset, language_code, score, nolang_reason)`` of one alt text."""
-        if not text.isascii():
-            text = _without_lone_surrogates(text)
+        text = without_lone_surrogates(text)
         if not text or not text.strip():
             return "nolang", schema.NOLANG_CODE, 0.0, REASON_EMPTY
         if self.cfg.detect_no_language and has_no_language(text, self.cfg.min_letters):

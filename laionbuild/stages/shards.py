@@ -61,8 +61,13 @@ def write_file_atomic(fs: fsspec.AbstractFileSystem, path: str, fh: BinaryIO) ->
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the JSON bytes every marker and pointer of an output is written in."""
+    return json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
 def write_json_atomic(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    write_bytes_atomic(fs, path, json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    write_bytes_atomic(fs, path, json_bytes(obj))
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

@@ -31,6 +31,7 @@ from typing import Iterator
 from ..config import ExtractConfig
 from ..stats import FileResult, StageCounters
 from .laion_links import IMG_PATH_MARKER, PageLink
+from .surrogates import has_lone_surrogate, without_lone_surrogates
 from .warc import GunzipMembers, open_input, resolve_reader
 
 log = logging.getLogger(__name__)
@@ -77,17 +78,6 @@ def _member(obj: dict, key: str, kind: type = dict):
     return value
 
 
-def _has_lone_surrogate(text: str) -> bool:
-    """JSON's ``\\ud800`` escapes give strings that cannot be written as UTF-8."""
-    if text.isascii():
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def page_from_json(payload: bytes) -> tuple[str, str, list[PageLink]] | None:
     """``(page URL, record id, links)`` of one WAT JSON payload; None when it names no page.
 
@@ -110,18 +100,12 @@ def page_from_json(payload: bytes) -> tuple[str, str, list[PageLink]] | None:
         if not isinstance(entry, dict):
             continue
         url = entry.get("url")
-        if not isinstance(url, str) or _has_lone_surrogate(url):
+        if not isinstance(url, str) or has_lone_surrogate(url):
             continue
         alt = entry.get("alt")
         links.append(PageLink(url, alt if isinstance(alt, str) else None, str(entry.get("path") or "")))
     record_id = str(header.get("WARC-Record-ID") or "")
-    return _replace_lone_surrogates(page_url), _replace_lone_surrogates(record_id), links
-
-
-def _replace_lone_surrogates(text: str) -> str:
-    if not _has_lone_surrogate(text):
-        return text
-    return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+    return without_lone_surrogates(page_url), without_lone_surrogates(record_id), links
 
 
 def _check_length(payload: bytes, declared) -> None:
