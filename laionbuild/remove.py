@@ -8,7 +8,9 @@
    ``OUTPUT/{en,multi,nolang}/``, their ``*_embeddings`` companions (matched by
    ``key``) and any other ``<subset>_*`` view -- without those rows, each file
    written whole under a temporary name and renamed into place; every other
-   row keeps its values and its order, the schema and the compression stay;
+   row keeps its values and its order, the schema and the compression stay.
+   Files are first scanned through the columns a list matches on, many at once,
+   and only those holding a listed row are read whole;
 3. drops the listed rows' images from ``OUTPUT/images/*.tar`` when present;
 4. adds the counts to ``stats.json`` (a ``removed`` section; ``kept_per_subset``
    and ``kept_total`` go down) and records the list (file name, sha256, entries,
@@ -70,6 +72,18 @@ def _compression(meta: pq.FileMetaData) -> str:
     return "zstd"
 
 
+#: columns a removal list is matched on (a row table) or carried by (``key``: companions, tars)
+_MATCH_COLUMNS = ("URL", "hash", "key")
+
+
+def _read_columns(fs, path: str, wanted: tuple[str, ...]) -> pa.Table:
+    """Only the ``wanted`` columns (those the file has) of one parquet file."""
+    with fs.open(path, "rb") as fh:
+        pf = pq.ParquetFile(fh)
+        names = set(pf.schema_arrow.names)
+        return pf.read(columns=[c for c in wanted if c in names])
+
+
 def _rewrite(fs, path: str, keep_fn, target: str | None = None) -> int:
     """Write the rows ``keep_fn(table)`` keeps of one parquet file to ``target`` (default: the
     file itself) when it drops any; returns rows removed."""
@@ -82,6 +96,15 @@ def _rewrite(fs, path: str, keep_fn, target: str | None = None) -> int:
     if removed:
         shards.write_bytes_atomic(fs, target or path, shards.table_to_bytes(kept, compression))
     return removed
+
+
+def _map(fn, items: list) -> list:
+    """``fn`` over ``items``, :data:`TAR_THREADS` at once (each is a read, and maybe a write, of
+    one file: on an object store tens of ms of waiting, in pyarrow without the interpreter lock)."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(TAR_THREADS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _published_folders(layout: OutputLayout, pointer: dict | None
@@ -120,31 +143,54 @@ def apply_to_published(layout: OutputLayout, lists: list[Blocklist], lease=None)
     keys: set[str] = set()
     files: dict[str, list[str]] = {}
 
-    def rewrite(folder: str, path: str, keep_fn) -> None:
+    def rewrite(folder: str, path: str, keep_fn) -> tuple[str, int]:
         target = layout.under_generation(path, generation) if generation is not None else None
         removed = _rewrite(fs, path, keep_fn, target)
-        per_dir[folder] += removed
-        files.setdefault(folder, []).append(target if removed and target else path)
+        return (target if removed and target else path), removed
 
-    for subset, paths in main.items():
-        for path in paths:
-            def keep(table: pa.Table) -> pa.Table:
-                kept, counts, gone = filter_table(table, lists)
-                keys.update(gone)
-                if subset in S.SUBSETS:
-                    by_list.update(counts)
-                return kept
+    def scan_rows(path: str) -> bool:
+        return bool(filter_table(_read_columns(fs, path, _MATCH_COLUMNS), lists)[1])
 
-            rewrite(subset, path, keep)
-    for name, paths in companions.items():
-        for path in paths:
-            def keep_keys(table: pa.Table) -> pa.Table:
-                if "key" not in table.column_names or not keys:
-                    return table
-                mask = [k not in keys for k in table.column("key").to_pylist()]
-                return table.filter(pa.array(mask, pa.bool_()))
+    def rewrite_rows(item: tuple[str, str]) -> tuple[str, int, Counter, set[str]]:
+        folder, path = item
+        found: list = [Counter(), set()]
 
-            rewrite(name, path, keep_keys)
+        def keep(table: pa.Table) -> pa.Table:
+            kept, counts, gone = filter_table(table, lists)
+            found[:] = [counts, gone]
+            return kept
+
+        return (*rewrite(folder, path, keep), *found)
+
+    def scan_keys(path: str) -> bool:
+        table = _read_columns(fs, path, ("key",))
+        return "key" in table.column_names and any(k in keys for k in table.column("key").to_pylist())
+
+    def keep_keys(table: pa.Table) -> pa.Table:
+        mask = [k not in keys for k in table.column("key").to_pylist()]
+        return table.filter(pa.array(mask, pa.bool_()))
+
+    def apply(folders: dict[str, list[str]], scan, rewrite_one) -> None:
+        """Every file is first scanned for a listed row through the columns that match (many at
+        once); only the files that hold one are read whole and rewritten (many at once)."""
+        items = [(folder, path) for folder, paths in folders.items() for path in paths]
+        hits = _map(scan, [path for _, path in items])
+        rewritten = dict(zip([item for item, hit in zip(items, hits) if hit],
+                             _map(rewrite_one, [item for item, hit in zip(items, hits) if hit])))
+        for item in items:  # in the published order
+            new_path, removed, *found = rewritten.get(item, (item[1], 0))
+            per_dir[item[0]] += removed
+            files.setdefault(item[0], []).append(new_path)
+            if found:
+                keys.update(found[1])
+                if item[0] in S.SUBSETS:
+                    by_list.update(found[0])
+
+    apply(main, scan_rows, rewrite_rows)
+    if keys:
+        apply(companions, scan_keys, lambda item: rewrite(item[0], item[1], keep_keys))
+    else:
+        apply(companions, lambda path: False, None)
     dropped = 0
     if images and generation is None:
         dropped = filter_image_tars(fs, layout.path(IMAGES), lists, keys, paths=images)
