@@ -84,6 +84,13 @@ def require_bucket(fs: fsspec.AbstractFileSystem, path: str) -> None:
                          "check the credentials and the endpoint")
 
 
+def has_folders(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether a file's folder must exist before it is written. Object stores have none: asking
+    for one costs a request per write (s3fs checks the bucket each time) and could create a
+    bucket that was deleted meanwhile."""
+    return not set(protocols(fs)) & set(_BUCKET_PROTOCOLS)
+
+
 def url_of(fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path of ``fs`` as a URL that another process (a Ray worker) can open."""
     if is_local(fs):

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import schema as S
-from ..output.fs import is_local
+from ..output.fs import has_folders, is_local
 
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding")
 #: optional float32 safety score columns (stages.safety), published when present
@@ -43,7 +43,7 @@ def write_file_atomic(fs: fsspec.AbstractFileSystem, path: str, fh: BinaryIO) ->
     stores a single PUT, or a multipart upload completed at close, is already all-or-nothing.
     """
     parent = posixpath.dirname(path)
-    if parent:
+    if parent and has_folders(fs):
         fs.makedirs(parent, exist_ok=True)
     fh.seek(0)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}" if is_local(fs) else None
