@@ -190,6 +190,11 @@ class FetchConfig:
     retries: int = 1
     #: seconds before the first retry of a download (doubled for each further one)
     retry_backoff_s: float = 1.0
+    #: a ``429`` / ``503`` answer's ``Retry-After`` up to this many seconds is honoured: the
+    #: retry waits at least that long and the host's other rows send nothing until then (they
+    #: wait without holding a download thread); a longer one ends the row with that answer's
+    #: status, and the host's other rows until then too, without a request
+    max_retry_after_s: float = 60.0
     #: redirects followed per image; more is ``too_many_redirects``
     max_redirects: int = 5
     #: image bodies larger than this many bytes are not read (``too_large_bytes``)
@@ -919,7 +924,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if getattr(cfg.extract, name) < 0:
             raise ConfigError(f"{source}: 'extract.{name}' must not be negative")
     for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s",
-                 "emit_after_s", "max_jpeg_scans", "decode_cpu_limit_s"):
+                 "emit_after_s", "max_jpeg_scans", "decode_cpu_limit_s", "retry_backoff_s", "max_retry_after_s"):
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",

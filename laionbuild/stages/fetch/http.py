@@ -36,9 +36,14 @@ MAX_MESSAGE = 200
 class FetchFailure(Exception):
     """A row's download failed with ``status`` (see the stage's statuses)."""
 
-    def __init__(self, status: str, message: str):
+    def __init__(self, status: str, message: str, *, retry_after: float | None = None,
+                 wait_s: float | None = None):
         self.status = status
         self.message = message
+        #: seconds the server asked to wait before asking again (``Retry-After``)
+        self.retry_after = retry_after
+        #: no request was sent: the host is paused for this many more seconds
+        self.wait_s = wait_s
         super().__init__(f"{status}: {message}")
 
 

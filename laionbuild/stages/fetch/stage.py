@@ -20,6 +20,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Callable, Iterable, Iterator, Mapping
 from urllib.parse import quote, urljoin, urlsplit
 
@@ -42,7 +43,9 @@ from ..isolate import ChildDied, CpuWatch, IsolatedCalls, over_cpu_limit
 from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
 from ..url_normalization import laion_response_url
 from ..warc import decompress_content
+from ...remote import parse_retry_after
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
+from .hosts import HostTurns, host_key, url_host
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
 from .policy import AddressPolicy
 
@@ -109,7 +112,16 @@ class _Row:
         self.width = self.height = self.dns_ms = 0
         self.final_url: str | None = None
         self.blob = b""
+        #: connections opened, reused; names looked up, answered from the cache (IO_COLUMNS)
         self.io = (0, 0, 0, 0)
+
+    def shared(self) -> "_Row":
+        """This outcome for another row of the same URL: its download's connections, lookups and
+        lookup time are counted on this row only."""
+        other = _Row(self.status, self.message)
+        other.pixels, other.width, other.height = self.pixels, self.width, self.height
+        other.final_url, other.blob = self.final_url, self.blob
+        return other
 
 
 class _Pending:
@@ -162,6 +174,8 @@ class ImageFetcher:
         self._pool = ThreadPoolExecutor(max_workers=max(1, fetch_cfg.threads), thread_name_prefix="fetch")
         self.pixel_budget = PixelBudget(fetch_cfg.decode_budget_pixels)
         self._host_slots: dict[str, threading.BoundedSemaphore] = {}
+        # a row waits for its host's turn (and for a retry's time) here, not on a download thread
+        self._turns = HostTurns(self._pool.submit, fetch_cfg.per_host_concurrency)
         self._lock = threading.Lock()
         self._stats: Counter = Counter()
         self._closed = False
@@ -288,14 +302,22 @@ class ImageFetcher:
             todo.append((i, url))
         pend.left += len(todo)
         for i, url in todo:
-            self._pool.submit(self._work, pend, i, url, done)
+            self._turns.submit(url_host(url), partial(self._work, pend, i, url, done))
         return pend
 
-    def _work(self, pend: _Pending, i: int, url, done: queue.SimpleQueue) -> None:
+    def _work(self, pend: _Pending, i: int, url, done: queue.SimpleQueue, attempt: int = 0,
+              before: _Row | None = None) -> None:
+        """One attempt at a row; a row to be tried again waits for its time on the host's turns."""
         try:
-            row = self._fetch_row(url)
+            row, again_in, next_attempt = self._fetch_row(url, attempt)
         except BaseException as exc:  # noqa: BLE001 - the row must settle whatever happens
-            row = _Row("connection_error", f"unexpected {type(exc).__name__}: {exc}")
+            row, again_in, next_attempt = _Row("connection_error", f"unexpected {type(exc).__name__}: {exc}"), None, 0
+        if before is not None:  # the connections and lookups of its earlier attempts
+            row.dns_ms += before.dns_ms
+            row.io = tuple(a + b for a, b in zip(row.io, before.io))
+        if again_in is not None and not self._closed:
+            self._turns.later(again_in, url_host(url), partial(self._work, pend, i, url, done, next_attempt, row))
+            return
         done.put((pend, i, row))
 
     def _settle(self, item, done) -> list[int]:
@@ -303,16 +325,18 @@ class ImageFetcher:
         pend, i, row = item
         pend.rows[i] = row
         settled = [i] + pend.copies.pop(i, [])
-        for j in settled[1:]:
-            pend.rows[j] = row
+        for j in settled[1:]:  # the same answer; the download's connections and lookups are counted once
+            pend.rows[j] = row.shared()
         if len(settled) > 1:
             self._bump("url_reused", len(settled) - 1)
         pend.left -= len(settled)
         return settled
 
-    def _fetch_row(self, url) -> _Row:
-        """Download, decode and resize one URL; never raises."""
+    def _fetch_row(self, url, attempt: int = 0) -> tuple[_Row, float | None, int]:
+        """Download, decode and resize one URL, once; never raises. Returns the row, the seconds
+        after which to try again (None: the row is settled) and that try's attempt number."""
         row = _Row("success")
+        again: tuple[float | None, int] = (None, 0)
         self._dns.seconds = 0.0
         self.connections.take_row_counts()
         self.resolver.take_row_counts()
@@ -324,6 +348,7 @@ class ImageFetcher:
                 row.blob = encode_image(arr, self.resize_cfg)
         except FetchFailure as exc:
             row.status, row.message = exc.status, exc.message
+            again = self._again(url, exc, attempt)
         except ImageRejected as exc:
             row.status, row.message = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001 - one record never stops the batch
@@ -331,7 +356,25 @@ class ImageFetcher:
             row.status, row.message = "connection_error", f"unexpected {type(exc).__name__}: {exc}"
         row.dns_ms = int(round(self._dns.seconds * 1000))
         row.io = self.connections.take_row_counts() + self.resolver.take_row_counts()
-        return row
+        return row, *again
+
+    def _again(self, url, exc: FetchFailure, attempt: int) -> tuple[float | None, int]:
+        """When a failed attempt is tried again: ``(seconds from now, its attempt number)``, or
+        ``(None, 0)``. A host that asked to wait (``Retry-After``) is waited for, up to
+        ``fetch.max_retry_after_s``; rows that sent nothing meanwhile keep their attempts."""
+        limit = self.cfg.max_retry_after_s
+        if exc.wait_s is not None:  # nothing was sent: the host is paused
+            return (exc.wait_s, attempt) if exc.wait_s <= limit else (None, 0)
+        if attempt >= max(0, self.cfg.retries) or not is_transient(exc.status):
+            return None, 0
+        if exc.retry_after is not None and exc.retry_after > limit:
+            return None, 0
+        delay = self.cfg.retry_backoff_s * (2 ** attempt)
+        if exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        self._bump("retries")
+        logger.debug("retrying %s after %s (%.2fs)", url, exc.status, delay)
+        return delay, attempt + 1
 
     def _assemble_rows(self, chunk: list[tuple[_Pending, int]]) -> dict[str, np.ndarray]:
         """One output batch from settled rows of (possibly) several input batches."""
@@ -417,22 +460,10 @@ class ImageFetcher:
 
     # ------------------------------------------------------------------ download
     def _fetch_with_url(self, url) -> tuple[bytes, str]:
-        """``(body, URL it was read from after redirects)``, with retries for transient failures."""
+        """``(body, URL it was read from after redirects)``: one attempt (:meth:`_work` retries)."""
         if not isinstance(url, str) or not url:
             raise FetchFailure("bad_url", f"not a URL: {url!r}")
-        attempts = max(0, self.cfg.retries) + 1
-        for attempt in range(attempts):
-            try:
-                return self._attempt(url)
-            except FetchFailure as exc:
-                if attempt + 1 >= attempts or not is_transient(exc.status):
-                    raise
-                self._bump("retries")
-                delay = self.cfg.retry_backoff_s * (2 ** attempt)
-                logger.debug("retrying %s after %s (%.2fs)", url, exc.status, delay)
-                if delay > 0:
-                    time.sleep(delay)
-        raise AssertionError("unreachable")
+        return self._attempt(url)
 
     def _attempt(self, url: str, policy_file: bool = False) -> tuple[bytes, str]:
         """One download with its redirects: ``(body, final URL)``; ``policy_file``: an opt-out
@@ -445,11 +476,22 @@ class ImageFetcher:
                 started = time.monotonic()
                 self._check_opt_outs(current, target)
                 deadline += time.monotonic() - started  # opt-out files do not eat the image's time
-            slot = self._slot(target[1])
+            host = host_key(target[1])
+            paused = self._turns.paused(host)
+            if paused is not None:
+                left, status = paused
+                raise FetchFailure(status, f"{host} asked to be left alone (Retry-After) for {left:.0f}s more",
+                                   wait_s=left)
+            slot = self._slot(host)
             waiting = time.monotonic()
             with slot:
                 deadline += time.monotonic() - waiting  # waiting for the host's turn is no server time
-                location = self._request(target, deadline, policy_file)
+                try:
+                    location = self._request(target, deadline, policy_file)
+                except FetchFailure as exc:
+                    if exc.retry_after is not None:  # the host's other rows wait too
+                        self._turns.pause(host, exc.retry_after, exc.status)
+                    raise
             if isinstance(location, bytes):
                 return location, current
             current = urljoin(current, location)
@@ -576,8 +618,11 @@ class ImageFetcher:
                 raise FetchFailure(f"http_error_{code}", f"HTTP {code} without Location")
             return location
         if not 200 <= code < 300:
+            retry_after = parse_retry_after(resp.getheader("Retry-After")) if code in (429, 503) else None
             self.connections.discard(conn, resp, deadline)
-            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip())
+            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip()
+                               + (f" (Retry-After {retry_after:.0f}s)" if retry_after is not None else ""),
+                               retry_after=retry_after)
         if self.cfg.honour_opt_out and self.opt_out_directives and not policy_file:
             tags = resp.headers.get_all("X-Robots-Tag") or []
             if tags and _opted_out(tags, self.ua_token, self.opt_out_directives):
@@ -620,6 +665,7 @@ class ImageFetcher:
     def close(self) -> None:
         """Stop the thread pool and close kept-alive connections."""
         self._closed = True
+        self._turns.close()
         self._pool.shutdown(wait=True)
         self.connections.close()
         if self._isolated is not None:

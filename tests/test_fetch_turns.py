@@ -1,0 +1,176 @@
+"""Per-host turns: rows wait for a busy or throttling host in a queue, never on a download thread.
+
+* One slow host holding many rows never takes every download thread: the rows of other hosts
+  are sent at once (the server's arrival order says so: counts, not times).
+* ``Retry-After`` on a ``429`` / ``503`` is honoured: the retry waits for it, and the host's
+  other rows send nothing until then; one longer than ``fetch.max_retry_after_s`` ends the
+  row, and the host's other rows until then, without another request.
+* Rows sharing one URL count its download's connections once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler
+
+import numpy as np
+from PIL import Image
+
+from helpers.dns import NoDNS
+from helpers.http import LOOPBACK, LoopbackHTTP
+from helpers.images import encode
+from laionbuild import schema as S
+from laionbuild.config import FetchConfig, ResizeConfig
+from laionbuild.stages.fetch import ImageFetcher, Resolver
+from laionbuild.stages.fetch.hosts import HostTurns, host_key, url_host
+from laionbuild.stages.fetch.stage import fetch_counters
+
+PNG = encode(Image.new("RGB", (40, 30), (10, 200, 30)), "PNG")
+
+
+class _Server:
+    """Answers by host name; records the arrival order and the answers it gave."""
+
+    def __init__(self, slow_s: float = 0.0, throttle: dict | None = None):
+        self.arrivals: list[tuple[str, str]] = []
+        self.answers: list[int] = []
+        self.lock = threading.Lock()
+        self.slow_s = slow_s
+        #: host -> [Retry-After value, seconds the host keeps answering 429 after its first one]
+        self.throttle = throttle or {}
+        self.throttled_since: dict[str, float] = {}
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                host = self.headers.get("Host", "").split(":")[0]
+                with owner.lock:
+                    owner.arrivals.append((host, self.path))
+                    code = 200
+                    if host in owner.throttle:
+                        value, window = owner.throttle[host]
+                        since = owner.throttled_since.setdefault(host, time.monotonic())
+                        if time.monotonic() - since < window:
+                            code = 429
+                    owner.answers.append(code)
+                if host.startswith("slow") and owner.slow_s:
+                    time.sleep(owner.slow_s)
+                if code == 429:
+                    self.send_response(429)
+                    self.send_header("Retry-After", owner.throttle[host][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(PNG)))
+                self.end_headers()
+                self.wfile.write(PNG)
+
+        self.http = LoopbackHTTP(Handler)
+
+    def __enter__(self):
+        self.http.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.http.stop()
+
+    def url(self, host: str, path: str) -> str:
+        return f"http://{host}:{self.http.port}{path}"
+
+
+def _fetch(urls, hosts, **cfg):
+    base = dict(allow_addresses=(f"{LOOPBACK}/32",), timeout_s=5.0, retries=0, retry_backoff_s=0.01, threads=8,
+                per_host_concurrency=2)
+    base.update(cfg)
+    resolver = Resolver(host_map={h: LOOPBACK for h in hosts}, lookup=NoDNS())
+    with ImageFetcher(FetchConfig(**base), ResizeConfig(image_size=32), resolver=resolver) as fetcher:
+        return fetcher({S.URL: np.array(urls, dtype=object)})
+
+
+def test_a_slow_host_does_not_hold_back_other_hosts():
+    fast = [f"fast{k}.test" for k in range(8)]
+    with _Server(slow_s=0.3) as srv:
+        urls = [srv.url("slow.test", f"/s{i}.png") for i in range(24)] + [srv.url(h, "/f.png") for h in fast]
+        out = _fetch(urls, ["slow.test", *fast])
+    assert list(out[S.STATUS]) == ["success"] * 32
+    hosts = [h for h, _ in srv.arrivals]
+    last_fast = max(i for i, h in enumerate(hosts) if h != "slow.test")
+    # the slow host's first turns (2) and perhaps the next pair: never its whole queue first
+    assert hosts[:last_fast].count("slow.test") <= 4, hosts
+
+
+def test_retry_after_pauses_the_host():
+    with _Server(throttle={"busy.test": ("1", 0.8)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(6)]
+        out = _fetch(urls, ["busy.test"], retries=1, per_host_concurrency=1, max_retry_after_s=5)
+    assert list(out[S.STATUS]) == ["success"] * 6
+    # the first answer said "wait 1 s": nothing more was sent to that host while it throttled
+    assert srv.answers.count(429) == 1 and len(srv.answers) == 7, srv.answers
+
+
+def test_a_retry_after_beyond_the_limit_ends_the_host_rows_without_requests():
+    with _Server(throttle={"busy.test": ("3600", 60)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(5)] + [srv.url("calm.test", "/c.png")]
+        out = _fetch(urls, ["busy.test", "calm.test"], retries=2, per_host_concurrency=1, max_retry_after_s=5)
+    statuses = list(out[S.STATUS])
+    assert statuses == ["http_error_429"] * 5 + ["success"], statuses
+    assert [h for h, _ in srv.arrivals].count("busy.test") == 1  # one request; the other rows sent none
+    assert "Retry-After" in out[S.ERROR_MESSAGE][1]
+
+
+def test_rows_sharing_a_url_count_its_connection_once():
+    with _Server() as srv:
+        urls = [srv.url("one.test", "/same.png")] * 10
+        out = _fetch(urls, ["one.test"])
+    assert list(out[S.STATUS]) == ["success"] * 10 and len(srv.arrivals) == 1
+    counts = fetch_counters(out).counts
+    assert counts["connections_opened"] == 1 and counts["connections_reused"] == 0
+    assert counts.get("dns_lookups", 0) + counts.get("dns_cache_hits", 0) <= 1
+
+
+def test_host_turns_queue_per_host_in_order():
+    ran: list[str] = []
+    jobs: list = []
+
+    def run_later(job):  # a pool that runs nothing until asked
+        jobs.append(job)
+
+    turns = HostTurns(run_later, per_host=2)
+    for name in ("a1", "a2", "a3", "a4"):
+        turns.submit("a.test", lambda name=name: ran.append(name))
+    turns.submit("b.test", lambda: ran.append("b1"))
+    assert len(jobs) == 3 and turns.waiting() == 2  # a1, a2 and b1 run; a3, a4 wait for a turn
+    jobs.pop(0)()  # a1 ends: a3 takes its turn
+    assert ran == ["a1"] and len(jobs) == 3
+    while jobs:
+        jobs.pop(0)()
+    assert ran == ["a1", "a2", "b1", "a3", "a4"] and turns.waiting() == 0
+
+
+def test_host_turns_timers_and_pauses():
+    ran = threading.Event()
+    clock = [100.0]
+    turns = HostTurns(lambda job: job(), per_host=1, clock=lambda: clock[0])
+    turns.pause("x.test", 30, "http_error_503")
+    assert turns.paused("x.test") == (30.0, "http_error_503")
+    clock[0] += 31
+    assert turns.paused("x.test") is None
+    turns.later(0, "x.test", ran.set)
+    assert ran.is_set()
+    real = HostTurns(lambda job: job(), per_host=1)
+    done = threading.Event()
+    real.later(0.05, "y.test", done.set)
+    assert done.wait(10)
+    real.close()
+
+
+def test_host_keys():
+    assert host_key("IMG.Test.") == "img.test" == url_host("http://img.test./a.jpg")
+    assert url_host("https://Bücher.example/x") == "xn--bcher-kva.example"
+    assert url_host(None) == "" and url_host("http://[::1/") == ""
