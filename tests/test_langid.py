@@ -215,3 +215,33 @@ def test_a_hangul_filler_separates_words_and_counts_for_nothing():
 def test_a_lone_surrogate_is_no_error(router):
     subset, code, score, reason = router.route("Red leather handbag \ud800 with a gold chain strap")
     assert (subset, code, reason) == ("en", "en", "")
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text",
+    ["https://www.example.com/products/item", "www.example.com", "info@example.com", "<info@example.com>",
+     "http://www.teachercertificationdegrees.com/top-blogs/homeschool/", "tutorialblog.org", "Amazon.de",
+     "mailto:info@example.com", "(www.example.co.uk)"],
+)
+def test_a_web_or_mail_address_has_no_language(router, text):
+    # fastText: en 0.83, en 0.57, en 0.57, ... (LAION-400M alt texts: 3 of 10,000 are bare addresses)
+    assert router.route(text)[::3] == ("nolang", langid.REASON_NO_LANGUAGE)
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text, subset, code",
+    [("Visit www.example.com for more photos", "en", "en"),
+     ("Creepy Portrait Photography by Manuel Estheim http://www.cruzine.com/2013/05/14/creepy", "en", "en"),
+     ("Schöne Grüße aus Berlin, info@example.de", "multi", "de"),
+     ("Photo by John Smith on Unsplash.com", "en", "en")],
+)
+def test_words_next_to_an_address_still_route(router, text, subset, code):
+    assert router.route(text)[:2] == (subset, code)
+
+
+def test_an_address_counts_no_letters_and_its_neighbours_do():
+    assert language_letters("Visit www.example.com for more") == len("Visitformore")
+    assert language_letters("Schöne Grüße, info@example.de") == len("SchöneGrüße")
+    assert language_letters("e.g. z.B. store.in") == len("egzBstorein")  # a dot is no address

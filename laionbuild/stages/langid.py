@@ -19,7 +19,7 @@ See ``docs/langid.md`` for where the two differ. A text goes to
   - ``no_language_content``: checked *before* fastText; the text has fewer than
     ``langid.min_letters`` letters in real words (camera file names
     ``IMG_20190612_1435``, dates, sizes ``1024x768``, product codes, numbers,
-    emoji / symbol strings, bare image file names). fastText is confidently
+    emoji / symbol strings, bare image file names, web / e-mail addresses). fastText is confidently
     wrong on many of these (a date comes out German);
   - ``low_confidence:<guess>``: the engine's top label (``<guess>``) is below
     the threshold (fastText) or not reliable (CLD3); ``LANGUAGE_SCORE`` keeps
@@ -64,6 +64,16 @@ _FILE_NAME_RE = re.compile(
 _JUNK_WORDS = frozenset(
     """img image dsc dscn dscf dcim pict pic pxl mvimg vid gopr sam imag jpg jpeg png gif webp bmp tif tiff
     heic svg px pt mm cm km kg mb kb gb hd fhd uhd fps rgb cmyk dpi ppi""".split()
+)
+#: a token that is a web address or an e-mail address: a scheme (``https://``), ``www.``, a
+#: host name ending in a common top-level domain (``example.com``, ``shop.example.co.uk``), or
+#: ``name@host.tld``. Checked token by token: the words around an address still count
+_URL_TOKEN_RE = re.compile(
+    r"(?:[a-z][a-z0-9+.-]*://|www\.)\S*"
+    r"|[^\W_][\w-]*(?:\.[\w-]+)*\.(?:com|net|org|info|biz|edu|gov|io|uk|de|ru|cn|jp|fr|nl|pl|br|au"
+    r"|ch|cz|eu|tv)(?:[/:?#]\S*)?"
+    r"|[^\s@]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
+    re.IGNORECASE,
 )
 _HAN_RE = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
@@ -200,7 +210,7 @@ def language_letters(text: str) -> int:
     letters = 0
     for raw in text.split():
         token = _strip_punctuation(raw)
-        if not token:
+        if not token or _URL_TOKEN_RE.fullmatch(token):
             continue
         letters += _word_letters(token)
     return letters
