@@ -245,3 +245,24 @@ def test_an_address_counts_no_letters_and_its_neighbours_do():
     assert language_letters("Visit www.example.com for more") == len("Visitformore")
     assert language_letters("Schöne Grüße, info@example.de") == len("SchöneGrüße")
     assert language_letters("e.g. z.B. store.in") == len("egzBstorein")  # a dot is no address
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text, fasttext_alone",
+    [("SKU: AB-12345-XL", "fr"), ("ISBN 978-3-16-148410-0", None), ("XIV XV XVI", "fr"), ("MMXXIV", None),
+     ("deadbeefcafebabe", "en"), ("DEADBEEFCAFEBABE", None)],
+)
+def test_codes_numerals_and_hashes_in_letters_have_no_language(router, text, fasttext_alone):
+    if fasttext_alone:  # what fastText says without the rule (fr 0.99, fr 0.72, en 0.62)
+        lang, p = router.predict(text)
+        assert lang == fasttext_alone and p >= router.threshold
+    assert router.route(text)[::3] == ("nolang", langid.REASON_NO_LANGUAGE)
+
+
+def test_roman_numerals_and_hex_letters_count_only_as_codes():
+    assert language_letters("Louis XIV") == 5 and language_letters("Ludwig XIV.") == 6
+    assert language_letters("Karate Kid Part II") == 13
+    assert language_letters("Mix") == 3 and language_letters("xiv") == 3  # not in capitals: a word
+    assert language_letters("defaced accede") == 13  # words of a-f, shorter than a hash
+    assert language_letters("SKU AB123") == 0 and language_letters("sku") == 0

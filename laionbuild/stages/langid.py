@@ -63,8 +63,13 @@ _FILE_NAME_RE = re.compile(
 #: letter-only tokens that carry no language (camera prefixes, extensions, units)
 _JUNK_WORDS = frozenset(
     """img image dsc dscn dscf dcim pict pic pxl mvimg vid gopr sam imag jpg jpeg png gif webp bmp tif tiff
-    heic svg px pt mm cm km kg mb kb gb hd fhd uhd fps rgb cmyk dpi ppi""".split()
+    heic svg px pt mm cm km kg mb kb gb hd fhd uhd fps rgb cmyk dpi ppi sku isbn issn ean upc asin mpn gtin""".split()
 )
+#: a hash written in letters only (``deadbeefcafebabe``): 8 or more of a-f in one case (words
+#: of a-f alone are rare and short: ``defaced``, ``accede``)
+_HEX_WORD_RE = re.compile(r"[a-f]{8,}|[A-F]{8,}")
+#: a Roman numeral in capitals (``XIV``, ``XVI``, ``MMXXIV``), as valid numerals are written
+_ROMAN_RE = re.compile(r"M{0,4}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})")
 #: a token that is a web address or an e-mail address: a scheme (``https://``), ``www.``, a
 #: host name ending in a common top-level domain (``example.com``, ``shop.example.co.uk``), or
 #: ``name@host.tld``. Checked token by token: the words around an address still count
@@ -120,13 +125,18 @@ def _strip_punctuation(token: str) -> str:
 
 
 def _counted(word: str, letters: int) -> int:
-    """Letters of one word that count: not a camera / file / unit word, not a single
-    letter (unless its script is written without spaces)."""
+    """Letters of one word that count: not a camera / file / unit / product-code word, not
+    a hash in letters, not a Roman numeral in capitals, not a single letter (unless its
+    script is written without spaces)."""
     if letters == 1 and not _wide_script(word[0]):
         return 0
     if not any(ch.isalpha() for ch in word):  # combining marks with no letter to sit on
         return 0
     if letters <= 6 and word.lower() in _JUNK_WORDS:
+        return 0
+    if letters >= 8 and _HEX_WORD_RE.fullmatch(word):
+        return 0
+    if word.isupper() and _ROMAN_RE.fullmatch(word):
         return 0
     return letters
 
