@@ -266,3 +266,24 @@ def test_roman_numerals_and_hex_letters_count_only_as_codes():
     assert language_letters("Mix") == 3 and language_letters("xiv") == 3  # not in capitals: a word
     assert language_letters("defaced accede") == 13  # words of a-f, shorter than a hash
     assert language_letters("SKU AB123") == 0 and language_letters("sku") == 0
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text",
+    ["photo 2019-05-12 at 10.23.45.png", "WhatsApp Image 2020-05-12 at 10.23.45", "Screenshot 2021-03-04 at 12.00.00",
+     "Screen Shot 2020-01-02 at 3.04.05 PM", "Screenshot 2023-01-05 at 3.04.05\u202fPM (2).png",
+     "WhatsApp Image 2020-05-12 at 10.23.45 (1).jpeg", "Bildschirmfoto 2021-03-04 um 12.00.00"],
+)
+def test_a_stamped_file_name_with_spaces_has_no_language(router, text):
+    # fastText alone: English (0.29, 0.66, 0.60 for the first three)
+    assert router.route(text)[::3] == ("nolang", langid.REASON_NO_LANGUAGE)
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text", ["Photos of Keira Knightley leaving dinner in London 2010-01-12 17:00:00",
+             "Screenshot of the new app 2021-03-04", "Photo taken 2019-05-12 at 10.23.45 in the garden"],
+)
+def test_words_next_to_a_date_still_route(router, text):
+    assert router.route(text)[:2] == ("en", "en")

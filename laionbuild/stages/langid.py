@@ -19,7 +19,8 @@ See ``docs/langid.md`` for where the two differ. A text goes to
   - ``no_language_content``: checked *before* fastText; the text has fewer than
     ``langid.min_letters`` letters in real words (camera file names
     ``IMG_20190612_1435``, dates, sizes ``1024x768``, product codes, numbers,
-    emoji / symbol strings, bare image file names, web / e-mail addresses). fastText is confidently
+    emoji / symbol strings, bare image file names, ``Screenshot 2021-03-04 at 12.00.00``,
+    web / e-mail addresses). fastText is confidently
     wrong on many of these (a date comes out German);
   - ``low_confidence:<guess>``: the engine's top label (``<guess>``) is below
     the threshold (fastText) or not reliable (CLD3); ``LANGUAGE_SCORE`` keeps
@@ -56,9 +57,20 @@ REASON_NO_LANGUAGE = "no_language_content"
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_EMPTY = "empty_text"
 
+_IMAGE_EXTENSIONS = r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|svg|avif|jfif|raw|cr2|nef|dng|ico)"
 #: a whole text that is just an image file name (``banner_01.png``, ``IMG_1234.JPG``)
-_FILE_NAME_RE = re.compile(
-    r"\S+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|svg|avif|jfif|raw|cr2|nef|dng|ico)", re.IGNORECASE
+_FILE_NAME_RE = re.compile(r"\S+\." + _IMAGE_EXTENSIONS, re.IGNORECASE)
+#: a whole text that is the name a phone, a messenger or a screenshot tool gives a file, with
+#: spaces: ``Screenshot 2021-03-04 at 12.00.00``, ``WhatsApp Image 2020-05-12 at 10.23.45``,
+#: ``photo 2019-05-12 at 10.23.45.png``, ``Bildschirmfoto 2021-03-04 um 12.00.00 (2)``
+_STAMPED_FILE_NAME_RE = re.compile(
+    r"(?:screen ?shot|whatsapp (?:image|video)|photo|image|img|bildschirmfoto|schermafbeelding|skärmavbild"
+    r"|captura de pantalla|capture d['’]écran|schermata|снимок экрана)"
+    r"[\s_-]*\d{4}-\d{2}-\d{2}"
+    r"(?:[\s_-]+(?:(?:at|um|à|a las|alle|om|às|kl\.?|в)\s+)?\d{1,2}[.:_-]\d{2}(?:[.:_-]\d{2})?"
+    r"(?:\s*[ap]\.?\s?m\.?)?)?"
+    r"(?:\s*\(\d+\))?(?:\." + _IMAGE_EXTENSIONS + r")?",
+    re.IGNORECASE,
 )
 #: letter-only tokens that carry no language (camera prefixes, extensions, units)
 _JUNK_WORDS = frozenset(
@@ -215,7 +227,8 @@ def language_letters(text: str) -> int:
     letters with digits or underscores (``IMG_2019``, ``1024x768``, ``B07X9``)
     are codes, except in scripts written without spaces.
     """
-    if _FILE_NAME_RE.fullmatch(text.strip()):
+    whole = text.strip()
+    if _FILE_NAME_RE.fullmatch(whole) or _STAMPED_FILE_NAME_RE.fullmatch(whole):
         return 0
     letters = 0
     for raw in text.split():
