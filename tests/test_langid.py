@@ -215,3 +215,75 @@ def test_a_hangul_filler_separates_words_and_counts_for_nothing():
 def test_a_lone_surrogate_is_no_error(router):
     subset, code, score, reason = router.route("Red leather handbag \ud800 with a gold chain strap")
     assert (subset, code, reason) == ("en", "en", "")
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text",
+    ["https://www.example.com/products/item", "www.example.com", "info@example.com", "<info@example.com>",
+     "http://www.teachercertificationdegrees.com/top-blogs/homeschool/", "tutorialblog.org", "Amazon.de",
+     "mailto:info@example.com", "(www.example.co.uk)"],
+)
+def test_a_web_or_mail_address_has_no_language(router, text):
+    # fastText: en 0.83, en 0.57, en 0.57, ... (LAION-400M alt texts: 3 of 10,000 are bare addresses)
+    assert router.route(text)[::3] == ("nolang", langid.REASON_NO_LANGUAGE)
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text, subset, code",
+    [("Visit www.example.com for more photos", "en", "en"),
+     ("Creepy Portrait Photography by Manuel Estheim http://www.cruzine.com/2013/05/14/creepy", "en", "en"),
+     ("Schöne Grüße aus Berlin, info@example.de", "multi", "de"),
+     ("Photo by John Smith on Unsplash.com", "en", "en")],
+)
+def test_words_next_to_an_address_still_route(router, text, subset, code):
+    assert router.route(text)[:2] == (subset, code)
+
+
+def test_an_address_counts_no_letters_and_its_neighbours_do():
+    assert language_letters("Visit www.example.com for more") == len("Visitformore")
+    assert language_letters("Schöne Grüße, info@example.de") == len("SchöneGrüße")
+    assert language_letters("e.g. z.B. store.in") == len("egzBstorein")  # a dot is no address
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text, fasttext_alone",
+    [("SKU: AB-12345-XL", "fr"), ("ISBN 978-3-16-148410-0", None), ("XIV XV XVI", "fr"), ("MMXXIV", None),
+     ("deadbeefcafebabe", "en"), ("DEADBEEFCAFEBABE", None)],
+)
+def test_codes_numerals_and_hashes_in_letters_have_no_language(router, text, fasttext_alone):
+    if fasttext_alone:  # what fastText says without the rule (fr 0.99, fr 0.72, en 0.62)
+        lang, p = router.predict(text)
+        assert lang == fasttext_alone and p >= router.threshold
+    assert router.route(text)[::3] == ("nolang", langid.REASON_NO_LANGUAGE)
+
+
+def test_roman_numerals_and_hex_letters_count_only_as_codes():
+    assert language_letters("Louis XIV") == 5 and language_letters("Ludwig XIV.") == 6
+    assert language_letters("Karate Kid Part II") == 13
+    assert language_letters("Mix") == 3 and language_letters("xiv") == 3  # not in capitals: a word
+    assert language_letters("defaced accede") == 13  # words of a-f, shorter than a hash
+    assert language_letters("SKU AB123") == 0 and language_letters("sku") == 0
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text",
+    ["photo 2019-05-12 at 10.23.45.png", "WhatsApp Image 2020-05-12 at 10.23.45", "Screenshot 2021-03-04 at 12.00.00",
+     "Screen Shot 2020-01-02 at 3.04.05 PM", "Screenshot 2023-01-05 at 3.04.05\u202fPM (2).png",
+     "WhatsApp Image 2020-05-12 at 10.23.45 (1).jpeg", "Bildschirmfoto 2021-03-04 um 12.00.00"],
+)
+def test_a_stamped_file_name_with_spaces_has_no_language(router, text):
+    # fastText alone: English (0.29, 0.66, 0.60 for the first three)
+    assert router.route(text)[::3] == ("nolang", langid.REASON_NO_LANGUAGE)
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "text", ["Photos of Keira Knightley leaving dinner in London 2010-01-12 17:00:00",
+             "Screenshot of the new app 2021-03-04", "Photo taken 2019-05-12 at 10.23.45 in the garden"],
+)
+def test_words_next_to_a_date_still_route(router, text):
+    assert router.route(text)[:2] == ("en", "en")

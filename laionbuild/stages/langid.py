@@ -19,7 +19,8 @@ See ``docs/langid.md`` for where the two differ. A text goes to
   - ``no_language_content``: checked *before* fastText; the text has fewer than
     ``langid.min_letters`` letters in real words (camera file names
     ``IMG_20190612_1435``, dates, sizes ``1024x768``, product codes, numbers,
-    emoji / symbol strings, bare image file names). fastText is confidently
+    emoji / symbol strings, bare image file names, ``Screenshot 2021-03-04 at 12.00.00``,
+    web / e-mail addresses). fastText is confidently
     wrong on many of these (a date comes out German);
   - ``low_confidence:<guess>``: the engine's top label (``<guess>``) is below
     the threshold (fastText) or not reliable (CLD3); ``LANGUAGE_SCORE`` keeps
@@ -56,14 +57,40 @@ REASON_NO_LANGUAGE = "no_language_content"
 REASON_LOW_CONFIDENCE = "low_confidence"
 REASON_EMPTY = "empty_text"
 
+_IMAGE_EXTENSIONS = r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|svg|avif|jfif|raw|cr2|nef|dng|ico)"
 #: a whole text that is just an image file name (``banner_01.png``, ``IMG_1234.JPG``)
-_FILE_NAME_RE = re.compile(
-    r"\S+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|heif|svg|avif|jfif|raw|cr2|nef|dng|ico)", re.IGNORECASE
+_FILE_NAME_RE = re.compile(r"\S+\." + _IMAGE_EXTENSIONS, re.IGNORECASE)
+#: a whole text that is the name a phone, a messenger or a screenshot tool gives a file, with
+#: spaces: ``Screenshot 2021-03-04 at 12.00.00``, ``WhatsApp Image 2020-05-12 at 10.23.45``,
+#: ``photo 2019-05-12 at 10.23.45.png``, ``Bildschirmfoto 2021-03-04 um 12.00.00 (2)``
+_STAMPED_FILE_NAME_RE = re.compile(
+    r"(?:screen ?shot|whatsapp (?:image|video)|photo|image|img|bildschirmfoto|schermafbeelding|skärmavbild"
+    r"|captura de pantalla|capture d['’]écran|schermata|снимок экрана)"
+    r"[\s_-]*\d{4}-\d{2}-\d{2}"
+    r"(?:[\s_-]+(?:(?:at|um|à|a las|alle|om|às|kl\.?|в)\s+)?\d{1,2}[.:_-]\d{2}(?:[.:_-]\d{2})?"
+    r"(?:\s*[ap]\.?\s?m\.?)?)?"
+    r"(?:\s*\(\d+\))?(?:\." + _IMAGE_EXTENSIONS + r")?",
+    re.IGNORECASE,
 )
 #: letter-only tokens that carry no language (camera prefixes, extensions, units)
 _JUNK_WORDS = frozenset(
     """img image dsc dscn dscf dcim pict pic pxl mvimg vid gopr sam imag jpg jpeg png gif webp bmp tif tiff
-    heic svg px pt mm cm km kg mb kb gb hd fhd uhd fps rgb cmyk dpi ppi""".split()
+    heic svg px pt mm cm km kg mb kb gb hd fhd uhd fps rgb cmyk dpi ppi sku isbn issn ean upc asin mpn gtin""".split()
+)
+#: a hash written in letters only (``deadbeefcafebabe``): 8 or more of a-f in one case (words
+#: of a-f alone are rare and short: ``defaced``, ``accede``)
+_HEX_WORD_RE = re.compile(r"[a-f]{8,}|[A-F]{8,}")
+#: a Roman numeral in capitals (``XIV``, ``XVI``, ``MMXXIV``), as valid numerals are written
+_ROMAN_RE = re.compile(r"M{0,4}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})")
+#: a token that is a web address or an e-mail address: a scheme (``https://``), ``www.``, a
+#: host name ending in a common top-level domain (``example.com``, ``shop.example.co.uk``), or
+#: ``name@host.tld``. Checked token by token: the words around an address still count
+_URL_TOKEN_RE = re.compile(
+    r"(?:[a-z][a-z0-9+.-]*://|www\.)\S*"
+    r"|[^\W_][\w-]*(?:\.[\w-]+)*\.(?:com|net|org|info|biz|edu|gov|io|uk|de|ru|cn|jp|fr|nl|pl|br|au"
+    r"|ch|cz|eu|tv)(?:[/:?#]\S*)?"
+    r"|[^\s@]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
+    re.IGNORECASE,
 )
 _HAN_RE = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
@@ -110,13 +137,18 @@ def _strip_punctuation(token: str) -> str:
 
 
 def _counted(word: str, letters: int) -> int:
-    """Letters of one word that count: not a camera / file / unit word, not a single
-    letter (unless its script is written without spaces)."""
+    """Letters of one word that count: not a camera / file / unit / product-code word, not
+    a hash in letters, not a Roman numeral in capitals, not a single letter (unless its
+    script is written without spaces)."""
     if letters == 1 and not _wide_script(word[0]):
         return 0
     if not any(ch.isalpha() for ch in word):  # combining marks with no letter to sit on
         return 0
     if letters <= 6 and word.lower() in _JUNK_WORDS:
+        return 0
+    if letters >= 8 and _HEX_WORD_RE.fullmatch(word):
+        return 0
+    if word.isupper() and _ROMAN_RE.fullmatch(word):
         return 0
     return letters
 
@@ -195,12 +227,13 @@ def language_letters(text: str) -> int:
     letters with digits or underscores (``IMG_2019``, ``1024x768``, ``B07X9``)
     are codes, except in scripts written without spaces.
     """
-    if _FILE_NAME_RE.fullmatch(text.strip()):
+    whole = text.strip()
+    if _FILE_NAME_RE.fullmatch(whole) or _STAMPED_FILE_NAME_RE.fullmatch(whole):
         return 0
     letters = 0
     for raw in text.split():
         token = _strip_punctuation(raw)
-        if not token:
+        if not token or _URL_TOKEN_RE.fullmatch(token):
             continue
         letters += _word_letters(token)
     return letters
