@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -62,6 +63,7 @@ def test_path_patterns_follow_robots_syntax():
     assert not path_matches("/images/", "/img/a.jpg")
     assert path_matches("*", "/anything")
     assert path_matches("images/", "/images/a.png")  # a location without its leading slash
+    assert path_matches("/bilder/\u00e4", "/bilder/%C3%A4") and path_matches("/%7Euser/", "/~user/a.png")
 
 
 def test_tdmrep_rules_first_match_decides():
@@ -88,6 +90,56 @@ def test_robots_status_handling():
     assert parse_robots(404).allowed("laionbuild", "/private/a.jpg")  # RFC 9309: 4xx = no rules
     assert not parse_robots(503).allowed("laionbuild", "/a.jpg")  # 5xx = everything disallowed
     assert not parse_robots(None).allowed("laionbuild", "/a.jpg")  # unreachable
+
+
+WILD = b"User-agent: *\nDisallow: /*.jpg$\nDisallow: /*?\n"
+GROUPS = (b"User-agent: a\nUser-agent: LaionBuild/2.0\nDisallow: /a\n\nUser-agent: b\nDisallow: /b\n"
+          b"User-agent: laionbuild\nDisallow: /c\nUser-agent: *\nDisallow: /\n")
+
+
+@pytest.mark.parametrize("body,path,allowed", [
+    (WILD, "/a.jpg", False), (WILD, "/x/a.jpg", False), (WILD, "/a.jpg?x=1", False), (WILD, "/a.jpgx", True),
+    (WILD, "/b.png?x=1", False), (WILD, "/c.png", True),
+    # the longest matching rule decides, Allow wins a tie
+    (b"User-agent: *\nDisallow: /\nAllow: /images/\n", "/images/a.png", True),
+    (b"User-agent: *\nDisallow: /\nAllow: /images/\n", "/other.png", False),
+    (b"User-agent: *\nAllow: /images/\nDisallow: /images/*.png\n", "/images/a.png", False),
+    (b"User-agent: *\nDisallow: /page\nAllow: /page\n", "/page", True),
+    (b"User-agent: *\nDisallow: /p$\n", "/p", False), (b"User-agent: *\nDisallow: /p$\n", "/p/", True),
+    (b"User-agent: *\nDisallow:\n", "/x", True),  # an empty Disallow allows
+    (b"User-agent: *\nDisallow: /\n", "/robots.txt", True),
+    # our product token, case-insensitive and whole; groups naming it are combined, else "*"
+    (b"User-agent: laion\nDisallow: /\n", "/a.png", True),
+    (b"User-agent: laionbuilder\nDisallow: /\n", "/a.png", True),
+    (GROUPS, "/a", False), (GROUPS, "/b", True), (GROUPS, "/c", False), (GROUPS, "/d", True),
+    (b"User-agent: other\nDisallow: /\n", "/a", True),  # no group for us nor for "*"
+    (b"Disallow: /\nUser-agent: *\nDisallow: /x\n", "/a", True),  # a rule before any group
+    # paths of two slashes are paths, not a host
+    (b"User-agent: *\nDisallow: //cdn/\n", "//cdn/a.png", False),
+    (b"User-agent: *\nDisallow: //cdn/\n", "/cdn/a.png", True),
+    # byte order mark, CRLF, comments, lines without a colon, other records, key case
+    (b"\xef\xbb\xbfUser-agent: *\r\nSitemap: /s.xml\r\nno colon\r\nDISALLOW : /x # note\r\n", "/x1", False),
+    (b"\xef\xbb\xbfUser-agent: *\r\nSitemap: /s.xml\r\nno colon\r\nDISALLOW : /x # note\r\n", "/y", True),
+    (b"User-agent: *\rDisallow: /x\r", "/x", False),
+    # percent-encoding (RFC 9309 section 2.2.2)
+    (b"User-agent: *\nDisallow: /foo/bar/%62%61%7A\n", "/foo/bar/baz", False),
+    (b"User-agent: *\nDisallow: /foo/bar/baz\n", "/foo/bar/%62%61%7a", False),
+    (b"User-agent: *\nDisallow: /foo/bar/\xe3\x83\x84\n", "/foo/bar/%E3%83%84", False),
+    (b"User-agent: *\nDisallow: /foo/bar/%e3%83%84\n", "/foo/bar/%E3%83%84", False),
+    (b"User-agent: *\nDisallow: /a%2Fb\n", "/a/b", True),  # an encoded reserved character is not itself
+    (b"User-agent: *\nDisallow: /file-%2A.html\n", "/file-*.html", False),
+    (b"User-agent: *\nDisallow: /file-%2A.html\n", "/file-a.html", True),
+    (b"User-agent: *\nDisallow: /\xe9t\xe9\n", "/%E9t%E9", False),  # a Latin-1 file: octets as they are
+])
+def test_robots_txt_rules_follow_rfc_9309(body, path, allowed):
+    assert parse_robots(200, body).allowed("laionbuild", path) is allowed
+
+
+def test_robots_txt_patterns_cost_linear_time():
+    rules = parse_robots(200, b"User-agent: *\nDisallow: /" + b"*a" * 40 + b"*b$\n")
+    started = time.monotonic()
+    assert rules.allowed("laionbuild", "/" + "a" * 5000) is True
+    assert time.monotonic() - started < 1.0
 
 
 def test_origin_cache_loads_once_and_evicts():
@@ -180,6 +232,15 @@ def test_robots_txt_honoured_when_enabled(server):
     server.reset_counts()
     out, _ = fetch([server.url("/private/a.png")], cfg())  # default: robots.txt not read
     assert out[S.STATUS][0] == "success" and server.request_count("/robots.txt") == 0
+
+
+def test_robots_txt_wildcards_and_precedence_against_a_server(server):
+    server.add("/robots.txt", b"User-agent: laion\nDisallow: /\n\nUser-agent: *\nDisallow: /\nAllow: /public/\n"
+                              b"Disallow: /public/*?\nDisallow: /*/b.png$\n", content_type="text/plain")
+    paths = ["/public/a.png", "/public/a.png?x=1", "/public/b.png", "/public/b.png?x=1", "/free/a.png"]
+    out, _ = fetch([server.base_url + p for p in paths], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS]) == ["success"] + ["opt_out_robots_txt"] * 4
+    assert server.request_count("/public/a.png") == 1 and server.request_count("/public/b.png") == 0
 
 
 def test_robots_txt_for_all_agents(server):
