@@ -92,6 +92,15 @@ def test_robots_status_handling():
     assert not parse_robots(None).allowed("laionbuild", "/a.jpg")  # unreachable
 
 
+def test_robots_txt_answered_429_disallows_everything(server):
+    """429 (too many requests) is the server being overloaded, as a 5xx: not "no rules"."""
+    assert not parse_robots(429).allowed("laionbuild", "/a.jpg")
+    server.add("/robots.txt", b"", status=429, content_type="text/plain", headers={"Retry-After": "60"})
+    out, _ = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
+    assert out[S.STATUS][0] == "opt_out_robots_txt"
+    assert server.request_count("/public/a.png") == 0
+
+
 WILD = b"User-agent: *\nDisallow: /*.jpg$\nDisallow: /*?\n"
 GROUPS = (b"User-agent: a\nUser-agent: LaionBuild/2.0\nDisallow: /a\n\nUser-agent: b\nDisallow: /b\n"
           b"User-agent: laionbuild\nDisallow: /c\nUser-agent: *\nDisallow: /\n")

@@ -32,8 +32,9 @@ robots.txt (RFC 9309, our own parser and matcher)
       a colon are handled; ``Crawl-delay``, ``Sitemap`` and other records are
       not used (``fetch.per_host_concurrency`` limits the load on a host).
 
-    A 4xx answer means no rules; a 5xx answer or an unreachable host means
-    everything is disallowed, as RFC 9309 asks. The fetcher reads at most
+    A 4xx answer means no rules; a 5xx answer, a 429 (too many requests) or an
+    unreachable host means everything is disallowed, as RFC 9309 asks for a
+    server error. The fetcher reads at most
     ``fetch.policy_max_bytes`` of the file and uses what it read.
 """
 
@@ -326,8 +327,12 @@ class RobotsRules:
 
 
 def parse_robots(status: int | None, body: bytes = b"", note: str = "") -> RobotsRules:
-    """Rules from a robots.txt answer (``status`` None: the host could not be reached)."""
-    if status is None or status >= 500:
+    """Rules from a robots.txt answer (``status`` None: the host could not be reached).
+
+    5xx, 429 (too many requests: the server is overloaded, as with a 5xx) and an
+    unreachable host disallow everything; any other 4xx means there are no rules.
+    """
+    if status is None or status >= 500 or status == 429:
         return RobotsRules(None, disallow_all=True, note=note or f"robots.txt unavailable ({status})")
     if status >= 400:
         return RobotsRules(None)
