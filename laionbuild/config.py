@@ -266,7 +266,8 @@ class FetchConfig:
     #: ``tdm-reservation: 1`` covers (status ``opt_out_tdmrep``); off in LAION-5B
     honour_tdmrep_json: bool = False
     #: read the image host's ``robots.txt`` (once per host and worker) and skip images
-    #: it disallows for our user-agent token (status ``opt_out_robots_txt``); off in LAION-5B
+    #: it disallows for our user-agent token (status ``opt_out_robots_txt``; a file that
+    #: cannot be read disallows everything: ``robots_txt_unavailable``); off in LAION-5B
     honour_robots_txt: bool = False
     #: largest ``tdmrep.json`` / ``robots.txt`` read (RFC 9309 asks for at least 500 KiB)
     policy_max_bytes: int = 512_000

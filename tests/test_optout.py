@@ -13,7 +13,7 @@ from PIL import Image
 from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, load_config
 from laionbuild.demo.image_server import LoopbackServer
-from laionbuild.stages.fetch import ImageFetcher, Resolver, fetch_counters
+from laionbuild.stages.fetch import STATUSES, ImageFetcher, Resolver, fetch_counters, is_transient
 from laionbuild.stages.optout import (
     OriginCache,
     parse_robots,
@@ -97,7 +97,7 @@ def test_robots_txt_answered_429_disallows_everything(server):
     assert not parse_robots(429).allowed("laionbuild", "/a.jpg")
     server.add("/robots.txt", b"", status=429, content_type="text/plain", headers={"Retry-After": "60"})
     out, _ = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
-    assert out[S.STATUS][0] == "opt_out_robots_txt"
+    assert out[S.STATUS][0] == "robots_txt_unavailable"
     assert server.request_count("/public/a.png") == 0
 
 
@@ -225,7 +225,7 @@ def test_opt_out_files_use_the_same_address_checks(server):
     assert out[S.STATUS][0] == "success"  # no readable tdmrep.json: nothing reserved
     assert stats["blocked"] == 1  # the redirect hop was refused before any connection
     out, stats = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
-    assert out[S.STATUS][0] == "opt_out_robots_txt"  # unreachable robots.txt: RFC 9309 disallows all
+    assert out[S.STATUS][0] == "robots_txt_unavailable"  # unreachable robots.txt: RFC 9309 disallows all
     assert stats["blocked"] == 1
     assert server.request_count("/public/a.png") == 1  # only the first fetch asked for the image
 
@@ -250,6 +250,20 @@ def test_robots_txt_wildcards_and_precedence_against_a_server(server):
     out, _ = fetch([server.base_url + p for p in paths], cfg(honour_robots_txt=True))
     assert list(out[S.STATUS]) == ["success"] + ["opt_out_robots_txt"] * 4
     assert server.request_count("/public/a.png") == 1 and server.request_count("/public/b.png") == 0
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_an_unreadable_robots_txt_is_not_a_publisher_opt_out(server, status):
+    """A robots.txt that cannot be read disallows everything (RFC 9309), but the publisher
+    said nothing: the rows get their own status, not ``opt_out_robots_txt``."""
+    server.add("/robots.txt", b"", status=status, content_type="text/plain")
+    out, _ = fetch([server.url("/public/a.png"), server.url("/public/b.png")], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS]) == ["robots_txt_unavailable"] * 2
+    assert out[S.DROP_REASON][0] == "fetch:robots_txt_unavailable"
+    assert out[S.ERROR_MESSAGE][0] == f"/robots.txt unavailable (HTTP {status})"
+    assert fetch_counters(out).dropped_by_reason == {"robots_txt_unavailable": 2}
+    assert "robots_txt_unavailable" in STATUSES and not is_transient("robots_txt_unavailable")
+    assert server.request_count("/public/a.png") == 0
 
 
 def test_robots_txt_for_all_agents(server):

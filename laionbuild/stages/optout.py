@@ -333,7 +333,8 @@ def parse_robots(status: int | None, body: bytes = b"", note: str = "") -> Robot
     unreachable host disallow everything; any other 4xx means there are no rules.
     """
     if status is None or status >= 500 or status == 429:
-        return RobotsRules(None, disallow_all=True, note=note or f"robots.txt unavailable ({status})")
+        why = "unreachable" if status is None else f"HTTP {status}"
+        return RobotsRules(None, disallow_all=True, note=note or f"{ROBOTS_PATH} unavailable ({why})")
     if status >= 400:
         return RobotsRules(None)
     return RobotsRules(_parse_groups(body))

@@ -54,7 +54,7 @@ STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
-    "too_small_bytes", "decoder_crashed", "too_many_scans", "decode_timeout",
+    "too_small_bytes", "decoder_crashed", "too_many_scans", "decode_timeout", "robots_txt_unavailable",
 )  # plus http_error_<code> and blocklisted:<list>
 
 #: per-row columns counting the connections and DNS work of the row's download; summed into
@@ -519,8 +519,10 @@ class ImageFetcher:
             robots: RobotsRules = self._policies.get(("robots", scheme, host, port),
                                                      lambda: parse_robots(*self._policy_file(scheme, host, port,
                                                                                              ROBOTS_PATH)))
+            if robots.disallow_all:  # the file could not be read: no opt-out of the publisher's
+                raise FetchFailure("robots_txt_unavailable", robots.note)
             if not robots.allowed(self.ua_token or "*", path):
-                raise FetchFailure("opt_out_robots_txt", robots.note or f"{ROBOTS_PATH} disallows {path[:200]}")
+                raise FetchFailure("opt_out_robots_txt", f"{ROBOTS_PATH} disallows {path[:200]}")
 
     def _policy_file(self, scheme: str, host: str, port: int, path: str) -> tuple[int | None, bytes]:
         """(HTTP status, body) of an opt-out file; status None when the host cannot be reached."""
