@@ -12,6 +12,7 @@ from PIL import Image
 
 from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, load_config
+from laionbuild.errors import ConfigError
 from laionbuild.demo.image_server import LoopbackServer
 from laionbuild.stages.fetch import STATUSES, ImageFetcher, Resolver, fetch_counters, is_transient
 from laionbuild.stages.optout import (
@@ -47,11 +48,18 @@ def cfg(**kw) -> FetchConfig:
     return FetchConfig(**base)
 
 
+def _batch(urls):
+    return {S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.array([""] * len(urls), dtype=object)}
+
+
+def fetcher(fetch_cfg: FetchConfig, **kw) -> ImageFetcher:
+    return ImageFetcher(fetch_cfg, ResizeConfig(image_size=16), resolver=Resolver(fetch_cfg.host_map, lookup=_no_dns),
+                        **kw)
+
+
 def fetch(urls, fetch_cfg: FetchConfig, **kw):
-    batch = {S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.array([""] * len(urls), dtype=object)}
-    with ImageFetcher(fetch_cfg, ResizeConfig(image_size=16), resolver=Resolver(fetch_cfg.host_map, lookup=_no_dns),
-                      **kw) as f:
-        return f(batch), dict(f.stats)
+    with fetcher(fetch_cfg, **kw) as f:
+        return f(_batch(urls)), dict(f.stats)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -149,6 +157,33 @@ def test_robots_txt_patterns_cost_linear_time():
     started = time.monotonic()
     assert rules.allowed("laionbuild", "/" + "a" * 5000) is True
     assert time.monotonic() - started < 1.0
+
+
+def test_origin_cache_loads_again_after_keep_s():
+    now = [0.0]
+    cache = OriginCache(size=10, clock=lambda: now[0])
+    calls = []
+
+    def load(name):
+        calls.append(name)
+        return name
+
+    def keep_s(value):
+        return 5.0 if value == "short" else None
+
+    for _ in range(3):
+        assert cache.get("s", lambda: load("short"), keep_s) == "short"
+        assert cache.get("l", lambda: load("long"), keep_s) == "long"
+    assert calls == ["short", "long"]
+    now[0] = 4.9
+    cache.get("s", lambda: load("short"), keep_s)
+    assert calls == ["short", "long"]
+    now[0] = 5.0  # expired: loaded again, then kept another 5 s
+    cache.get("s", lambda: load("short"), keep_s)
+    cache.get("l", lambda: load("long"), keep_s)
+    now[0] = 9.9
+    cache.get("s", lambda: load("short"), keep_s)
+    assert calls == ["short", "long", "short"]
 
 
 def test_origin_cache_loads_once_and_evicts():
@@ -266,6 +301,23 @@ def test_an_unreadable_robots_txt_is_not_a_publisher_opt_out(server, status):
     assert server.request_count("/public/a.png") == 0
 
 
+def test_an_unreadable_robots_txt_is_read_again_after_policy_retry_s(server):
+    """One failed robots.txt used to refuse the host's images for the worker's whole life."""
+    server.add("/robots.txt", b"", status=503, content_type="text/plain")
+    with fetcher(cfg(honour_robots_txt=True, policy_retry_s=0.5)) as f:
+        assert f(_batch([server.url("/public/a.png")]))[S.STATUS][0] == "robots_txt_unavailable"
+        assert f(_batch([server.url("/public/b.png")]))[S.STATUS][0] == "robots_txt_unavailable"
+        assert server.request_count("/robots.txt") == 1  # remembered meanwhile: the host is not asked per image
+        server.add("/robots.txt", b"User-agent: *\nDisallow: /private/\n", content_type="text/plain")
+        time.sleep(0.6)
+        out = f(_batch([server.url("/public/a.png"), server.url("/private/a.png")]))
+        assert list(out[S.STATUS]) == ["success", "opt_out_robots_txt"]
+        assert server.request_count("/robots.txt") == 2
+        time.sleep(0.6)  # a file that was read is kept (24 hours)
+        assert f(_batch([server.url("/private/b.png")]))[S.STATUS][0] == "opt_out_robots_txt"
+        assert server.request_count("/robots.txt") == 2
+
+
 def test_robots_txt_for_all_agents(server):
     server.add("/robots.txt", b"User-agent: *\nDisallow: /private/\n", content_type="text/plain")
     out, _ = fetch([server.url("/private/a.png"), server.url("/free/a.png")], cfg(honour_robots_txt=True))
@@ -291,6 +343,9 @@ def test_opt_out_config_keys():
     assert c.fetch.honour_tdmrep_json and c.fetch.honour_robots_txt and c.fetch.honour_tdm_header
     d = load_config(None)
     assert not d.fetch.honour_tdmrep_json and not d.fetch.honour_robots_txt
+    assert d.fetch.policy_retry_s == 300 and load_config(None, ["fetch.policy_retry_s=5"]).fetch.policy_retry_s == 5
+    with pytest.raises(ConfigError, match="policy_retry_s"):
+        load_config(None, ["fetch.policy_retry_s=-1"])
 
 
 def test_a_robots_txt_over_the_size_limit_is_read_as_far_as_the_limit(server):

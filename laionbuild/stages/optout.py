@@ -34,7 +34,9 @@ robots.txt (RFC 9309, our own parser and matcher)
 
     A 4xx answer means no rules; a 5xx answer, a 429 (too many requests) or an
     unreachable host means everything is disallowed, as RFC 9309 asks for a
-    server error. The fetcher reads at most
+    server error (the fetcher's status ``robots_txt_unavailable``: not an
+    opt-out). The fetcher keeps a file it read for :data:`ROBOTS_KEEP_S`
+    (24 hours) and one it could not read for ``fetch.policy_retry_s`` only. The fetcher reads at most
     ``fetch.policy_max_bytes`` of the file and uses what it read.
 """
 
@@ -43,12 +45,16 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 TDMREP_PATH = "/.well-known/tdmrep.json"
 ROBOTS_PATH = "/robots.txt"
+#: seconds a robots.txt that was read is used before it is read again (RFC 9309 section 2.4:
+#: a cached copy should not be used for more than 24 hours)
+ROBOTS_KEEP_S = 24 * 3600.0
 
 
 # --------------------------------------------------------------------------- TDMRep
@@ -342,21 +348,31 @@ def parse_robots(status: int | None, body: bytes = b"", note: str = "") -> Robot
 
 # --------------------------------------------------------------------------- cache
 class OriginCache:
-    """Thread-safe LRU of per-origin outcomes; one load per key even under concurrency."""
+    """Thread-safe LRU of per-origin outcomes; one load per key even under concurrency.
 
-    def __init__(self, size: int = 10_000):
+    ``get(key, loader, keep_s)``: ``keep_s(value)`` is how many seconds a loaded value is
+    used (None: as long as it stays in the cache); after that the next ``get`` loads it again.
+    """
+
+    def __init__(self, size: int = 10_000, clock: Callable[[], float] = time.monotonic):
         self.size = max(1, int(size))
-        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self.clock = clock
+        self._data: OrderedDict[Any, tuple[Any, Optional[float]]] = OrderedDict()  # key -> (value, expiry)
         self._loading: dict[Any, threading.Event] = {}
         self._lock = threading.Lock()
         self.loads = 0
 
-    def get(self, key, loader: Callable[[], Any]) -> Any:
+    def get(self, key, loader: Callable[[], Any],
+            keep_s: Optional[Callable[[Any], Optional[float]]] = None) -> Any:
         while True:
             with self._lock:
-                if key in self._data:
-                    self._data.move_to_end(key)
-                    return self._data[key]
+                entry = self._data.get(key)
+                if entry is not None:
+                    value, expiry = entry
+                    if expiry is None or self.clock() < expiry:
+                        self._data.move_to_end(key)
+                        return value
+                    del self._data[key]  # expired: load it again
                 event = self._loading.get(key)
                 if event is None:
                     event = threading.Event()
@@ -372,9 +388,10 @@ class OriginCache:
                 value = loader()
                 return value
             finally:
+                seconds = keep_s(value) if keep_s is not None and value is not None else None
                 with self._lock:
                     self.loads += 1
-                    self._data[key] = value
+                    self._data[key] = (value, None if seconds is None else self.clock() + seconds)
                     self._data.move_to_end(key)
                     while len(self._data) > self.size:
                         self._data.popitem(last=False)
@@ -383,4 +400,4 @@ class OriginCache:
 
 
 __all__ = ["OriginCache", "RobotsRules", "TdmRule", "parse_robots", "parse_tdmrep", "path_matches",
-           "tdm_header_reserved", "tdm_reserved", "ROBOTS_PATH", "TDMREP_PATH"]
+           "tdm_header_reserved", "tdm_reserved", "ROBOTS_KEEP_S", "ROBOTS_PATH", "TDMREP_PATH"]

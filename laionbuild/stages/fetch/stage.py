@@ -29,6 +29,7 @@ from ... import schema as S
 from ...config import FetchConfig, ResizeConfig
 from ...stats import StageCounters
 from ..optout import (
+    ROBOTS_KEEP_S,
     ROBOTS_PATH,
     TDMREP_PATH,
     OriginCache,
@@ -518,7 +519,9 @@ class ImageFetcher:
         if self.cfg.honour_robots_txt:
             robots: RobotsRules = self._policies.get(("robots", scheme, host, port),
                                                      lambda: parse_robots(*self._policy_file(scheme, host, port,
-                                                                                             ROBOTS_PATH)))
+                                                                                             ROBOTS_PATH)),
+                                                     lambda r: self.cfg.policy_retry_s if r.disallow_all
+                                                     else ROBOTS_KEEP_S)
             if robots.disallow_all:  # the file could not be read: no opt-out of the publisher's
                 raise FetchFailure("robots_txt_unavailable", robots.note)
             if not robots.allowed(self.ua_token or "*", path):
