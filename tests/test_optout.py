@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
+import threading
 import time
 
 import numpy as np
@@ -316,6 +318,44 @@ def test_an_unreadable_robots_txt_is_read_again_after_policy_retry_s(server):
         time.sleep(0.6)  # a file that was read is kept (24 hours)
         assert f(_batch([server.url("/private/b.png")]))[S.STATUS][0] == "opt_out_robots_txt"
         assert server.request_count("/robots.txt") == 2
+
+
+class _FlakyRobots(http.server.BaseHTTPRequestHandler):
+    """robots.txt answers 503 once, then its rules; any other path is an image."""
+
+    robots_requests = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/robots.txt":
+            type(self).robots_requests += 1
+            status, body = (503, b"") if type(self).robots_requests == 1 else (200, b"User-agent: *\nDisallow: /p/\n")
+        else:
+            status, body = 200, PNG
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("retries,statuses,requests", [
+    (1, ["success", "opt_out_robots_txt"], 2),
+    (0, ["robots_txt_unavailable", "robots_txt_unavailable"], 1),
+])
+def test_a_robots_txt_failing_once_is_asked_for_again_at_once(retries, statuses, requests):
+    handler = type("Flaky", (_FlakyRobots,), {"robots_requests": 0})
+    with http.server.ThreadingHTTPServer((HOST, 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            base = f"http://{HOST}:{httpd.server_address[1]}"
+            out, _ = fetch([base + "/a.png", base + "/p/a.png"],
+                           cfg(honour_robots_txt=True, retries=retries, retry_backoff_s=0))
+        finally:
+            httpd.shutdown()
+    assert list(out[S.STATUS]) == statuses
+    assert handler.robots_requests == requests
 
 
 def test_robots_txt_for_all_agents(server):

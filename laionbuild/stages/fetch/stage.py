@@ -533,7 +533,7 @@ class ImageFetcher:
         url = f"{scheme}://{netloc}:{port}{path}"
         self._bump("policy_fetches")
         try:
-            return 200, self._attempt(url, policy_file=True)[0]
+            return 200, self._read_policy_file(url)
         except FetchFailure as exc:
             if exc.status.startswith("http_error_") and exc.status[11:].isdigit():
                 return int(exc.status[11:]), b""
@@ -544,6 +544,21 @@ class ImageFetcher:
         except Exception:  # noqa: BLE001 - an opt-out file never stops the batch
             logger.warning("unexpected error fetching %s", url, exc_info=True)
             return None, b""
+
+    def _read_policy_file(self, url: str) -> bytes:
+        """The body of an opt-out file, asked for again after a timeout, a connection error or a
+        5xx (``fetch.retries`` times, back-off from ``fetch.retry_backoff_s``); not after a 429."""
+        retries = max(0, self.cfg.retries)
+        for attempt in range(retries + 1):
+            try:
+                return self._attempt(url, policy_file=True)[0]
+            except FetchFailure as exc:
+                if attempt >= retries or exc.status == "http_error_429" or not is_transient(exc.status):
+                    raise
+            delay = self.cfg.retry_backoff_s * (2 ** attempt)
+            if delay > 0:
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _request(self, target, deadline: float, policy_file: bool = False) -> bytes | str:
         """One HTTP exchange; returns the body (bytes) or a redirect location (str)."""
