@@ -270,13 +270,19 @@ class FetchConfig:
     #: (once per host and worker) and skip images whose path a rule with
     #: ``tdm-reservation: 1`` covers (status ``opt_out_tdmrep``); off in LAION-5B
     honour_tdmrep_json: bool = False
-    #: read the image host's ``robots.txt`` (once per host and worker) and skip images
-    #: it disallows for our user-agent token (status ``opt_out_robots_txt``); off in LAION-5B
+    #: read the image host's ``robots.txt`` (once per host and worker, again after
+    #: ``policy_retry_s`` when it could not be read) and skip images
+    #: it disallows for our user-agent token (status ``opt_out_robots_txt``; a file that
+    #: cannot be read disallows everything: ``robots_txt_unavailable``); off in LAION-5B
     honour_robots_txt: bool = False
     #: largest ``tdmrep.json`` / ``robots.txt`` read (RFC 9309 asks for at least 500 KiB)
     policy_max_bytes: int = 512_000
     #: hosts whose ``tdmrep.json`` / ``robots.txt`` outcome one worker keeps in memory
     policy_cache_size: int = 10_000
+    #: seconds a ``robots.txt`` that could not be read (unreachable, 5xx, 429) keeps its
+    #: host's images refused (status ``robots_txt_unavailable``) before it is asked for again;
+    #: a file that was read is used for 24 hours (RFC 9309)
+    policy_retry_s: float = 300.0
     #: rows per fetch task
     batch_size: int = 256
     #: batches one worker downloads at once (their rows share the ``threads`` downloads, so a
@@ -924,7 +930,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         if getattr(cfg.extract, name) < 0:
             raise ConfigError(f"{source}: 'extract.{name}' must not be negative")
     for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s",
-                 "emit_after_s", "max_jpeg_scans", "decode_cpu_limit_s", "retry_backoff_s", "max_retry_after_s"):
+                 "emit_after_s", "max_jpeg_scans", "decode_cpu_limit_s", "retry_backoff_s", "max_retry_after_s",
+                 "policy_retry_s"):
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",

@@ -174,3 +174,22 @@ def test_host_keys():
     assert host_key("IMG.Test.") == "img.test" == url_host("http://img.test./a.jpg")
     assert url_host("https://Bücher.example/x") == "xn--bcher-kva.example"
     assert url_host(None) == "" and url_host("http://[::1/") == ""
+
+
+def test_origin_cache_keeps_nothing_from_a_loader_that_raised():
+    """A host paused by its Retry-After raises in the robots.txt loader (nothing was asked of it):
+    the next row must ask again, not find a cached nothing."""
+    from laionbuild.stages.optout import OriginCache
+
+    cache = OriginCache()
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise RuntimeError("paused")
+
+    try:
+        cache.get("k", failing)
+    except RuntimeError:
+        pass
+    assert cache.get("k", lambda: "rules") == "rules" and len(calls) == 1

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ from PIL import Image
 
 from laionbuild import schema as S
 from laionbuild.config import FetchConfig, ResizeConfig, load_config
+from laionbuild.errors import ConfigError
 from laionbuild.demo.image_server import LoopbackServer
-from laionbuild.stages.fetch import ImageFetcher, Resolver, fetch_counters
+from laionbuild.stages.fetch import STATUSES, ImageFetcher, Resolver, fetch_counters, is_transient
 from laionbuild.stages.optout import (
     OriginCache,
     parse_robots,
@@ -46,11 +50,18 @@ def cfg(**kw) -> FetchConfig:
     return FetchConfig(**base)
 
 
+def _batch(urls):
+    return {S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.array([""] * len(urls), dtype=object)}
+
+
+def fetcher(fetch_cfg: FetchConfig, **kw) -> ImageFetcher:
+    return ImageFetcher(fetch_cfg, ResizeConfig(image_size=16), resolver=Resolver(fetch_cfg.host_map, lookup=_no_dns),
+                        **kw)
+
+
 def fetch(urls, fetch_cfg: FetchConfig, **kw):
-    batch = {S.URL: np.array(urls, dtype=object), S.DROP_REASON: np.array([""] * len(urls), dtype=object)}
-    with ImageFetcher(fetch_cfg, ResizeConfig(image_size=16), resolver=Resolver(fetch_cfg.host_map, lookup=_no_dns),
-                      **kw) as f:
-        return f(batch), dict(f.stats)
+    with fetcher(fetch_cfg, **kw) as f:
+        return f(_batch(urls)), dict(f.stats)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -62,6 +73,7 @@ def test_path_patterns_follow_robots_syntax():
     assert not path_matches("/images/", "/img/a.jpg")
     assert path_matches("*", "/anything")
     assert path_matches("images/", "/images/a.png")  # a location without its leading slash
+    assert path_matches("/bilder/\u00e4", "/bilder/%C3%A4") and path_matches("/%7Euser/", "/~user/a.png")
 
 
 def test_tdmrep_rules_first_match_decides():
@@ -88,6 +100,92 @@ def test_robots_status_handling():
     assert parse_robots(404).allowed("laionbuild", "/private/a.jpg")  # RFC 9309: 4xx = no rules
     assert not parse_robots(503).allowed("laionbuild", "/a.jpg")  # 5xx = everything disallowed
     assert not parse_robots(None).allowed("laionbuild", "/a.jpg")  # unreachable
+
+
+def test_robots_txt_answered_429_disallows_everything(server):
+    """429 (too many requests) is the server being overloaded, as a 5xx: not "no rules"."""
+    assert not parse_robots(429).allowed("laionbuild", "/a.jpg")
+    server.add("/robots.txt", b"", status=429, content_type="text/plain", headers={"Retry-After": "60"})
+    out, _ = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
+    assert out[S.STATUS][0] == "robots_txt_unavailable"
+    assert server.request_count("/public/a.png") == 0
+
+
+WILD = b"User-agent: *\nDisallow: /*.jpg$\nDisallow: /*?\n"
+GROUPS = (b"User-agent: a\nUser-agent: LaionBuild/2.0\nDisallow: /a\n\nUser-agent: b\nDisallow: /b\n"
+          b"User-agent: laionbuild\nDisallow: /c\nUser-agent: *\nDisallow: /\n")
+
+
+@pytest.mark.parametrize("body,path,allowed", [
+    (WILD, "/a.jpg", False), (WILD, "/x/a.jpg", False), (WILD, "/a.jpg?x=1", False), (WILD, "/a.jpgx", True),
+    (WILD, "/b.png?x=1", False), (WILD, "/c.png", True),
+    # the longest matching rule decides, Allow wins a tie
+    (b"User-agent: *\nDisallow: /\nAllow: /images/\n", "/images/a.png", True),
+    (b"User-agent: *\nDisallow: /\nAllow: /images/\n", "/other.png", False),
+    (b"User-agent: *\nAllow: /images/\nDisallow: /images/*.png\n", "/images/a.png", False),
+    (b"User-agent: *\nDisallow: /page\nAllow: /page\n", "/page", True),
+    (b"User-agent: *\nDisallow: /p$\n", "/p", False), (b"User-agent: *\nDisallow: /p$\n", "/p/", True),
+    (b"User-agent: *\nDisallow:\n", "/x", True),  # an empty Disallow allows
+    (b"User-agent: *\nDisallow: /\n", "/robots.txt", True),
+    # our product token, case-insensitive and whole; groups naming it are combined, else "*"
+    (b"User-agent: laion\nDisallow: /\n", "/a.png", True),
+    (b"User-agent: laionbuilder\nDisallow: /\n", "/a.png", True),
+    (GROUPS, "/a", False), (GROUPS, "/b", True), (GROUPS, "/c", False), (GROUPS, "/d", True),
+    (b"User-agent: other\nDisallow: /\n", "/a", True),  # no group for us nor for "*"
+    (b"Disallow: /\nUser-agent: *\nDisallow: /x\n", "/a", True),  # a rule before any group
+    # paths of two slashes are paths, not a host
+    (b"User-agent: *\nDisallow: //cdn/\n", "//cdn/a.png", False),
+    (b"User-agent: *\nDisallow: //cdn/\n", "/cdn/a.png", True),
+    # byte order mark, CRLF, comments, lines without a colon, other records, key case
+    (b"\xef\xbb\xbfUser-agent: *\r\nSitemap: /s.xml\r\nno colon\r\nDISALLOW : /x # note\r\n", "/x1", False),
+    (b"\xef\xbb\xbfUser-agent: *\r\nSitemap: /s.xml\r\nno colon\r\nDISALLOW : /x # note\r\n", "/y", True),
+    (b"User-agent: *\rDisallow: /x\r", "/x", False),
+    # percent-encoding (RFC 9309 section 2.2.2)
+    (b"User-agent: *\nDisallow: /foo/bar/%62%61%7A\n", "/foo/bar/baz", False),
+    (b"User-agent: *\nDisallow: /foo/bar/baz\n", "/foo/bar/%62%61%7a", False),
+    (b"User-agent: *\nDisallow: /foo/bar/\xe3\x83\x84\n", "/foo/bar/%E3%83%84", False),
+    (b"User-agent: *\nDisallow: /foo/bar/%e3%83%84\n", "/foo/bar/%E3%83%84", False),
+    (b"User-agent: *\nDisallow: /a%2Fb\n", "/a/b", True),  # an encoded reserved character is not itself
+    (b"User-agent: *\nDisallow: /file-%2A.html\n", "/file-*.html", False),
+    (b"User-agent: *\nDisallow: /file-%2A.html\n", "/file-a.html", True),
+    (b"User-agent: *\nDisallow: /\xe9t\xe9\n", "/%E9t%E9", False),  # a Latin-1 file: octets as they are
+])
+def test_robots_txt_rules_follow_rfc_9309(body, path, allowed):
+    assert parse_robots(200, body).allowed("laionbuild", path) is allowed
+
+
+def test_robots_txt_patterns_cost_linear_time():
+    rules = parse_robots(200, b"User-agent: *\nDisallow: /" + b"*a" * 40 + b"*b$\n")
+    started = time.monotonic()
+    assert rules.allowed("laionbuild", "/" + "a" * 5000) is True
+    assert time.monotonic() - started < 1.0
+
+
+def test_origin_cache_loads_again_after_keep_s():
+    now = [0.0]
+    cache = OriginCache(size=10, clock=lambda: now[0])
+    calls = []
+
+    def load(name):
+        calls.append(name)
+        return name
+
+    def keep_s(value):
+        return 5.0 if value == "short" else None
+
+    for _ in range(3):
+        assert cache.get("s", lambda: load("short"), keep_s) == "short"
+        assert cache.get("l", lambda: load("long"), keep_s) == "long"
+    assert calls == ["short", "long"]
+    now[0] = 4.9
+    cache.get("s", lambda: load("short"), keep_s)
+    assert calls == ["short", "long"]
+    now[0] = 5.0  # expired: loaded again, then kept another 5 s
+    cache.get("s", lambda: load("short"), keep_s)
+    cache.get("l", lambda: load("long"), keep_s)
+    now[0] = 9.9
+    cache.get("s", lambda: load("short"), keep_s)
+    assert calls == ["short", "long", "short"]
 
 
 def test_origin_cache_loads_once_and_evicts():
@@ -164,7 +262,7 @@ def test_opt_out_files_use_the_same_address_checks(server):
     assert out[S.STATUS][0] == "success"  # no readable tdmrep.json: nothing reserved
     assert stats["blocked"] == 1  # the redirect hop was refused before any connection
     out, stats = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
-    assert out[S.STATUS][0] == "opt_out_robots_txt"  # unreachable robots.txt: RFC 9309 disallows all
+    assert out[S.STATUS][0] == "robots_txt_unavailable"  # unreachable robots.txt: RFC 9309 disallows all
     assert stats["blocked"] == 1
     assert server.request_count("/public/a.png") == 1  # only the first fetch asked for the image
 
@@ -180,6 +278,84 @@ def test_robots_txt_honoured_when_enabled(server):
     server.reset_counts()
     out, _ = fetch([server.url("/private/a.png")], cfg())  # default: robots.txt not read
     assert out[S.STATUS][0] == "success" and server.request_count("/robots.txt") == 0
+
+
+def test_robots_txt_wildcards_and_precedence_against_a_server(server):
+    server.add("/robots.txt", b"User-agent: laion\nDisallow: /\n\nUser-agent: *\nDisallow: /\nAllow: /public/\n"
+                              b"Disallow: /public/*?\nDisallow: /*/b.png$\n", content_type="text/plain")
+    paths = ["/public/a.png", "/public/a.png?x=1", "/public/b.png", "/public/b.png?x=1", "/free/a.png"]
+    out, _ = fetch([server.base_url + p for p in paths], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS]) == ["success"] + ["opt_out_robots_txt"] * 4
+    assert server.request_count("/public/a.png") == 1 and server.request_count("/public/b.png") == 0
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_an_unreadable_robots_txt_is_not_a_publisher_opt_out(server, status):
+    """A robots.txt that cannot be read disallows everything (RFC 9309), but the publisher
+    said nothing: the rows get their own status, not ``opt_out_robots_txt``."""
+    server.add("/robots.txt", b"", status=status, content_type="text/plain")
+    out, _ = fetch([server.url("/public/a.png"), server.url("/public/b.png")], cfg(honour_robots_txt=True))
+    assert list(out[S.STATUS]) == ["robots_txt_unavailable"] * 2
+    assert out[S.DROP_REASON][0] == "fetch:robots_txt_unavailable"
+    assert out[S.ERROR_MESSAGE][0] == f"/robots.txt unavailable (HTTP {status})"
+    assert fetch_counters(out).dropped_by_reason == {"robots_txt_unavailable": 2}
+    assert "robots_txt_unavailable" in STATUSES and not is_transient("robots_txt_unavailable")
+    assert server.request_count("/public/a.png") == 0
+
+
+def test_an_unreadable_robots_txt_is_read_again_after_policy_retry_s(server):
+    """One failed robots.txt used to refuse the host's images for the worker's whole life."""
+    server.add("/robots.txt", b"", status=503, content_type="text/plain")
+    with fetcher(cfg(honour_robots_txt=True, policy_retry_s=0.5)) as f:
+        assert f(_batch([server.url("/public/a.png")]))[S.STATUS][0] == "robots_txt_unavailable"
+        assert f(_batch([server.url("/public/b.png")]))[S.STATUS][0] == "robots_txt_unavailable"
+        assert server.request_count("/robots.txt") == 1  # remembered meanwhile: the host is not asked per image
+        server.add("/robots.txt", b"User-agent: *\nDisallow: /private/\n", content_type="text/plain")
+        time.sleep(0.6)
+        out = f(_batch([server.url("/public/a.png"), server.url("/private/a.png")]))
+        assert list(out[S.STATUS]) == ["success", "opt_out_robots_txt"]
+        assert server.request_count("/robots.txt") == 2
+        time.sleep(0.6)  # a file that was read is kept (24 hours)
+        assert f(_batch([server.url("/private/b.png")]))[S.STATUS][0] == "opt_out_robots_txt"
+        assert server.request_count("/robots.txt") == 2
+
+
+class _FlakyRobots(http.server.BaseHTTPRequestHandler):
+    """robots.txt answers 503 once, then its rules; any other path is an image."""
+
+    robots_requests = 0
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/robots.txt":
+            type(self).robots_requests += 1
+            status, body = (503, b"") if type(self).robots_requests == 1 else (200, b"User-agent: *\nDisallow: /p/\n")
+        else:
+            status, body = 200, PNG
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.parametrize("retries,statuses,requests", [
+    (1, ["success", "opt_out_robots_txt"], 2),
+    (0, ["robots_txt_unavailable", "robots_txt_unavailable"], 1),
+])
+def test_a_robots_txt_failing_once_is_asked_for_again_at_once(retries, statuses, requests):
+    handler = type("Flaky", (_FlakyRobots,), {"robots_requests": 0})
+    with http.server.ThreadingHTTPServer((HOST, 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            base = f"http://{HOST}:{httpd.server_address[1]}"
+            out, _ = fetch([base + "/a.png", base + "/p/a.png"],
+                           cfg(honour_robots_txt=True, retries=retries, retry_backoff_s=0))
+        finally:
+            httpd.shutdown()
+    assert list(out[S.STATUS]) == statuses
+    assert handler.robots_requests == requests
 
 
 def test_robots_txt_for_all_agents(server):
@@ -207,6 +383,9 @@ def test_opt_out_config_keys():
     assert c.fetch.honour_tdmrep_json and c.fetch.honour_robots_txt and c.fetch.honour_tdm_header
     d = load_config(None)
     assert not d.fetch.honour_tdmrep_json and not d.fetch.honour_robots_txt
+    assert d.fetch.policy_retry_s == 300 and load_config(None, ["fetch.policy_retry_s=5"]).fetch.policy_retry_s == 5
+    with pytest.raises(ConfigError, match="policy_retry_s"):
+        load_config(None, ["fetch.policy_retry_s=-1"])
 
 
 def test_a_robots_txt_over_the_size_limit_is_read_as_far_as_the_limit(server):

@@ -16,7 +16,8 @@ Statuses
 ``too_many_redirects``, ``too_large_bytes``, ``opt_out`` (``X-Robots-Tag``),
 ``opt_out_tdm_header`` (``tdm-reservation: 1`` on the image), ``opt_out_tdmrep``
 (the host's ``/.well-known/tdmrep.json`` reserves the path), ``opt_out_robots_txt``
-(the host's ``robots.txt`` disallows the path; off by default),
+(the host's ``robots.txt`` disallows the path; off by default), ``robots_txt_unavailable``
+(the host's ``robots.txt`` could not be read, so nothing of the host is fetched),
 ``blocklisted:<list>`` (a redirect led to a block-listed URL), ``blocked_address``,
 ``bad_scheme``, ``bad_url`` and, from the decoder, ``not_an_image``,
 ``decode_error``, ``decoder_crashed`` (the decoder killed its process: see

@@ -30,6 +30,7 @@ from ... import schema as S
 from ...config import FetchConfig, ResizeConfig
 from ...stats import StageCounters
 from ..optout import (
+    ROBOTS_KEEP_S,
     ROBOTS_PATH,
     TDMREP_PATH,
     OriginCache,
@@ -57,7 +58,7 @@ STATUSES = (
     "success", "timeout", "connection_error", "dns_error", "too_many_redirects", "too_large_bytes",
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
-    "too_small_bytes", "decoder_crashed", "too_many_scans", "decode_timeout",
+    "too_small_bytes", "decoder_crashed", "too_many_scans", "decode_timeout", "robots_txt_unavailable",
 )  # plus http_error_<code> and blocklisted:<list>
 
 #: per-row columns counting the connections and DNS work of the row's download; summed into
@@ -472,16 +473,16 @@ class ImageFetcher:
         current = url
         for hop in range(self.cfg.max_redirects + 1):
             target = self._vet(current, deadline)
+            host = host_key(target[1])
+            paused = self._turns.paused(host)
+            if paused is not None:  # before its opt-out files too: nothing is asked of it
+                left, status = paused
+                raise FetchFailure(status, f"{host} asked to be left alone (Retry-After) for {left:.0f}s more",
+                                   wait_s=left)
             if not policy_file:
                 started = time.monotonic()
                 self._check_opt_outs(current, target)
                 deadline += time.monotonic() - started  # opt-out files do not eat the image's time
-            host = host_key(target[1])
-            paused = self._turns.paused(host)
-            if paused is not None:
-                left, status = paused
-                raise FetchFailure(status, f"{host} asked to be left alone (Retry-After) for {left:.0f}s more",
-                                   wait_s=left)
             slot = self._slot(host)
             waiting = time.monotonic()
             with slot:
@@ -560,9 +561,13 @@ class ImageFetcher:
         if self.cfg.honour_robots_txt:
             robots: RobotsRules = self._policies.get(("robots", scheme, host, port),
                                                      lambda: parse_robots(*self._policy_file(scheme, host, port,
-                                                                                             ROBOTS_PATH)))
+                                                                                             ROBOTS_PATH)),
+                                                     lambda r: self.cfg.policy_retry_s if r.disallow_all
+                                                     else ROBOTS_KEEP_S)
+            if robots.disallow_all:  # the file could not be read: no opt-out of the publisher's
+                raise FetchFailure("robots_txt_unavailable", robots.note)
             if not robots.allowed(self.ua_token or "*", path):
-                raise FetchFailure("opt_out_robots_txt", robots.note or f"{ROBOTS_PATH} disallows {path[:200]}")
+                raise FetchFailure("opt_out_robots_txt", f"{ROBOTS_PATH} disallows {path[:200]}")
 
     def _policy_file(self, scheme: str, host: str, port: int, path: str) -> tuple[int | None, bytes]:
         """(HTTP status, body) of an opt-out file; status None when the host cannot be reached."""
@@ -570,8 +575,10 @@ class ImageFetcher:
         url = f"{scheme}://{netloc}:{port}{path}"
         self._bump("policy_fetches")
         try:
-            return 200, self._attempt(url, policy_file=True)[0]
+            return 200, self._read_policy_file(url)
         except FetchFailure as exc:
+            if exc.wait_s is not None:
+                raise  # nothing was asked: the host is paused (Retry-After); the row waits, nothing is cached
             if exc.status.startswith("http_error_") and exc.status[11:].isdigit():
                 return int(exc.status[11:]), b""
             if exc.status == "too_large_bytes":
@@ -581,6 +588,21 @@ class ImageFetcher:
         except Exception:  # noqa: BLE001 - an opt-out file never stops the batch
             logger.warning("unexpected error fetching %s", url, exc_info=True)
             return None, b""
+
+    def _read_policy_file(self, url: str) -> bytes:
+        """The body of an opt-out file, asked for again after a timeout, a connection error or a
+        5xx (``fetch.retries`` times, back-off from ``fetch.retry_backoff_s``); not after a 429."""
+        retries = max(0, self.cfg.retries)
+        for attempt in range(retries + 1):
+            try:
+                return self._attempt(url, policy_file=True)[0]
+            except FetchFailure as exc:
+                if attempt >= retries or exc.status == "http_error_429" or not is_transient(exc.status):
+                    raise
+            delay = self.cfg.retry_backoff_s * (2 ** attempt)
+            if delay > 0:
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _request(self, target, deadline: float, policy_file: bool = False) -> bytes | str:
         """One HTTP exchange; returns the body (bytes) or a redirect location (str)."""
