@@ -193,3 +193,50 @@ def test_origin_cache_keeps_nothing_from_a_loader_that_raised():
     except RuntimeError:
         pass
     assert cache.get("k", lambda: "rules") == "rules" and len(calls) == 1
+
+
+def test_a_raw_utf8_location_is_read_as_utf8_and_messages_hold_no_control_characters():
+    """A Location sent as raw UTF-8 bytes is the URL a browser asks for (http.client reads header
+    bytes as Latin-1); a backslash before the query is a slash; a status line of raw bytes becomes
+    a printable message."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    asked: list[str] = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536).split(b"\r\n", 1)[0].decode("latin-1")
+                path = request.split(" ")[1]
+                asked.append(path)
+                if path == "/start":
+                    conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: /bild-\xc3\xa4.png\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                elif path == "/back":
+                    conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: \\img\\b.png\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                elif path == "/garbage":
+                    conn.sendall(b"\x00\x01JUNK\r\n\xff\xd8\r\n\r\n")
+                else:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
+                                 b"Connection: close\r\n\r\n" % len(PNG) + PNG)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        base = f"http://site.test:{port}"
+        out = _fetch([base + "/start", base + "/back", base + "/garbage"], ["site.test"], url_after_redirects=True)
+    finally:
+        listener.close()
+    assert list(out[S.STATUS][:2]) == ["success", "success"]
+    assert "/bild-%C3%A4.png" in asked and "/img/b.png" in asked
+    assert out[S.URL][0] == base + "/bild-ä.png"
+    assert out[S.STATUS][2] == "connection_error" and out[S.ERROR_MESSAGE][2].isprintable()

@@ -22,7 +22,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterable, Iterator, Mapping
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
@@ -43,6 +43,7 @@ from ..optout import (
 from ..isolate import ChildDied, CpuWatch, IsolatedCalls, over_cpu_limit
 from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
 from ..url_normalization import laion_response_url
+from ..candidates import clean_url, resolve_url
 from ..warc import decompress_content
 from ...remote import parse_retry_after
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
@@ -348,10 +349,10 @@ class ImageFetcher:
             if self.keep_image_bytes:
                 row.blob = encode_image(arr, self.resize_cfg)
         except FetchFailure as exc:
-            row.status, row.message = exc.status, exc.message
+            row.status, row.message = exc.status, _printable(exc.message)
             again = self._again(url, exc, attempt)
         except ImageRejected as exc:
-            row.status, row.message = exc.status, exc.message
+            row.status, row.message = exc.status, _printable(exc.message)
         except Exception as exc:  # noqa: BLE001 - one record never stops the batch
             logger.warning("unexpected error fetching %r", url, exc_info=True)
             row.status, row.message = "connection_error", f"unexpected {type(exc).__name__}: {exc}"
@@ -495,7 +496,7 @@ class ImageFetcher:
                     raise
             if isinstance(location, bytes):
                 return location, current
-            current = urljoin(current, location)
+            current = resolve_url(clean_url(_location_text(location)), current)
         raise FetchFailure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
     def _vet(self, url: str, deadline: float | None = None) -> tuple[str, str, int, str, tuple[str, ...]]:
@@ -707,6 +708,31 @@ class ImageFetcher:
                 self._pool.shutdown(wait=False)
         except Exception:  # noqa: BLE001
             pass
+
+
+def _location_text(location: str) -> str:
+    """A ``Location`` header as browsers read it: ``http.client`` decodes header bytes as
+    Latin-1, but a raw non-ASCII Location is UTF-8 (``/bild-ä.jpg``, sent as is, was asked for as
+    ``/bild-%C3%83%C2%A4.jpg``); bytes that are not UTF-8 are percent-encoded, as browsers do."""
+    if location.isascii():
+        return location
+    try:
+        raw = location.encode("latin-1")
+    except UnicodeEncodeError:
+        return location
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def _printable(message: str) -> str:
+    """A row's message without control characters (a server's bad status line can hold NULs,
+    CR / LF and image bytes): each is written as ``\\xNN``."""
+    return message if message.isprintable() else message.translate(_CONTROL)
 
 
 #: ``Content-Encoding`` values undone after download: we ask for ``identity``, but some servers
