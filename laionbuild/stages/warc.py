@@ -49,12 +49,17 @@ _DRAIN_CHUNK = 1 << 20
 _BINARY_SNIFF_BYTES = 1024
 
 _NEEDED_HEADERS_RE = re.compile(
-    rb"^[ \t]*(content-type|transfer-encoding|content-encoding)[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE
+    rb"^(content-type|transfer-encoding|content-encoding)[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE
 )
+#: a line break followed by a space or a tab: the next line continues the header (obs-fold)
+_OBS_FOLD_RE = re.compile(rb"\r?\n[ \t]+")
 #: the empty line that ends an HTTP header block, with CRLF or bare LF line ends (old
 #: crawls, e.g. WARC/0.18 files, wrote LF-only HTTP headers)
 _HEADER_END_RE = re.compile(rb"\r?\n\r?\n")
 _CHARSET_RE = re.compile(r"""charset\s*=\s*["']?\s*([^\s;"',]+)""", re.IGNORECASE)
+#: an HTTP token (the type and subtype of a MIME type)
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_WS = " \t\r\n"
 
 
 @dataclass
@@ -110,7 +115,7 @@ def parse_http_block(head: bytes) -> tuple[int, dict[str, str], int]:
     Raises :class:`_BadRecord` when the block does not start with an HTTP header.
     """
     end, body_start = _header_end(head)
-    lines = head[:end].decode("latin-1").splitlines()
+    lines = _unfold(head[:end]).decode("latin-1").splitlines()
     status_line = lines[0].strip() if lines else ""
     parts = status_line.split(None, 2)
     if len(parts) < 2 or not parts[0].upper().startswith("HTTP/"):
@@ -142,10 +147,20 @@ def _header_end(head: bytes) -> tuple[int, int]:
     return m.start(), m.end()
 
 
+def _unfold(block: bytes) -> bytes:
+    """Header lines with folded values (a line that starts with a space or a tab continues
+    the one before, RFC 7230's obs-fold) joined as one line each."""
+    if b"\n " in block or b"\n\t" in block:
+        return _OBS_FOLD_RE.sub(b" ", block)
+    return block
+
+
 def _scan_http_head(head: bytes) -> tuple[dict[str, str], int]:
     """The part of :func:`parse_http_block` the extractor needs: the status line is
     checked, and only ``Content-Type`` and the two coding headers are read."""
     end, body_start = _header_end(head)
+    head = _unfold(head[:end])
+    end = len(head)
     eol = head.find(b"\n", 0, end)
     status_line = head[: eol if eol >= 0 else end]
     parts = status_line.split(None, 2)
@@ -160,11 +175,61 @@ def _scan_http_head(head: bytes) -> tuple[dict[str, str], int]:
     return headers, body_start
 
 
+def _header_values(value: str) -> list[str]:
+    """A combined header value split at its commas, those inside a quoted string excepted."""
+    if "," not in value:
+        return [value]
+    values, start, quoted, escaped = [], 0, False, False
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == ",":
+            values.append(value[start:i])
+            start = i + 1
+    values.append(value[start:])
+    return values
+
+
+def _parse_mime(value: str) -> tuple[str, str] | None:
+    """``(essence, parameters)`` of one MIME type (``type/subtype``, lower-cased), else None."""
+    value = value.strip(_HTTP_WS)
+    typ, slash, rest = value.partition("/")
+    if not slash or not _TOKEN_RE.fullmatch(typ):
+        return None
+    subtype, _, params = rest.partition(";")
+    subtype = subtype.rstrip(_HTTP_WS)
+    if not _TOKEN_RE.fullmatch(subtype):
+        return None
+    return f"{typ}/{subtype}".lower(), params
+
+
 def split_content_type(value: str) -> tuple[str, str | None]:
-    """``text/html; charset=UTF-8`` -> ``("text/html", "UTF-8")``."""
-    mime = value.split(";", 1)[0].strip().lower()
-    m = _CHARSET_RE.search(value)
-    return mime, (m.group(1) if m else None)
+    """``text/html; charset=UTF-8`` -> ``("text/html", "UTF-8")``; ``("", None)`` when no MIME type.
+
+    A header sent twice arrives joined by a comma (``text/html, text/html; charset=UTF-8``):
+    the MIME type is read as browsers read it (WHATWG Fetch, "extract a MIME type"): the last
+    value that is a ``type/subtype`` (``*/*`` excepted); its charset, else the charset of the
+    value that started the run of values of that same type before it.
+    """
+    mime, charset, carried = "", None, None
+    for part in _header_values(value):
+        parsed = _parse_mime(part)
+        if parsed is None or parsed[0] == "*/*":
+            continue
+        essence, params = parsed
+        m = _CHARSET_RE.search(params) if params else None
+        own = m.group(1) if m else None
+        if essence != mime:
+            mime, carried = essence, own
+        charset = own if own is not None else carried
+    return mime, charset
 
 
 def _dechunk(data: bytes) -> bytes | None:
@@ -292,8 +357,12 @@ def _html_from_block(
             break
         head += more
     headers, body_start = _scan_http_head(head)
-    mime, charset = split_content_type(headers.get("content-type", ""))
+    content_type = headers.get("content-type", "")
+    mime, charset = split_content_type(content_type)
     if mime not in cfg.html_mime_types:
+        if content_type and any(t in content_type.lower() for t in cfg.html_mime_types):
+            # names an HTML type but does not read as one (``text/html charset=...``): said, not silent
+            raise _BadRecord("bad_content_type")
         return None
     counters.count("html_responses")
     limit = cfg.max_html_bytes
