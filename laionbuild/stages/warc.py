@@ -6,9 +6,11 @@ Two reader engines are supported (``extract.reader``):
   the HTTP block is parsed here and a bogus HTTP header never stops the file;
 * ``fastwarc`` (C++), faster (about 1.4x through this stage);
 * ``auto`` (the default): fastwarc when it is installed, else warcio. fastwarc
-  cannot read WARC header blocks with bare LF line ends (old crawls); a file
-  that fastwarc rejects at its first record is read again with warcio
-  (counted as ``reader_fallback_warcio``).
+  cannot read WARC header blocks with bare LF line ends (old crawls); when
+  fastwarc stops early (at the first record or a later one), warcio reads the
+  file again and goes on from the record fastwarc stopped at, the records
+  before it neither yielded nor counted twice (``reader_fallback_warcio``);
+  when warcio gets no further, fastwarc's account of the file stands.
 
 Both engines hand the raw HTTP block of each record to the same code
 (:func:`parse_http_block` and :func:`decode_body`), so the two give the same
@@ -509,8 +511,10 @@ def _content_length(value) -> int | None:
 
 def _iter_warcio(
     stream: BinaryIO, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
-    skip: int = 0,
+    skip: int = 0, unpacked: bool = False, progress: dict | None = None,
 ) -> Iterator[HtmlDocument]:
+    """``skip``: records read before (not counted again); ``unpacked``: ``stream`` is the
+    decompressed bytes of a file of gzip members; ``progress["seen"]``: records met so far."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
 
@@ -519,6 +523,8 @@ def _iter_warcio(
     try:
         for record in it:
             seen += 1
+            if progress is not None:
+                progress["seen"] = max(progress.get("seen", 0), seen)
             if seen <= skip:
                 continue
             if record.format != "warc":
@@ -560,12 +566,13 @@ def _iter_warcio(
             _set_failed(file_result, "empty_file", "no record in the file")
     except ArchiveLoadFailed as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
-        if "non-chunked gzip" in str(exc) and skip == 0:
+        if "non-chunked gzip" in str(exc) and not unpacked:
             # a WARC compressed as one gzip member: valid, only not record-seekable
             counters.count("single_member_gzip")
             stream.seek(0)
             members = GunzipMembers(stream)
-            yield from _iter_warcio(io.BufferedReader(members), path, cfg, counters, file_result, skip=seen)
+            yield from _iter_warcio(io.BufferedReader(members), path, cfg, counters, file_result,
+                                    skip=max(seen, skip), unpacked=True, progress=progress)
             if not members.complete:
                 _set_partial(file_result, "truncated", "the file ends inside its gzip member")
             return
@@ -591,8 +598,11 @@ def _iter_warcio(
 
 
 def _iter_fastwarc(
-    source, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult
+    source, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
+    progress: dict | None = None,
 ) -> Iterator[HtmlDocument]:
+    """``progress`` (with ``auto``): ``done``, the records read whole, and ``counters``, the
+    counters as they were before the record after them (see :func:`_counters_state`)."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     response = WarcRecordType.response
@@ -602,6 +612,8 @@ def _iter_fastwarc(
             source, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False
         )
         for record in it:
+            if progress is not None:
+                progress["done"], progress["counters"] = seen, _counters_state(counters)
             seen += 1
             content_length = record.content_length
             if not content_length and record.headers.get("Content-Length") is None:
@@ -700,20 +712,27 @@ def iter_html_documents(
     reader = resolve_reader(cfg.reader)
     try:
         if reader == "fastwarc" and cfg.reader == "auto":
-            saved = (counters.kept, Counter(counters.counts), Counter(counters.dropped_by_reason))
-            records_before = counters.counts.get("records", 0)
-            yielded = 0
-            for doc in _iter_fastwarc(stream, path, cfg, counters, file_result):
-                yielded += 1
-                yield doc
-            rejected = not (yielded or file_result.status == "ok"
-                            or counters.counts.get("records", 0) - records_before > 1)
-            if rejected and network_error(stream) is None:
-                # fastwarc rejected the first record (an old or LF-only WARC header): read with warcio
-                stream = _reopen_for_warcio(stream, path, cfg, counters, file_result, saved)
+            progress = {"done": 0, "counters": _counters_state(counters)}
+            yield from _iter_fastwarc(stream, path, cfg, counters, file_result, progress)
+            if file_result.status != "ok" and network_error(stream) is None:
+                # fastwarc stopped early (an old or LF-only WARC header, at the first record or a later
+                # one): warcio reads the file again and goes on from the record fastwarc stopped at
+                done = progress["done"]
+                fastwarc_end = (_counters_state(counters), file_result.status, file_result.reason,
+                                file_result.message)
+                _set_counters(counters, progress["counters"])
+                counters.count("records", done)
+                file_result.status, file_result.reason, file_result.message = "ok", "", ""
+                stream = _reopen_for_warcio(stream, path, cfg, counters, file_result)
                 if stream is None:
                     return
-                yield from _iter_warcio(stream, path, cfg, counters, file_result)
+                seen: dict = {}
+                yield from _iter_warcio(stream, path, cfg, counters, file_result, skip=done, progress=seen)
+                if done and seen.get("seen", 0) <= done and network_error(stream) is None:
+                    # warcio got no further: fastwarc's account of the file stands
+                    _set_counters(counters, fastwarc_end[0])
+                    counters.count("reader_fallback_warcio")
+                    file_result.status, file_result.reason, file_result.message = fastwarc_end[1:]
         elif reader == "fastwarc":
             yield from _iter_fastwarc(stream, path, cfg, counters, file_result)
         else:
@@ -730,15 +749,20 @@ def iter_html_documents(
             pass
 
 
-def _reopen_for_warcio(stream, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
-                       saved: tuple):
-    """Forget what the fastwarc pass counted and open the input again for warcio (None: it failed)."""
-    counters.kept = saved[0]
+def _counters_state(counters: StageCounters) -> tuple:
+    return counters.kept, Counter(counters.counts), Counter(counters.dropped_by_reason)
+
+
+def _set_counters(counters: StageCounters, state: tuple) -> None:
+    counters.kept = state[0]
     counters.counts.clear()
-    counters.counts.update(saved[1])
+    counters.counts.update(state[1])
     counters.dropped_by_reason.clear()
-    counters.dropped_by_reason.update(saved[2])
-    file_result.status, file_result.reason, file_result.message = "ok", "", ""
+    counters.dropped_by_reason.update(state[2])
+
+
+def _reopen_for_warcio(stream, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult):
+    """Open the input again for warcio (None: it failed)."""
     counters.count("reader_fallback_warcio")
     try:
         stream.close()
