@@ -509,6 +509,18 @@ def _content_length(value) -> int | None:
         return None
 
 
+#: characters of a file's first line quoted in a message (the rest would be escaped binary)
+MAX_QUOTED_CHARS = 60
+
+
+def _quote_cut(msg: str) -> str:
+    """warcio's ``... first line: <the line>`` with the line cut at :data:`MAX_QUOTED_CHARS`."""
+    head, sep, line = msg.partition("first line: ")
+    if not sep or len(line) <= MAX_QUOTED_CHARS:
+        return msg
+    return f"{head}{sep}{line[:MAX_QUOTED_CHARS]}... ({len(line) - MAX_QUOTED_CHARS} more characters)"
+
+
 def _iter_warcio(
     stream: BinaryIO, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
     skip: int = 0, unpacked: bool = False, progress: dict | None = None,
@@ -565,7 +577,7 @@ def _iter_warcio(
         if seen == 0 and skip == 0:
             _set_failed(file_result, "empty_file", "no record in the file")
     except ArchiveLoadFailed as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
+        msg = _quote_cut(str(exc).strip().splitlines()[0]) if str(exc).strip() else "cannot parse"
         if "non-chunked gzip" in str(exc) and not unpacked:
             # a WARC compressed as one gzip member: valid, only not record-seekable
             counters.count("single_member_gzip")
