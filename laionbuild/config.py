@@ -104,7 +104,8 @@ class ExtractConfig:
     input_max_backoff_s: float = 60.0
     #: ``<img>`` attributes read for the image URL, in order; LAION used ``src`` only
     url_attributes: tuple[str, ...] = ("src",)
-    #: also consider the first candidate of ``srcset`` when no URL attribute matched
+    #: also read ``srcset`` (the ``<img>``'s, else a ``<source>``'s of its ``<picture>``): its first
+    #: candidate URL when no URL attribute matched or the URL is a ``data:`` / ``javascript:`` placeholder
     use_srcset: bool = False
     #: URL schemes an image URL may have; others are dropped (``scheme_not_allowed``)
     allowed_schemes: tuple[str, ...] = ("http", "https")

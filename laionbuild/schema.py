@@ -188,10 +188,32 @@ def pair_hashes(urls, texts) -> np.ndarray:
     return np.fromiter((pair_hash(u, t) for u, t in zip(urls, texts)), dtype=np.int64, count=len(urls))
 
 
-def row_key(warc_path: str, warc_offset: int, url: str) -> str:
-    """Stable per-row key (names saved images and embedding rows)."""
-    h = mmh3.hash64(f"{warc_path}|{warc_offset}|{url}".encode("utf-8"), signed=False)[0]
+def row_key(warc_path: str, warc_offset: int, record_id: str, url: str, text: str, sample_id=None) -> str:
+    """Per-row key of a published row (names saved images and joins embedding rows): 16 hex
+    digits of the unsigned 64-bit murmur3 of ``warc_path|warc_offset|warc_record_id|URL|TEXT|SAMPLE_ID``.
+
+    Two rows differ in at least one of these: two ``<img>`` of one URL with other alt texts
+    differ in TEXT, records of one gzip member in ``warc_record_id``, and ``SAMPLE_ID`` (the
+    row's number in the run, empty for rows made before it existed) tells apart even rows
+    equal in all the rest (an image repeated on a page with ``dedup_within_file`` off)."""
+    sid = "" if sample_id is None else str(int(sample_id))
+    h = mmh3.hash64(f"{warc_path}|{warc_offset}|{record_id}|{url}|{text}|{sid}".encode("utf-8"), signed=False)[0]
     return f"{h:016x}"
+
+
+def row_keys(batch: dict[str, np.ndarray], idx) -> list[str]:
+    """:func:`row_key` of the rows ``idx`` (indices or a mask) of a batch: the only way the
+    published ``key`` column is computed."""
+    rows = np.flatnonzero(idx) if getattr(idx, "dtype", None) == bool else np.asarray(idx, dtype=np.int64)
+    ids = batch.get(SAMPLE_ID)
+    records = batch.get(WARC_RECORD_ID)
+    out = []
+    for i in rows:
+        sid = ids[i] if ids is not None else None
+        out.append(row_key(batch[WARC_PATH][i], int(batch[WARC_OFFSET][i]),
+                           "" if records is None or records[i] is None else str(records[i]),
+                           batch[URL][i], batch[ALT_TEXT][i], sid))
+    return out
 
 
 def image_rows(images, idx: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:

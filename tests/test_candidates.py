@@ -17,6 +17,7 @@ from laionbuild.stages.candidates import (
     parse_html,
     resolve_charset,
     sniff_charset,
+    srcset_urls,
 )
 from laionbuild.stages.warc import HtmlDocument, iter_html_documents
 from laionbuild.stats import FileResult, StageCounters
@@ -279,6 +280,45 @@ def test_url_attributes_and_srcset_are_configurable():
     assert c.dropped_by_reason["no_url"] == 1
     rows, _ = run(page, url_attributes=("data-src", "src"), use_srcset=True)
     assert [r["url"] for r in rows] == ["http://www.example.com/lazy.jpg", "http://www.example.com/s1.jpg"]
+
+
+@pytest.mark.parametrize("srcset, expected", [
+    ("https://res.cloudinary.com/d/image/upload/w_300,h_200,c_fill/s.jpg 300w, /b.jpg 600w",
+     ["https://res.cloudinary.com/d/image/upload/w_300,h_200,c_fill/s.jpg", "/b.jpg"]),
+    ("/wp/a.jpg?resize=300,200 300w,/wp/a.jpg?resize=600,400 600w", ["/wp/a.jpg?resize=300,200",
+                                                                    "/wp/a.jpg?resize=600,400"]),
+    (", /lead.jpg 1x", ["/lead.jpg"]),
+    (" ,, /a.jpg,, /b.jpg 2x", ["/a.jpg", "/b.jpg"]),
+    ("/a.jpg,/b.jpg 2x", ["/a.jpg,/b.jpg"]),  # no whitespace: one URL, as browsers read it
+    ("/a.jpg 100w (x, y), /b.jpg", ["/a.jpg", "/b.jpg"]),  # a comma inside parentheses
+    ("data:image/gif;base64,R0lGOD 1w, /real.jpg 800w", ["data:image/gif;base64,R0lGOD", "/real.jpg"]),
+    ("", []),
+    (" , ", []),
+])
+def test_srcset_is_split_as_browsers_split_it(srcset, expected):
+    assert list(srcset_urls(srcset)) == expected
+
+
+def test_srcset_urls_with_commas_placeholders_and_picture_sources():
+    page = html_page(
+        "<img srcset='https://res.cloudinary.com/d/image/upload/w_300,h_200/s.jpg 300w, /b.jpg 600w' "
+        "alt='cloudinary transformed image'>"
+        "<img srcset=', /lead.jpg 1x' alt='leading comma in srcset'>"
+        "<img src='data:image/gif;base64,R0lGOD' srcset='/real.jpg 1x' alt='placeholder src with srcset'>"
+        "<img srcset='data:image/gif;base64,R0lGOD 1w, /second.jpg 800w' alt='data uri first in srcset'>"
+        "<picture><source srcset='/p.webp 1x' type='image/webp'>"
+        "<img src='data:image/gif;base64,R0lGOD' alt='picture with a placeholder img'></picture>"
+        "<img src='data:image/gif;base64,R0lGOD' alt='placeholder and nothing else'>"
+    )
+    rows, c = run(page, use_srcset=True)
+    assert [r["url"] for r in rows] == [
+        "https://res.cloudinary.com/d/image/upload/w_300,h_200/s.jpg", "http://www.example.com/lead.jpg",
+        "http://www.example.com/real.jpg", "http://www.example.com/second.jpg", "http://www.example.com/p.webp"]
+    assert dict(c.dropped_by_reason) == {"data_or_javascript_url": 1}
+    # without use_srcset (LAION-5B's default) nothing of this is read
+    rows, c = run(page)
+    assert rows == []
+    assert dict(c.dropped_by_reason) == {"no_url": 3, "data_or_javascript_url": 3}
 
 
 # --------------------------------------------------------------------------- filters

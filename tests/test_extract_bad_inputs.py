@@ -290,3 +290,14 @@ def test_a_compression_bomb_payload_is_not_inflated_past_the_limit():
         assert len(out) == 1_000_001, coding
         assert peak < 10_000_000, (coding, peak)  # the 50 MB are never held
     assert decompress_content(b"not gzip at all", "gzip", 100) is None
+
+
+@pytest.mark.parametrize("reader", ("warcio", "auto"))
+def test_not_warc_message_quotes_a_short_piece_of_the_first_line(tmp_path, reader):
+    path = tmp_path / "archive.warc"
+    path.write_bytes(b"././@PaxHeader" + b"\0" * 500 + bytes(range(1, 256)) * 4 + b"\n")  # a tar file, say
+    fe = extract_file(str(path), ExtractConfig(reader=reader))
+    assert (fe.file.status, fe.file.reason) == ("failed", "not_warc")
+    assert "first line: " in fe.file.message and "PaxHeader" in fe.file.message
+    assert len(fe.file.message) < 160, fe.file.message
+    assert "more characters)" in fe.file.message

@@ -112,3 +112,50 @@ def test_auto_reader_falls_back_to_warcio_for_lf_only_warc_headers(old_warc):
     assert fe.counters.counts["reader_fallback_warcio"] == 1
     assert fe.counters.counts["records"] == len(payloads)  # the failed fastwarc attempt is not counted
     assert fe.file.status == "ok"
+
+
+def _crlf_record(url: str, payload: bytes) -> bytes:
+    http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n" + payload
+    head = (f"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: {url}\r\nWARC-Date: 2021-01-01T00:00:00Z\r\n"
+            f"WARC-Record-ID: <urn:uuid:{uuid.uuid4()}>\r\nContent-Type: application/http; msgtype=response\r\n"
+            f"Content-Length: {len(http)}\r\n\r\n").encode("ascii")
+    return head + http + b"\r\n\r\n"
+
+
+@pytest.mark.skipif(not fastwarc_available(), reason="fastwarc not installed")
+@pytest.mark.parametrize("gz", [True, False])
+def test_auto_reader_reads_on_with_warcio_when_fastwarc_stops_at_a_later_record(tmp_path, old_warc, gz):
+    """CRLF records first, then LF-only ones: fastwarc stops at the first LF-only header; warcio
+    reads on from there, every record counted once."""
+    _, payloads = old_warc
+    records = [_crlf_record(f"http://www.example.com/{i}.html",
+                            f"<img src='/a{i}.jpg' alt='a crlf record image {i}'>".encode()) for i in range(2)]
+    records += [old_record(url, payload) for url, payload in payloads.items()]
+    path = tmp_path / ("mixed.warc.gz" if gz else "mixed.warc")
+    path.write_bytes(b"".join(gzip.compress(r) if gz else r for r in records))
+    ref = extract_file(str(path), ExtractConfig(reader="warcio"))
+    assert ref.file.status == "ok" and ref.counters.counts["records"] == 6
+    fe = extract_file(str(path), ExtractConfig(reader="auto"))
+    assert (fe.file.status, fe.file.reason) == ("ok", "")
+    assert fe.rows == ref.rows
+    assert len(fe.rows) == 2 + 4 * 8
+    counts = dict(fe.counters.counts)
+    assert counts.pop("reader_fallback_warcio") == 1
+    assert counts == dict(ref.counters.counts)
+    assert fe.counters.dropped_by_reason == ref.counters.dropped_by_reason and fe.counters.kept == ref.counters.kept
+
+
+@pytest.mark.skipif(not fastwarc_available(), reason="fastwarc not installed")
+def test_auto_reader_keeps_fastwarc_account_when_warcio_gets_no_further(tmp_path):
+    records = [_crlf_record(f"http://www.example.com/{i}.html",
+                            f"<img src='/a{i}.jpg' alt='a crlf record image {i}'>".encode()) for i in range(3)]
+    data = b"".join(records)
+    path = tmp_path / "cut.warc"
+    path.write_bytes(data[: len(records[0]) + len(records[1]) + 40])  # the third record's header is cut
+    fw = extract_file(str(path), ExtractConfig(reader="fastwarc"))
+    fe = extract_file(str(path), ExtractConfig(reader="auto"))
+    assert fw.file.status == fe.file.status == "partial"
+    assert fe.rows == fw.rows and len(fe.rows) == 2
+    counts = dict(fe.counters.counts)
+    assert counts.pop("reader_fallback_warcio") == 1
+    assert counts == dict(fw.counters.counts)

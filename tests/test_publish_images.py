@@ -88,3 +88,37 @@ def test_filter_image_tar_in_place_and_by_key(tmp_path):
         assert len(tar.getmembers()) == 9  # image, caption and json of the three rows left
     assert filter_image_tar(layout.fs, path, [], keys=[]) == 0
     assert io.BytesIO(open(path, "rb").read()).getbuffer().nbytes > 0
+
+
+def test_row_keys_are_unique_and_the_same_in_shards_and_tars():
+    """Rows that share the page and the URL (two <img> of one URL with other alts, records of
+    one gzip member at one offset, an image repeated on a page) get keys of their own, and the
+    published shard names a row's image by the same key."""
+    from laionbuild.stages.shards import output_table
+
+    rows = 5
+    batch = {S.WARC_PATH: np.array(["w.warc.gz"] * rows, dtype=object),
+             S.WARC_OFFSET: np.array([0, 0, 0, 0, 0]),
+             S.WARC_RECORD_ID: np.array(["<urn:a>", "<urn:a>", "<urn:b>", "<urn:a>", "<urn:a>"], dtype=object),
+             S.URL: np.array(["http://img.test/logo.jpg"] * rows, dtype=object),
+             S.ALT_TEXT: np.array(["Company logo blue", "Company logo red", "Company logo blue",
+                                   "Company logo green", "Company logo green"], dtype=object),
+             S.SAMPLE_ID: np.arange(rows, dtype=np.int64),
+             S.IMAGE_BYTES: np.array([b"\xff\xd8jpeg"] * rows, dtype=object),
+             S.WIDTH: np.full(rows, 8), S.HEIGHT: np.full(rows, 8)}
+    for col in (S.PAGE_URL, S.LICENSE, S.LANGUAGE):
+        batch[col] = np.array([""] * rows, dtype=object)
+    for col in (S.HASH,):
+        batch[col] = np.zeros(rows, np.int64)
+    batch[S.SIMILARITY] = np.zeros(rows, np.float32)
+    batch[S.LANGUAGE_SCORE] = np.zeros(rows, np.float32)
+    mask = np.ones(rows, bool)
+    keys = output_table(batch, mask).column("key").to_pylist()
+    assert len(set(keys)) == rows
+    assert all(len(k) == 16 and int(k, 16) >= 0 for k in keys)
+    with tarfile.open(fileobj=io.BytesIO(images_tar(batch, mask))) as tar:
+        names = [m.name for m in tar.getmembers()]
+    assert sorted(n.rsplit(".", 1)[0] for n in names if n.endswith(".json")) == sorted(keys)
+    # a subset of the rows keeps its keys
+    assert output_table(batch, np.array([False, True, False, True, False])).column("key").to_pylist() \
+        == [keys[1], keys[3]]

@@ -162,10 +162,53 @@ def test_parse_http_block():
         ("text/html", ("text/html", None)),
         ("application/xhtml+xml ; Charset = 'Shift_JIS'", ("application/xhtml+xml", "Shift_JIS")),
         ("", ("", None)),
+        # a header sent twice, joined by a comma: the last MIME type, as browsers read it
+        ("text/html, text/html", ("text/html", None)),
+        ("text/html, text/html; charset=UTF-8", ("text/html", "UTF-8")),
+        ("text/html; charset=gbk, text/html", ("text/html", "gbk")),  # kept from the same type
+        ("text/html; charset=gbk, text/plain, text/html", ("text/html", None)),  # not across types
+        ("text/plain, text/html;charset=latin1", ("text/html", "latin1")),
+        ("text/html, */*", ("text/html", None)),
+        ("text/html, nonsense", ("text/html", None)),
+        ('text/html; charset="a,b", image/png', ("image/png", None)),
+        ('image/png, text/html; x="a,b"; charset=utf-8', ("text/html", "utf-8")),
+        ("text/html charset=utf-8", ("", None)),
+        ("html", ("", None)),
     ],
 )
 def test_split_content_type(value, expected):
     assert split_content_type(value) == expected
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_repeated_and_folded_content_type_headers(tmp_path, reader):
+    page = html_page("<img src=a.jpg alt='some image'>").encode()
+    path = write_raw(tmp_path / "ct.warc.gz", [
+        raw_record(http_block(page, "text/html", headers=[("Content-Type", "text/html")]), url="http://a.example/1"),
+        raw_record(http_block(page, "text/html", headers=[("Content-Type", "text/html; charset=windows-1251")]),
+                   url="http://a.example/2"),
+        # obs-fold: the value continues on the next line
+        raw_record(b"HTTP/1.1 200 OK\r\nContent-Type:\r\n text/html;\r\n\tcharset=gbk\r\n\r\n" + page,
+                   url="http://a.example/3"),
+        raw_record(b"HTTP/1.1 200 OK\nX-Note: a\n Content-Type: image/png\nContent-Type: text/html\n\n" + page,
+                   url="http://a.example/4"),
+        # names HTML but reads as no MIME type: skipped with a reason
+        raw_record(http_block(page, "text/html charset=utf-8"), url="http://a.example/5"),
+        raw_record(http_block(b"\x89PNG", "image/png"), url="http://a.example/6"),
+    ])
+    docs, counters, result = read_docs(path, reader)
+    assert result.status == "ok"
+    assert [(d.page_url, d.http_charset) for d in docs] == [
+        ("http://a.example/1", None), ("http://a.example/2", "windows-1251"), ("http://a.example/3", "gbk"),
+        ("http://a.example/4", None)]
+    assert counters.counts["record_skipped:bad_content_type"] == 1
+    assert counters.counts["responses"] == 6
+    assert counters.counts["html_responses"] == 4
+
+
+def test_parse_http_block_unfolds_folded_lines():
+    _, headers, _ = parse_http_block(b"HTTP/1.1 200 OK\r\nX-A: 1,\r\n  2\r\nContent-Type: text/html\r\n\r\nbody")
+    assert headers == {"x-a": "1, 2", "content-type": "text/html"}
 
 
 # --------------------------------------------------------------------------- input paths and URLs

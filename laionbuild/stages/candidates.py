@@ -29,6 +29,7 @@ import logging
 import re
 import unicodedata
 from dataclasses import dataclass
+from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import ftfy
@@ -84,6 +85,8 @@ _META_TAG_RE = re.compile(rb"""<meta[\s/]((?:[^>"']+|"[^"]*"|'[^']*')*)""")
 _ATTR_RE = re.compile(rb"""([^\s/>"'=][^\s/>=]*)(?:\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s>]*)))?""")
 _CONTENT_CHARSET_RE = re.compile(rb"""charset\s*=\s*["']?([^\s"';]+)""")
 _URL_STRIP = " \t\n\r\f"
+#: what comes before a srcset candidate's URL: ASCII whitespace and commas
+_SRCSET_SKIP = _URL_STRIP + ","
 _ASCII_SPACE_RUN = re.compile(r"[ \t\n\r\f\v]{2,}")
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*):")
 _TOKEN_SPLIT = re.compile(r"[,\s]+")
@@ -422,9 +425,68 @@ def url_parts(url: str) -> tuple[str, str, str]:
     return parts.scheme, parts.netloc, parts.path
 
 
-def _first_srcset_url(srcset: str) -> str:
-    first = srcset.strip(_URL_STRIP).split(",", 1)[0].strip(_URL_STRIP)
-    return first.split(None, 1)[0] if first else ""
+def srcset_urls(srcset: str) -> Iterator[str]:
+    """The URLs of a ``srcset``'s image candidates, in order, split as the HTML standard
+    splits them: leading whitespace and commas skipped, the URL runs to the next whitespace
+    (commas inside it belong to it: ``w_300,h_200`` of an image CDN) less trailing commas,
+    then the descriptors up to a comma outside parentheses. Descriptors are not checked."""
+    pos, n = 0, len(srcset)
+    while True:
+        while pos < n and srcset[pos] in _SRCSET_SKIP:
+            pos += 1
+        if pos >= n:
+            return
+        start = pos
+        while pos < n and srcset[pos] not in _URL_STRIP:
+            pos += 1
+        url = srcset[start:pos]
+        if url.endswith(","):
+            url = url.rstrip(",")
+        else:
+            in_parens = False
+            while pos < n:
+                ch = srcset[pos]
+                pos += 1
+                if ch == "(":
+                    in_parens = True
+                elif ch == ")":
+                    in_parens = False
+                elif ch == "," and not in_parens:
+                    break
+        if url:
+            yield url
+
+
+def _is_placeholder(src: str) -> bool:
+    head = src[:11].lower()
+    return head.startswith("data:") or head.startswith("javascript:")
+
+
+def _srcset_url(img, attrs) -> str:
+    """With ``use_srcset``: the first candidate URL of the image's ``srcset``, else of the
+    ``srcset`` of a ``<source>`` before it in its ``<picture>``; ``data:`` / ``javascript:``
+    candidates only when there is no other. "" when there is none."""
+    fallback = ""
+    srcset = attrs.get("srcset")
+    values = [srcset] if srcset else []
+    parent = img.parent
+    if parent is not None and parent.tag == "picture":
+        for child in parent.iter():
+            if child.tag == "img":
+                break
+            if child.tag == "source":
+                value = child.attrs.get("srcset")
+                if value:
+                    values.append(value)
+    for value in values:
+        for url in srcset_urls(value):
+            url = clean_url(url)
+            if not url:
+                continue
+            if not _is_placeholder(url):
+                return url
+            fallback = fallback or url
+    return fallback
 
 
 def page_base(tree: LexborHTMLParser, page_url: str) -> str:
@@ -582,15 +644,13 @@ def _candidates_from_tree(
                 src = clean_url(value)
                 if src:
                     break
-        if not src and use_srcset:
-            srcset = attrs.get("srcset")
-            if srcset:
-                src = clean_url(_first_srcset_url(srcset))
+        if use_srcset and (not src or _is_placeholder(src)):
+            # no URL attribute, or a data: / javascript: placeholder of a lazy-loaded image
+            src = _srcset_url(img, attrs) or src
         if not src:
             dropped["no_url"] += 1
             continue
-        head = src[:11].lower()
-        if head.startswith("data:") or head.startswith("javascript:"):
+        if _is_placeholder(src):
             dropped["data_or_javascript_url"] += 1
             continue
         if cut_long and len(src) > max_url:

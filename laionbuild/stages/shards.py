@@ -109,7 +109,7 @@ def output_table(batch: dict[str, np.ndarray], mask: np.ndarray) -> pa.Table:
         if pa.types.is_string(typ):
             values = ["" if v is None else str(v) for v in values]
         arrays.append(pa.array(values, type=typ))
-    keys = [S.row_key(w, int(o), u) for w, o, u in zip(batch[S.WARC_PATH][mask], batch[S.WARC_OFFSET][mask], batch[S.URL][mask])]
+    keys = S.row_keys(batch, mask)
     arrays.append(pa.array(keys, type=pa.string()))
     table = pa.Table.from_arrays(arrays, schema=S.OUTPUT_SCHEMA)
     if S.NSFW in batch:
@@ -163,8 +163,8 @@ def images_tar(batch: dict[str, np.ndarray], mask: np.ndarray) -> bytes:
     """webdataset-style tar: ``<key>.jpg`` + ``<key>.txt`` + ``<key>.json`` per kept row."""
     sink = io.BytesIO()
     with tarfile.open(fileobj=sink, mode="w") as tar:
-        for i in np.flatnonzero(mask):
-            key = S.row_key(batch[S.WARC_PATH][i], int(batch[S.WARC_OFFSET][i]), batch[S.URL][i])
+        rows = np.flatnonzero(mask)
+        for i, key in zip(rows, S.row_keys(batch, rows)):
             data = batch[S.IMAGE_BYTES][i] or b""
             ext = "png" if data[:4] == b"\x89PNG" else "jpg"
             meta = {"url": batch[S.URL][i], "caption": batch[S.ALT_TEXT][i], "key": key,

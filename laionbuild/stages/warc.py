@@ -6,9 +6,11 @@ Two reader engines are supported (``extract.reader``):
   the HTTP block is parsed here and a bogus HTTP header never stops the file;
 * ``fastwarc`` (C++), faster (about 1.4x through this stage);
 * ``auto`` (the default): fastwarc when it is installed, else warcio. fastwarc
-  cannot read WARC header blocks with bare LF line ends (old crawls); a file
-  that fastwarc rejects at its first record is read again with warcio
-  (counted as ``reader_fallback_warcio``).
+  cannot read WARC header blocks with bare LF line ends (old crawls); when
+  fastwarc stops early (at the first record or a later one), warcio reads the
+  file again and goes on from the record fastwarc stopped at, the records
+  before it neither yielded nor counted twice (``reader_fallback_warcio``);
+  when warcio gets no further, fastwarc's account of the file stands.
 
 Both engines hand the raw HTTP block of each record to the same code
 (:func:`parse_http_block` and :func:`decode_body`), so the two give the same
@@ -49,12 +51,17 @@ _DRAIN_CHUNK = 1 << 20
 _BINARY_SNIFF_BYTES = 1024
 
 _NEEDED_HEADERS_RE = re.compile(
-    rb"^[ \t]*(content-type|transfer-encoding|content-encoding)[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE
+    rb"^(content-type|transfer-encoding|content-encoding)[ \t]*:([^\r\n]*)", re.IGNORECASE | re.MULTILINE
 )
+#: a line break followed by a space or a tab: the next line continues the header (obs-fold)
+_OBS_FOLD_RE = re.compile(rb"\r?\n[ \t]+")
 #: the empty line that ends an HTTP header block, with CRLF or bare LF line ends (old
 #: crawls, e.g. WARC/0.18 files, wrote LF-only HTTP headers)
 _HEADER_END_RE = re.compile(rb"\r?\n\r?\n")
 _CHARSET_RE = re.compile(r"""charset\s*=\s*["']?\s*([^\s;"',]+)""", re.IGNORECASE)
+#: an HTTP token (the type and subtype of a MIME type)
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_WS = " \t\r\n"
 
 
 @dataclass
@@ -110,7 +117,7 @@ def parse_http_block(head: bytes) -> tuple[int, dict[str, str], int]:
     Raises :class:`_BadRecord` when the block does not start with an HTTP header.
     """
     end, body_start = _header_end(head)
-    lines = head[:end].decode("latin-1").splitlines()
+    lines = _unfold(head[:end]).decode("latin-1").splitlines()
     status_line = lines[0].strip() if lines else ""
     parts = status_line.split(None, 2)
     if len(parts) < 2 or not parts[0].upper().startswith("HTTP/"):
@@ -142,10 +149,20 @@ def _header_end(head: bytes) -> tuple[int, int]:
     return m.start(), m.end()
 
 
+def _unfold(block: bytes) -> bytes:
+    """Header lines with folded values (a line that starts with a space or a tab continues
+    the one before, RFC 7230's obs-fold) joined as one line each."""
+    if b"\n " in block or b"\n\t" in block:
+        return _OBS_FOLD_RE.sub(b" ", block)
+    return block
+
+
 def _scan_http_head(head: bytes) -> tuple[dict[str, str], int]:
     """The part of :func:`parse_http_block` the extractor needs: the status line is
     checked, and only ``Content-Type`` and the two coding headers are read."""
     end, body_start = _header_end(head)
+    head = _unfold(head[:end])
+    end = len(head)
     eol = head.find(b"\n", 0, end)
     status_line = head[: eol if eol >= 0 else end]
     parts = status_line.split(None, 2)
@@ -160,11 +177,61 @@ def _scan_http_head(head: bytes) -> tuple[dict[str, str], int]:
     return headers, body_start
 
 
+def _header_values(value: str) -> list[str]:
+    """A combined header value split at its commas, those inside a quoted string excepted."""
+    if "," not in value:
+        return [value]
+    values, start, quoted, escaped = [], 0, False, False
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif quoted:
+            if ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == ",":
+            values.append(value[start:i])
+            start = i + 1
+    values.append(value[start:])
+    return values
+
+
+def _parse_mime(value: str) -> tuple[str, str] | None:
+    """``(essence, parameters)`` of one MIME type (``type/subtype``, lower-cased), else None."""
+    value = value.strip(_HTTP_WS)
+    typ, slash, rest = value.partition("/")
+    if not slash or not _TOKEN_RE.fullmatch(typ):
+        return None
+    subtype, _, params = rest.partition(";")
+    subtype = subtype.rstrip(_HTTP_WS)
+    if not _TOKEN_RE.fullmatch(subtype):
+        return None
+    return f"{typ}/{subtype}".lower(), params
+
+
 def split_content_type(value: str) -> tuple[str, str | None]:
-    """``text/html; charset=UTF-8`` -> ``("text/html", "UTF-8")``."""
-    mime = value.split(";", 1)[0].strip().lower()
-    m = _CHARSET_RE.search(value)
-    return mime, (m.group(1) if m else None)
+    """``text/html; charset=UTF-8`` -> ``("text/html", "UTF-8")``; ``("", None)`` when no MIME type.
+
+    A header sent twice arrives joined by a comma (``text/html, text/html; charset=UTF-8``):
+    the MIME type is read as browsers read it (WHATWG Fetch, "extract a MIME type"): the last
+    value that is a ``type/subtype`` (``*/*`` excepted); its charset, else the charset of the
+    value that started the run of values of that same type before it.
+    """
+    mime, charset, carried = "", None, None
+    for part in _header_values(value):
+        parsed = _parse_mime(part)
+        if parsed is None or parsed[0] == "*/*":
+            continue
+        essence, params = parsed
+        m = _CHARSET_RE.search(params) if params else None
+        own = m.group(1) if m else None
+        if essence != mime:
+            mime, carried = essence, own
+        charset = own if own is not None else carried
+    return mime, charset
 
 
 def _dechunk(data: bytes) -> bytes | None:
@@ -292,8 +359,12 @@ def _html_from_block(
             break
         head += more
     headers, body_start = _scan_http_head(head)
-    mime, charset = split_content_type(headers.get("content-type", ""))
+    content_type = headers.get("content-type", "")
+    mime, charset = split_content_type(content_type)
     if mime not in cfg.html_mime_types:
+        if content_type and any(t in content_type.lower() for t in cfg.html_mime_types):
+            # names an HTML type but does not read as one (``text/html charset=...``): said, not silent
+            raise _BadRecord("bad_content_type")
         return None
     counters.count("html_responses")
     limit = cfg.max_html_bytes
@@ -438,10 +509,24 @@ def _content_length(value) -> int | None:
         return None
 
 
+#: characters of a file's first line quoted in a message (the rest would be escaped binary)
+MAX_QUOTED_CHARS = 60
+
+
+def _quote_cut(msg: str) -> str:
+    """warcio's ``... first line: <the line>`` with the line cut at :data:`MAX_QUOTED_CHARS`."""
+    head, sep, line = msg.partition("first line: ")
+    if not sep or len(line) <= MAX_QUOTED_CHARS:
+        return msg
+    return f"{head}{sep}{line[:MAX_QUOTED_CHARS]}... ({len(line) - MAX_QUOTED_CHARS} more characters)"
+
+
 def _iter_warcio(
     stream: BinaryIO, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
-    skip: int = 0,
+    skip: int = 0, unpacked: bool = False, progress: dict | None = None,
 ) -> Iterator[HtmlDocument]:
+    """``skip``: records read before (not counted again); ``unpacked``: ``stream`` is the
+    decompressed bytes of a file of gzip members; ``progress["seen"]``: records met so far."""
     from warcio.archiveiterator import ArchiveIterator
     from warcio.exceptions import ArchiveLoadFailed
 
@@ -450,6 +535,8 @@ def _iter_warcio(
     try:
         for record in it:
             seen += 1
+            if progress is not None:
+                progress["seen"] = max(progress.get("seen", 0), seen)
             if seen <= skip:
                 continue
             if record.format != "warc":
@@ -490,13 +577,14 @@ def _iter_warcio(
         if seen == 0 and skip == 0:
             _set_failed(file_result, "empty_file", "no record in the file")
     except ArchiveLoadFailed as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot parse"
-        if "non-chunked gzip" in str(exc) and skip == 0:
+        msg = _quote_cut(str(exc).strip().splitlines()[0]) if str(exc).strip() else "cannot parse"
+        if "non-chunked gzip" in str(exc) and not unpacked:
             # a WARC compressed as one gzip member: valid, only not record-seekable
             counters.count("single_member_gzip")
             stream.seek(0)
             members = GunzipMembers(stream)
-            yield from _iter_warcio(io.BufferedReader(members), path, cfg, counters, file_result, skip=seen)
+            yield from _iter_warcio(io.BufferedReader(members), path, cfg, counters, file_result,
+                                    skip=max(seen, skip), unpacked=True, progress=progress)
             if not members.complete:
                 _set_partial(file_result, "truncated", "the file ends inside its gzip member")
             return
@@ -522,8 +610,11 @@ def _iter_warcio(
 
 
 def _iter_fastwarc(
-    source, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult
+    source, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
+    progress: dict | None = None,
 ) -> Iterator[HtmlDocument]:
+    """``progress`` (with ``auto``): ``done``, the records read whole, and ``counters``, the
+    counters as they were before the record after them (see :func:`_counters_state`)."""
     from fastwarc.warc import ArchiveIterator, WarcRecordType
 
     response = WarcRecordType.response
@@ -533,6 +624,8 @@ def _iter_fastwarc(
             source, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False
         )
         for record in it:
+            if progress is not None:
+                progress["done"], progress["counters"] = seen, _counters_state(counters)
             seen += 1
             content_length = record.content_length
             if not content_length and record.headers.get("Content-Length") is None:
@@ -631,20 +724,27 @@ def iter_html_documents(
     reader = resolve_reader(cfg.reader)
     try:
         if reader == "fastwarc" and cfg.reader == "auto":
-            saved = (counters.kept, Counter(counters.counts), Counter(counters.dropped_by_reason))
-            records_before = counters.counts.get("records", 0)
-            yielded = 0
-            for doc in _iter_fastwarc(stream, path, cfg, counters, file_result):
-                yielded += 1
-                yield doc
-            rejected = not (yielded or file_result.status == "ok"
-                            or counters.counts.get("records", 0) - records_before > 1)
-            if rejected and network_error(stream) is None:
-                # fastwarc rejected the first record (an old or LF-only WARC header): read with warcio
-                stream = _reopen_for_warcio(stream, path, cfg, counters, file_result, saved)
+            progress = {"done": 0, "counters": _counters_state(counters)}
+            yield from _iter_fastwarc(stream, path, cfg, counters, file_result, progress)
+            if file_result.status != "ok" and network_error(stream) is None:
+                # fastwarc stopped early (an old or LF-only WARC header, at the first record or a later
+                # one): warcio reads the file again and goes on from the record fastwarc stopped at
+                done = progress["done"]
+                fastwarc_end = (_counters_state(counters), file_result.status, file_result.reason,
+                                file_result.message)
+                _set_counters(counters, progress["counters"])
+                counters.count("records", done)
+                file_result.status, file_result.reason, file_result.message = "ok", "", ""
+                stream = _reopen_for_warcio(stream, path, cfg, counters, file_result)
                 if stream is None:
                     return
-                yield from _iter_warcio(stream, path, cfg, counters, file_result)
+                seen: dict = {}
+                yield from _iter_warcio(stream, path, cfg, counters, file_result, skip=done, progress=seen)
+                if done and seen.get("seen", 0) <= done and network_error(stream) is None:
+                    # warcio got no further: fastwarc's account of the file stands
+                    _set_counters(counters, fastwarc_end[0])
+                    counters.count("reader_fallback_warcio")
+                    file_result.status, file_result.reason, file_result.message = fastwarc_end[1:]
         elif reader == "fastwarc":
             yield from _iter_fastwarc(stream, path, cfg, counters, file_result)
         else:
@@ -661,15 +761,20 @@ def iter_html_documents(
             pass
 
 
-def _reopen_for_warcio(stream, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult,
-                       saved: tuple):
-    """Forget what the fastwarc pass counted and open the input again for warcio (None: it failed)."""
-    counters.kept = saved[0]
+def _counters_state(counters: StageCounters) -> tuple:
+    return counters.kept, Counter(counters.counts), Counter(counters.dropped_by_reason)
+
+
+def _set_counters(counters: StageCounters, state: tuple) -> None:
+    counters.kept = state[0]
     counters.counts.clear()
-    counters.counts.update(saved[1])
+    counters.counts.update(state[1])
     counters.dropped_by_reason.clear()
-    counters.dropped_by_reason.update(saved[2])
-    file_result.status, file_result.reason, file_result.message = "ok", "", ""
+    counters.dropped_by_reason.update(state[2])
+
+
+def _reopen_for_warcio(stream, path: str, cfg: ExtractConfig, counters: StageCounters, file_result: FileResult):
+    """Open the input again for warcio (None: it failed)."""
     counters.count("reader_fallback_warcio")
     try:
         stream.close()
