@@ -152,8 +152,11 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
                 raise SetupError(f"listing {item} holds no path")
             for entry in listed:
                 if not is_url(entry):
-                    shown.setdefault(entry, f"{entry} (listed in {item})")
-            files.extend(listed)
+                    local = _absolute(entry)
+                    shown.setdefault(local, f"{entry} (listed in {item})")
+                    files.append(local)
+                else:
+                    files.append(entry)
         elif is_url(item):
             files.extend(_expand_remote(item))
         elif any(ch in item for ch in "*?["):
@@ -162,8 +165,8 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
                 raise SetupError(f"input glob matches no file: {item}")
             for match in matches:
                 if not os.path.isdir(match):
-                    shown.setdefault(match, match)
-            files.extend(matches)
+                    shown.setdefault(_absolute(match), match)
+            files.extend(_absolute(match) for match in matches)
         else:
             local = item.removeprefix("file://")
             try:
@@ -176,7 +179,7 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
                 _check_not_around_output(local, item, run.output)
                 if not os.access(local, os.R_OK | os.X_OK):
                     raise SetupError(f"cannot read input folder {item}: permission denied")
-                found = sorted(str(p) for p in Path(local).rglob("*") if p.is_file() and _is_warc(p.name))
+                found = sorted(_absolute(str(p)) for p in Path(local).rglob("*") if p.is_file() and _is_warc(p.name))
                 if not found:
                     raise SetupError(f"input folder holds no *.warc* file: {item}")
                 files.extend(found)
@@ -196,6 +199,15 @@ def expand_inputs(inputs: tuple[str, ...] | list[str], run: RunConfig) -> list[s
             for _ in pool.map(lambda path: _check_local_file(path.removeprefix("file://"), shown[path]), todo):
                 pass  # the first file that fails, in input order, is the one reported
     return unique
+
+
+def _absolute(local: str) -> str:
+    """A local input as the run names it: an absolute path (``file://`` kept). An input is known
+    by its name (:func:`file_id`): ``*.warc.gz`` matched in two folders, or ``a/x.warc.gz`` and
+    ``./a/x.warc.gz``, must not be one input to a later run."""
+    if local.startswith("file://"):
+        return "file://" + os.path.abspath(local.removeprefix("file://"))
+    return os.path.abspath(local)
 
 
 def file_id(path: str) -> str:

@@ -99,3 +99,23 @@ def test_only_the_inputs_a_run_reads_are_checked(tmp_path):
     assert expand_inputs([str(listing)], RunConfig(shard="0/3")) == [f"{tmp_path}/a.warc.gz"]
     with pytest.raises(SetupError, match="b.warc.gz"):
         expand_inputs([str(listing)], RunConfig(shard="1/3"))
+
+
+def test_local_inputs_are_named_by_absolute_paths_however_given(tmp_path, monkeypatch):
+    """An input is known by its name (file_id): a relative glob run from two folders must name two
+    inputs, and one file given in several forms is one input."""
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "part-0.warc.gz").write_bytes(folder.encode())
+    (tmp_path / "x" / "warc.paths").write_text("part-0.warc.gz\n")
+    run = RunConfig()
+    monkeypatch.chdir(tmp_path / "x")
+    from_x = expand_inputs(["*.warc.gz"], run)
+    monkeypatch.chdir(tmp_path / "y")
+    from_y = expand_inputs(["*.warc.gz"], run)
+    assert from_x == [str(tmp_path / "x" / "part-0.warc.gz")] and from_y == [str(tmp_path / "y" / "part-0.warc.gz")]
+    assert file_id(from_x[0]) != file_id(from_y[0])
+    monkeypatch.chdir(tmp_path)
+    forms = ["x/part-0.warc.gz", "./x/part-0.warc.gz", "y/../x/*.warc.gz", "x", str(tmp_path / "x" / "part-0.warc.gz")]
+    assert expand_inputs(forms, run) == [str(tmp_path / "x" / "part-0.warc.gz")]
+    assert expand_inputs(["x/warc.paths"], RunConfig(paths_base_url="x")) == [str(tmp_path / "x" / "part-0.warc.gz")]
