@@ -1011,10 +1011,14 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
-def config_hash(cfg: Config, *, ignore: tuple[str, ...] = (
-        "run.progress", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
-        "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s", "ray",
-        "models", "output.part_rows")) -> str:
+#: settings that change how a run is executed or which inputs it reads, not its rows
+IGNORED_IN_HASH: tuple[str, ...] = (
+    "run.progress", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
+    "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s", "ray",
+    "models", "output.part_rows")
+
+
+def config_hash(cfg: Config, *, ignore: tuple[str, ...] = IGNORED_IN_HASH) -> str:
     """Stable hash of everything that decides how rows are processed.
 
     Settings that only change how a run is executed (progress bar, log level,

@@ -14,11 +14,12 @@ runs phase 1 alone.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 
-from ..config import Config, config_hash, config_to_dict, config_to_yaml
+from ..config import IGNORED_IN_HASH, Config, config_hash, config_to_dict, config_to_yaml
 from ..errors import SetupError
 from ..inputs import expand_inputs, file_id
 from ..stages import registry, shards
@@ -64,20 +65,59 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
+#: settings that an output cannot change, not even with --force: the de-dup index holds keys
+#: of one kind (URL, or URL + TEXT), and rows kept under one cannot be matched under the other
+FIXED_SETTINGS = ("run.dedup_key",)
+
+
+def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """``key (old -> new)`` for every leaf setting that differs, execution-only settings left out
+    (those :func:`config_hash` ignores)."""
+    out = []
+    for key in sorted(set(before) | set(after)):
+        dotted = f"{prefix}{key}"
+        if dotted in IGNORED_IN_HASH or dotted.split(".", 1)[0] in IGNORED_IN_HASH:
+            continue
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, dotted + ".")
+        elif a != b:
+            out.append(f"{dotted} ({_short(a)} -> {_short(b)})")
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command: str) -> None:
     """Record config and provenance; refuse to resume into a folder made with another config."""
     fs = layout.fs
     prov_path = layout.path("provenance.json")
     digest = config_hash(cfg)
     old = shards.read_json(fs, prov_path) if fs.exists(prov_path) else None
+    earlier = list(old.get("earlier_configs", [])) if old is not None else []
     if old is not None:
         if old.get("config_hash") != digest or old.get("command") != command:
+            changed = changed_settings(old.get("config") or {}, config_to_dict(cfg))
+            if old.get("command") not in (None, command):
+                changed.insert(0, f"command ({old.get('command')} -> {command})")
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
             if not cfg.run.force:
                 raise SetupError(
-                    f"{layout.url} was made with another config (hash {old.get('config_hash')}, now {digest}); "
-                    "use a new --output or --force (run.force: true) to resume anyway"
+                    f"{layout.url} was made with another config (hash {old.get('config_hash')}, now {digest}; "
+                    f"changed: {shown or 'unknown'}); use a new --output or --force (run.force: true) to resume anyway"
                 )
-            log.warning("resuming into %s made with another config (forced)", layout.url)
+            fixed = [key for key in FIXED_SETTINGS if any(c.split(" ", 1)[0] == key for c in changed)]
+            if fixed:
+                raise SetupError(
+                    f"{layout.url} was made with another {', '.join(fixed)}; the rows it holds cannot be matched "
+                    "under the new one, not even with --force: use a new --output")
+            log.warning("resuming into %s made with another config (forced; changed: %s): work already committed "
+                        "keeps the settings it was made with, provenance.json keeps the earlier config",
+                        layout.url, shown or "unknown")
+            earlier.append({k: old.get(k) for k in ("config_hash", "command", "created", "config") if k in old})
         log.info("resuming into %s", layout.url)
     fs.makedirs(layout.root, exist_ok=True)
     for name in ("stats.json", "_SUCCESS"):
@@ -113,6 +153,8 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
         provenance["blocklists"] = lists
     if old and old.get("removals"):
         provenance["removals"] = old["removals"]
+    if earlier:  # the configs of the work this folder holds, when --force changed it
+        provenance["earlier_configs"] = earlier
     shards.write_json_atomic(fs, prov_path, provenance)
 
 

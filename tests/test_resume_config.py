@@ -1,0 +1,43 @@
+"""Resuming into a folder made with another config: refused with the settings that changed named;
+``--force`` records the earlier config; a change no output can take is refused even then."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from laionbuild.config import load_config
+from laionbuild.errors import SetupError
+from laionbuild.output.layout import OutputLayout
+from laionbuild.runner.run import prepare_output
+
+
+def _cfg(out, *overrides):
+    return load_config(None, list(overrides), [f"run.output={out}", "run.inputs=[x.warc.gz]"])
+
+
+def test_a_changed_config_is_named_refused_and_recorded_when_forced(tmp_path):
+    out = str(tmp_path / "out")
+    prepare_output(_cfg(out), OutputLayout(out), ["x"], "extract")
+    with pytest.raises(SetupError, match=r"changed: langid\.threshold \(0\.25 -> 0\.6\)") as err:
+        prepare_output(_cfg(out, "langid.threshold=0.6"), OutputLayout(out), ["x"], "extract")
+    assert "\n" not in str(err.value)
+    # forced: the run goes on, the earlier config is kept beside the new one
+    prepare_output(_cfg(out, "langid.threshold=0.6", "run.force=true"), OutputLayout(out), ["x"], "extract")
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert prov["config"]["langid"]["threshold"] == 0.6
+    assert [c["config"]["langid"]["threshold"] for c in prov["earlier_configs"]] == [0.25]
+    # a second forced change keeps both earlier configs
+    prepare_output(_cfg(out, "langid.threshold=0.7", "run.force=true"), OutputLayout(out), ["x"], "extract")
+    prov = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert [c["config"]["langid"]["threshold"] for c in prov["earlier_configs"]] == [0.25, 0.6]
+    # execution-only settings are no change at all
+    prepare_output(_cfg(out, "langid.threshold=0.7", "ray.local_max_rows=5"), OutputLayout(out), ["x"], "extract")
+
+
+def test_the_dedup_key_cannot_change_even_forced(tmp_path):
+    out = str(tmp_path / "out")
+    prepare_output(_cfg(out), OutputLayout(out), ["x"], "extract")
+    with pytest.raises(SetupError, match=r"another run\.dedup_key.*not even with --force"):
+        prepare_output(_cfg(out, "run.dedup_key=url", "run.force=true"), OutputLayout(out), ["x"], "extract")
