@@ -245,13 +245,17 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
                                         first_ordinal=first_free_ordinal(on_disk.values())) if pending else ({}, {})
     phases["candidates"] = round(time.monotonic() - t, 2)
     markers = {**committed, **done}  # this run's commits came back through the stream
+    # stats.json describes the whole folder, as the later phases' counts (every generation, every
+    # work shard) do: the inputs of earlier runs and of other --shard slices count too
+    folder = {**on_disk, **done}
     stats = RunStats()
-    for m in [*markers.values(), *failed.values()]:
+    for m in [*folder.values(), *failed.values()]:
         stats.files.append(FileResult(**m["file"]))
-    for m in markers.values():
+    for m in folder.values():
         stats.merge_stages(m["counters"])
     for m in failed.values():
         stats.merge_stages({"extract": m["counters"]["extract"]})
+    stats.extra["inputs_this_run"] = len(fids)
     stats.extra["inputs_skipped_as_complete"] = len(committed)
     stats.extra["cluster"] = {k: summary[k] for k in ("mode", "address", "nodes", "cpus", "gpus", "node_ids")}
     published: dict[str, list[str]] = {}
@@ -293,7 +297,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     else:
         from ..schema import SUBSETS
 
-        for m in markers.values():
+        for m in folder.values():
             for subset in SUBSETS:
                 stats.kept_per_subset[subset] += m["counters"]["langid"]["counts"].get(f"subset:{subset}", 0)
         published = {"candidates": layout.candidate_files()}
