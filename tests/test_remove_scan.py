@@ -92,3 +92,38 @@ def test_nothing_listed_rewrites_nothing(tmp_path, monkeypatch):
         fs, path, keep_fn, target))
     result = R.apply_to_published(OutputLayout(str(root)), [lists])
     assert whole == [] and sum(result["per_dir"].values()) == 0
+
+
+def test_a_removed_url_is_never_fetched_again(tmp_path):
+    """A later run's new pair of a taken-down URL is dropped before download by the lists that
+    ``laionbuild remove`` recorded (as a block list), and counted under the block-list stage."""
+    import numpy as np
+
+    from laionbuild import schema as S
+    from laionbuild.config import load_config
+    from laionbuild.demo.image_server import LoopbackServer
+    from laionbuild.runner.score import FetchStage
+    from laionbuild.stages.blocklist import stage_counters
+
+    out = tmp_path / "out"
+    (out / "removals").mkdir(parents=True)
+    from helpers.images import encode
+    from PIL import Image
+
+    png = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    with LoopbackServer("127.0.0.1") as srv:
+        gone = srv.add("/gone.png", png, content_type="image/png")
+        kept = srv.add("/kept.png", png, content_type="image/png")
+        (out / "removals" / "0001-urls-takedown.txt").write_text(gone + "\n")
+        cfg = load_config(None, [f"run.output={out}", "fetch.allow_addresses=[127.0.0.1]", "fetch.retries=0"])
+        stage = FetchStage(cfg)
+        try:
+            batch = {S.URL: np.array([gone, kept], dtype=object),
+                     S.ALT_TEXT: np.array(["a new caption", "another caption"], dtype=object)}
+            result = stage(batch)
+        finally:
+            stage.fetcher.close()
+        assert srv.request_count("/gone.png") == 0 and srv.request_count("/kept.png") == 1
+    assert list(result[S.DROP_REASON]) == ["blocklist:removed/0001-urls-takedown.txt", ""]
+    counters = stage_counters(result)
+    assert counters.dropped_by_reason == {"removed/0001-urls-takedown.txt": 1}

@@ -314,18 +314,20 @@ class OutputLayout:
         stale += [p for name, p in taken.items() if name < f"g{int(pointer['generation']):04d}"]
         self.rm_many(stale)
 
-    def removal_lists(self):
-        """Every list recorded by ``laionbuild remove`` in ``removals/``, in the order applied."""
+    def removal_lists(self, into=None, name_prefix: str = ""):
+        """Every list recorded by ``laionbuild remove`` in ``removals/``, in the order applied:
+        a block list of prefix ``removed``, or the lists added to the block list ``into``, each
+        named ``name_prefix + <stored name>``."""
         from ..stages.blocklist import Blocklist
 
-        lists = Blocklist(REMOVED)
+        lists = Blocklist(REMOVED) if into is None else into
         for path in self.ls(self.path(REMOVALS)):
             name = posixpath.basename(path)
             m = STORED_REMOVAL.match(name)
             if not m or ".tmp-" in name:
                 continue
             with self.fs.open(path, "rb") as fh:
-                lists.add_bytes(fh.read(), REMOVAL_KINDS[m.group(2)], name, path)
+                lists.add_bytes(fh.read(), REMOVAL_KINDS[m.group(2)], name_prefix + name, path)
         return lists
 
     def url_of(self, path: str) -> str:

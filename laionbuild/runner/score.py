@@ -55,13 +55,18 @@ FATE_COLUMNS = {"URL": S.URL, "TEXT": S.ALT_TEXT, "hash": S.HASH, "subset": S.SU
 
 # --------------------------------------------------------------------------- stages (built once per actor)
 class FetchStage:
-    """Block lists before any request (and on every redirect hop), then download + resize."""
+    """Block lists before any request (and on every redirect hop), then download + resize. The
+    lists ``laionbuild remove`` recorded in the output folder count as block lists here (drop
+    reason ``blocklist:removed/<list>``): a new pair of a taken-down URL is never fetched."""
 
     def __init__(self, cfg: Config):
+        from ..output.layout import OutputLayout
         from ..stages.blocklist import Blocklist
         from ..stages.fetch import ImageFetcher
 
         self.blocklist = Blocklist.from_config(cfg.blocklist)
+        if cfg.run.output:
+            OutputLayout(cfg.run.output).removal_lists(into=self.blocklist, name_prefix="removed/")
         url_filter = None if self.blocklist.empty else self.blocklist.match_url
         self.fetcher = ImageFetcher(cfg.fetch, cfg.resize, keep_image_bytes=cfg.output.save_images,
                                     url_filter=url_filter)
