@@ -5,7 +5,8 @@ The key is ``run.dedup_key``: ``url`` (LAION-5B: one row per image URL) or
 row with the smallest ``(warc_path, warc_offset, TEXT)`` wins, whatever the order
 in which inputs were read; a key already present in an earlier generation of the
 same output folder wins over every new row, so adding a crawl snapshot to a
-finished output fetches only pairs it does not hold yet.
+finished output fetches only pairs it does not hold yet. (Within one page, extraction has
+already kept the first link of a key: see docs/pipeline.md.)
 
 Only keys move (:mod:`.dedupkeys`: 20 bytes per candidate, written by phase 1). The phase has
 two kinds of unit, each committed by its own marker, so a rerun redoes only the missing ones:
