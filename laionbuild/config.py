@@ -16,9 +16,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -1009,6 +1010,39 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
+
+
+def _local_relative(value: str) -> bool:
+    return bool(value) and "://" not in value and not value.startswith("builtin:") and not os.path.isabs(value)
+
+
+def with_absolute_paths(cfg: "Config") -> "Config":
+    """``cfg`` with the local paths it names made absolute, as the driver sees them: Ray's workers
+    run in the folder ``ray start`` ran in, not the driver's. The output folder always; a file or
+    folder setting (models, lists) when that relative path exists here (``openai`` or a Hugging
+    Face id stay names)."""
+
+    def path(value: str, always: bool = False) -> str:
+        if _local_relative(value) and (always or os.path.exists(value)):
+            return os.path.abspath(value)
+        return value
+
+    run = cfg.run
+    if run.output.startswith("file://"):
+        run = replace(run, output="file://" + os.path.abspath(run.output[len("file://"):]))
+    else:
+        run = replace(run, output=path(run.output, always=True))
+    models = {name: replace(m, pretrained=path(m.pretrained), cache_dir=path(m.cache_dir),
+                            tokenizer_dir=path(m.tokenizer_dir), text_model=path(m.text_model),
+                            text_cache_dir=path(m.text_cache_dir)) for name, m in cfg.clip.models.items()}
+    blocklist = replace(cfg.blocklist, **{k: tuple(path(p) for p in getattr(cfg.blocklist, k))
+                                          for k in ("url_files", "domain_files", "hash_files")})
+    return replace(
+        cfg, run=run, langid=replace(cfg.langid, model_path=path(cfg.langid.model_path)),
+        clip=replace(cfg.clip, models=models), blocklist=blocklist,
+        safety=replace(cfg.safety, punsafe_heads={k: path(v) for k, v in cfg.safety.punsafe_heads.items()},
+                       watermark_model=path(cfg.safety.watermark_model)),
+        models=replace(cfg.models, cache=path(cfg.models.cache), local_dir=path(cfg.models.local_dir)))
 
 
 #: settings that change how a run is executed or which inputs it reads, not its rows

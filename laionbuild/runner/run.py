@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from ..config import IGNORED_IN_HASH, Config, config_hash, config_to_dict, config_to_yaml
+from ..config import IGNORED_IN_HASH, Config, config_hash, config_to_dict, config_to_yaml, with_absolute_paths
 from ..errors import SetupError
 from ..inputs import expand_inputs, file_id
 from ..stages import registry, shards
@@ -168,6 +168,9 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     """``laionbuild run`` (``command="run"``) or ``laionbuild extract`` (``command="extract"``)."""
     scoring = command == "run"
     t0 = time.monotonic()
+    # the workers get every local path absolute (they run where `ray start` ran); the output
+    # folder records the config as given (its hash decides whether a rerun may resume)
+    given, cfg = cfg, with_absolute_paths(cfg)
     local = cfg
     if scoring:
         from ..models import ensure_models
@@ -179,7 +182,7 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     layout = OutputLayout(cfg.run.output)
     # one run per output folder: a second one stops here, before it logs or writes anything
     with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
-        return _run_holding(cfg, command, layout, lease, files, local, t0)
+        return _run_holding(cfg, command, layout, lease, files, local, t0, given)
 
 
 def _check_gpus(cfg: Config, mode: str, gpus: float) -> None:
@@ -197,7 +200,7 @@ def _check_gpus(cfg: Config, mode: str, gpus: float) -> None:
 
 
 def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
-                 local: Config, t0: float) -> RunResult:
+                 local: Config, t0: float, given: Config | None = None) -> RunResult:
     """The phases, while this run holds the output folder's lease."""
     from .connect import connect
     from .resources import cluster_shape
@@ -218,7 +221,8 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
                 log.info("LAION-5B's safety filter is off (safety.laion_filter.enabled=false; its prompts were "
                          "written for %s, which this config does not score with): no NSFW column, no underage / "
                          "animal drops", lf.prompts_model)
-    prepare_output(cfg, layout, files, command)
+    given = given or cfg
+    prepare_output(given, layout, files, command)
     fids = {file_id(p): p for p in files}
     on_disk = layout.candidate_markers()  # one listing, markers read concurrently
     committed = {fid: m for fid, m in on_disk.items() if fid in fids}
@@ -304,7 +308,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     stats.extra["wall_seconds"] = round(time.monotonic() - t0, 2)
     #: where the wall time went: start-up and checks, then each phase
     stats.extra["phase_seconds"] = phases
-    stats.extra["config_hash"] = config_hash(cfg)
+    stats.extra["config_hash"] = config_hash(given)
     if scoring:
         from ..stages.laion_filter import summary as laion_filter_summary
 
