@@ -117,11 +117,29 @@ def choose_address(address: str | None, *, local: bool) -> tuple[str, str | None
 
 def _ray_keyword(mode: str, address: str) -> tuple[str, str | None]:
     """Ray's address keywords: ``local`` starts a local instance, ``auto`` is the cluster that
-    ``ray start`` runs on this machine (an error when there is none, as in ``ray.init``)."""
+    ``ray start`` runs on this machine (an error when there is none, as in ``ray.init``). A
+    ``ray://`` (Ray Client) address is refused: Ray Data's streaming execution needs a driver
+    that is part of the cluster."""
     if address == "local":
         return "local", None
+    given = "RAY_ADDRESS" if mode == "env" else "--address"
+    if address.lower().startswith("ray://"):
+        raise ClusterJoinError(
+            f"cannot run through Ray Client ({given} {address}): Ray Data's streaming execution needs a driver "
+            "that is part of the cluster. Fix: run the command on the head node (no address there, or "
+            "HEAD_IP:6379), or submit it: ray job submit --address http://HEAD_IP:8265 -- laionbuild run ...")
+    if address.lower().startswith(("http://", "https://")):
+        raise ClusterJoinError(
+            f"cannot join the Ray cluster at {address} ({given}): that is a dashboard / job-submission address. "
+            "Fix: give the cluster's GCS address HOST:PORT (6379 by default), or submit the command with "
+            f"ray job submit --address {address} -- laionbuild run ...")
     if address != "auto":
-        return mode, address
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ClusterJoinError(
+                f"cannot join the Ray cluster at {address!r} ({given}): not a HOST:PORT address. Fix: give the "
+                "cluster's GCS address, e.g. HEAD_IP:6379 (what `ray start --head` prints), or `auto`")
+        return mode, _same_cluster_on_this_machine(address)
     found = running_cluster_address()
     if found and _accepts_connections(found):
         return "auto", found
@@ -129,6 +147,24 @@ def _ray_keyword(mode: str, address: str) -> tuple[str, str | None]:
         f"cannot join the Ray cluster at 'auto' ({'RAY_ADDRESS' if mode == 'env' else '--address'}): no Ray "
         "cluster runs on this machine (`ray start` records one in the Ray temp folder). Fix: start one with "
         "`ray start --head`, or give its HOST:PORT")
+
+
+def _same_cluster_on_this_machine(address: str) -> str:
+    """``address`` as the cluster ``ray start`` runs on this machine records itself, when it is
+    that cluster reached on loopback. ``ray start --head --node-ip-address=127.0.0.1`` is moved by
+    Ray onto the machine's own address; a driver told to stay on 127.0.0.1 would wait a minute for
+    a node there and fail."""
+    host, _, port = address.rpartition(":")
+    if not is_loopback(host.strip("[]")):
+        return address
+    found = running_cluster_address()
+    if not found:
+        return address
+    found_host, _, found_port = found.rpartition(":")
+    if found_port != port or is_loopback(found_host.strip("[]")):
+        return address
+    log.info("the Ray cluster at %s runs on this machine as %s: joining it there", address, found)
+    return found
 
 
 def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:

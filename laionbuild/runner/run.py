@@ -237,6 +237,12 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
 
         prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
     shape = cluster_shape(cfg.ray.cpu_node_resource)
+    if shape.placement and not shape.cpu_node_cpus:
+        raise SetupError(
+            f"the nodes that advertise the resource {cfg.ray.cpu_node_resource!r} have no CPUs: the CPU stages, "
+            "kept on those nodes, could never start. Fix: start the CPU worker nodes with "
+            f"--resources='{{\"{cfg.ray.cpu_node_resource}\": 1000}}' (and not a 0-CPU head), or set "
+            "ray.cpu_node_resource to '' to let them run anywhere")
     if scoring:
         _check_gpus(cfg, summary["mode"], shape.gpus)
     phases = {"start": round(time.monotonic() - t0, 2)}
