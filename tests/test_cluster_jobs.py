@@ -140,6 +140,10 @@ def test_driver_takes_the_clusters_authentication_mode(no_token, fake_gcs, monke
     with pytest.raises(ClusterJoinError, match="this machine has no token"):
         C.match_authentication("127.0.0.1:6379")
     assert C.AUTH_MODE_VAR not in os.environ
+    monkeypatch.setenv(C.TOKEN_PATH_VAR, str(no_token / "missing-token"))
+    with pytest.raises(ClusterJoinError, match="RAY_AUTH_TOKEN_PATH names .*missing-token, which is no file"):
+        C.match_authentication("127.0.0.1:6379")
+    monkeypatch.delenv(C.TOKEN_PATH_VAR)
     # a mode set by the user is kept when it fits, and named when it cannot work
     monkeypatch.setenv(C.AUTH_MODE_VAR, "disabled")
     with pytest.raises(ClusterJoinError, match="RAY_AUTH_MODE=disabled sends no token"):

@@ -325,7 +325,10 @@ def match_authentication(address: str) -> None:
         return
     token = read_token()
     if token is None:
-        raise auth_failure(address, "the cluster uses token authentication and this machine has no token")
+        named = os.environ.get(TOKEN_PATH_VAR, "").strip()
+        raise auth_failure(address, "the cluster uses token authentication and " + (
+            f"{TOKEN_PATH_VAR} names {named}, which is no file" if named
+            else "this machine has no token"))
     if probe_authentication(address, token) == "refused":
         raise auth_failure(address, f"the cluster refused the token from {token_source()}")
     if mode is None:
