@@ -269,6 +269,7 @@ def _remove_holding(layout: OutputLayout, output: str, loaded: list[tuple[str, s
     section["total"] = sum(section["per_subset"].values())
     stats["kept_total"] = sum(int(v) for v in stats.get("kept_per_subset", {}).values())
     shards.write_bytes_atomic(fs, stats_path, _dumps(stats))
+    layout.write_generation_stats(_dumps(stats))
 
     prov_path = posixpath.join(root, "provenance.json")
     prov = shards.read_json(fs, prov_path) if fs.exists(prov_path) else {}

@@ -52,7 +52,7 @@ from .schema import SUBSETS
 from .stages import registry
 from .stages.shards import read_json_object
 from .errors import SetupError
-from .output.fs import open_fs
+from .output.fs import open_fs, url_of
 from .output.layout import OutputLayout
 
 log = logging.getLogger(__name__)
@@ -212,14 +212,26 @@ class _Data:
     similarity: dict[str, _Similarity]
     similarity_source: str  # "scores" or "shards"
     score_files: list[str]
+    stats_note: str = ""
 
 
 def _load(output_dir: str) -> _Data:
     fs, root = open_fs(output_dir)
     stats_path = posixpath.join(root, "stats.json")
+    layout = OutputLayout(output_dir)
+    pointer = layout.published()
+    stats_note = ""
     if not fs.exists(stats_path):
-        raise SetupError(f"{output_dir} holds no stats.json: not a finished output folder")
-    stats = read_json_object(fs, stats_path, posixpath.join(output_dir.rstrip("/"), "stats.json"))
+        # a run into the folder removes stats.json until it ends: the published generation keeps
+        # its own copy, and the report is of what readers see
+        kept = layout.generation_stats_path(pointer["generation"]) if pointer is not None else None
+        if kept is None or not fs.exists(kept):
+            raise SetupError(f"{output_dir} holds no stats.json: not a finished output folder")
+        stats_path = kept
+        stats_note = (f"stats.json is absent (a run into this folder is in progress, or stopped): this report "
+                      f"is of the published generation {int(pointer['generation'])} and the stats of the run "
+                      "that published it")
+    stats = read_json_object(fs, stats_path, url_of(fs, stats_path))
 
     cfg_path = posixpath.join(root, "config.yaml")
     config = read_output_config(fs, cfg_path, posixpath.join(output_dir.rstrip("/"), "config.yaml"))
@@ -234,8 +246,6 @@ def _load(output_dir: str) -> _Data:
         models[s] = f"{m.get('arch', d.arch)} / {m.get('pretrained', d.pretrained)}" + (
             f" (text: {text_model})" if text_model else "")
 
-    layout = OutputLayout(output_dir)
-    pointer = layout.published()
     shard_files = {s: layout.published_files(s, pointer=pointer) for s in SUBSETS}
     shard_rows: Counter = Counter()
     languages = {s: Counter() for s in SUBSETS}
@@ -270,7 +280,7 @@ def _load(output_dir: str) -> _Data:
     return _Data(
         output=output_dir, stats=stats, config=config, config_found=bool(config), thresholds=thresholds,
         models=models, shard_files=shard_files, shard_rows=shard_rows, languages=languages, sizes=sizes,
-        similarity=similarity, similarity_source=source, score_files=score_files,
+        similarity=similarity, similarity_source=source, score_files=score_files, stats_note=stats_note,
     )
 
 
@@ -626,6 +636,8 @@ def _build_document(data: _Data, steps, reasons) -> tuple[_Doc, dict[str, Any]]:
                  f"{files.get('failed', 0)} failed)")
     if not data.config_found:
         facts.append("config.yaml not found: thresholds and models shown are the LAION-5B defaults")
+    if data.stats_note:
+        facts.append(data.stats_note)
     laion_filter = stats.get("laion_filter")
     if laion_filter is not None:
         facts.append("LAION-5B's safety filter (NSFW tag, underage and animal drops): " + (

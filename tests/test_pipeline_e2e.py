@@ -99,6 +99,10 @@ def test_stats_count_every_stage(demo_run):
     stats = json.loads((out / "stats.json").read_text())
     st = stats["stages"]
     assert stats["files"]["total"] == len(sample.warc_paths) and stats["files"]["failed"] == 0
+    # the published generation keeps the stats of the run that published it (read by report
+    # while a later run into the folder has removed stats.json)
+    generation = json.loads((out / "_published.json").read_text())["generation"]
+    assert (out / "_generations" / f"g{generation:04d}-stats.json").read_bytes() == (out / "stats.json").read_bytes()
     assert st["extract"]["kept"] > 0 and st["extract"]["dropped_by_reason"]
     assert st["fetch"]["kept"] > 0
     failures = st["fetch"]["dropped_by_reason"]

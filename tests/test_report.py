@@ -272,3 +272,25 @@ def test_an_empty_stats_object_gives_a_report(tmp_path):
     out.mkdir()
     (out / "stats.json").write_text("{}", encoding="utf-8")
     assert Path(write_report(str(out))).is_file()
+
+
+def test_a_folder_whose_new_run_removed_stats_json_reports_its_published_generation(tmp_path):
+    """A run into a published folder removes stats.json until it ends; the published generation
+    keeps the stats of the run that published it, and the report is of what readers see."""
+    from laionbuild.output.layout import OutputLayout
+
+    out = _make_output(tmp_path / "output")
+    layout = OutputLayout(str(out))
+    files = {s: [str(p) for p in sorted((out / s).glob("*.parquet"))] for s in KEPT}
+    layout.commit_published(3, files, {s: len(v) for s, v in KEPT.items()})
+    layout.write_generation_stats((out / "stats.json").read_bytes())
+    assert (out / "_generations" / "g0003-stats.json").is_file()
+    (out / "stats.json").unlink()  # a new run has started
+    path = write_report(str(out))
+    text = Path(path).read_text(encoding="utf-8")
+    assert "published generation 3" in text and "stats.json is absent" in text
+    # a newer generation's publish removes the older generation's stats
+    layout.commit_published(4, files, {s: len(v) for s, v in KEPT.items()})
+    assert not (out / "_generations" / "g0003-stats.json").exists()
+    with pytest.raises(Exception, match="no stats.json"):
+        write_report(str(out))

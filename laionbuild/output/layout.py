@@ -302,6 +302,18 @@ class OutputLayout:
         self.clean_published(pointer)
         return pointer
 
+    def generation_stats_path(self, generation: int) -> str:
+        """``_generations/gNNNN-stats.json``: the stats of the run (or removal) that published
+        ``generation``. ``stats.json`` describes the folder's last run and is gone while a new run
+        works in it; this copy goes with the published rows until a newer generation replaces them."""
+        return self.path(GENERATIONS, f"g{int(generation):04d}-stats.json")
+
+    def write_generation_stats(self, data: bytes) -> None:
+        """Keep ``data`` (the ``stats.json`` just written) beside the published generation."""
+        pointer = self.published()
+        if pointer is not None:
+            shards.write_bytes_atomic(self.fs, self.generation_stats_path(pointer["generation"]), data)
+
     def clean_published(self, pointer: dict) -> None:
         """Remove the files of the published folders that ``pointer`` does not list (older
         generations, a publish that was interrupted), one listing per folder."""
@@ -310,7 +322,7 @@ class OutputLayout:
         keep = {self.path(rel) for paths in pointer["files"].values() for rel in paths}
         folders = [s + suffix for s in SUBSETS for suffix in PUBLISHED_SUFFIXES] + [IMAGES]
         stale = [p for f in folders for p in self.ls(self.path(f)) if p not in keep]
-        taken = self.names(self.path(GENERATIONS), ".json") if takes_conditional_writes(self.fs) else {}
+        taken = self.names(self.path(GENERATIONS), ".json")  # reservations, and stats of older generations
         stale += [p for name, p in taken.items() if name < f"g{int(pointer['generation']):04d}"]
         self.rm_many(stale)
 

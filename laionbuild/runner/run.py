@@ -322,7 +322,10 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         stats.extra["laion_filter"] = laion_filter_summary(cfg.clip, cfg.safety)
     if left:
         stats.extra["work_shards_incomplete"] = left
-    shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats.to_json().encode("utf-8"))
+    stats_bytes = stats.to_json().encode("utf-8")
+    shards.write_bytes_atomic(layout.fs, layout.path("stats.json"), stats_bytes)
+    if scoring:
+        layout.write_generation_stats(stats_bytes)  # read by report while a later run works here
     incomplete = bool(failed or stats.partial_files or left)
     if not incomplete:
         shards.write_bytes_atomic(layout.fs, layout.path("_SUCCESS"), b"")
