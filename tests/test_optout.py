@@ -111,6 +111,17 @@ def test_robots_txt_answered_429_disallows_everything(server):
     assert server.request_count("/public/a.png") == 0
 
 
+def test_a_robots_txt_that_asks_to_wait_is_not_asked_again_at_once(server):
+    """503 with Retry-After on robots.txt: the host asked to be left alone, so the file is not
+    asked for again after the usual back-off (the host is paused; its rows send nothing)."""
+    server.add("/robots.txt", b"", status=503, content_type="text/plain", headers={"Retry-After": "30"})
+    out, _ = fetch([server.url("/public/a.png"), server.url("/public/b.png")],
+                   cfg(honour_robots_txt=True, retries=1, retry_backoff_s=0.01, max_retry_after_s=0))
+    assert server.request_count("/robots.txt") == 1
+    assert server.request_count("/public/a.png") == server.request_count("/public/b.png") == 0
+    assert set(out[S.STATUS]) <= {"robots_txt_unavailable", "http_error_503"}
+
+
 WILD = b"User-agent: *\nDisallow: /*.jpg$\nDisallow: /*?\n"
 GROUPS = (b"User-agent: a\nUser-agent: LaionBuild/2.0\nDisallow: /a\n\nUser-agent: b\nDisallow: /b\n"
           b"User-agent: laionbuild\nDisallow: /c\nUser-agent: *\nDisallow: /\n")

@@ -592,13 +592,15 @@ class ImageFetcher:
 
     def _read_policy_file(self, url: str) -> bytes:
         """The body of an opt-out file, asked for again after a timeout, a connection error or a
-        5xx (``fetch.retries`` times, back-off from ``fetch.retry_backoff_s``); not after a 429."""
+        5xx (``fetch.retries`` times, back-off from ``fetch.retry_backoff_s``); not after a 429, nor
+        when the host asked to be left alone (``Retry-After``: the row waits instead)."""
         retries = max(0, self.cfg.retries)
         for attempt in range(retries + 1):
             try:
                 return self._attempt(url, policy_file=True)[0]
             except FetchFailure as exc:
-                if attempt >= retries or exc.status == "http_error_429" or not is_transient(exc.status):
+                if (attempt >= retries or exc.status == "http_error_429" or not is_transient(exc.status)
+                        or exc.wait_s is not None or exc.retry_after is not None):
                     raise
             delay = self.cfg.retry_backoff_s * (2 ** attempt)
             if delay > 0:
