@@ -159,3 +159,24 @@ def test_auto_reader_keeps_fastwarc_account_when_warcio_gets_no_further(tmp_path
     counts = dict(fe.counters.counts)
     assert counts.pop("reader_fallback_warcio") == 1
     assert counts == dict(fw.counters.counts)
+
+
+@pytest.mark.skipif(not fastwarc_available(), reason="fastwarc not installed")
+@pytest.mark.parametrize("tail", ["corrupt member", "garbage"])
+def test_auto_reader_never_yields_a_page_twice_when_fastwarc_fails_between_records(tmp_path, tail):
+    """fastwarc yields two pages, then fails looking for the third record: warcio takes over after
+    the second, not at it (the second page was yielded twice, and counted as a duplicate)."""
+    records = [_crlf_record(f"http://www.example.com/{i}.html",
+                            f"<img src='/a{i}.jpg' alt='a picture number {i}'>".encode()) for i in range(3)]
+    members = [gzip.compress(r) for r in records]
+    bad = bytearray(members[2])
+    bad[20:40] = b"\xff" * 20
+    data = b"".join(members[:2]) + (bytes(bad) if tail == "corrupt member" else b"this is not gzip at all" * 10)
+    path = tmp_path / "tail.warc.gz"
+    path.write_bytes(data)
+    for dedup in (True, False):
+        fw = extract_file(str(path), ExtractConfig(reader="fastwarc", dedup_within_file=dedup))
+        fe = extract_file(str(path), ExtractConfig(reader="auto", dedup_within_file=dedup))
+        assert len(fe.rows) == len(fw.rows) == 2
+        assert fe.counters.kept == fw.counters.kept == 2 and not fe.counters.dropped_by_reason
+        assert fe.counters.counts["candidates"] == 2 and fe.counters.counts["responses"] == 2

@@ -623,9 +623,9 @@ def _iter_fastwarc(
         it = ArchiveIterator(
             source, record_types=WarcRecordType.any_type, parse_http=False, fsspec_args=False
         )
+        if progress is not None:
+            progress["done"], progress["counters"] = 0, _counters_state(counters)
         for record in it:
-            if progress is not None:
-                progress["done"], progress["counters"] = seen, _counters_state(counters)
             seen += 1
             content_length = record.content_length
             if not content_length and record.headers.get("Content-Length") is None:
@@ -640,20 +640,24 @@ def _iter_fastwarc(
                 short = _drained_short(record.reader, content_length)
                 if short is not None:
                     _truncated(file_result, counters, record.stream_pos, short, content_length)
-                continue
-            doc = _process_response(
-                target_uri=record.headers.get("WARC-Target-URI"),
-                record_id=record.record_id,
-                content_length=content_length,
-                raw=record.reader,
-                offset=record.stream_pos,
-                path=path,
-                cfg=cfg,
-                counters=counters,
-                file_result=file_result,
-            )
-            if doc is not None:
-                yield doc
+            else:
+                doc = _process_response(
+                    target_uri=record.headers.get("WARC-Target-URI"),
+                    record_id=record.record_id,
+                    content_length=content_length,
+                    raw=record.reader,
+                    offset=record.stream_pos,
+                    path=path,
+                    cfg=cfg,
+                    counters=counters,
+                    file_result=file_result,
+                )
+                if doc is not None:
+                    yield doc
+            if progress is not None:
+                # the record is read whole (and its page yielded): a reader taking over after a
+                # failure in finding the next record starts after it, counting from here
+                progress["done"], progress["counters"] = seen, _counters_state(counters)
     except Exception as exc:  # noqa: BLE001 - fastwarc reports every parse problem as OSError
         msg = f"{type(exc).__name__}: {exc}"
         if seen == 0:
