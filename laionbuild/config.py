@@ -192,11 +192,11 @@ class FetchConfig:
     retries: int = 1
     #: seconds before the first retry of a download (doubled for each further one)
     retry_backoff_s: float = 1.0
-    #: a ``429`` / ``503`` answer's ``Retry-After`` up to this many seconds is honoured: the
-    #: retry waits at least that long and the host's other rows send nothing until then (they
-    #: wait without holding a download thread); a longer one ends the row with that answer's
-    #: status, and the host's other rows until then too, without a request
-    max_retry_after_s: float = 60.0
+    #: a ``429`` / ``503`` answer's ``Retry-After`` is honoured: the retry waits at least that
+    #: long and the host's other rows send nothing until then (they wait without holding a
+    #: download thread). A row waits for such hosts at most this many seconds in all; beyond
+    #: it the row ends with that answer's status, without another request
+    max_retry_after_s: float = 30.0
     #: redirects followed per image; more is ``too_many_redirects``
     max_redirects: int = 5
     #: image bodies larger than this many bytes are not read (``too_large_bytes``)

@@ -240,3 +240,15 @@ def test_a_raw_utf8_location_is_read_as_utf8_and_messages_hold_no_control_charac
     assert "/bild-%C3%A4.png" in asked and "/img/b.png" in asked
     assert out[S.URL][0] == base + "/bild-ä.png"
     assert out[S.STATUS][2] == "connection_error" and out[S.ERROR_MESSAGE][2].isprintable()
+
+
+def test_a_host_that_keeps_throttling_holds_its_rows_no_longer_than_the_wait_budget():
+    """Every answer is 429 with Retry-After: 1. Rows waiting for the host keep their attempts, so
+    without a budget each would wait (and then ask) until its retries ran out: 12 rows x 6
+    attempts. With fetch.max_retry_after_s = 3 for all of a row's waits, the rows end after about
+    three pauses, most of them without asking again."""
+    with _Server(throttle={"busy.test": ("1", 10 ** 6)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(12)]
+        out = _fetch(urls, ["busy.test"], retries=5, per_host_concurrency=1, max_retry_after_s=3)
+    assert list(out[S.STATUS]) == ["http_error_429"] * 12
+    assert len(srv.arrivals) <= 12, len(srv.arrivals)

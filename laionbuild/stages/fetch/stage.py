@@ -106,7 +106,7 @@ def _opted_out(values: list[str], ua_token: str, directives: frozenset[str]) -> 
 class _Row:
     """The outcome of one row's download."""
 
-    __slots__ = ("status", "message", "pixels", "width", "height", "final_url", "blob", "dns_ms", "io")
+    __slots__ = ("status", "message", "pixels", "width", "height", "final_url", "blob", "dns_ms", "io", "waits")
 
     def __init__(self, status: str = SKIPPED, message: str = ""):
         self.status, self.message = status, message
@@ -116,6 +116,8 @@ class _Row:
         self.blob = b""
         #: connections opened, reused; names looked up, answered from the cache (IO_COLUMNS)
         self.io = (0, 0, 0, 0)
+        #: the next try waits for a host that asked to be left alone (counted against its budget)
+        self.waits = False
 
     def shared(self) -> "_Row":
         """This outcome for another row of the same URL: its download's connections, lookups and
@@ -308,17 +310,20 @@ class ImageFetcher:
         return pend
 
     def _work(self, pend: _Pending, i: int, url, done: queue.SimpleQueue, attempt: int = 0,
-              before: _Row | None = None) -> None:
-        """One attempt at a row; a row to be tried again waits for its time on the host's turns."""
+              before: _Row | None = None, waited: float = 0.0) -> None:
+        """One attempt at a row; a row to be tried again waits for its time on the host's turns.
+        ``waited``: seconds the row has waited so far for hosts that asked to be left alone."""
         try:
-            row, again_in, next_attempt = self._fetch_row(url, attempt)
+            row, again_in, next_attempt = self._fetch_row(url, attempt, waited)
         except BaseException as exc:  # noqa: BLE001 - the row must settle whatever happens
             row, again_in, next_attempt = _Row("connection_error", f"unexpected {type(exc).__name__}: {exc}"), None, 0
         if before is not None:  # the connections and lookups of its earlier attempts
             row.dns_ms += before.dns_ms
             row.io = tuple(a + b for a, b in zip(row.io, before.io))
         if again_in is not None and not self._closed:
-            self._turns.later(again_in, url_host(url), partial(self._work, pend, i, url, done, next_attempt, row))
+            waited += again_in if row.waits else 0.0
+            self._turns.later(again_in, url_host(url),
+                              partial(self._work, pend, i, url, done, next_attempt, row, waited))
             return
         done.put((pend, i, row))
 
@@ -334,7 +339,7 @@ class ImageFetcher:
         pend.left -= len(settled)
         return settled
 
-    def _fetch_row(self, url, attempt: int = 0) -> tuple[_Row, float | None, int]:
+    def _fetch_row(self, url, attempt: int = 0, waited: float = 0.0) -> tuple[_Row, float | None, int]:
         """Download, decode and resize one URL, once; never raises. Returns the row, the seconds
         after which to try again (None: the row is settled) and that try's attempt number."""
         row = _Row("success")
@@ -350,7 +355,8 @@ class ImageFetcher:
                 row.blob = encode_image(arr, self.resize_cfg)
         except FetchFailure as exc:
             row.status, row.message = exc.status, _printable(exc.message)
-            again = self._again(url, exc, attempt)
+            again = self._again(url, exc, attempt, waited)
+            row.waits = again[0] is not None and (exc.wait_s is not None or exc.retry_after is not None)
         except ImageRejected as exc:
             row.status, row.message = exc.status, _printable(exc.message)
         except Exception as exc:  # noqa: BLE001 - one record never stops the batch
@@ -360,11 +366,12 @@ class ImageFetcher:
         row.io = self.connections.take_row_counts() + self.resolver.take_row_counts()
         return row, *again
 
-    def _again(self, url, exc: FetchFailure, attempt: int) -> tuple[float | None, int]:
+    def _again(self, url, exc: FetchFailure, attempt: int, waited: float = 0.0) -> tuple[float | None, int]:
         """When a failed attempt is tried again: ``(seconds from now, its attempt number)``, or
-        ``(None, 0)``. A host that asked to wait (``Retry-After``) is waited for, up to
-        ``fetch.max_retry_after_s``; rows that sent nothing meanwhile keep their attempts."""
-        limit = self.cfg.max_retry_after_s
+        ``(None, 0)``. A host that asked to wait (``Retry-After``) is waited for while the row's
+        waits for it, all together, stay within ``fetch.max_retry_after_s`` (``waited``: so far);
+        rows that sent nothing meanwhile keep their attempts."""
+        limit = self.cfg.max_retry_after_s - waited
         if exc.wait_s is not None:  # nothing was sent: the host is paused
             return (exc.wait_s, attempt) if exc.wait_s <= limit else (None, 0)
         if attempt >= max(0, self.cfg.retries) or not is_transient(exc.status):
