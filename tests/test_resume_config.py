@@ -41,3 +41,23 @@ def test_the_dedup_key_cannot_change_even_forced(tmp_path):
     prepare_output(_cfg(out), OutputLayout(out), ["x"], "extract")
     with pytest.raises(SetupError, match=r"another run\.dedup_key.*not even with --force"):
         prepare_output(_cfg(out, "run.dedup_key=url", "run.force=true"), OutputLayout(out), ["x"], "extract")
+
+
+def test_settings_added_since_at_their_defaults_are_no_change(tmp_path):
+    """A folder made before laionbuild gained a setting resumes without --force when the run
+    leaves that setting at its default; a value other than the default is a change."""
+    out = str(tmp_path / "out")
+    prepare_output(_cfg(out), OutputLayout(out), ["x"], "extract")
+    prov_path = tmp_path / "out" / "provenance.json"
+    prov = json.loads(prov_path.read_text())
+    del prov["config"]["fetch"]["max_retry_after_s"]  # as written by a version without that setting
+    prov["config_hash"] = "0123456789abcdef"
+    prov_path.write_text(json.dumps(prov))
+    prepare_output(_cfg(out), OutputLayout(out), ["x"], "extract")
+    assert json.loads(prov_path.read_text())["config"]["fetch"]["max_retry_after_s"] == 30.0
+    prov = json.loads(prov_path.read_text())
+    del prov["config"]["fetch"]["max_retry_after_s"]
+    prov["config_hash"] = "0123456789abcdef"
+    prov_path.write_text(json.dumps(prov))
+    with pytest.raises(SetupError, match=r"fetch\.max_retry_after_s \(null -> 5\.0\)"):
+        prepare_output(_cfg(out, "fetch.max_retry_after_s=5"), OutputLayout(out), ["x"], "extract")

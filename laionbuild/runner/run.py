@@ -70,17 +70,22 @@ def _package_versions() -> dict[str, str]:
 FIXED_SETTINGS = ("run.dedup_key",)
 
 
-def changed_settings(before: dict, after: dict, prefix: str = "") -> list[str]:
+def changed_settings(before: dict, after: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """``key (old -> new)`` for every leaf setting that differs, execution-only settings left out
-    (those :func:`config_hash` ignores)."""
+    (those :func:`config_hash` ignores). With ``defaults`` (the default config as a dict), a
+    setting that ``before`` lacks and ``after`` holds at its default is no change (a setting
+    added to laionbuild since the folder was made), nor is one that ``after`` lacks (removed)."""
     out = []
     for key in sorted(set(before) | set(after)):
         dotted = f"{prefix}{key}"
         if dotted in IGNORED_IN_HASH or dotted.split(".", 1)[0] in IGNORED_IN_HASH:
             continue
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if defaults is not None and (key not in after or (key not in before and after[key] == default)):
+            continue
         a, b = before.get(key), after.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += changed_settings(a, b, dotted + ".")
+            out += changed_settings(a, b, dotted + ".", default if defaults is not None else None)
         elif a != b:
             out.append(f"{dotted} ({_short(a)} -> {_short(b)})")
     return out
@@ -99,8 +104,13 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
     old = shards.read_json(fs, prov_path) if fs.exists(prov_path) else None
     earlier = list(old.get("earlier_configs", [])) if old is not None else []
     if old is not None:
-        if old.get("config_hash") != digest or old.get("command") != command:
-            changed = changed_settings(old.get("config") or {}, config_to_dict(cfg))
+        changed = changed_settings(old.get("config") or {}, config_to_dict(cfg), defaults=config_to_dict(Config()))
+        if (old.get("config_hash") != digest and old.get("config") is not None and not changed
+                and old.get("command") == command):
+            # only settings laionbuild gained since, at their defaults: the same rows
+            log.info("resuming into %s, made before settings were added that this run leaves at their defaults",
+                     layout.url)
+        elif old.get("config_hash") != digest or old.get("command") != command:
             if old.get("command") not in (None, command):
                 changed.insert(0, f"command ({old.get('command')} -> {command})")
             shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
