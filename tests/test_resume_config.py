@@ -61,3 +61,19 @@ def test_settings_added_since_at_their_defaults_are_no_change(tmp_path):
     prov_path.write_text(json.dumps(prov))
     with pytest.raises(SetupError, match=r"fetch\.max_retry_after_s \(null -> 5\.0\)"):
         prepare_output(_cfg(out, "fetch.max_retry_after_s=5"), OutputLayout(out), ["x"], "extract")
+
+
+def test_inputs_committed_under_relative_names_keep_their_ids(tmp_path, monkeypatch):
+    """Earlier versions named a glob's files as given (relative); a resume from the same folder
+    finds them committed under those names instead of extracting them again."""
+    from laionbuild.inputs import file_id
+    from laionbuild.runner.run import _ids_of_earlier_versions
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "crawl").mkdir()
+    a, b = str(tmp_path / "crawl" / "a.warc.gz"), str(tmp_path / "crawl" / "b.warc.gz")
+    old_a = file_id("crawl/a.warc.gz")
+    on_disk = {old_a: {"path": "crawl/a.warc.gz"}, file_id("/elsewhere/b.warc.gz"): {"path": "/elsewhere/b.warc.gz"}}
+    fids = _ids_of_earlier_versions({file_id(a): a, file_id(b): b}, on_disk)
+    assert fids == {old_a: a, file_id(b): b}
+    assert _ids_of_earlier_versions({file_id(a): a}, {}) == {file_id(a): a}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import logging
 import time
 from dataclasses import dataclass, field
@@ -168,6 +169,22 @@ def prepare_output(cfg: Config, layout: OutputLayout, files: list[str], command:
     shards.write_json_atomic(fs, prov_path, provenance)
 
 
+def _ids_of_earlier_versions(fids: dict[str, str], on_disk: dict[str, dict]) -> dict[str, str]:
+    """Local inputs are named by their absolute path; earlier versions named a glob's or a
+    folder's files as given (relative). An input committed under such a name, read from this
+    folder, keeps the id it was committed under: a resume does not extract it again."""
+    known = {}
+    for fid, marker in on_disk.items():
+        recorded = str(marker.get("path") or "")
+        local = recorded.removeprefix("file://")
+        if recorded and "://" not in local and not os.path.isabs(local):
+            known[os.path.abspath(local)] = fid
+    if not known:
+        return fids
+    return {(known.get(path.removeprefix("file://"), fid) if fid not in on_disk else fid): path
+            for fid, path in fids.items()}
+
+
 def _clean_uncommitted_candidates(layout: OutputLayout, committed: set[str]) -> None:
     stale = [p for fid, p in layout.names(layout.path(CANDIDATES), ".parquet").items() if fid not in committed]
     layout.rm_many(stale)
@@ -235,6 +252,7 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     prepare_output(given, layout, files, command)
     fids = {file_id(p): p for p in files}
     on_disk = layout.candidate_markers()  # one listing, markers read concurrently
+    fids = _ids_of_earlier_versions(fids, on_disk)
     committed = {fid: m for fid, m in on_disk.items() if fid in fids}
     pending = {fid: p for fid, p in fids.items() if fid not in committed}
     if committed:
