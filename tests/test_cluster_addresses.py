@@ -17,6 +17,8 @@ from laionbuild.runner import connect as C
     ("http://127.0.0.1:8265", "dashboard"),
     ("127.0.0.1", "not a HOST:PORT"),
     ("10.0.0.9:63x9", "not a HOST:PORT"),
+    ("::1", "not a HOST:PORT"),
+    ("2001:db8::10", "not a HOST:PORT"),
 ])
 def test_addresses_the_run_cannot_use_are_refused_at_once(address, says, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -39,6 +41,7 @@ def test_a_loopback_address_of_the_cluster_on_this_machine_joins_it_where_ray_mo
     (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.2:26379")
     assert C.choose_address("127.0.0.1:26379", local=False) == ("explicit", "127.0.0.1:26379")
     assert C.choose_address("10.1.2.3:26379", local=False) == ("explicit", "10.1.2.3:26379")
+    assert C.choose_address("[2001:db8::10]:6379", local=False) == ("explicit", "[2001:db8::10]:6379")
 
 
 @pytest.mark.ray

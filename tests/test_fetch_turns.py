@@ -252,3 +252,11 @@ def test_a_host_that_keeps_throttling_holds_its_rows_no_longer_than_the_wait_bud
         out = _fetch(urls, ["busy.test"], retries=5, per_host_concurrency=1, max_retry_after_s=3)
     assert list(out[S.STATUS]) == ["http_error_429"] * 12
     assert len(srv.arrivals) <= 12, len(srv.arrivals)
+
+
+def test_messages_escape_c0_and_c1_controls():
+    from laionbuild.stages.fetch.stage import _printable
+
+    assert _printable("HTTP \x00bad\r\n") == "HTTP \\x00bad\\x0d\\x0a"
+    assert _printable("NEL\x85 CSI\x9b[31m") == "NEL\\x85 CSI\\x9b[31m"
+    assert _printable("ok: Größe ä") == "ok: Größe ä"

@@ -135,10 +135,13 @@ def _ray_keyword(mode: str, address: str) -> tuple[str, str | None]:
             f"ray job submit --address {address} -- laionbuild run ...")
     if address != "auto":
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        v6 = ":" in host
+        if (not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+                or (v6 and not (host.startswith("[") and host.endswith("]")))):
             raise ClusterJoinError(
                 f"cannot join the Ray cluster at {address!r} ({given}): not a HOST:PORT address. Fix: give the "
-                "cluster's GCS address, e.g. HEAD_IP:6379 (what `ray start --head` prints), or `auto`")
+                "cluster's GCS address, e.g. HEAD_IP:6379 (what `ray start --head` prints; an IPv6 address in "
+                "brackets, [::1]:6379), or `auto`")
         return mode, _same_cluster_on_this_machine(address)
     found = running_cluster_address()
     if found and _accepts_connections(found):

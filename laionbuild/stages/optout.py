@@ -223,8 +223,11 @@ def path_matches(pattern: str, path: str) -> bool:
 
 def tdm_reserved(rules: Iterable[TdmRule], path: str) -> Optional[TdmRule]:
     """The first rule matching ``path`` if it reserves TDM rights, else None."""
+    canon = None  # put in the compared form once, for every rule
     for rule in rules:
-        if path_matches(rule.location, path or "/"):
+        if canon is None:
+            canon = canonical_path(path or "/")
+        if _pattern(rule.location).matches(canon):
             return rule if rule.reserved else None
     return None
 

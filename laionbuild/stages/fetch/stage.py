@@ -735,12 +735,13 @@ def _location_text(location: str) -> str:
         return "".join(chr(b) if b < 0x80 else f"%{b:02X}" for b in raw)
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 
 def _printable(message: str) -> str:
     """A row's message without control characters (a server's bad status line can hold NULs,
-    CR / LF and image bytes): each is written as ``\\xNN``."""
+    CR / LF, C1 controls such as NEL and CSI once read as Latin-1, and image bytes): each is
+    written as ``\\xNN``."""
     return message if message.isprintable() else message.translate(_CONTROL)
 
 
