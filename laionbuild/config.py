@@ -197,6 +197,13 @@ class FetchConfig:
     #: download thread). A row waits for such hosts at most this many seconds in all; beyond
     #: it the row ends with that answer's status, without another request
     max_retry_after_s: float = 30.0
+    #: a host whose requests failed this many times in a row (``timeout`` / ``connection_error``,
+    #: no answer between) counts as down: its other rows end as ``host_unreachable`` without a
+    #: request for ``host_down_s`` seconds (0 = never; a dead host otherwise costs each of its rows
+    #: ``(retries + 1) * timeout_s``, its turns held meanwhile and its batches open)
+    host_down_after: int = 5
+    #: seconds a host that counts as down is left alone (then asked again)
+    host_down_s: float = 300.0
     #: redirects followed per image; more is ``too_many_redirects``
     max_redirects: int = 5
     #: image bodies larger than this many bytes are not read (``too_large_bytes``)
@@ -933,7 +940,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: 'extract.{name}' must not be negative")
     for name in ("dns_ttl_s", "dns_negative_ttl_s", "dns_transient_ttl_s", "dns_retries", "dns_retry_backoff_s",
                  "emit_after_s", "max_jpeg_scans", "decode_cpu_limit_s", "retry_backoff_s", "max_retry_after_s",
-                 "policy_retry_s"):
+                 "policy_retry_s", "host_down_after", "host_down_s"):
         if getattr(cfg.fetch, name) < 0:
             raise ConfigError(f"{source}: 'fetch.{name}' must not be negative")
     for name in ("timeout_s", "max_bytes", "threads", "per_host_concurrency", "batch_size", "policy_max_bytes",

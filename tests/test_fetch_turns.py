@@ -260,3 +260,39 @@ def test_messages_escape_c0_and_c1_controls():
     assert _printable("HTTP \x00bad\r\n") == "HTTP \\x00bad\\x0d\\x0a"
     assert _printable("NEL\x85 CSI\x9b[31m") == "NEL\\x85 CSI\\x9b[31m"
     assert _printable("ok: Größe ä") == "ok: Größe ä"
+
+
+def test_a_host_that_never_answers_counts_as_down_after_failures_in_a_row():
+    """Rows of a host where nothing listens: after fetch.host_down_after connection failures in a
+    row, its other rows end as host_unreachable without a request; another host is not affected."""
+    import socket
+
+    closed = socket.socket()
+    closed.bind((LOOPBACK, 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: every connection is refused
+    with _Server() as srv:
+        dead = [f"http://dead.test:{dead_port}/d{i}.png" for i in range(12)]
+        urls = dead + [srv.url("alive.test", "/a.png")]
+        out = _fetch(urls, ["dead.test", "alive.test"], per_host_concurrency=1, retries=1, retry_backoff_s=0.01,
+                     host_down_after=3, host_down_s=60)
+    statuses = list(out[S.STATUS])
+    assert statuses[-1] == "success"
+    assert statuses[:12].count("connection_error") <= 3 and statuses[:12].count("host_unreachable") >= 9, statuses
+    assert "3 requests in a row ended in connection_error" in out[S.ERROR_MESSAGE][11]
+    # with the rule off, every row is asked for (and retried)
+    out = _fetch(dead, ["dead.test"], per_host_concurrency=1, retries=1, retry_backoff_s=0.01, host_down_after=0)
+    assert list(out[S.STATUS]) == ["connection_error"] * 12
+
+
+def test_an_answer_starts_the_count_again():
+    turns = HostTurns(lambda job: job(), per_host=1)
+    for _ in range(4):
+        turns.failed("x.test", "timeout", after=5, down_s=60)
+    turns.answered("x.test")
+    for _ in range(4):
+        turns.failed("x.test", "timeout", after=5, down_s=60)
+    assert turns.down("x.test") is None
+    turns.failed("x.test", "timeout", after=5, down_s=60)
+    left, why = turns.down("x.test")
+    assert 0 < left <= 60 and why == "5 requests in a row ended in timeout"

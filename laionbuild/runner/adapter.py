@@ -7,6 +7,7 @@ calls the resulting stage on numpy batches. Stages know nothing of Ray.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import numpy as np
@@ -55,6 +56,29 @@ class StreamStageActor(StageActor):
             if self.name:
                 out[NODE_COLUMN + self.name] = np.full(len(next(iter(out.values()))), self.node, dtype=object)
             yield out
+
+
+#: output block size (bytes) of a dataset with a :class:`StreamStageActor` when none is given.
+#: Ray Data gathers what a ``map_batches`` call yields into blocks of ``target_max_block_size``
+#: (128 MiB by default) and sends a block on only when it is full or the call ends: a batch's
+#: fast rows waited for its slowest one. The score phase sizes its blocks by rows instead
+#: (:func:`laionbuild.runner.score.stream_block_bytes`).
+STREAM_BLOCK_BYTES = 8 << 20
+
+
+@contextlib.contextmanager
+def streaming_blocks(block_bytes: int = STREAM_BLOCK_BYTES):
+    """Datasets created inside this block send on what a streaming stage yields in blocks of
+    ``block_bytes`` (a dataset keeps the Ray Data context it was created with)."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.target_max_block_size
+    ctx.target_max_block_size = int(block_bytes)
+    try:
+        yield
+    finally:
+        ctx.target_max_block_size = before
 
 
 def nodes_of(batch: Batch) -> dict[str, set[str]]:

@@ -29,7 +29,7 @@ from ..output.fs import open_fs
 from ..output.layout import OutputLayout
 from ..stages import registry, shards
 from ..stats import StageCounters
-from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, retries, task_pool
+from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, retries, streaming_blocks, task_pool
 from .commit import (FATES, SHARD_ID, SHARD_ROW, Compactor, ShardTracker, compact_shard, part_name, recover_parts,
                      with_part_meta)
 from .progress import Progress
@@ -247,6 +247,18 @@ def ray_compactor(output: str, compression: str, cpus: float, resources: dict | 
     return lambda sid, marker: task.remote(output, marker, compression).future()
 
 
+#: fetched rows per block that the fetch stage sends on to CLIP (Ray Data sends a block on when
+#: it is full or the call that yields it ends: with its default of 128 MiB, all of a batch's rows
+#: waited for the slowest). About 5 blocks per 256-row batch: more blocks would cost the driver,
+#: which schedules every block, more work per row.
+STREAM_BLOCK_ROWS = 48
+
+
+def stream_block_bytes(cfg: Config) -> int:
+    """Bytes of :data:`STREAM_BLOCK_ROWS` fetched rows: their pixels and about 1 KiB of the rest."""
+    return STREAM_BLOCK_ROWS * (cfg.resize.image_size ** 2 * 3 + 1024)
+
+
 def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
                     shape: ClusterShape) -> tuple[list[str], int]:
     """Fetch and score every pending work shard; returns the shards left uncommitted and the rows
@@ -269,7 +281,8 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
         tracker.close()
         progress.close()
         return sorted(tracker.pending), kept
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
+    with streaming_blocks(stream_block_bytes(cfg)):  # fetched rows go on as they complete
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), cfg.ray.max_blocks)))
     ds = ds.map_batches(read_work_shard, batch_size=1, batch_format="numpy", num_cpus=plan.read_cpus,
                         compute=task_pool(plan.read_tasks), **plan.cpu_resources, **retries(cfg, actors=False))
     ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",

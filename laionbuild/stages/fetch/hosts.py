@@ -57,6 +57,8 @@ class HostTurns:
         self._seq = itertools.count()
         self._timer_thread: threading.Thread | None = None
         self._pauses: dict[str, tuple[float, str]] = {}
+        self._failures: dict[str, int] = {}
+        self._down: dict[str, tuple[float, str]] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ turns
@@ -125,6 +127,41 @@ class HostTurns:
                 del self._pauses[host]
                 return None
             return left, pause[1]
+
+    # ------------------------------------------------------------------ hosts that do not answer
+    def answered(self, host: str) -> None:
+        """``host`` answered (any HTTP status): its count of failures in a row starts again."""
+        if host and host in self._failures:
+            with self._lock:
+                self._failures.pop(host, None)
+
+    def failed(self, host: str, status: str, after: int, down_s: float) -> None:
+        """A request to ``host`` got no answer (``status``); ``after`` such failures in a row put
+        it down for ``down_s`` seconds (``after`` 0: never)."""
+        if not host or after <= 0 or down_s <= 0:
+            return
+        with self._lock:
+            n = self._failures.get(host, 0) + 1
+            if n < after:
+                self._failures[host] = n
+                return
+            self._failures.pop(host, None)
+            if len(self._down) > 10_000:  # ended ones are forgotten
+                now = self._clock()
+                self._down = {h: d for h, d in self._down.items() if d[0] > now}
+            self._down[host] = (self._clock() + down_s, f"{after} requests in a row ended in {status}")
+
+    def down(self, host: str) -> tuple[float, str] | None:
+        """``(seconds left, why)`` while ``host`` counts as down, else None."""
+        with self._lock:
+            entry = self._down.get(host)
+            if entry is None:
+                return None
+            left = entry[0] - self._clock()
+            if left <= 0:
+                del self._down[host]
+                return None
+            return left, entry[1]
 
     def waiting(self) -> int:
         """Jobs waiting for their host's turn or for their time."""

@@ -60,6 +60,7 @@ STATUSES = (
     "opt_out", "opt_out_tdm_header", "opt_out_tdmrep", "opt_out_robots_txt", "blocked_address", "bad_scheme",
     "bad_url", "not_an_image", "decode_error", "too_small", "too_large_pixels", "unsupported_format",
     "too_small_bytes", "decoder_crashed", "too_many_scans", "decode_timeout", "robots_txt_unavailable",
+    "host_unreachable",
 )  # plus http_error_<code> and blocklisted:<list>
 
 #: per-row columns counting the connections and DNS work of the row's download; summed into
@@ -487,6 +488,10 @@ class ImageFetcher:
                 left, status = paused
                 raise FetchFailure(status, f"{host} asked to be left alone (Retry-After) for {left:.0f}s more",
                                    wait_s=left)
+            down = self._turns.down(host)
+            if down is not None:
+                left, why = down
+                raise FetchFailure("host_unreachable", f"{host}: {why}; not asked again for {left:.0f}s")
             if not policy_file:
                 started = time.monotonic()
                 self._check_opt_outs(current, target)
@@ -500,7 +505,12 @@ class ImageFetcher:
                 except FetchFailure as exc:
                     if exc.retry_after is not None:  # the host's other rows wait too
                         self._turns.pause(host, exc.retry_after, exc.status)
+                    if exc.status in _NO_ANSWER:
+                        self._turns.failed(host, exc.status, self.cfg.host_down_after, self.cfg.host_down_s)
+                    elif exc.status.startswith("http_error_"):
+                        self._turns.answered(host)
                     raise
+                self._turns.answered(host)
             if isinstance(location, bytes):
                 return location, current
             current = resolve_url(clean_url(_location_text(location)), current)
@@ -717,6 +727,10 @@ class ImageFetcher:
                 self._pool.shutdown(wait=False)
         except Exception:  # noqa: BLE001
             pass
+
+
+#: failures in which the host gave no answer: enough of them in a row and it counts as down
+_NO_ANSWER = ("timeout", "connection_error")
 
 
 def _location_text(location: str) -> str:
