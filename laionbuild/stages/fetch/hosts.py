@@ -108,25 +108,33 @@ class HostTurns:
         """``host`` asked to be left alone for ``seconds`` (``Retry-After``) with ``status``."""
         if not host or seconds <= 0:
             return
-        until = self._clock() + seconds
         with self._lock:
-            if len(self._pauses) > 10_000:  # ended pauses are forgotten
-                now = self._clock()
-                self._pauses = {h: p for h, p in self._pauses.items() if p[0] > now}
-            if until > self._pauses.get(host, (0.0, ""))[0]:
-                self._pauses[host] = (until, status)
+            self._set_until(self._pauses, host, seconds, status)
 
     def paused(self, host: str) -> tuple[float, str] | None:
         """``(seconds left, status)`` while ``host`` is paused, else None."""
+        return self._left(self._pauses, host)
+
+    def _set_until(self, table: dict, host: str, seconds: float, why: str) -> None:
+        """``table[host]`` ends ``seconds`` from now (a later end is kept); the caller holds the lock."""
+        now = self._clock()
+        if len(table) > 10_000:  # ended entries are forgotten
+            for h in [h for h, entry in table.items() if entry[0] <= now]:
+                del table[h]
+        if now + seconds > table.get(host, (0.0, ""))[0]:
+            table[host] = (now + seconds, why)
+
+    def _left(self, table: dict, host: str) -> tuple[float, str] | None:
+        """``(seconds left, why)`` of ``table[host]`` while it has not ended, else None."""
         with self._lock:
-            pause = self._pauses.get(host)
-            if pause is None:
+            entry = table.get(host)
+            if entry is None:
                 return None
-            left = pause[0] - self._clock()
+            left = entry[0] - self._clock()
             if left <= 0:
-                del self._pauses[host]
+                del table[host]
                 return None
-            return left, pause[1]
+            return left, entry[1]
 
     # ------------------------------------------------------------------ hosts that do not answer
     def answered(self, host: str) -> None:
@@ -146,22 +154,11 @@ class HostTurns:
                 self._failures[host] = n
                 return
             self._failures.pop(host, None)
-            if len(self._down) > 10_000:  # ended ones are forgotten
-                now = self._clock()
-                self._down = {h: d for h, d in self._down.items() if d[0] > now}
-            self._down[host] = (self._clock() + down_s, f"{after} requests in a row ended in {status}")
+            self._set_until(self._down, host, down_s, f"{after} requests in a row ended in {status}")
 
     def down(self, host: str) -> tuple[float, str] | None:
         """``(seconds left, why)`` while ``host`` counts as down, else None."""
-        with self._lock:
-            entry = self._down.get(host)
-            if entry is None:
-                return None
-            left = entry[0] - self._clock()
-            if left <= 0:
-                del self._down[host]
-                return None
-            return left, entry[1]
+        return self._left(self._down, host)
 
     def waiting(self) -> int:
         """Jobs waiting for their host's turn or for their time."""
