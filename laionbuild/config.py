@@ -276,7 +276,8 @@ class FetchConfig:
     #: status ``opt_out_tdm_header`` (no extra request)
     honour_tdm_header: bool = True
     #: TDM Reservation Protocol: read the image host's ``/.well-known/tdmrep.json``
-    #: (once per host and worker) and skip images whose path a rule with
+    #: (once per host and worker, again after ``policy_retry_s`` when it could not be read:
+    #: it reserves nothing meanwhile) and skip images whose path a rule with
     #: ``tdm-reservation: 1`` covers (status ``opt_out_tdmrep``); off in LAION-5B
     honour_tdmrep_json: bool = False
     #: read the image host's ``robots.txt`` (once per host and worker, again after
@@ -289,8 +290,9 @@ class FetchConfig:
     #: hosts whose ``tdmrep.json`` / ``robots.txt`` outcome one worker keeps in memory
     policy_cache_size: int = 10_000
     #: seconds a ``robots.txt`` that could not be read (unreachable, 5xx, 429) keeps its
-    #: host's images refused (status ``robots_txt_unavailable``) before it is asked for again;
-    #: a file that was read is used for 24 hours (RFC 9309)
+    #: host's images refused (status ``robots_txt_unavailable``), and a ``tdmrep.json`` that
+    #: could not be read reserves nothing, before it is asked for again; a file that was read
+    #: is used for 24 hours (RFC 9309)
     policy_retry_s: float = 300.0
     #: rows per fetch task
     batch_size: int = 256

@@ -331,6 +331,24 @@ def test_an_unreadable_robots_txt_is_read_again_after_policy_retry_s(server):
         assert server.request_count("/robots.txt") == 2
 
 
+def test_an_unreadable_tdmrep_json_is_read_again_after_policy_retry_s(server):
+    """A tdmrep.json that could not be read reserves nothing for now, and was remembered for the
+    worker's whole life: reservations the publisher made were never seen."""
+    server.add("/.well-known/tdmrep.json", b"", status=503, content_type="application/json")
+    with fetcher(cfg(honour_tdmrep_json=True, policy_retry_s=0.5)) as f:
+        assert f(_batch([server.url("/private/a.png")]))[S.STATUS][0] == "success"
+        assert f(_batch([server.url("/private/b.png")]))[S.STATUS][0] == "success"
+        assert server.request_count("/.well-known/tdmrep.json") == 1  # remembered meanwhile
+        server.add("/.well-known/tdmrep.json", b'[{"location": "/private/", "tdm-reservation": 1}]',
+                   content_type="application/json")
+        time.sleep(0.6)
+        assert f(_batch([server.url("/private/c.png")]))[S.STATUS][0] == "opt_out_tdmrep"
+        assert server.request_count("/.well-known/tdmrep.json") == 2
+        time.sleep(0.6)  # a file that was read is kept (24 hours)
+        assert f(_batch([server.url("/private/d.png")]))[S.STATUS][0] == "opt_out_tdmrep"
+        assert server.request_count("/.well-known/tdmrep.json") == 2
+
+
 class _FlakyRobots(http.server.BaseHTTPRequestHandler):
     """robots.txt answers 503 once, then its rules; any other path is an image."""
 

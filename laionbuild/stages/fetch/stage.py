@@ -570,8 +570,12 @@ class ImageFetcher:
             return
         scheme, host, port, path, _ = target
         if self.cfg.honour_tdmrep_json:
-            rules = self._policies.get(("tdmrep", scheme, host, port),
-                                       lambda: parse_tdmrep(self._policy_file(scheme, host, port, TDMREP_PATH)[1]))
+            # (status, rules): a file that could not be read (no answer, a 5xx, a 429) reserves
+            # nothing now and is asked for again after fetch.policy_retry_s, not for the worker's life
+            status, rules = self._policies.get(
+                ("tdmrep", scheme, host, port),
+                lambda: _tdmrep_answer(*self._policy_file(scheme, host, port, TDMREP_PATH)),
+                lambda answer: self.cfg.policy_retry_s if _unread(answer[0]) else ROBOTS_KEEP_S)
             rule = tdm_reserved(rules, path.split("?", 1)[0])
             if rule is not None:
                 raise FetchFailure("opt_out_tdmrep", f"{TDMREP_PATH}: location {rule.location!r} reserved"
@@ -727,6 +731,15 @@ class ImageFetcher:
                 self._pool.shutdown(wait=False)
         except Exception:  # noqa: BLE001
             pass
+
+
+def _tdmrep_answer(status: int | None, body: bytes) -> tuple[int | None, list]:
+    return status, parse_tdmrep(body) if status == 200 else []
+
+
+def _unread(status: int | None) -> bool:
+    """An opt-out file that could not be read: no answer, a server error or too many requests."""
+    return status is None or status == 429 or status >= 500
 
 
 #: failures in which the host gave no answer: enough of them in a row and it counts as down
