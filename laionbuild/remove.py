@@ -200,8 +200,7 @@ def apply_to_published(layout: OutputLayout, lists: list[Blocklist], lease=None)
             n = filter_image_tar(fs, path, lists, keys, target=target, copy_unchanged=False)
             return (target if n else path), n
 
-        with ThreadPoolExecutor(max_workers=max(1, min(TAR_THREADS, len(images)))) as pool:
-            done = list(pool.map(one_tar, sorted(images)))
+        done = _map(one_tar, sorted(images))
         files[IMAGES] = [p for p, _ in done]
         dropped = sum(n for _, n in done)
     if generation is not None:

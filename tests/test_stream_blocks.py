@@ -24,7 +24,9 @@ PIXELS = 224 * 224 * 3  # a fetched row's pixels
 
 
 def test_yielded_rows_reach_the_driver_before_the_call_ends(ray_session, tmp_path):
+    from laionbuild.config import load_config
     from laionbuild.runner.adapter import StreamStageActor, actor_pool, streaming_blocks
+    from laionbuild.runner.score import stream_block_bytes
 
     flag = str(tmp_path / "got-first-rows")
 
@@ -40,7 +42,7 @@ def test_yielded_rows_reach_the_driver_before_the_call_ends(ray_session, tmp_pat
             yield {"id": batch["id"][FIRST:], "pixels": np.zeros((rest, PIXELS), np.uint8),
                    "saw": np.full(rest, os.path.exists(flag))}
 
-    with streaming_blocks():
+    with streaming_blocks(stream_block_bytes(load_config(None))):  # the score phase's blocks at 224 px
         ds = ray_session.data.range(ROWS, override_num_blocks=1)
     ds = ds.map_batches(StreamStageActor, fn_constructor_args=(lambda cfg: FirstThenRest(), None, ""), batch_size=ROWS,
                         batch_format="numpy", compute=actor_pool(1, concurrent_calls=2))

@@ -58,18 +58,13 @@ class StreamStageActor(StageActor):
             yield out
 
 
-#: output block size (bytes) of a dataset with a :class:`StreamStageActor` when none is given.
-#: Ray Data gathers what a ``map_batches`` call yields into blocks of ``target_max_block_size``
-#: (128 MiB by default) and sends a block on only when it is full or the call ends: a batch's
-#: fast rows waited for its slowest one. The score phase sizes its blocks by rows instead
-#: (:func:`laionbuild.runner.score.stream_block_bytes`).
-STREAM_BLOCK_BYTES = 8 << 20
-
-
 @contextlib.contextmanager
-def streaming_blocks(block_bytes: int = STREAM_BLOCK_BYTES):
+def streaming_blocks(block_bytes: int):
     """Datasets created inside this block send on what a streaming stage yields in blocks of
-    ``block_bytes`` (a dataset keeps the Ray Data context it was created with)."""
+    ``block_bytes`` (a dataset keeps the Ray Data context it was created with). Ray Data gathers
+    what a ``map_batches`` call yields into blocks of ``target_max_block_size`` (128 MiB by
+    default) and sends a block on only when it is full or the call ends: a batch's fast rows
+    waited for its slowest one (see :func:`laionbuild.runner.score.stream_block_bytes`)."""
     import ray
 
     ctx = ray.data.DataContext.get_current()

@@ -227,8 +227,9 @@ def _check_gpus(cfg: Config, mode: str, gpus: float) -> None:
 
 
 def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
-                 local: Config, t0: float, given: Config | None = None) -> RunResult:
-    """The phases, while this run holds the output folder's lease."""
+                 local: Config, t0: float, given: Config) -> RunResult:
+    """The phases, while this run holds the output folder's lease. ``given``: the config as the
+    user gave it (recorded in the folder); ``cfg``: the same with local paths made absolute."""
     from .connect import connect
     from .resources import cluster_shape
 
@@ -248,7 +249,6 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
                 log.info("LAION-5B's safety filter is off (safety.laion_filter.enabled=false; its prompts were "
                          "written for %s, which this config does not score with): no NSFW column, no underage / "
                          "animal drops", lf.prompts_model)
-    given = given or cfg
     prepare_output(given, layout, files, command)
     fids = {file_id(p): p for p in files}
     on_disk = layout.candidate_markers()  # one listing, markers read concurrently
