@@ -335,13 +335,19 @@ class RobotsRules:
         return True
 
 
+def unreadable(status: int | None) -> bool:
+    """An opt-out file's answer that says nothing of the publisher's wishes: no answer (None), a
+    server error, or too many requests (429: the server is overloaded, as with a 5xx)."""
+    return status is None or status >= 500 or status == 429
+
+
 def parse_robots(status: int | None, body: bytes = b"", note: str = "") -> RobotsRules:
     """Rules from a robots.txt answer (``status`` None: the host could not be reached).
 
     5xx, 429 (too many requests: the server is overloaded, as with a 5xx) and an
     unreachable host disallow everything; any other 4xx means there are no rules.
     """
-    if status is None or status >= 500 or status == 429:
+    if unreadable(status):
         why = "unreachable" if status is None else f"HTTP {status}"
         return RobotsRules(None, disallow_all=True, note=note or f"{ROBOTS_PATH} unavailable ({why})")
     if status >= 400:

@@ -39,6 +39,7 @@ from ..optout import (
     parse_tdmrep,
     tdm_header_reserved,
     tdm_reserved,
+    unreadable,
 )
 from ..isolate import ChildDied, CpuWatch, IsolatedCalls, over_cpu_limit
 from ..resize import ImageRejected, PixelBudget, decode_and_resize, encode_image
@@ -575,7 +576,7 @@ class ImageFetcher:
             status, rules = self._policies.get(
                 ("tdmrep", scheme, host, port),
                 lambda: _tdmrep_answer(*self._policy_file(scheme, host, port, TDMREP_PATH)),
-                lambda answer: self.cfg.policy_retry_s if _unread(answer[0]) else ROBOTS_KEEP_S)
+                lambda answer: self.cfg.policy_retry_s if unreadable(answer[0]) else ROBOTS_KEEP_S)
             rule = tdm_reserved(rules, path.split("?", 1)[0])
             if rule is not None:
                 raise FetchFailure("opt_out_tdmrep", f"{TDMREP_PATH}: location {rule.location!r} reserved"
@@ -735,11 +736,6 @@ class ImageFetcher:
 
 def _tdmrep_answer(status: int | None, body: bytes) -> tuple[int | None, list]:
     return status, parse_tdmrep(body) if status == 200 else []
-
-
-def _unread(status: int | None) -> bool:
-    """An opt-out file that could not be read: no answer, a server error or too many requests."""
-    return status is None or status == 429 or status >= 500
 
 
 #: failures in which the host gave no answer: enough of them in a row and it counts as down
