@@ -85,6 +85,34 @@ def test_in_a_pool_only_the_call_that_kills_its_child_fails():
     assert calls.stats["calls_killed_child"] == 2 and calls.stats["children_died"] >= 1
 
 
+def test_the_signal_is_read_while_other_threads_ask_about_children():
+    """``multiprocessing`` asks about every child it started whenever a thread starts a process
+    or calls ``active_children()``; the status of a child that segfaults stays its signal."""
+    import multiprocessing
+    import threading
+
+    stop = threading.Event()
+
+    def ask():
+        while not stop.is_set():
+            multiprocessing.active_children()
+
+    askers = [threading.Thread(target=ask) for _ in range(2)]
+    for asker in askers:
+        asker.start()
+    statuses = []
+    try:
+        for _ in range(20):
+            with pytest.raises(isolate.ChildDied) as died:
+                isolate.run_alone(square, 7)
+            statuses.append(died.value.exitcode)
+    finally:
+        stop.set()
+        for asker in askers:
+            asker.join()
+    assert statuses == [-signal.SIGSEGV] * 20
+
+
 def test_an_exception_and_its_fields_cross_the_process_boundary():
     import pickle
 

@@ -126,15 +126,22 @@ def _child_main(conn, fn: Callable, args: tuple, kwargs: dict) -> None:
     conn.close()
 
 
+def _untracked(child):
+    """``child``, started, that only the calling thread will ask about. ``multiprocessing`` asks
+    every child it started for its end whenever any thread starts a process or calls
+    ``active_children()``. With the fork server a child's status is 8 bytes on a pipe that only
+    one reader gets: a second, concurrent reader finds the pipe empty and records status 255
+    over the real one (a segfault read as ``exited with status 255``). Such a child is never
+    left running: :func:`run_alone` joins or kills it before it returns."""
+    children = getattr(multiprocessing.process, "_children", None)
+    if children is not None:
+        children.discard(child)
+    return child
+
+
 def _exit_status(child) -> int | None:
-    """The ended child's exit code. With the ``fork`` start method, another thread starting a
-    process reaps finished children (``multiprocessing``'s clean-up) and records the status a
-    moment later; until then this thread's own wait finds nothing."""
+    """The ended child's exit code."""
     child.join()
-    for _ in range(100):
-        if child.exitcode is not None:
-            break
-        time.sleep(0.01)
     return child.exitcode
 
 
@@ -149,8 +156,10 @@ def run_alone(fn: Callable, *args: Any, timeout_s: float | None = None, cpu_limi
     child = ctx.Process(target=_child_main, args=(send, _cpu_limited, (fn, cpu_limit_s, args, kwargs), {}),
                         daemon=True)
     child.start()
+    _untracked(child)
     send.close()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    answered = False
     try:
         # the answer, or the child's end. With the ``fork`` start method (tests) a process forked
         # meanwhile by another thread may hold copies of the pipe's writing end and of the
@@ -169,11 +178,14 @@ def run_alone(fn: Callable, *args: Any, timeout_s: float | None = None, cpu_limi
                 raise ChildDied(_exit_status(child), f"took more than {timeout_s:g} s and was stopped")
         try:
             ok, value = receive.recv()
+            answered = True
         except (EOFError, OSError):
             raise ChildDied(_exit_status(child)) from None
     finally:
         receive.close()
-    child.join()
+        if not answered and child.exitcode is None:  # this thread was interrupted (KeyboardInterrupt)
+            child.kill()
+        child.join()
     if ok:
         return value
     raise value
