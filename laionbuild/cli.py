@@ -18,6 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import __version__
 from .config import load_config
 from .errors import (ConfigError, LaionBuildError, SetupError, first_line, os_error_in, own_error_in, storage_full,
                      worker_died)
@@ -99,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
+    parser.add_argument("--version", action="version", version=f"laionbuild {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

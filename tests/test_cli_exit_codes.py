@@ -315,3 +315,12 @@ def test_a_local_ray_that_does_not_start_is_one_line(monkeypatch):
     assert "\n" not in text
     assert text.startswith("a local Ray instance did not start (Exception: The current node timed out during startup.")
     assert "rerun the same command" in text
+
+
+def test_version_is_printed_and_exit_0(capsys):
+    from laionbuild import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"laionbuild {__version__}"
