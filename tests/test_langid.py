@@ -247,6 +247,21 @@ def test_an_address_counts_no_letters_and_its_neighbours_do():
     assert language_letters("e.g. z.B. store.in") == len("egzBstorein")  # a dot is no address
 
 
+def test_words_glued_to_an_address_in_a_script_without_spaces_count():
+    assert language_letters("欢迎访问淘宝网官方旗舰店taobao.com") == 12
+    assert language_letters("淘宝网首页欢迎您www.taobao.com") == 8
+    assert language_letters("联系我们info@example.com") == 4
+    assert language_letters("楽天市場のおすすめ商品はrakuten.co.jp") == 12
+    assert language_letters("例え.jp") == language_letters("www.example.com") == 0  # an address alone
+    assert language_letters("Schöne Grüßeinfo@example.de") == len("Schöne")  # spaces mark the words there
+
+
+@needs_model
+def test_a_chinese_caption_glued_to_an_address_routes_as_chinese(router):
+    # was nolang / no_language_content: the whole caption was read as one address
+    assert router.route("欢迎访问淘宝网官方旗舰店taobao.com")[:2] == ("multi", "zh")
+
+
 @needs_model
 @pytest.mark.parametrize(
     "text, fasttext_alone",

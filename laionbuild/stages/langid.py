@@ -92,6 +92,15 @@ _URL_TOKEN_RE = re.compile(
     r"|[^\s@]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
     re.IGNORECASE,
 )
+#: the same addresses written in ASCII only: what is left of a token without them is the words
+#: glued to an address in a script written without spaces (``欢迎访问淘宝网taobao.com``)
+_ASCII_ADDRESS_RE = re.compile(
+    r"(?:[a-z][a-z0-9+.-]*://|www\.)[\x21-\x7e]*"
+    r"|[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|net|org|info|biz|edu|gov|io|uk|de|ru|cn|jp|fr|nl|pl|br|au"
+    r"|ch|cz|eu|tv)(?:[/:?#][\x21-\x7e]*)?"
+    r"|[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
+    re.IGNORECASE,
+)
 _HAN_RE = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HAN_TOP_K = 5
@@ -233,10 +242,23 @@ def language_letters(text: str) -> int:
     letters = 0
     for raw in text.split():
         token = _strip_punctuation(raw)
-        if not token or _URL_TOKEN_RE.fullmatch(token):
+        if not token:
+            continue
+        if _URL_TOKEN_RE.fullmatch(token):
+            letters += _letters_beside_address(token)
             continue
         letters += _word_letters(token)
     return letters
+
+
+def _letters_beside_address(token: str) -> int:
+    """Letters of the words written against an ASCII address without a space in a script that
+    uses no spaces (``楽天市場のおすすめ商品はrakuten.co.jp``); 0 for an address alone (an IDN
+    host such as ``例え.jp`` included)."""
+    rest = _ASCII_ADDRESS_RE.sub(" ", token)
+    if rest == token or not any(_wide_script(ch) for ch in rest):
+        return 0
+    return sum(_word_letters(word) for word in map(_strip_punctuation, rest.split()) if word)
 
 
 #: fastText (lid.176) was trained on cased text: a caption in capitals is mostly unknown to it
