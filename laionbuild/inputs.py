@@ -74,7 +74,7 @@ def read_listing(path: str, base_url: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if is_url(line) or line.startswith("/"):
+        if is_url(line) or line.startswith(("/", "file://")):
             out.append(line)
         else:
             out.append(base_url.rstrip("/") + "/" + line.lstrip("/"))

@@ -42,6 +42,13 @@ def test_listing_base_url_limit_and_shard(tmp_path):
     assert len(allp) == 10
 
 
+def test_a_listing_keeps_absolute_paths_urls_and_file_urls(tmp_path):
+    listing = tmp_path / "warc.paths"
+    listing.write_text("crawl/a.warc.gz\n/data/b.warc.gz\nfile:///data/c.warc.gz\ns3://bucket/d.warc.gz\n")
+    assert read_listing(str(listing), "https://d.test/") == [
+        "https://d.test/crawl/a.warc.gz", "/data/b.warc.gz", "file:///data/c.warc.gz", "s3://bucket/d.warc.gz"]
+
+
 def test_file_id_is_stable_and_distinct():
     a = file_id("/data/x/CC-MAIN-1.warc.gz")
     assert a == file_id("/data/x/CC-MAIN-1.warc.gz")
