@@ -84,9 +84,10 @@ def test_not_a_warc_fails_cleanly(tmp_path, reader, content):
 
 
 @pytest.mark.parametrize("reader", READERS)
-def test_empty_file_fails_cleanly(tmp_path, reader):
+@pytest.mark.parametrize("content", [b"", gzip.compress(b""), gzip.compress(b"") * 3], ids=["0 bytes", "gzip", "3 members"])
+def test_empty_file_fails_cleanly(tmp_path, reader, content):
     p = tmp_path / "empty.warc.gz"
-    p.write_bytes(b"")
+    p.write_bytes(content)
     fe = extract_file(str(p), ExtractConfig(reader=reader))
     assert (fe.file.status, fe.file.reason) == ("failed", "empty_file")
 

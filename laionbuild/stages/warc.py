@@ -701,6 +701,11 @@ def _check_not_empty(source, file_result: FileResult) -> None:
     try:
         source.seek(0)
         first = source.read(64)
+        if first[:2] == b"\x1f\x8b":  # gzip: empty when its members hold nothing, as warcio reads it
+            source.seek(0)
+            first = GunzipMembers(source).read(64)
+    except zlib.error:
+        pass  # not gzip after all: something, not a WARC
     except Exception:  # noqa: BLE001 - a stream that cannot seek is left as it is
         return
     if first:
