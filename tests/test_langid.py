@@ -302,3 +302,16 @@ def test_a_stamped_file_name_with_spaces_has_no_language(router, text):
 )
 def test_words_next_to_a_date_still_route(router, text):
     assert router.route(text)[:2] == ("en", "en")
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "caption, code",
+    [("ʜᴇʟʟᴏ ᴡᴏʀʟᴅ ꜰʀᴏᴍ ᴍᴇ", "en"),  # small capitals: sv 0.99 as written
+     ("𝓗𝓮𝓵𝓵𝓸 𝔀𝓸𝓻𝓵𝓭 𝓯𝓻𝓸𝓶 𝓶𝓮", "en"),  # mathematical script: ca 0.81
+     ("𝐀 𝐛𝐞𝐚𝐮𝐭𝐢𝐟𝐮𝐥 𝐩𝐡𝐨𝐭𝐨 𝐨𝐟 𝐭𝐡𝐞 𝐭𝐨𝐰𝐧", "en"),  # mathematical bold: ja 0.59
+     ("𝐒𝐜𝐡ö𝐧𝐞𝐫 𝐒𝐨𝐧𝐧𝐞𝐧𝐮𝐧𝐭𝐞𝐫𝐠𝐚𝐧𝐠 𝐡𝐢𝐧𝐭𝐞𝐫 𝐝𝐞𝐧 𝐁𝐞𝐫𝐠𝐞𝐧", "de")],
+)
+def test_letters_written_in_styles_are_read_as_plain_letters(router, caption, code):
+    assert router.route(caption)[1] == code
+    assert langid._plain_letters(caption).isascii() or code != "en"

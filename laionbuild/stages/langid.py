@@ -277,6 +277,30 @@ def _uncapitalized(line: str) -> str:
     return line.lower() if upper >= _CAPITALS_SHARE * (upper + lower) else line
 
 
+def _small_capitals() -> dict[int, str]:
+    table = {}
+    for code in list(range(0x0250, 0x02B0)) + list(range(0x1D00, 0x1D2C)) + [0xA730, 0xA731, 0xA7AE]:
+        name = unicodedata.name(chr(code), "")
+        if name.startswith("LATIN LETTER SMALL CAPITAL ") and len(name.rsplit(" ", 1)[-1]) == 1:
+            table[code] = name.rsplit(" ", 1)[-1].lower()
+    return table
+
+
+#: ``ʜᴇʟʟᴏ`` -> ``hello``: small capitals have no compatibility form of their own
+_SMALL_CAPITALS = _small_capitals()
+
+
+def _plain_letters(line: str) -> str:
+    """``line`` with letters written in styles (mathematical bold or script ``𝐀 𝓗``, circled
+    ``Ⓗ``, superscript ``ᴴ``, small capitals ``ʜ``, ligatures ``ﬁ``, Arabic presentation forms)
+    as the plain letters fastText was trained on (NFKC); fastText only, the row keeps its text."""
+    if line.isascii():
+        return line
+    if not unicodedata.is_normalized("NFKC", line):
+        line = unicodedata.normalize("NFKC", line)
+    return line.translate(_SMALL_CAPITALS)
+
+
 def has_no_language(text: str, min_letters: int) -> bool:
     return language_letters(text) < min_letters
 
@@ -352,7 +376,7 @@ class LanguageRouter:
         if self.cld3 is not None:
             lang, p, reliable = self.predict_cld3(text)
             return lang, (p if reliable else 0.0)
-        line = _uncapitalized(prepare_text(text))
+        line = _uncapitalized(_plain_letters(prepare_text(text)))
         if _HAN_RE.search(line) is not None and _KANA_RE.search(line) is None:
             votes: dict[str, float] = {}
             for view in (line, " ".join(line.replace(" ", ""))):
