@@ -71,6 +71,30 @@ def test_jpeg_reservation_covers_the_reduced_decode(w, h):
     assert _decoded_pixels(w, h, "PNG", ResizeConfig()) == w * h
 
 
+def test_an_image_with_transparency_reserves_what_its_composite_holds():
+    """A palette PNG with a transparent colour is a few KB however large, and our path makes an RGBA
+    copy, a white background and their composite of it: four 4 MP of them on four threads with a
+    budget of 30 MP are decoded one at a time (each counts 20 MP), every image scored."""
+    side, n = 2000, 4
+    buf = io.BytesIO()
+    img = Image.new("P", (side, side), 1)
+    img.putpalette([255, 255, 255, 200, 30, 30] + [0] * 762)
+    img.save(buf, "PNG", transparency=0)
+    body = buf.getvalue()
+    assert side * side < BUDGET_THRESHOLD_PIXELS < side * side * 5
+    with LoopbackServer(HOST) as server:
+        for i in range(n):
+            server.add(f"/clear{i}.png", body, content_type="image/png")
+        cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), threads=n, per_host_concurrency=n, retries=0,
+                          timeout_s=30.0, decode_budget_pixels=30_000_000)
+        with ImageFetcher(cfg, ResizeConfig()) as fetcher:
+            urls = np.array([f"{server.base_url}/clear{i}.png" for i in range(n)], dtype=object)
+            out = fetcher({S.URL: urls, S.DROP_REASON: np.full(n, "", dtype=object)})
+            budget = fetcher.pixel_budget
+    assert list(out[S.STATUS]) == ["success"] * n
+    assert budget.peak == side * side * 5 and budget.used == 0
+
+
 def test_many_huge_pngs_are_decoded_within_the_budget():
     """Four 18 MP PNGs on four download threads with a budget of 30 MP: one decode at a time,
     every image scored."""

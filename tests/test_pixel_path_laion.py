@@ -152,3 +152,30 @@ def test_pixel_path_setting():
     assert load_config(None).resize.pixel_path == "ours"
     with pytest.raises(ConfigError):
         config_from_dict({"resize": {"pixel_path": "pil"}})
+
+
+def test_a_long_narrow_image_is_never_resized_whole(monkeypatch):
+    """10 x 100,000 px (7 KB of PNG): CLIP's resize of the short side would make it 224 x 2,240,000
+    (1.5 GB) before the crop; only the crop's box is resized, the same pixels up to rounding."""
+    from laionbuild.stages import resize
+
+    sizes = []
+    real_resize = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        sizes.append(size)
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    narrow = encode(Image.fromarray(photo_like(10, 100_000)), "PNG")
+    got, w, h = decode_and_resize(narrow, LAION, **dict(LIMITS, min_size=1))
+    assert (got.shape, w, h) == ((224, 224, 3), 10, 100_000)
+    assert max(a * b for a, b in sizes) <= resize._WHOLE_RESIZE_MAX_PIXELS
+
+    # below the limit both ways give the same pixels, up to a level here and there
+    data = encode(Image.fromarray(photo_like(20, 2_000, seed=3)), "PNG")
+    whole, _, _ = decode_and_resize(data, LAION, **dict(LIMITS, min_size=1))
+    monkeypatch.setattr(resize, "_WHOLE_RESIZE_MAX_PIXELS", 1000)
+    boxed, _, _ = decode_and_resize(data, LAION, **dict(LIMITS, min_size=1))
+    diff = np.abs(whole.astype(int) - boxed.astype(int))
+    assert diff.mean() < 1.0 and diff.max() <= 8, (diff.mean(), diff.max())

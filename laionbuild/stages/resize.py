@@ -261,7 +261,7 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
             raise ImageRejected("too_many_scans", f"{scans} JPEG scans, more than {max_scans}")
     size = cfg.image_size
     try:
-        with budget.reserve(_decoded_pixels(width, height, fmt, cfg)) if budget is not None \
+        with budget.reserve(_decoded_pixels(width, height, fmt, cfg, _alpha(img))) if budget is not None \
                 else contextlib.nullcontext():
             if cfg.pixel_path == "laion":
                 out = _laion_pixels(img, size, fmt)
@@ -276,14 +276,26 @@ def _process(img: Image.Image, cfg: ResizeConfig, *, max_pixels: int, min_size: 
     return out, width, height
 
 
-def _decoded_pixels(width: int, height: int, fmt: str, cfg: ResizeConfig) -> int:
-    """Pixels a decode holds: JPEGs decoded at reduced size (``fast_decode``) are scaled by
-    libjpeg by 1/2, 1/4 or 1/8 while the short side stays at least the target size."""
+#: what an image with transparency holds at its peak, in RGB pixels of the same size: the RGBA
+#: form, a white RGBA background, their composite and its RGB form (16 bytes a pixel, not 3)
+_ALPHA_WEIGHT = 5
+
+
+def _alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+
+
+def _decoded_pixels(width: int, height: int, fmt: str, cfg: ResizeConfig, alpha: bool = False) -> int:
+    """RGB pixels a decode holds at its peak: JPEGs decoded at reduced size (``fast_decode``) are
+    scaled by libjpeg by 1/2, 1/4 or 1/8 while the short side stays at least the target size; an
+    image with transparency counts :data:`_ALPHA_WEIGHT` times (our path composites it on white)."""
     if fmt == "JPEG" and cfg.fast_decode and cfg.pixel_path != "laion":
         reduce = 1
         while reduce < 8 and min(width, height) // (reduce * 2) >= cfg.image_size:
             reduce *= 2
         return -(-width // reduce) * -(-height // reduce)
+    if alpha and cfg.pixel_path != "laion":
+        return width * height * _ALPHA_WEIGHT
     return width * height
 
 
@@ -348,6 +360,11 @@ def _laion_pixels(img: Image.Image, size: int, fmt: str) -> np.ndarray:
     return _clip_preprocess(img, size)
 
 
+#: the largest image :func:`_clip_preprocess` resizes whole before its centre crop (48 MB of RGB; an
+#: aspect ratio up to about 1:330 at 224 px)
+_WHOLE_RESIZE_MAX_PIXELS = 1 << 24
+
+
 def _clip_preprocess(img: Image.Image, size: int) -> np.ndarray:
     """CLIP's preprocessing of a PIL image as torchvision does it, step by step: bicubic resize
     of the whole image to short side ``size`` (long side truncated; none when the short side
@@ -356,6 +373,13 @@ def _clip_preprocess(img: Image.Image, size: int) -> np.ndarray:
     width, height = img.size
     if min(width, height) != size:
         tw, th = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+        if tw * th > _WHOLE_RESIZE_MAX_PIXELS:
+            # a long, narrow image (10 x 100,000 px: 7 KB of PNG) would be resized to 224 x 2,240,000
+            # first: gigabytes. Only the centre crop's box is resized (the same up to rounding)
+            left, top = int(round((tw - size) / 2.0)), int(round((th - size) / 2.0))
+            sx, sy = width / tw, height / th
+            box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+            return _as_array(img.resize((size, size), Image.BICUBIC, box=box))
         img = img.resize((tw, th), Image.BICUBIC)
     width, height = img.size
     left, top = int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
