@@ -230,6 +230,7 @@ def test_empty_batch_and_missing_drop_reason(server):
         ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
         ("data:image/png;base64,iVBORw0KGgo=", "bad_scheme"),
         ("http://:80/x", "bad_url"),
+        ("http://127.0.0.1:0/x.jpg", "bad_url"),  # no server listens on port 0 (was connection_error)
         ("http://nothing.invalid/x.jpg", "dns_error"),
     ],
 )

@@ -48,7 +48,7 @@ from ..candidates import clean_url, resolve_url
 from ..warc import decompress_content
 from ...remote import parse_retry_after
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
-from .hosts import HostTurns, host_key, url_host
+from .hosts import HostTurns, host_key, origin_key, url_host
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
 from .policy import AddressPolicy
 
@@ -484,15 +484,17 @@ class ImageFetcher:
         for hop in range(self.cfg.max_redirects + 1):
             target = self._vet(current, deadline)
             host = host_key(target[1])
-            paused = self._turns.paused(host)
+            # what a server says of itself holds for its origin: another port may be another server
+            origin = origin_key(*target[:3])
+            paused = self._turns.paused(origin)
             if paused is not None:  # before its opt-out files too: nothing is asked of it
                 left, status = paused
-                raise FetchFailure(status, f"{host} asked to be left alone (Retry-After) for {left:.0f}s more",
+                raise FetchFailure(status, f"{origin} asked to be left alone (Retry-After) for {left:.0f}s more",
                                    wait_s=left)
-            down = self._turns.down(host)
+            down = self._turns.down(origin)
             if down is not None:
                 left, why = down
-                raise FetchFailure("host_unreachable", f"{host}: {why}; not asked again for {left:.0f}s")
+                raise FetchFailure("host_unreachable", f"{origin}: {why}; not asked again for {left:.0f}s")
             if not policy_file:
                 started = time.monotonic()
                 self._check_opt_outs(current, target)
@@ -504,14 +506,14 @@ class ImageFetcher:
                 try:
                     location = self._request(target, deadline, policy_file)
                 except FetchFailure as exc:
-                    if exc.retry_after is not None:  # the host's other rows wait too
-                        self._turns.pause(host, exc.retry_after, exc.status)
+                    if exc.retry_after is not None:  # the origin's other rows wait too
+                        self._turns.pause(origin, exc.retry_after, exc.status)
                     if exc.status in _NO_ANSWER:
-                        self._turns.failed(host, exc.status, self.cfg.host_down_after, self.cfg.host_down_s)
+                        self._turns.failed(origin, exc.status, self.cfg.host_down_after, self.cfg.host_down_s)
                     elif exc.status.startswith("http_error_"):
-                        self._turns.answered(host)
+                        self._turns.answered(origin)
                     raise
-                self._turns.answered(host)
+                self._turns.answered(origin)
             if isinstance(location, bytes):
                 return location, current
             current = resolve_url(clean_url(_location_text(location)), current)
@@ -526,9 +528,13 @@ class ImageFetcher:
             if scheme not in ("http", "https"):
                 raise FetchFailure("bad_scheme", f"scheme {scheme or '(none)'!r} is not fetched")
             host = parts.hostname or ""
-            port = parts.port or (443 if scheme == "https" else 80)
+            port = parts.port
         except ValueError as exc:
             raise FetchFailure("bad_url", f"{url[:200]!r}: {exc}") from None
+        if port is None:
+            port = 443 if scheme == "https" else 80
+        elif port == 0:  # no server listens on port 0 (a connection to it goes nowhere)
+            raise FetchFailure("bad_url", f"port 0 in {url[:200]!r}")
         if not host:
             raise FetchFailure("bad_url", f"no host in {url[:200]!r}")
         try:
