@@ -17,6 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers.dns import NoDNS
@@ -349,3 +350,16 @@ def test_origin_keys():
     assert origin_key("HTTP", "IMG.Test.", 80) == "http://img.test:80"
     assert origin_key("https", "::1", 8443) == "https://[::1]:8443"
     assert origin_key("http", "a.test", 80) != origin_key("http", "a.test", 8080) != origin_key("https", "a.test", 8080)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "1\u00b9"])
+def test_a_retry_after_of_non_ascii_digits_is_ignored(value):
+    """Retry-After "²" or "1¹" (Latin-1 bytes: str.isdigit() is true, float() refuses them) ended
+    the row as "unexpected ValueError"; the header is ignored, the row keeps the answer's status
+    and the host is not paused."""
+    with _Server(throttle={"busy.test": (value, 60)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(2)]
+        out = _fetch(urls, ["busy.test"], per_host_concurrency=1)
+    assert list(out[S.STATUS]) == ["http_error_429"] * 2, list(out[S.ERROR_MESSAGE])
+    assert list(out[S.ERROR_MESSAGE]) == ["HTTP 429 Too Many Requests"] * 2
+    assert len(srv.arrivals) == 2
