@@ -77,6 +77,9 @@ def server():
         srv.add("/no-location", b"", status=302, content_type="text/plain")
         srv.add_redirect("/to-file", "file:///etc/passwd")
         srv.add_redirect("/to-blocked", "http://10.0.0.1/x.jpg")
+        srv.add_redirect("/to-bad-ipv6", "http://[::1")
+        srv.add_redirect("/to-bad-ipv6-relative", "//[::1/x")
+        srv.add_redirect("/to-bad-ipv6-backslash", "/\\[::1")
         srv.add("/huge-declared", JPEG, declared_length=50_000_000)
         srv.add_stream("/huge-actual", b"\xff" * 65536, n_chunks=400)  # 26 MB, chunked, no length
         srv.add("/bomb.png", bomb_png(10_000, 10_000), content_type="image/png")
@@ -227,6 +230,10 @@ def test_empty_batch_and_missing_drop_reason(server):
         ("/no-location", "http_error_302"),
         ("/to-file", "bad_scheme"),
         ("/to-blocked", "blocked_address"),
+        ("/to-bad-ipv6", "bad_url"),
+        # a malformed relative Location escaped urljoin as "unexpected ValueError"
+        ("/to-bad-ipv6-relative", "bad_url"),
+        ("/to-bad-ipv6-backslash", "bad_url"),
         ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
         ("data:image/png;base64,iVBORw0KGgo=", "bad_scheme"),
         ("http://:80/x", "bad_url"),

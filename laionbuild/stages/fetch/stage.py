@@ -516,7 +516,10 @@ class ImageFetcher:
                 self._turns.answered(origin)
             if isinstance(location, bytes):
                 return location, current
-            current = resolve_url(clean_url(_location_text(location)), current)
+            try:  # urljoin parses the Location: a malformed one (``//[::1/x``) raises here
+                current = resolve_url(clean_url(_location_text(location)), current)
+            except ValueError as exc:
+                raise FetchFailure("bad_url", f"Location {location[:200]!r}: {exc}") from None
         raise FetchFailure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
 
     def _vet(self, url: str, deadline: float | None = None) -> tuple[str, str, int, str, tuple[str, ...]]:
