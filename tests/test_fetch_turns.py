@@ -363,3 +363,33 @@ def test_a_retry_after_of_non_ascii_digits_is_ignored(value):
     assert list(out[S.STATUS]) == ["http_error_429"] * 2, list(out[S.ERROR_MESSAGE])
     assert list(out[S.ERROR_MESSAGE]) == ["HTTP 429 Too Many Requests"] * 2
     assert len(srv.arrivals) == 2
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_one_retry_after_pauses_its_origin_ten_minutes_at_most(value):
+    """400 nines (infinity) or a date in the year 9999 paused the host for inf / 2.5e11 s, for the
+    worker's life. The pause is cut to MAX_PAUSE_S (600 s); rows whose wait budget
+    (fetch.max_retry_after_s) is shorter still end at once, without a request."""
+    with _Server(throttle={"busy.test": (value, 60)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(3)]
+        out = _fetch(urls, ["busy.test"], retries=1, per_host_concurrency=1, max_retry_after_s=5)
+    assert list(out[S.STATUS]) == ["http_error_429"] * 3
+    assert len(srv.arrivals) == 1
+    assert out[S.ERROR_MESSAGE][0].endswith(", cut to 600s)"), out[S.ERROR_MESSAGE][0]
+    for message in out[S.ERROR_MESSAGE][1:]:
+        left = float(message.rsplit(" for ", 1)[1].split("s more")[0])
+        assert 0 < left <= 600, message
+
+
+def test_host_turns_cap_a_pause():
+    from laionbuild.stages.fetch.hosts import MAX_PAUSE_S
+
+    assert MAX_PAUSE_S == 600  # docs/fetch.md says 10 minutes
+    clock = [100.0]
+    turns = HostTurns(lambda job: job(), per_host=1, clock=lambda: clock[0])
+    turns.pause("http://x.test:80", float("inf"), "http_error_503")
+    assert turns.paused("http://x.test:80") == (MAX_PAUSE_S, "http_error_503")
+    clock[0] += MAX_PAUSE_S + 1
+    assert turns.paused("http://x.test:80") is None
+    turns.pause("http://x.test:80", float("nan"), "http_error_503")  # no pause from a value that is no time
+    assert turns.paused("http://x.test:80") is None

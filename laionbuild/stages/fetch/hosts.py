@@ -25,6 +25,13 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 
+#: the longest one ``Retry-After`` pauses an origin (10 minutes): a server may ask for any time
+#: (400 digits are infinity, a date in the year 9999), and without a bound one answer left its
+#: origin alone for the worker's whole life. A row still ends, without another request, when its
+#: wait would pass ``fetch.max_retry_after_s``.
+MAX_PAUSE_S = 600.0
+
+
 def host_key(host: str) -> str:
     """The name a host's turns and pauses are kept under: lower case, without the trailing dot
     of a fully qualified name (``img.test.`` and ``img.test`` are one host)."""
@@ -116,12 +123,12 @@ class HostTurns:
 
     # ------------------------------------------------------------------ pauses
     def pause(self, origin: str, seconds: float, status: str) -> None:
-        """``origin`` (:func:`origin_key`) asked to be left alone for ``seconds`` (``Retry-After``)
-        with ``status``."""
-        if not origin or seconds <= 0:
+        """``origin`` (:func:`origin_key`) asked to be left alone for ``seconds`` (``Retry-After``,
+        at most :data:`MAX_PAUSE_S`) with ``status``."""
+        if not origin or not seconds > 0:
             return
         with self._lock:
-            self._set_until(self._pauses, origin, seconds, status)
+            self._set_until(self._pauses, origin, min(seconds, MAX_PAUSE_S), status)
 
     def paused(self, origin: str) -> tuple[float, str] | None:
         """``(seconds left, status)`` while ``origin`` is paused, else None."""

@@ -48,7 +48,7 @@ from ..candidates import clean_url, resolve_url
 from ..warc import decompress_content
 from ...remote import parse_retry_after
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
-from .hosts import HostTurns, host_key, origin_key, url_host
+from .hosts import MAX_PAUSE_S, HostTurns, host_key, origin_key, url_host
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
 from .policy import AddressPolicy
 
@@ -674,10 +674,14 @@ class ImageFetcher:
                 raise FetchFailure(f"http_error_{code}", f"HTTP {code} without Location")
             return location
         if not 200 <= code < 300:
-            retry_after = parse_retry_after(resp.getheader("Retry-After")) if code in (429, 503) else None
+            asked = parse_retry_after(resp.getheader("Retry-After")) if code in (429, 503) else None
             self.connections.discard(conn, resp, deadline)
-            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip()
-                               + (f" (Retry-After {retry_after:.0f}s)" if retry_after is not None else ""),
+            # one answer pauses its origin (and this row's retry waits) MAX_PAUSE_S at most
+            retry_after = None if asked is None else min(asked, MAX_PAUSE_S)
+            note = ""
+            if asked is not None:
+                note = f" (Retry-After {asked:.0f}s" + (f", cut to {MAX_PAUSE_S:.0f}s)" if asked > MAX_PAUSE_S else ")")
+            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip() + note,
                                retry_after=retry_after)
         if self.cfg.honour_opt_out and self.opt_out_directives and not policy_file:
             tags = resp.headers.get_all("X-Robots-Tag") or []
