@@ -44,13 +44,16 @@ class FetchFailure(Exception):
     """A row's download failed with ``status`` (see the stage's statuses)."""
 
     def __init__(self, status: str, message: str, *, retry_after: float | None = None,
-                 wait_s: float | None = None):
+                 wait_s: float | None = None, redirect_status: int | None = None):
         self.status = status
         self.message = message
         #: seconds the server asked to wait before asking again (``Retry-After``)
         self.retry_after = retry_after
         #: no request was sent: the host is paused for this many more seconds
         self.wait_s = wait_s
+        #: the last answer was a redirect (this status) that was not followed: one too many,
+        #: or to a URL that is not fetched (another scheme, a blocked address, a bad URL)
+        self.redirect_status = redirect_status
         super().__init__(f"{status}: {message}")
 
 
