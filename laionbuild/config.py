@@ -193,16 +193,17 @@ class FetchConfig:
     #: seconds before the first retry of a download (doubled for each further one)
     retry_backoff_s: float = 1.0
     #: a ``429`` / ``503`` answer's ``Retry-After`` is honoured: the retry waits at least that
-    #: long and the host's other rows send nothing until then (they wait without holding a
-    #: download thread). A row waits for such hosts at most this many seconds in all; beyond
-    #: it the row ends with that answer's status, without another request
+    #: long and the other rows of its origin (scheme, host, port) send nothing until then (they
+    #: wait without holding a download thread). A row waits for such hosts at most this many
+    #: seconds in all; beyond it the row ends with that answer's status, without another request
     max_retry_after_s: float = 30.0
-    #: a host whose requests failed this many times in a row (``timeout`` / ``connection_error``,
-    #: no answer between) counts as down: its other rows end as ``host_unreachable`` without a
-    #: request for ``host_down_s`` seconds (0 = never; a dead host otherwise costs each of its rows
-    #: ``(retries + 1) * timeout_s``, its turns held meanwhile and its batches open)
+    #: an origin (scheme, host, port) whose requests failed this many times in a row (``timeout``
+    #: / ``connection_error``, no answer between) counts as down: its other rows end as
+    #: ``host_unreachable`` without a request for ``host_down_s`` seconds (0 = never; a dead host
+    #: otherwise costs each of its rows ``(retries + 1) * timeout_s``, its turns held meanwhile and
+    #: its batches open); the host's other ports are not affected
     host_down_after: int = 5
-    #: seconds a host that counts as down is left alone (then asked again)
+    #: seconds an origin that counts as down is left alone (then asked again)
     host_down_s: float = 300.0
     #: redirects followed per image; more is ``too_many_redirects``
     max_redirects: int = 5

@@ -84,11 +84,14 @@ class _Retry(Exception):
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date)."""
+    """Seconds from a ``Retry-After`` header (delta seconds or an HTTP date); None when it is
+    neither. Delta seconds are ASCII digits only (RFC 9110): ``str.isdigit`` is also true of
+    ``²``, ``1¹`` (Latin-1 superscripts, as ``http.client`` decodes header bytes) and other
+    scripts' digits, which ``float`` refuses."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

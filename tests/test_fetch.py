@@ -77,6 +77,9 @@ def server():
         srv.add("/no-location", b"", status=302, content_type="text/plain")
         srv.add_redirect("/to-file", "file:///etc/passwd")
         srv.add_redirect("/to-blocked", "http://10.0.0.1/x.jpg")
+        srv.add_redirect("/to-bad-ipv6", "http://[::1")
+        srv.add_redirect("/to-bad-ipv6-relative", "//[::1/x")
+        srv.add_redirect("/to-bad-ipv6-backslash", "/\\[::1")
         srv.add("/huge-declared", JPEG, declared_length=50_000_000)
         srv.add_stream("/huge-actual", b"\xff" * 65536, n_chunks=400)  # 26 MB, chunked, no length
         srv.add("/bomb.png", bomb_png(10_000, 10_000), content_type="image/png")
@@ -84,6 +87,9 @@ def server():
         srv.add("/many-scans.jpg", many_scans_jpeg(1000, 1000, 600))  # 32 KB
         # compressed although we ask for identity: undone as a browser would; a bomb is cut
         srv.add("/gzip.png", gzip.compress(PNG), content_type="image/png", headers={"Content-Encoding": "gzip"})
+        # RFC 1952: a gzip body may be several members (was decoded to the end of the first one)
+        srv.add("/gzip-members.png", gzip.compress(PNG[:50]) + gzip.compress(PNG[50:]), content_type="image/png",
+                headers={"Content-Encoding": "gzip"})
         raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
         srv.add("/deflate.png", raw_deflate.compress(PNG) + raw_deflate.flush(), content_type="image/png",
                 headers={"Content-Encoding": "deflate"})
@@ -212,6 +218,7 @@ def test_empty_batch_and_missing_drop_reason(server):
         ("/truncated.jpg", "decode_error"),
         ("/many-scans.jpg", "too_many_scans"),
         ("/gzip.png", "success"),
+        ("/gzip-members.png", "success"),
         ("/deflate.png", "success"),
         ("/mislabelled.png", "success"),
         ("/gzip-bomb.png", "too_large_bytes"),
@@ -227,9 +234,14 @@ def test_empty_batch_and_missing_drop_reason(server):
         ("/no-location", "http_error_302"),
         ("/to-file", "bad_scheme"),
         ("/to-blocked", "blocked_address"),
+        ("/to-bad-ipv6", "bad_url"),
+        # a malformed relative Location escaped urljoin as "unexpected ValueError"
+        ("/to-bad-ipv6-relative", "bad_url"),
+        ("/to-bad-ipv6-backslash", "bad_url"),
         ("ftp://127.0.0.1/x.jpg", "bad_scheme"),
         ("data:image/png;base64,iVBORw0KGgo=", "bad_scheme"),
         ("http://:80/x", "bad_url"),
+        ("http://127.0.0.1:0/x.jpg", "bad_url"),  # no server listens on port 0 (was connection_error)
         ("http://nothing.invalid/x.jpg", "dns_error"),
     ],
 )
@@ -516,3 +528,22 @@ def test_streaming_and_placement_keys_validated(override):
 
     with pytest.raises(ConfigError):
         load_config(None, [override])
+
+
+def test_every_gzip_member_is_decoded_within_the_limit():
+    """A gzip body of several members is decoded whole (zlib stops at the end of the first), to
+    at most limit + 1 bytes whatever the members hold; bytes after the last member that are no
+    member, a damaged member and data ending inside one end the output there (as urllib3)."""
+    from laionbuild.stages.warc import decompress_content
+
+    data = bytes(range(256)) * 40
+    members = gzip.compress(data[:50]) + gzip.compress(b"") + gzip.compress(data[50:])
+    assert decompress_content(members, "gzip", 1 << 20) == data
+    assert decompress_content(members + b"\0\0 trailing", "x-gzip", 1 << 20) == data
+    assert decompress_content(gzip.compress(data[:50]) + b"\x1f\x8b" + b"x" * 30, "gzip", 1 << 20) == data[:50]
+    cut = decompress_content(members[:-100], "gzip", 1 << 20)
+    assert 50 < len(cut) < len(data) and data.startswith(cut)
+    assert decompress_content(members, "gzip", len(data)) == data
+    assert decompress_content(members, "gzip", 100) == data[:101]  # limit + 1: too large
+    bomb = b"".join(gzip.compress(b"\0" * 1_000_000) for _ in range(20))
+    assert len(decompress_content(bomb, "gzip", 2_500_000)) == 2_500_001

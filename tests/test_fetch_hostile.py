@@ -8,6 +8,10 @@ counts the pieces it sent before the client went away (without a request deadlin
 the client reads on until the server stops, after ``MAX_PIECES``).
 A server that closes the connection before the body's declared end gives a
 ``connection_error``, never a truncated image.
+
+A kept-alive connection holding bytes nobody asked for (a ``408`` sent to an idle connection,
+an extra response, a body longer than its ``Content-Length``) is not used again: those bytes
+were read as the next row's answer.
 """
 
 from __future__ import annotations
@@ -225,3 +229,129 @@ def test_an_ipv6_site_local_address_is_refused():
 
     assert AddressPolicy(()).check("fec0::1") == "fec0::1 is site-local"
     assert AddressPolicy(("fec0::/10",)).check("fec0::1") is None
+
+
+# --------------------------------------------------------------------------- kept-alive connections
+RED = encode(Image.new("RGB", (64, 48), (255, 0, 0)), "JPEG")
+BLUE = encode(Image.new("RGB", (64, 48), (0, 0, 255)), "JPEG")
+
+
+def _kept(body: bytes, surplus: bytes = b"") -> bytes:
+    """A keep-alive answer of ``body`` (``surplus`` sent after it, beyond its Content-Length)."""
+    return b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(body) + body + surplus
+
+
+#: what a keep-alive server does after its first answer on a connection: (surplus sent with the
+#: answer, what it sends once the answer is out, whether it closes the connection then)
+_AFTER = {
+    # some servers and proxies tell an idle connection they close it: an unrequested 408
+    "idle 408": (b"", b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", True),
+    # an extra response nobody asked for: another image
+    "extra answer": (b"", _kept(BLUE), False),
+    # a body longer than its Content-Length (a common server bug): 48 KiB past the end
+    "overlong body": (b"\x00" * (48 << 10), b"", False),
+}
+
+
+class _KeepAliveServer:
+    """Raw HTTP/1.1 on loopback, connections kept alive; every request is answered with the red
+    image, and the server's first answer is followed by ``_AFTER[case]``."""
+
+    def __init__(self, case: str):
+        self.surplus, self.after, self.close_after = _AFTER[case]
+        self.connections = 0
+        self.requests = 0
+        self.first = True
+        self.after_sent = threading.Event()
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(16)
+        self.base = f"http://{HOST}:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            try:
+                while True:
+                    while b"\r\n\r\n" not in data:
+                        piece = conn.recv(4096)
+                        if not piece:
+                            return
+                        data += piece
+                    data = data.split(b"\r\n\r\n", 1)[1]
+                    self.requests += 1
+                    first, self.first = self.first, False  # one connection at a time
+                    conn.sendall(_kept(RED, self.surplus if first else b""))
+                    if first:
+                        if self.after:
+                            time.sleep(0.05)  # after the client has read its answer
+                            conn.sendall(self.after)
+                        if self.close_after:
+                            conn.shutdown(socket.SHUT_WR)
+                        self.after_sent.set()
+                        if self.close_after:
+                            return
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _colour(out: dict, i: int) -> tuple:
+    pixels = np.frombuffer(out[S.IMAGE][i], np.uint8).reshape(-1, 3)
+    return tuple(int(round(c)) for c in pixels.mean(axis=0))
+
+
+@pytest.mark.parametrize("case", list(_AFTER))
+def test_a_kept_connection_holding_unrequested_bytes_is_not_used_again(case):
+    """One image per batch, one connection at a time. The first answer is followed by bytes the
+    client did not ask for; the next batch's row used to read them as its answer (a 408, the
+    other image, a bad status line). It must open a new connection and get its own image."""
+    srv = _KeepAliveServer(case)
+    cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), timeout_s=5.0, retries=0, threads=1,
+                      per_host_concurrency=1, host_down_after=0)
+    try:
+        with ImageFetcher(cfg, ResizeConfig(image_size=32)) as fetcher:
+            outs = []
+            for i in range(2):
+                urls = np.array([f"{srv.base}/red.jpg?{i}"], dtype=object)
+                outs.append(fetcher({S.URL: urls, S.DROP_REASON: np.full(1, "", dtype=object)}))
+                assert srv.after_sent.wait(10)
+                time.sleep(0.05)  # what the server sent has reached the client's socket
+    finally:
+        srv.close()
+    assert [str(o[S.STATUS][0]) for o in outs] == ["success", "success"], [o[S.ERROR_MESSAGE][0] for o in outs]
+    red = _colour(outs[0], 0)
+    assert red[0] > 200 and red[2] < 50
+    assert _colour(outs[1], 0) == red  # its own image, not the unrequested one
+    assert int(outs[1]["fetch_connections_reused"][0]) == 0 and int(outs[1]["fetch_connections_opened"][0]) == 1
+    assert srv.connections == 2 and srv.requests == 2
+
+
+def test_an_overlong_body_does_not_reach_the_next_row_at_once():
+    """Two rows of one host back to back on one thread: the first answer's body runs 48 KiB past
+    its Content-Length. The connection is not put back with those bytes on it: the second row
+    (sent at once, no wait) used to fail with a BadStatusLine connection_error."""
+    srv = _KeepAliveServer("overlong body")
+    cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), timeout_s=5.0, retries=0, threads=1,
+                      per_host_concurrency=1, host_down_after=0)
+    try:
+        with ImageFetcher(cfg, ResizeConfig(image_size=32)) as fetcher:
+            urls = np.array([f"{srv.base}/red.jpg?{i}" for i in range(3)], dtype=object)
+            out = fetcher({S.URL: urls, S.DROP_REASON: np.full(3, "", dtype=object)})
+    finally:
+        srv.close()
+    assert list(out[S.STATUS]) == ["success"] * 3, list(out[S.ERROR_MESSAGE])
+    assert list(out["fetch_connections_reused"]) == [0, 0, 1]  # the third row reuses the clean second one
+    assert srv.connections == 2 and srv.requests == 3

@@ -6,6 +6,8 @@
   other rows send nothing until then; one longer than ``fetch.max_retry_after_s`` ends the
   row, and the host's other rows until then, without another request.
 * Rows sharing one URL count its download's connections once.
+* A ``Retry-After`` pause and the "down" state of a server that does not answer hold for its
+  origin (scheme, host, port): another port of the same host name is another server.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from http.server import BaseHTTPRequestHandler
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from helpers.dns import NoDNS
@@ -296,3 +299,97 @@ def test_an_answer_starts_the_count_again():
     turns.failed("x.test", "timeout", after=5, down_s=60)
     left, why = turns.down("x.test")
     assert 0 < left <= 60 and why == "5 requests in a row ended in timeout"
+
+
+def _closed_port() -> int:
+    import socket
+
+    closed = socket.socket()
+    closed.bind((LOOPBACK, 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: every connection is refused
+    return port
+
+
+def test_a_closed_port_does_not_put_the_other_ports_of_its_host_down():
+    """Down state per origin: 6 rows to a closed port of site.test put that port down; the rows
+    of a live port of the same host name were host_unreachable (and a later batch too)."""
+    dead_port = _closed_port()
+    with _Server() as srv:
+        dead = [f"http://site.test:{dead_port}/d{i}.png" for i in range(6)]
+        live = [srv.url("site.test", f"/a{i}.png") for i in range(10)]
+        resolver = Resolver(host_map={"site.test": LOOPBACK}, lookup=NoDNS())
+        cfg = FetchConfig(allow_addresses=(f"{LOOPBACK}/32",), timeout_s=5.0, retries=1, retry_backoff_s=0.01,
+                          threads=4, per_host_concurrency=4, host_down_after=3, host_down_s=60)
+        with ImageFetcher(cfg, ResizeConfig(image_size=32), resolver=resolver) as fetcher:
+            out = fetcher({S.URL: np.array(dead + live, dtype=object)})
+            later = fetcher({S.URL: np.array([srv.url("site.test", "/late.png"), dead[0] + "?late"], dtype=object)})
+    statuses = list(out[S.STATUS])
+    assert statuses[6:] == ["success"] * 10, statuses
+    assert set(statuses[:6]) <= {"connection_error", "host_unreachable"} and "host_unreachable" in statuses[:6]
+    assert len(srv.arrivals) == 11  # every row of the live port, the later one too
+    assert list(later[S.STATUS]) == ["success", "host_unreachable"]
+    assert f"http://site.test:{dead_port}: 3 requests in a row ended in connection_error" in later[S.ERROR_MESSAGE][1]
+
+
+def test_a_retry_after_pauses_its_port_only():
+    """Retry-After per origin: a port answering 503 with a long Retry-After paused every port of
+    the host name; the rows of another port of the host are asked for and succeed."""
+    with _Server(throttle={"site.test": ("3600", 60)}) as busy, _Server() as calm:
+        urls = [busy.url("site.test", f"/b{i}.png") for i in range(3)] + [calm.url("site.test", f"/c{i}.png")
+                                                                          for i in range(3)]
+        out = _fetch(urls, ["site.test"], retries=1, per_host_concurrency=1, max_retry_after_s=5)
+    assert list(out[S.STATUS]) == ["http_error_429"] * 3 + ["success"] * 3, list(out[S.ERROR_MESSAGE])
+    assert len(busy.arrivals) == 1 and len(calm.arrivals) == 3
+    assert out[S.ERROR_MESSAGE][1].startswith(f"http://site.test:{busy.http.port} asked to be left alone")
+
+
+def test_origin_keys():
+    from laionbuild.stages.fetch.hosts import origin_key
+
+    assert origin_key("HTTP", "IMG.Test.", 80) == "http://img.test:80"
+    assert origin_key("https", "::1", 8443) == "https://[::1]:8443"
+    assert origin_key("http", "a.test", 80) != origin_key("http", "a.test", 8080) != origin_key("https", "a.test", 8080)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "1\u00b9"])
+def test_a_retry_after_of_non_ascii_digits_is_ignored(value):
+    """Retry-After "²" or "1¹" (Latin-1 bytes: str.isdigit() is true, float() refuses them) ended
+    the row as "unexpected ValueError"; the header is ignored, the row keeps the answer's status
+    and the host is not paused."""
+    with _Server(throttle={"busy.test": (value, 60)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(2)]
+        out = _fetch(urls, ["busy.test"], per_host_concurrency=1)
+    assert list(out[S.STATUS]) == ["http_error_429"] * 2, list(out[S.ERROR_MESSAGE])
+    assert list(out[S.ERROR_MESSAGE]) == ["HTTP 429 Too Many Requests"] * 2
+    assert len(srv.arrivals) == 2
+
+
+@pytest.mark.parametrize("value", ["9" * 400, "Fri, 31 Dec 9999 23:59:59 GMT"])
+def test_one_retry_after_pauses_its_origin_ten_minutes_at_most(value):
+    """400 nines (infinity) or a date in the year 9999 paused the host for inf / 2.5e11 s, for the
+    worker's life. The pause is cut to MAX_PAUSE_S (600 s); rows whose wait budget
+    (fetch.max_retry_after_s) is shorter still end at once, without a request."""
+    with _Server(throttle={"busy.test": (value, 60)}) as srv:
+        urls = [srv.url("busy.test", f"/b{i}.png") for i in range(3)]
+        out = _fetch(urls, ["busy.test"], retries=1, per_host_concurrency=1, max_retry_after_s=5)
+    assert list(out[S.STATUS]) == ["http_error_429"] * 3
+    assert len(srv.arrivals) == 1
+    assert out[S.ERROR_MESSAGE][0].endswith(", cut to 600s)"), out[S.ERROR_MESSAGE][0]
+    for message in out[S.ERROR_MESSAGE][1:]:
+        left = float(message.rsplit(" for ", 1)[1].split("s more")[0])
+        assert 0 < left <= 600, message
+
+
+def test_host_turns_cap_a_pause():
+    from laionbuild.stages.fetch.hosts import MAX_PAUSE_S
+
+    assert MAX_PAUSE_S == 600  # docs/fetch.md says 10 minutes
+    clock = [100.0]
+    turns = HostTurns(lambda job: job(), per_host=1, clock=lambda: clock[0])
+    turns.pause("http://x.test:80", float("inf"), "http_error_503")
+    assert turns.paused("http://x.test:80") == (MAX_PAUSE_S, "http_error_503")
+    clock[0] += MAX_PAUSE_S + 1
+    assert turns.paused("http://x.test:80") is None
+    turns.pause("http://x.test:80", float("nan"), "http_error_503")  # no pause from a value that is no time
+    assert turns.paused("http://x.test:80") is None

@@ -273,9 +273,53 @@ def test_opt_out_files_use_the_same_address_checks(server):
     assert out[S.STATUS][0] == "success"  # no readable tdmrep.json: nothing reserved
     assert stats["blocked"] == 1  # the redirect hop was refused before any connection
     out, stats = fetch([server.url("/public/a.png")], cfg(honour_robots_txt=True))
-    assert out[S.STATUS][0] == "robots_txt_unavailable"  # unreachable robots.txt: RFC 9309 disallows all
+    # a redirect that cannot be followed: the file is unavailable (RFC 9309 2.3.1.2), no rules
+    assert out[S.STATUS][0] == "success"
     assert stats["blocked"] == 1
-    assert server.request_count("/public/a.png") == 1  # only the first fetch asked for the image
+    assert server.request_count("/public/a.png") == 2
+
+
+def _redirect_chain(server, n: int, end: str) -> None:
+    """/robots.txt redirects ``n`` times in a row, the last time to ``end``."""
+    hops = ["/robots.txt"] + [f"/hop{i}" for i in range(1, n)] + [end]
+    for here, there in zip(hops, hops[1:]):
+        server.add_redirect(here, there)
+
+
+@pytest.mark.parametrize("case,robots_requests,status", [
+    ("loop", 6, "success"),  # itself: the first answer and five redirects followed, then given up
+    ("six redirects", 1, "success"),  # one more than RFC 9309's five: unavailable, no rules
+    ("five redirects", 1, "opt_out_robots_txt"),  # followed (whatever fetch.max_redirects says)
+    ("to ftp", 1, "success"),
+    ("to a blocked address", 1, "success"),
+    ("to a malformed URL", 1, "success"),
+])
+def test_a_robots_txt_redirect_not_followed_leaves_no_rules(server, case, robots_requests, status):
+    """RFC 9309 2.3.1.2: a crawler follows at least five redirects; beyond them the file is
+    unavailable, which is handled like a 4xx (no rules). Such a robots.txt, and one whose redirect
+    cannot be followed, made every row of its host robots_txt_unavailable ("unreachable")."""
+    server.add("/rules.txt", b"User-agent: *\nDisallow: /private/\n", content_type="text/plain")
+    if case == "loop":
+        server.add_redirect("/robots.txt", "/robots.txt")
+    elif case == "six redirects":
+        _redirect_chain(server, 6, "/rules.txt")
+    elif case == "five redirects":
+        _redirect_chain(server, 5, "/rules.txt")
+    else:
+        server.add_redirect("/robots.txt", {"to ftp": "ftp://a.test/robots.txt",
+                                            "to a blocked address": "http://10.0.0.1/robots.txt",
+                                            "to a malformed URL": "//[::1/robots.txt"}[case])
+    out, _ = fetch([server.url("/private/a.png"), server.url("/public/a.png")],
+                   cfg(honour_robots_txt=True, max_redirects=2))
+    assert list(out[S.STATUS]) == [status, "success"], list(out[S.ERROR_MESSAGE])
+    assert server.request_count("/robots.txt") == robots_requests
+    assert server.request_count("/rules.txt") == (1 if case == "five redirects" else 0)
+    assert server.request_count("/public/a.png") == 1
+
+
+def test_a_robots_txt_redirect_not_followed_is_unavailable():
+    assert parse_robots(301).allowed("laionbuild", "/private/a.jpg")  # no rules (RFC 9309 2.3.1.2)
+    assert not parse_robots(301).disallow_all
 
 
 def test_robots_txt_honoured_when_enabled(server):

@@ -200,6 +200,9 @@ def test_backoff_grows_and_is_capped():
     assert parse_retry_after("12") == 12.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("soon") is None
+    # str.isdigit() is true of these, float() refuses them: not delta seconds, not a date
+    assert parse_retry_after("\u00b2") is None and parse_retry_after("1\u00b9") is None
+    assert parse_retry_after("\u0661\u0662") is None  # Arabic-Indic digits
 
 
 class _FlakyFile(io.BytesIO):

@@ -35,7 +35,11 @@ robots.txt (RFC 9309, our own parser and matcher)
     A 4xx answer means no rules; a 5xx answer, a 429 (too many requests) or an
     unreachable host means everything is disallowed, as RFC 9309 asks for a
     server error (the fetcher's status ``robots_txt_unavailable``: not an
-    opt-out). The fetcher keeps a file it read for :data:`ROBOTS_KEEP_S`
+    opt-out). Redirects are followed up to :data:`ROBOTS_MAX_REDIRECTS` (5) in
+    a row, across hosts too; a further one, or one that cannot be followed (to
+    another scheme, a blocked address, a malformed URL), leaves the file
+    "unavailable" (RFC 9309 section 2.3.1.2), which is handled like a 4xx: no
+    rules. The fetcher keeps a file it read for :data:`ROBOTS_KEEP_S`
     (24 hours) and one it could not read for ``fetch.policy_retry_s`` only. The fetcher reads at most
     ``fetch.policy_max_bytes`` of the file and uses what it read.
 """
@@ -55,6 +59,10 @@ ROBOTS_PATH = "/robots.txt"
 #: seconds a robots.txt that was read is used before it is read again (RFC 9309 section 2.4:
 #: a cached copy should not be used for more than 24 hours)
 ROBOTS_KEEP_S = 24 * 3600.0
+#: redirects followed in a row for a robots.txt (and a tdmrep.json): RFC 9309 section 2.3.1.2
+#: asks for at least five; beyond them, or at one that cannot be followed, the file is
+#: unavailable (no rules)
+ROBOTS_MAX_REDIRECTS = 5
 
 
 # --------------------------------------------------------------------------- TDMRep
@@ -345,12 +353,14 @@ def parse_robots(status: int | None, body: bytes = b"", note: str = "") -> Robot
     """Rules from a robots.txt answer (``status`` None: the host could not be reached).
 
     5xx, 429 (too many requests: the server is overloaded, as with a 5xx) and an
-    unreachable host disallow everything; any other 4xx means there are no rules.
+    unreachable host disallow everything; any other 4xx means there are no rules, and so
+    does a 3xx: a redirect that was not followed (more than :data:`ROBOTS_MAX_REDIRECTS`,
+    or one that cannot be), which RFC 9309 section 2.3.1.2 calls unavailable.
     """
     if unreadable(status):
         why = "unreachable" if status is None else f"HTTP {status}"
         return RobotsRules(None, disallow_all=True, note=note or f"{ROBOTS_PATH} unavailable ({why})")
-    if status >= 400:
+    if status >= 300:
         return RobotsRules(None)
     return RobotsRules(_parse_groups(body))
 
@@ -411,4 +421,5 @@ class OriginCache:
 
 
 __all__ = ["OriginCache", "RobotsRules", "TdmRule", "parse_robots", "parse_tdmrep", "path_matches",
-           "tdm_header_reserved", "tdm_reserved", "ROBOTS_KEEP_S", "ROBOTS_PATH", "TDMREP_PATH"]
+           "tdm_header_reserved", "tdm_reserved", "ROBOTS_KEEP_S", "ROBOTS_MAX_REDIRECTS", "ROBOTS_PATH",
+           "TDMREP_PATH"]

@@ -260,11 +260,48 @@ def _dechunk(data: bytes) -> bytes | None:
     return b"".join(out)
 
 
+#: input given at first to the inflater of a gzip member after the first one, doubled while the
+#: member goes on (up to :data:`_MEMBER_MAX_CHUNK`): the input left past a member's end is
+#: copied, so a body of many tiny members costs time linear in its size
+_MEMBER_FIRST_CHUNK = 1 << 10
+_MEMBER_MAX_CHUNK = 1 << 20
+
+
+def _later_gzip_members(data: bytes, pos: int, out: bytes, limit: int) -> bytes:
+    """``out`` (the first member's bytes) followed by those of the gzip members in ``data`` from
+    ``pos`` on, at most ``limit + 1`` bytes in all. RFC 1952 makes a gzip file a series of
+    members, and browsers and urllib3 decode every one (``zlib`` stops at the end of the first).
+    As urllib3 does, the output ends without an error at what is not a member (NUL padding,
+    trailing garbage), at a damaged member and where the data ends inside one."""
+    parts, total, n = [out], len(out), len(data)
+    view = memoryview(data)
+    while total <= limit and data[pos:pos + 2] == b"\x1f\x8b":
+        d = zlib.decompressobj(31)
+        chunk = _MEMBER_FIRST_CHUNK
+        while True:
+            end = min(n, pos + chunk)
+            try:
+                piece = d.decompress(view[pos:end], limit + 1 - total)
+            except zlib.error:
+                return b"".join(parts)
+            parts.append(piece)
+            total += len(piece)
+            if d.eof:
+                pos = end - len(d.unused_data)
+                break
+            if total > limit or end >= n:  # at the limit, or the data ends inside this member
+                return b"".join(parts)
+            pos = end  # below the limit, the inflater took all it was given
+            chunk = min(2 * chunk, _MEMBER_MAX_CHUNK)
+    return b"".join(parts)
+
+
 def decompress_content(data: bytes, coding: str, limit: int) -> bytes | None:
     """Undo a ``Content-Encoding`` (a lower-cased ``gzip``, ``x-gzip``, ``deflate`` or ``br``);
     at most ``limit + 1`` bytes, so a caller tells a body over its limit without inflating a
     bomb; ``None`` when the body is not encoded as claimed (``gzip`` without gzip's magic bytes
-    included). Used for WARC payloads and downloaded images alike."""
+    included). Every member of a gzip body is decoded. Used for WARC payloads and downloaded
+    images alike."""
     if coding in ("gzip", "x-gzip") and data[:2] != b"\x1f\x8b":
         return None
     try:
@@ -273,9 +310,13 @@ def decompress_content(data: bytes, coding: str, limit: int) -> bytes | None:
             for wbits in (47, -15):
                 try:
                     d = zlib.decompressobj(wbits)
-                    return d.decompress(data, limit + 1)
+                    out = d.decompress(data, limit + 1)
                 except zlib.error:
                     continue
+                if d.eof and wbits == 47 and data[:2] == b"\x1f\x8b" and len(out) <= limit:
+                    # a gzip body may hold several members (RFC 1952): decode them all
+                    return _later_gzip_members(data, len(data) - len(d.unused_data), out, limit)
+                return out
             return None
         if coding == "br":
             import brotli

@@ -6,6 +6,10 @@ the rows) never takes every thread while rows of other hosts could run. A row th
 for a time (a retry's back-off, a host's ``Retry-After``) waits on one timer thread, not on a
 download thread either.
 
+Turns are kept per host name. What a server says of itself -- a ``Retry-After`` pause, and
+the "down" state of a server that does not answer -- is kept per origin (scheme, host, port,
+:func:`origin_key`): a closed or throttling port says nothing of another port of the same host.
+
 :class:`HostTurns` is given the function that runs a job on a download thread (the
 fetcher's thread pool); every job it runs holds one of its host's turns until it returns.
 """
@@ -21,10 +25,24 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 
+#: the longest one ``Retry-After`` pauses an origin (10 minutes): a server may ask for any time
+#: (400 digits are infinity, a date in the year 9999), and without a bound one answer left its
+#: origin alone for the worker's whole life. A row still ends, without another request, when its
+#: wait would pass ``fetch.max_retry_after_s``.
+MAX_PAUSE_S = 600.0
+
+
 def host_key(host: str) -> str:
     """The name a host's turns and pauses are kept under: lower case, without the trailing dot
     of a fully qualified name (``img.test.`` and ``img.test`` are one host)."""
     return host.rstrip(".").lower()
+
+
+def origin_key(scheme: str, host: str, port: int) -> str:
+    """The name an origin's pauses and down state are kept under (``http://img.test:8080``):
+    its scheme, :func:`host_key` and port; also how messages name it."""
+    host = host_key(host)
+    return f"{scheme.lower()}://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def url_host(url) -> str:
@@ -104,16 +122,17 @@ class HostTurns:
             self._start(host, job)
 
     # ------------------------------------------------------------------ pauses
-    def pause(self, host: str, seconds: float, status: str) -> None:
-        """``host`` asked to be left alone for ``seconds`` (``Retry-After``) with ``status``."""
-        if not host or seconds <= 0:
+    def pause(self, origin: str, seconds: float, status: str) -> None:
+        """``origin`` (:func:`origin_key`) asked to be left alone for ``seconds`` (``Retry-After``,
+        at most :data:`MAX_PAUSE_S`) with ``status``."""
+        if not origin or not seconds > 0:
             return
         with self._lock:
-            self._set_until(self._pauses, host, seconds, status)
+            self._set_until(self._pauses, origin, min(seconds, MAX_PAUSE_S), status)
 
-    def paused(self, host: str) -> tuple[float, str] | None:
-        """``(seconds left, status)`` while ``host`` is paused, else None."""
-        return self._left(self._pauses, host)
+    def paused(self, origin: str) -> tuple[float, str] | None:
+        """``(seconds left, status)`` while ``origin`` is paused, else None."""
+        return self._left(self._pauses, origin)
 
     def _set_until(self, table: dict, host: str, seconds: float, why: str) -> None:
         """``table[host]`` ends ``seconds`` from now (a later end is kept); the caller holds the lock."""
@@ -136,29 +155,30 @@ class HostTurns:
                 return None
             return left, entry[1]
 
-    # ------------------------------------------------------------------ hosts that do not answer
-    def answered(self, host: str) -> None:
-        """``host`` answered (any HTTP status): its count of failures in a row starts again."""
-        if host and host in self._failures:
+    # ------------------------------------------------------------------ servers that do not answer
+    def answered(self, origin: str) -> None:
+        """``origin`` (:func:`origin_key`) answered (any HTTP status): its count of failures in a
+        row starts again."""
+        if origin and origin in self._failures:
             with self._lock:
-                self._failures.pop(host, None)
+                self._failures.pop(origin, None)
 
-    def failed(self, host: str, status: str, after: int, down_s: float) -> None:
-        """A request to ``host`` got no answer (``status``); ``after`` such failures in a row put
+    def failed(self, origin: str, status: str, after: int, down_s: float) -> None:
+        """A request to ``origin`` got no answer (``status``); ``after`` such failures in a row put
         it down for ``down_s`` seconds (``after`` 0: never)."""
-        if not host or after <= 0 or down_s <= 0:
+        if not origin or after <= 0 or down_s <= 0:
             return
         with self._lock:
-            n = self._failures.get(host, 0) + 1
+            n = self._failures.get(origin, 0) + 1
             if n < after:
-                self._failures[host] = n
+                self._failures[origin] = n
                 return
-            self._failures.pop(host, None)
-            self._set_until(self._down, host, down_s, f"{after} requests in a row ended in {status}")
+            self._failures.pop(origin, None)
+            self._set_until(self._down, origin, down_s, f"{after} requests in a row ended in {status}")
 
-    def down(self, host: str) -> tuple[float, str] | None:
-        """``(seconds left, why)`` while ``host`` counts as down, else None."""
-        return self._left(self._down, host)
+    def down(self, origin: str) -> tuple[float, str] | None:
+        """``(seconds left, why)`` while ``origin`` counts as down, else None."""
+        return self._left(self._down, origin)
 
     def waiting(self) -> int:
         """Jobs waiting for their host's turn or for their time."""

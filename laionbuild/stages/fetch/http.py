@@ -7,6 +7,12 @@ certificate check keep the host name), and keeps finished ones for reuse
 Every connection opened or reused is counted, per pool and per download thread
 (:meth:`ConnectionPool.take_row_counts`), so that each row can carry its own.
 
+A kept connection is used again only while nothing waits to be read on it (:func:`readable`,
+as urllib3 checks before reuse): bytes nobody asked for -- a ``408`` a server sends an idle
+connection before it closes it, an extra response, a body longer than its ``Content-Length``
+-- or the server's close would otherwise be read as the next request's answer. Such a
+connection is closed when it is handed back, and again when it is taken from the pool.
+
 A socket timeout bounds each ``recv``, not a request: a server that sends a byte now
 and then (a body, a header line, endless ``100 Continue`` answers) would hold a download
 thread for as long as it likes. Each checked-out connection is therefore armed on a
@@ -19,6 +25,7 @@ from __future__ import annotations
 import heapq
 import http.client
 import itertools
+import select
 import socket
 import ssl
 import threading
@@ -37,13 +44,16 @@ class FetchFailure(Exception):
     """A row's download failed with ``status`` (see the stage's statuses)."""
 
     def __init__(self, status: str, message: str, *, retry_after: float | None = None,
-                 wait_s: float | None = None):
+                 wait_s: float | None = None, redirect_status: int | None = None):
         self.status = status
         self.message = message
         #: seconds the server asked to wait before asking again (``Retry-After``)
         self.retry_after = retry_after
         #: no request was sent: the host is paused for this many more seconds
         self.wait_s = wait_s
+        #: the last answer was a redirect (this status) that was not followed: one too many,
+        #: or to a URL that is not fetched (another scheme, a blocked address, a bad URL)
+        self.redirect_status = redirect_status
         super().__init__(f"{status}: {message}")
 
 
@@ -160,6 +170,25 @@ def _shutdown(sock) -> None:
         pass
 
 
+def readable(sock) -> bool:
+    """Whether ``sock`` has something to read now (bytes, the peer's close, an error), without
+    waiting; True for no socket or a closed one. An idle kept-alive connection must have nothing:
+    whatever is there is not the answer to a request not sent yet."""
+    if sock is None:
+        return True
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True  # decrypted bytes already taken off the socket
+        if hasattr(select, "poll"):  # no FD_SETSIZE limit, unlike select()
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        ready, _, _ = select.select([sock], [], [], 0)
+        return bool(ready)
+    except (OSError, ValueError):  # closed: fileno() -1
+        return True
+
+
 def pinned(conn: http.client.HTTPConnection, ip: str) -> http.client.HTTPConnection:
     """Make ``conn`` open its TCP connection to ``ip`` while Host / SNI keep the name."""
 
@@ -216,6 +245,10 @@ class ConnectionPool:
             self.stats[name] += 1
         setattr(self._row, name, getattr(self._row, name, 0) + 1)
 
+    def _count_pool(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
     def take_row_counts(self) -> tuple[int, int]:
         """(opened, reused) by this thread since its last call; resets them."""
         opened = getattr(self._row, "connections_opened", 0)
@@ -229,9 +262,14 @@ class ConnectionPool:
         if self.keep_alive and not fresh:
             for ip in addresses:
                 key = (scheme, host, port, ip)
-                with self._lock:
-                    idle = self._idle.get(key)
-                    hc = idle.pop() if idle else None
+                while True:
+                    with self._lock:
+                        idle = self._idle.get(key)
+                        hc = idle.pop() if idle else None
+                    if hc is None or not readable(hc.sock):
+                        break
+                    hc.close()  # the server closed it, or sent what was not asked for: not reused
+                    self._count_pool("connections_dropped")
                 if hc is not None:
                     conn = Conn(hc, key, reused=True)
                     self._count("connections_reused")
@@ -282,6 +320,10 @@ class ConnectionPool:
             return
         if not self.keep_alive or self.closed:
             conn.http.close()
+            return
+        if readable(conn.http.sock):  # bytes past the response's end (or the server's close)
+            conn.http.close()
+            self._count_pool("connections_dropped")
             return
         with self._lock:
             idle = self._idle.setdefault(conn.key, [])
@@ -346,4 +388,4 @@ class ConnectionPool:
 
 
 __all__ = ["Alarm", "Conn", "ConnectionPool", "FetchFailure", "MAX_DISCARD_BYTES", "READ_CHUNK", "Watchdog",
-           "net_failure", "pinned", "set_timeout"]
+           "net_failure", "pinned", "readable", "set_timeout"]

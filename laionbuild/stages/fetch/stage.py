@@ -31,6 +31,7 @@ from ...config import FetchConfig, ResizeConfig
 from ...stats import StageCounters
 from ..optout import (
     ROBOTS_KEEP_S,
+    ROBOTS_MAX_REDIRECTS,
     ROBOTS_PATH,
     TDMREP_PATH,
     OriginCache,
@@ -48,7 +49,7 @@ from ..candidates import clean_url, resolve_url
 from ..warc import decompress_content
 from ...remote import parse_retry_after
 from .dns import DNS_MS, DNS_REASONS, ResolveError, Resolver
-from .hosts import HostTurns, host_key, url_host
+from .hosts import MAX_PAUSE_S, HostTurns, host_key, origin_key, url_host
 from .http import Conn, ConnectionPool, FetchFailure, net_failure, set_timeout
 from .policy import AddressPolicy
 
@@ -481,18 +482,28 @@ class ImageFetcher:
         file, not an image."""
         deadline = time.monotonic() + self.cfg.timeout_s
         current = url
-        for hop in range(self.cfg.max_redirects + 1):
-            target = self._vet(current, deadline)
+        # RFC 9309 asks for at least five redirects of a robots.txt, whatever images get
+        limit = ROBOTS_MAX_REDIRECTS if policy_file else self.cfg.max_redirects
+        redirect: int | None = None  # the status of the redirect that led to this hop
+        for hop in range(limit + 1):
+            try:
+                target = self._vet(current, deadline)
+            except FetchFailure as exc:
+                if redirect is not None and exc.status in _NOT_FOLLOWED:
+                    exc.redirect_status = redirect  # a redirect that cannot be followed
+                raise
             host = host_key(target[1])
-            paused = self._turns.paused(host)
+            # what a server says of itself holds for its origin: another port may be another server
+            origin = origin_key(*target[:3])
+            paused = self._turns.paused(origin)
             if paused is not None:  # before its opt-out files too: nothing is asked of it
                 left, status = paused
-                raise FetchFailure(status, f"{host} asked to be left alone (Retry-After) for {left:.0f}s more",
+                raise FetchFailure(status, f"{origin} asked to be left alone (Retry-After) for {left:.0f}s more",
                                    wait_s=left)
-            down = self._turns.down(host)
+            down = self._turns.down(origin)
             if down is not None:
                 left, why = down
-                raise FetchFailure("host_unreachable", f"{host}: {why}; not asked again for {left:.0f}s")
+                raise FetchFailure("host_unreachable", f"{origin}: {why}; not asked again for {left:.0f}s")
             if not policy_file:
                 started = time.monotonic()
                 self._check_opt_outs(current, target)
@@ -504,18 +515,23 @@ class ImageFetcher:
                 try:
                     location = self._request(target, deadline, policy_file)
                 except FetchFailure as exc:
-                    if exc.retry_after is not None:  # the host's other rows wait too
-                        self._turns.pause(host, exc.retry_after, exc.status)
+                    if exc.retry_after is not None:  # the origin's other rows wait too
+                        self._turns.pause(origin, exc.retry_after, exc.status)
                     if exc.status in _NO_ANSWER:
-                        self._turns.failed(host, exc.status, self.cfg.host_down_after, self.cfg.host_down_s)
+                        self._turns.failed(origin, exc.status, self.cfg.host_down_after, self.cfg.host_down_s)
                     elif exc.status.startswith("http_error_"):
-                        self._turns.answered(host)
+                        self._turns.answered(origin)
                     raise
-                self._turns.answered(host)
+                self._turns.answered(origin)
             if isinstance(location, bytes):
                 return location, current
-            current = resolve_url(clean_url(_location_text(location)), current)
-        raise FetchFailure("too_many_redirects", f"more than {self.cfg.max_redirects} redirects")
+            redirect = location.status
+            try:  # urljoin parses the Location: a malformed one (``//[::1/x``) raises here
+                current = resolve_url(clean_url(_location_text(location)), current)
+            except ValueError as exc:
+                raise FetchFailure("bad_url", f"Location {location[:200]!r}: {exc}",
+                                   redirect_status=redirect) from None
+        raise FetchFailure("too_many_redirects", f"more than {limit} redirects", redirect_status=redirect)
 
     def _vet(self, url: str, deadline: float | None = None) -> tuple[str, str, int, str, tuple[str, ...]]:
         """Check scheme, host and addresses of one hop BEFORE any connection; the host's
@@ -526,9 +542,13 @@ class ImageFetcher:
             if scheme not in ("http", "https"):
                 raise FetchFailure("bad_scheme", f"scheme {scheme or '(none)'!r} is not fetched")
             host = parts.hostname or ""
-            port = parts.port or (443 if scheme == "https" else 80)
+            port = parts.port
         except ValueError as exc:
             raise FetchFailure("bad_url", f"{url[:200]!r}: {exc}") from None
+        if port is None:
+            port = 443 if scheme == "https" else 80
+        elif port == 0:  # no server listens on port 0 (a connection to it goes nowhere)
+            raise FetchFailure("bad_url", f"port 0 in {url[:200]!r}")
         if not host:
             raise FetchFailure("bad_url", f"no host in {url[:200]!r}")
         try:
@@ -602,6 +622,9 @@ class ImageFetcher:
         except FetchFailure as exc:
             if exc.wait_s is not None:
                 raise  # nothing was asked: the host is paused (Retry-After); the row waits, nothing is cached
+            if exc.redirect_status is not None:  # more redirects than followed, or one that cannot be:
+                logger.debug("opt-out file %s: %s", url, exc)  # "unavailable" (RFC 9309 2.3.1.2), no rules
+                return exc.redirect_status, b""
             if exc.status.startswith("http_error_") and exc.status[11:].isdigit():
                 return int(exc.status[11:]), b""
             if exc.status == "too_large_bytes":
@@ -629,8 +652,8 @@ class ImageFetcher:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
-    def _request(self, target, deadline: float, policy_file: bool = False) -> bytes | str:
-        """One HTTP exchange; returns the body (bytes) or a redirect location (str)."""
+    def _request(self, target, deadline: float, policy_file: bool = False) -> bytes | _Location:
+        """One HTTP exchange; returns the body (bytes) or a redirect's location."""
         scheme, host, port, path, addresses = target
         for fresh_try in range(2):
             conn = self.connections.checkout(scheme, host, port, addresses, deadline, fresh=fresh_try > 0)
@@ -656,19 +679,23 @@ class ImageFetcher:
         raise FetchFailure("connection_error", "connection closed by the server")
 
     def _response(self, conn: Conn, resp: http.client.HTTPResponse, deadline: float,
-                  policy_file: bool = False) -> bytes | str:
+                  policy_file: bool = False) -> bytes | _Location:
         code = resp.status
         if code in _REDIRECTS:
             location = resp.getheader("Location")
             self.connections.discard(conn, resp, deadline)
             if not location:
                 raise FetchFailure(f"http_error_{code}", f"HTTP {code} without Location")
-            return location
+            return _Location(location, code)
         if not 200 <= code < 300:
-            retry_after = parse_retry_after(resp.getheader("Retry-After")) if code in (429, 503) else None
+            asked = parse_retry_after(resp.getheader("Retry-After")) if code in (429, 503) else None
             self.connections.discard(conn, resp, deadline)
-            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip()
-                               + (f" (Retry-After {retry_after:.0f}s)" if retry_after is not None else ""),
+            # one answer pauses its origin (and this row's retry waits) MAX_PAUSE_S at most
+            retry_after = None if asked is None else min(asked, MAX_PAUSE_S)
+            note = ""
+            if asked is not None:
+                note = f" (Retry-After {asked:.0f}s" + (f", cut to {MAX_PAUSE_S:.0f}s)" if asked > MAX_PAUSE_S else ")")
+            raise FetchFailure(f"http_error_{code}", f"HTTP {code} {resp.reason}".strip() + note,
                                retry_after=retry_after)
         if self.cfg.honour_opt_out and self.opt_out_directives and not policy_file:
             tags = resp.headers.get_all("X-Robots-Tag") or []
@@ -740,6 +767,18 @@ def _tdmrep_answer(status: int | None, body: bytes) -> tuple[int | None, list]:
 
 #: failures in which the host gave no answer: enough of them in a row and it counts as down
 _NO_ANSWER = ("timeout", "connection_error")
+#: a redirect to a URL failing these is one that cannot be followed (an opt-out file that ends
+#: there is unavailable: no rules); a network failure there (DNS, connection, timeout) is not
+_NOT_FOLLOWED = ("bad_scheme", "bad_url", "blocked_address")
+
+
+class _Location(str):
+    """A redirect's ``Location`` header, with the redirect's HTTP ``status``."""
+
+    def __new__(cls, location: str, status: int) -> "_Location":
+        self = super().__new__(cls, location)
+        self.status = status
+        return self
 
 
 def _location_text(location: str) -> str:
