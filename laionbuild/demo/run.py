@@ -97,21 +97,47 @@ def compare_with_expectations(output: str, sample: DemoSample) -> dict[str, dict
 KEPT_ON_RERUN = ("report", "compare")
 
 
+#: written into the demo's output folder before anything else: the folder is the demo's to empty
+DEMO_MARK = "_demo_output"
+
+
+def _made_by_the_demo(out: Path) -> bool:
+    return (out / DEMO_MARK).exists() or (out / "demo_check.json").exists()  # the latter: older demos
+
+
 def clear_for_rerun(out: Path) -> None:
     """Empty a previous demo output (its sample had another port) but keep :data:`KEPT_ON_RERUN`.
 
-    Anything at ``out`` that is not a folder is refused, never deleted.
+    Anything at ``out`` that is not a folder is refused, never deleted; so is a folder that holds
+    files the demo did not write (a run's output given to the demo by mistake), and one that a
+    run holds (its lease, :mod:`laionbuild.output.lease`), which stays held while it is emptied.
     """
+    from ..output.layout import OutputLayout
+    from ..output.lease import LOCK, RunLease
+
     if out.exists() and not out.is_dir():
         raise SetupError(f"output {out} exists and is not a folder; give a folder with --output")
-    if out.is_dir():
-        for child in out.iterdir():
-            if child.name in KEPT_ON_RERUN:
-                continue
+    if not out.is_dir():
+        return
+    children = [c for c in out.iterdir() if c.name not in (*KEPT_ON_RERUN, LOCK, DEMO_MARK)]
+    if children and not _made_by_the_demo(out):
+        raise SetupError(f"output {out} holds files that the demo did not write; give the demo a new or "
+                         "empty folder with --output")
+    with RunLease(OutputLayout(str(out)), expiry_s=60.0, heartbeat_s=30.0):  # refuses a folder in use
+        for child in children:
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+
+def _check_sample(sample_dir: Path) -> None:
+    """Refuse a folder where the demo writes its sample that is not an earlier demo's sample."""
+    from .sample_warc import MANIFEST_NAME
+
+    if sample_dir.exists() and (not sample_dir.is_dir() or not (sample_dir / MANIFEST_NAME).is_file()):
+        raise SetupError(f"{sample_dir} exists and is not a demo sample (the demo writes its sample there); "
+                         "move it or give the demo another --output")
 
 
 def run_demo(output: str = "demo-output", *, config: str | None = None, overrides: list[str] | None = None,
@@ -120,10 +146,13 @@ def run_demo(output: str = "demo-output", *, config: str | None = None, override
 
     out = Path(output)
     load_config(config or SMOKE_CONFIG, [*(overrides or [])])  # a bad --set stops here, before anything is built
-    clear_for_rerun(out)
     sample_dir = Path(f"{output.rstrip('/')}-sample")
+    _check_sample(sample_dir)
+    clear_for_rerun(out)
     if sample_dir.exists():
         shutil.rmtree(sample_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARK).write_text("written by `laionbuild demo`: a rerun of the demo empties this folder\n")
     with LoopbackServer("127.0.0.1") as server:
         sample = build_demo_sample(str(sample_dir), image_base=f"http://images.demo.test:{server.port}")
         sample.register(server)
