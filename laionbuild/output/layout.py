@@ -41,6 +41,8 @@ from ..stages import shards
 from .fs import open_fs, precondition_failed, put_if, takes_conditional_writes, url_of
 
 CANDIDATES = "candidates"
+#: ``candidates/_numbers.json``: the number each input got when a run first planned it
+INPUT_NUMBERS = "_numbers.json"
 DEDUP = "dedup"
 WORKSHARDS = "workshards"
 GROUPS = "_groups"
@@ -185,6 +187,17 @@ class OutputLayout:
         """``{file_id: marker}`` of every committed input."""
         found = self.names(self.path(CANDIDATES, DONE), ".json")
         return dict(zip(found, self.read_json_many(found.values())))
+
+    def input_numbers(self) -> dict[str, int]:
+        """``{file_id: number}`` of every input a run of this folder numbered (``SAMPLE_ID``), committed
+        or not yet: an input keeps its number through kills and reruns."""
+        path = self.path(CANDIDATES, INPUT_NUMBERS)
+        if not self.fs.exists(path):
+            return {}
+        return {fid: int(n) for fid, n in shards.read_json(self.fs, path).items()}
+
+    def write_input_numbers(self, numbers: dict[str, int]) -> None:
+        shards.write_json_atomic(self.fs, self.path(CANDIDATES, INPUT_NUMBERS), numbers)
 
     def candidate_files(self) -> list[str]:
         """The committed candidate tables (one per input)."""

@@ -125,25 +125,33 @@ class CandidatesWorker:
                 "marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 
 
-def first_free_ordinal(markers) -> int:
-    """The next input number: above every number a committed input of this output holds (one run
-    writes an output at a time, see :mod:`..output.lease`)."""
-    return 1 + max((int(m["ordinal"]) for m in markers if m.get("ordinal") is not None), default=-1)
+def number_inputs(layout: OutputLayout, pending: dict[str, str], markers) -> dict[str, int]:
+    """The number of each pending input (its rows' ``SAMPLE_ID``): the one a run of this folder gave
+    it before (a run killed before the input was committed), else the next free one in
+    ``pending``'s order, above every number given so far. New numbers are written down before any
+    input is extracted (one run writes an output at a time, see :mod:`..output.lease`)."""
+    numbers = layout.input_numbers()
+    new = [fid for fid in pending if fid not in numbers]
+    if new:
+        given = [*numbers.values(), *(int(m["ordinal"]) for m in markers if m.get("ordinal") is not None)]
+        first = 1 + max(given, default=-1)
+        numbers.update({fid: first + i for i, fid in enumerate(new)})
+        layout.write_input_numbers(numbers)
+    return {fid: numbers[fid] for fid in pending}
 
 
 def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, str],
-                         shape: ClusterShape, *, label: str = "phase 1/4 candidates", first_ordinal: int = 0,
+                         shape: ClusterShape, numbers: dict[str, int], *, label: str = "phase 1/4 candidates",
                          ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Extract every pending input; returns ``{file_id: marker}`` of the files committed and of those
     that failed (not committed: the next run tries them again). ``label`` names the progress line.
-    The inputs are numbered from ``first_ordinal`` in ``pending``'s order (their ``SAMPLE_ID``)."""
+    ``numbers``: each input's number (:func:`number_inputs`), which gives its rows' ``SAMPLE_ID``."""
     import json
 
     import ray
 
     actors, cpus = candidates_plan(cfg, shape, len(pending))
-    items = [{"path": path, "file_id": fid, "ordinal": first_ordinal + i}
-             for i, (fid, path) in enumerate(pending.items())]
+    items = [{"path": path, "file_id": fid, "ordinal": numbers[fid]} for fid, path in pending.items()]
     blocks = max(1, min(len(items), cfg.ray.max_blocks))
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,

@@ -275,12 +275,12 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         _check_gpus(cfg, summary["mode"], shape.gpus)
     phases = {"start": round(time.monotonic() - t0, 2)}
 
-    from .candidates import first_free_ordinal, run_candidates_phase
+    from .candidates import number_inputs, run_candidates_phase
 
     t = time.monotonic()
     label = "phase 1/4 candidates" if scoring else "candidates"  # extract runs this phase alone
-    done, failed = run_candidates_phase(cfg, layout, pending, shape, label=label,
-                                        first_ordinal=first_free_ordinal(on_disk.values())) if pending else ({}, {})
+    done, failed = run_candidates_phase(cfg, layout, pending, shape, number_inputs(layout, pending, on_disk.values()),
+                                        label=label) if pending else ({}, {})
     phases["candidates"] = round(time.monotonic() - t, 2)
     markers = {**committed, **done}  # this run's commits came back through the stream
     # stats.json describes the whole folder, as the later phases' counts (every generation, every
