@@ -289,8 +289,13 @@ def test_a_folder_whose_new_run_removed_stats_json_reports_its_published_generat
     path = write_report(str(out))
     text = Path(path).read_text(encoding="utf-8")
     assert "published generation 3" in text and "stats.json is absent" in text
-    # a newer generation's publish removes the older generation's stats
-    layout.commit_published(4, files, {s: len(v) for s, v in KEPT.items()})
+    # a newer generation's publish keeps its run's stats before its pointer names it, then
+    # removes the older generation's: a kill between the two steps never leaves it without stats
+    layout.commit_published(4, files, {s: len(v) for s, v in KEPT.items()}, stats=(out / "_generations" /
+                                                                                  "g0003-stats.json").read_bytes())
     assert not (out / "_generations" / "g0003-stats.json").exists()
+    assert "published generation 4" in Path(write_report(str(out))).read_text(encoding="utf-8")
+    # without stats (a publish of an older version), the folder says it is unfinished
+    layout.commit_published(5, files, {s: len(v) for s, v in KEPT.items()})
     with pytest.raises(Exception, match="no stats.json"):
         write_report(str(out))

@@ -290,9 +290,11 @@ class OutputLayout:
         return posixpath.join(folder, f"part-g{generation:04d}-" + _GENERATION_PART.sub("", name))
 
     def commit_published(self, generation: int, files: dict[str, list[str]], counts: dict,
-                         expect_tag: str | None = None) -> dict:
+                         expect_tag: str | None = None, stats: bytes | None = None) -> dict:
         """Point readers at ``generation`` (one object written last), then remove every other file
-        of the published folders; returns the pointer.
+        of the published folders; returns the pointer. ``stats``: the publishing run's stats as
+        they are now, kept for ``generation`` before the pointer names it (:meth:`generation_stats_path`),
+        so that a kill after the pointer still leaves stats for what readers see.
 
         On an object store the pointer is written only if it is still the one this publish
         started from (``expect_tag``, :meth:`published_tag`; none: there was none): when another
@@ -301,6 +303,8 @@ class OutputLayout:
                    "files": {folder: sorted(posixpath.relpath(p, self.root) for p in paths)
                              for folder, paths in sorted(files.items())},
                    "counts": counts}
+        if stats is not None:
+            shards.write_bytes_atomic(self.fs, self.generation_stats_path(generation), stats)
         if takes_conditional_writes(self.fs):
             try:
                 put_if(self.fs, self.path(PUBLISHED), shards.json_bytes(pointer),

@@ -230,7 +230,8 @@ def publish(cfg: Config, layout: OutputLayout, scored: list[dict], stats: RunSta
         files[IMAGES] = images
     if lease is not None:
         lease.check()  # a run paused past its lease never points readers at its files
-    layout.commit_published(generation, files, dict(stats.kept_per_subset), expect_tag=tag)
+    layout.commit_published(generation, files, dict(stats.kept_per_subset), expect_tag=tag,
+                            stats=stats.to_json().encode("utf-8"))  # the run's end rewrites them whole
     return {folder: files.get(folder, [])
             for folder in [*S.SUBSETS, *(f"{s}_safe" for s in S.SUBSETS if cfg.safety.write_safe_subsets)]}
 
