@@ -150,11 +150,11 @@ def test_a_publisher_paused_past_its_lease_never_mixes_with_the_run_that_took_ov
         real_commit = OutputLayout.commit_published
         paused: dict = {}
 
-        def pause_before_commit(self, generation, files, counts, expect_tag=None):
+        def pause_before_commit(self, generation, files, counts, expect_tag=None, stats=None):
             if not paused:  # run A, about to point readers at its files: B runs now, whole
                 paused["generation"] = generation
                 P.publish(cfg, OutputLayout(output), b_rows, RunStats())
-            return real_commit(self, generation, files, counts, expect_tag=expect_tag)
+            return real_commit(self, generation, files, counts, expect_tag=expect_tag, stats=stats)
 
         OutputLayout.commit_published = pause_before_commit
         try:
