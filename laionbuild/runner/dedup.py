@@ -43,7 +43,7 @@ from ..stages import shards
 from ..stats import StageCounters
 from . import dedupkeys as K
 from .adapter import node_id
-from ..output.layout import WORKSHARDS, OutputLayout
+from ..output.layout import CANDIDATES, WORKSHARDS, OutputLayout
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ def key_columns(key: str) -> tuple[str, ...]:
 def _key_strings(table: pa.Table, key: str) -> pa.Array:
     if key == "url":
         return table.column("URL").combine_chunks()
-    return pc.binary_join_element_wise(table.column("URL"), table.column("TEXT"), "\x00").combine_chunks()
+    url = pc.replace_substring(table.column("URL"), "\x00", K.URL_NUL)  # as key_hashes: one key per pair
+    return pc.binary_join_element_wise(url, table.column("TEXT"), "\x00").combine_chunks()
 
 
 def dedup_rows(new: pa.Table, prev: pa.Table | None, key: str, enabled: bool = True) -> tuple[pa.Table, StageCounters]:
@@ -136,10 +137,11 @@ def _same_plan(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in b if k not in _EXECUTION_ONLY)
 
 
-def _ensure_keys(cfg: Config, layout: OutputLayout, fid: str, marker: dict) -> dict:
-    """An input committed without key file (or with another key): its keys, written now."""
+def _ensure_keys(cfg: Config, layout: OutputLayout, fid: str, marker: dict, have: set[str]) -> dict:
+    """An input committed without key file (or with another key): its keys, written now.
+    ``have``: the inputs whose key file exists (one listing of the folder)."""
     info = marker.get("keys")
-    if info and info.get("key") == cfg.run.dedup_key and layout.exists(layout.candidates_keys(fid)):
+    if info and info.get("key") == cfg.run.dedup_key and fid in have:
         return marker
     with layout.fs.open(layout.candidates_file(fid), "rb") as fh:
         table = pq.read_table(fh)
@@ -351,7 +353,8 @@ def begin_generation(cfg: Config, layout: OutputLayout, committed: dict[str, dic
         raise SetupError(f"{layout.url}: its de-dup generations were made by an older laionbuild "
                          "(no per-range index); write new inputs to a new output folder")
     generation = max((m["generation"] for m in manifests), default=-1) + 1
-    new = {fid: _ensure_keys(cfg, layout, fid, m) for fid, m in new.items()}
+    have = set(layout.names(layout.path(CANDIDATES), ".keys"))  # one listing, not a request per input
+    new = {fid: _ensure_keys(cfg, layout, fid, m, have) for fid, m in new.items()}
     return _start_generation(cfg, layout, generation, new, manifests[-1] if manifests else None, groups)
 
 

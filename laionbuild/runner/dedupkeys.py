@@ -46,6 +46,10 @@ ROWS_PER_PREFIX = 64
 MAX_PREFIX_BITS = 20
 HASH_SPACE = 1 << 64
 _KEY_SEPARATOR = b"\x00"
+#: a NUL inside a URL, in a URL + TEXT key: written as the request sends it (``%00``), so that the
+#: separator is the key's first NUL and two pairs never share a key ((``a\x00b``, ``c``) and
+#: (``a``, ``b\x00c``) did)
+URL_NUL = "%00"
 
 
 # --------------------------------------------------------------------------- keys
@@ -58,7 +62,8 @@ def key_hashes(urls: list[str], texts: list[str] | None) -> tuple[np.ndarray, np
     if texts is None:
         keys = (u.encode("utf-8") for u in urls)
     else:
-        keys = (u.encode("utf-8") + _KEY_SEPARATOR + t.encode("utf-8") for u, t in zip(urls, texts))
+        keys = (u.replace("\x00", URL_NUL).encode("utf-8") + _KEY_SEPARATOR + t.encode("utf-8")
+                for u, t in zip(urls, texts))
     for i, k in enumerate(keys):
         a, b = mmh3.hash64(k, signed=False)
         h1[i] = a
