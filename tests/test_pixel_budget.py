@@ -29,6 +29,20 @@ def flat_png(width: int, height: int) -> bytes:
     return png_file(width, height, b"".join(z.compress(row) for _ in range(height)) + z.flush())
 
 
+def _fetch_copies(body: bytes, n: int, budget_pixels: int):
+    """``n`` copies of a PNG fetched on ``n`` download threads with a decode budget; the fetch's
+    output and its budget."""
+    with LoopbackServer(HOST) as server:
+        for i in range(n):
+            server.add(f"/img{i}.png", body, content_type="image/png")
+        cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), threads=n, per_host_concurrency=n, retries=0,
+                          timeout_s=30.0, decode_budget_pixels=budget_pixels)
+        with ImageFetcher(cfg, ResizeConfig()) as fetcher:
+            urls = np.array([f"{server.base_url}/img{i}.png" for i in range(n)], dtype=object)
+            out = fetcher({S.URL: urls, S.DROP_REASON: np.full(n, "", dtype=object)})
+            return out, fetcher.pixel_budget
+
+
 def test_budget_bounds_the_pixels_held_at_once():
     budget = PixelBudget(100)
     budget.threshold = 10
@@ -82,15 +96,7 @@ def test_an_image_with_transparency_reserves_what_its_composite_holds():
     img.save(buf, "PNG", transparency=0)
     body = buf.getvalue()
     assert side * side < BUDGET_THRESHOLD_PIXELS < side * side * 5
-    with LoopbackServer(HOST) as server:
-        for i in range(n):
-            server.add(f"/clear{i}.png", body, content_type="image/png")
-        cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), threads=n, per_host_concurrency=n, retries=0,
-                          timeout_s=30.0, decode_budget_pixels=30_000_000)
-        with ImageFetcher(cfg, ResizeConfig()) as fetcher:
-            urls = np.array([f"{server.base_url}/clear{i}.png" for i in range(n)], dtype=object)
-            out = fetcher({S.URL: urls, S.DROP_REASON: np.full(n, "", dtype=object)})
-            budget = fetcher.pixel_budget
+    out, budget = _fetch_copies(body, n, budget_pixels=30_000_000)
     assert list(out[S.STATUS]) == ["success"] * n
     assert budget.peak == side * side * 5 and budget.used == 0
 
@@ -100,16 +106,7 @@ def test_many_huge_pngs_are_decoded_within_the_budget():
     every image scored."""
     width, height, n = 4500, 4000, 4
     assert width * height > BUDGET_THRESHOLD_PIXELS
-    body = flat_png(width, height)
-    with LoopbackServer(HOST) as server:
-        for i in range(n):
-            server.add(f"/huge{i}.png", body, content_type="image/png")
-        cfg = FetchConfig(allow_addresses=(f"{HOST}/32",), threads=n, per_host_concurrency=n, retries=0,
-                          timeout_s=30.0, decode_budget_pixels=30_000_000)
-        with ImageFetcher(cfg, ResizeConfig()) as fetcher:
-            urls = np.array([f"{server.base_url}/huge{i}.png" for i in range(n)], dtype=object)
-            out = fetcher({S.URL: urls, S.DROP_REASON: np.full(n, "", dtype=object)})
-            budget = fetcher.pixel_budget
+    out, budget = _fetch_copies(flat_png(width, height), n, budget_pixels=30_000_000)
     assert list(out[S.STATUS]) == ["success"] * n
     assert list(out[S.WIDTH]) == [width] * n
     assert budget.peak == width * height and budget.waits >= 1 and budget.used == 0
