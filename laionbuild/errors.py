@@ -184,4 +184,12 @@ def worker_died(exc: BaseException) -> str | None:
     for e in _chain(exc):
         if type(e).__module__.startswith("ray.") and any(c.__name__ in _WORKER_DEATHS for c in type(e).__mro__):
             return type(e).__name__
+        if type(e).__name__ == "UnserializableException":  # Ray's error it could not rebuild: its text
+            found = _DEATH_IN_TEXT.search(str(e))
+            if found:
+                return found.group(1)
     return None
+
+
+#: one of :data:`_WORKER_DEATHS` named in a traceback's text
+_DEATH_IN_TEXT = re.compile(r"\bray\.exceptions\.(" + "|".join(_WORKER_DEATHS) + r")\b")

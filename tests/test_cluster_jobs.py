@@ -477,3 +477,24 @@ def test_raylet_notices_go_to_the_log_not_to_standard_output(monkeypatch, capsys
     hook({"lines": ["hello from a worker"], "pid": 4242, "ip": "127.0.0.1", "is_err": False, "task_name": "t",
           "actor_name": "", "job": "01000000"}, ignore_prefix=False)
     assert "hello from a worker" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+def test_nodes_checked_by_an_earlier_phase_are_not_checked_again(tmp_path):
+    """Each phase checks the nodes that joined since the last one (models, versions); a node
+    already found ready gets no second check."""
+    import ray
+
+    from laionbuild.config import load_config
+    from laionbuild.runner.nodes import prepare_nodes
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1")  # RAY_TMPDIR
+    try:
+        cfg = load_config(REPO / "configs" / "smoke.yaml", [f"run.output={tmp_path / 'out'}"])
+        [first] = prepare_nodes(cfg, scoring=False)
+        assert first["node"] == ray.get_runtime_context().get_node_id() and not first["error"]
+        assert prepare_nodes(cfg, scoring=False, checked=frozenset({first["node"]})) == []
+    finally:
+        ray.shutdown()

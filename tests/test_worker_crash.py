@@ -134,3 +134,17 @@ def test_work_that_kills_its_worker_every_time_stops_the_run_with_one_line(ray_s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "a worker process died each time it ran the same work" in err[0], err
     assert worker_died(RuntimeError("ActorDiedError in a message")) is None  # only Ray's own errors
+
+
+def test_a_lost_worker_that_ray_could_not_rebuild_is_named():
+    """A task whose actor died on a lost node can come back as Ray's ``UnserializableException``
+    (the error could not be rebuilt in the driver): its text still names the death."""
+    from ray.exceptions import RayTaskError, UnserializableException
+
+    from laionbuild.errors import worker_died
+
+    lost = UnserializableException("Traceback (most recent call last):\n  ...\n"
+                                   "ray.exceptions.ActorDiedError: The actor died unexpectedly")
+    assert worker_died(lost) == "ActorDiedError"
+    assert worker_died(RayTaskError("ListFiles", "tb", lost)) == "ActorDiedError"
+    assert worker_died(UnserializableException("Traceback ...\nValueError: bad value")) is None

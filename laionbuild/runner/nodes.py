@@ -104,13 +104,18 @@ def check_output_location(output: str, nodes: list[dict[str, Any]]) -> None:
             "Fix: --output s3://BUCKET/PATH (or gs://), a location every node reaches")
 
 
-def prepare_nodes(cfg: Config, *, scoring: bool) -> list[dict[str, Any]]:
-    """Run :func:`check_node` on every alive node; raise SetupError naming the nodes that failed."""
+def prepare_nodes(cfg: Config, *, scoring: bool, checked: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Run :func:`check_node` on every alive node but those in ``checked`` (node ids: the nodes a
+    phase before found ready; a node that joined since is checked before the next phase); raise
+    SetupError naming the nodes that failed."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    any_gpu = any(n.get("Resources", {}).get("GPU", 0) for n in nodes)
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    any_gpu = any(n.get("Resources", {}).get("GPU", 0) for n in alive)
+    nodes = [n for n in alive if n["NodeID"] not in checked]
+    if not nodes:
+        return []
     check_output_location(cfg.run.output, nodes)
     c = cfg.clip
     # upstream tokenizer actors are CPU actors: any node may host one (see resources.score_plan)
@@ -134,5 +139,6 @@ def prepare_nodes(cfg: Config, *, scoring: bool) -> list[dict[str, Any]]:
         raise SetupError("model files missing or unusable on " + "; ".join(
             f"node {r['host']} ({r['node'][:12]}): {r['error']}" for r in failed))
     copied = sum(len(r.get("files", {}).get("copied", [])) for r in results)
-    log.info("models ready on %d node(s)%s", len(results), f" ({copied} file(s) copied)" if copied else "")
+    log.info("models ready on %d %snode(s)%s", len(results), "new " if checked else "",
+             f" ({copied} file(s) copied)" if copied else "")
     return results

@@ -260,17 +260,29 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     _clean_uncommitted_candidates(layout, set(on_disk))
     summary = connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
                       verbose=log.isEnabledFor(logging.DEBUG))
-    if summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1:
-        from .nodes import prepare_nodes
+    cluster = summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1
+    checked: set[str] = set()
 
-        prepare_nodes(cfg, scoring=scoring)  # the models where they will load, before any input is read
-    shape = cluster_shape(cfg.ray.cpu_node_resource)
-    if shape.placement and not shape.cpu_node_cpus:
-        raise SetupError(
-            f"the nodes that advertise the resource {cfg.ray.cpu_node_resource!r} have no CPUs: the CPU stages, "
-            "kept on those nodes, could never start. Fix: start the CPU worker nodes with "
-            f"--resources='{{\"{cfg.ray.cpu_node_resource}\": 1000}}' (and not a 0-CPU head), or set "
-            "ray.cpu_node_resource to '' to let them run anywhere")
+    def shape_now(phase: str):
+        """The cluster as it is when ``phase`` starts (nodes join and leave during a run): nodes
+        that joined are checked first, and the phase is planned for the CPUs there now."""
+        if cluster:
+            from .nodes import prepare_nodes
+
+            # the models where they will load, and the versions, before a node gets any work
+            checked.update(r["node"] for r in prepare_nodes(cfg, scoring=scoring, checked=frozenset(checked)))
+        now = cluster_shape(cfg.ray.cpu_node_resource)
+        if now.placement and not now.cpu_node_cpus:
+            raise SetupError(
+                f"the nodes that advertise the resource {cfg.ray.cpu_node_resource!r} have no CPUs: the CPU "
+                "stages, kept on those nodes, could never start. Fix: start the CPU worker nodes with "
+                f"--resources='{{\"{cfg.ray.cpu_node_resource}\": 1000}}' (and not a 0-CPU head), or set "
+                "ray.cpu_node_resource to '' to let them run anywhere")
+        if now.cpus <= 0:
+            log.warning("%s: the cluster has no CPU now; it waits for a node with CPUs to join", phase)
+        return now
+
+    shape = shape_now("phase 1/4 candidates" if scoring else "candidates")
     if scoring:
         _check_gpus(cfg, summary["mode"], shape.gpus)
     phases = {"start": round(time.monotonic() - t0, 2)}
@@ -315,7 +327,8 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
         todo = pending_shards(layout, work)
         n_shards = len(work)
         t = time.monotonic()
-        left, resumed_rows = run_score_phase(cfg, layout, todo, shape) if todo else ([], 0)
+        left, resumed_rows = run_score_phase(cfg, layout, todo, shape_now("phase 3/4 fetch+score")) if todo \
+            else ([], 0)
         #: rows_resumed: rows of interrupted shards that an earlier run had already written
         stats.extra["work_shards"] = {"total": n_shards, "skipped_as_complete": n_shards - len(todo),
                                       "rows": sum(work.values()),
