@@ -473,6 +473,20 @@ def test_raylet_notices_go_to_the_log_not_to_standard_output(monkeypatch, capsys
                           "(-v shows Ray's report)"),
         (logging.WARNING, "Ray: Something else happened. (-v shows the whole report)")]
     assert any(died in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+    # a lost node: Ray retries every task it ran at once; one line, then one every 10 s at most
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=C.log.name):
+        hook({"lines": [retried] * 50, "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    assert [r.getMessage() for r in caplog.records] == []  # the first was shown above, within 10 s
+
+    clock = [0.0]
+    lines = []
+    throttled = C._Throttled(lambda t, *a: lines.append(t % a), "again (%s left%s)", every_s=10.0,
+                             clock=lambda: clock[0])
+    for step in range(30):
+        clock[0] = step * 0.5  # 30 notices over 15 s
+        throttled.note(str(30 - step))
+    assert lines == ["again (30 left)", "again (10 left; 19 more such notices in the last 10 s)"]
     # a worker's own output is printed as Ray prints it
     hook({"lines": ["hello from a worker"], "pid": 4242, "ip": "127.0.0.1", "is_err": False, "task_name": "t",
           "actor_name": "", "job": "01000000"}, ignore_prefix=False)

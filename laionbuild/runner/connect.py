@@ -38,6 +38,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,10 @@ def route_engine_notices() -> bool:
     if getattr(printer, "_laionbuild_original", None) is not None:
         return True
 
+    retries = _Throttled(log.info, "Ray runs a failed task again (%s more tries left%s)")
+    deaths = _Throttled(log.warning, "a worker process died; Ray runs its work again, at most "
+                                     "ray.max_task_retries times%s%s (-v shows Ray's report)")
+
     def to_log(data, *args, **kwargs):
         if not isinstance(data, dict) or data.get("pid") != "raylet":
             return printer(data, *args, **kwargs)
@@ -213,10 +218,9 @@ def route_engine_notices() -> bool:
             log.debug("Ray: %s", text)
             retried = _RETRY_NOTICE.search(text)
             if text.lower().startswith(_WORKER_DIED_NOTICE):
-                log.warning("a worker process died; Ray runs its work again, at most ray.max_task_retries "
-                            "times (-v shows Ray's report)")
+                deaths.note("")
             elif retried:
-                log.info("Ray runs a failed task again (%s more tries left)", retried.group(1))
+                retries.note(retried.group(1))
             else:
                 log.warning("Ray: %s (-v shows the whole report)", _first_sentence(text))
         return None
@@ -224,6 +228,26 @@ def route_engine_notices() -> bool:
     to_log._laionbuild_original = printer
     ray_worker.print_to_stdstream = to_log
     return True
+
+
+class _Throttled:
+    """One line for a burst of the same notice (a lost node makes Ray retry every task it ran at
+    once: 50 lines in 3 s): the first at once, then at most one every ``every_s`` seconds, which
+    says how many came meanwhile."""
+
+    def __init__(self, emit, template: str, every_s: float = 10.0, clock=time.monotonic):
+        self.emit, self.template, self.every_s, self.clock = emit, template, every_s, clock
+        self.last = None
+        self.held = 0
+
+    def note(self, detail: str) -> None:
+        now = self.clock()
+        if self.last is not None and now - self.last < self.every_s:
+            self.held += 1
+            return
+        more = f"; {self.held} more such notices in the last {now - self.last:.0f} s" if self.held else ""
+        self.emit(self.template, detail, more)
+        self.last, self.held = now, 0
 
 
 def _first_sentence(text: str, limit: int = 200) -> str:
