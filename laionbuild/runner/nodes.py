@@ -113,10 +113,10 @@ def prepare_nodes(cfg: Config, *, scoring: bool, checked: frozenset[str] = froze
 
     alive = [n for n in ray.nodes() if n.get("Alive")]
     any_gpu = any(n.get("Resources", {}).get("GPU", 0) for n in alive)
+    check_output_location(cfg.run.output, alive)  # the whole cluster: a node that joined may be another machine
     nodes = [n for n in alive if n["NodeID"] not in checked]
     if not nodes:
         return []
-    check_output_location(cfg.run.output, nodes)
     c = cfg.clip
     # upstream tokenizer actors are CPU actors: any node may host one (see resources.score_plan)
     tokenize = scoring and (c.tokenize_upstream == "always" or (
