@@ -82,25 +82,29 @@ _JUNK_WORDS = frozenset(
 _HEX_WORD_RE = re.compile(r"[a-f]{8,}|[A-F]{8,}")
 #: a Roman numeral in capitals (``XIV``, ``XVI``, ``MMXXIV``), as valid numerals are written
 _ROMAN_RE = re.compile(r"M{0,4}(?:CM|CD|D?C{0,3})(?:XC|XL|L?X{0,3})(?:IX|IV|V?I{0,3})")
+#: common top-level domains: a host name ending in one is an address
+_TLDS = "com|net|org|info|biz|edu|gov|io|uk|de|ru|cn|jp|fr|nl|pl|br|au|ch|cz|eu|tv"
+
+
+def _address_re(rest: str, first: str, label: str, local: str) -> re.Pattern:
+    """A web or e-mail address, its parts of these character classes: ``rest``, what follows a
+    scheme, ``www.`` or a host's ``/:?#``; ``first`` and ``label``, a host name's first character
+    and the others; ``local``, an e-mail address's name."""
+    return re.compile(
+        rf"(?:[a-z][a-z0-9+.-]*://|www\.){rest}*"
+        rf"|{first}{label}*(?:\.{label}+)*\.(?:{_TLDS})(?:[/:?#]{rest}*)?"
+        rf"|{local}+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{{2,}}",
+        re.IGNORECASE,
+    )
+
+
 #: a token that is a web address or an e-mail address: a scheme (``https://``), ``www.``, a
 #: host name ending in a common top-level domain (``example.com``, ``shop.example.co.uk``), or
 #: ``name@host.tld``. Checked token by token: the words around an address still count
-_URL_TOKEN_RE = re.compile(
-    r"(?:[a-z][a-z0-9+.-]*://|www\.)\S*"
-    r"|[^\W_][\w-]*(?:\.[\w-]+)*\.(?:com|net|org|info|biz|edu|gov|io|uk|de|ru|cn|jp|fr|nl|pl|br|au"
-    r"|ch|cz|eu|tv)(?:[/:?#]\S*)?"
-    r"|[^\s@]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
-    re.IGNORECASE,
-)
+_URL_TOKEN_RE = _address_re(r"\S", r"[^\W_]", r"[\w-]", r"[^\s@]")
 #: the same addresses written in ASCII only: what is left of a token without them is the words
 #: glued to an address in a script written without spaces (``欢迎访问淘宝网taobao.com``)
-_ASCII_ADDRESS_RE = re.compile(
-    r"(?:[a-z][a-z0-9+.-]*://|www\.)[\x21-\x7e]*"
-    r"|[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:com|net|org|info|biz|edu|gov|io|uk|de|ru|cn|jp|fr|nl|pl|br|au"
-    r"|ch|cz|eu|tv)(?:[/:?#][\x21-\x7e]*)?"
-    r"|[a-z0-9._%+-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)*\.[a-z]{2,}",
-    re.IGNORECASE,
-)
+_ASCII_ADDRESS_RE = _address_re(r"[\x21-\x7e]", r"[a-z0-9]", r"[a-z0-9-]", r"[a-z0-9._%+-]")
 _HAN_RE = re.compile("[\u3400-\u9fff\uf900-\ufaff]")
 _KANA_RE = re.compile("[\u3040-\u30ff]")
 _HAN_TOP_K = 5
