@@ -439,6 +439,151 @@ def _keep_python_handler(signum: int, handler: Any) -> None:
         signal.signal(signum, handler)
 
 
+#: Ray ends a driver whose cluster head (GCS) has not answered for this many seconds, with exit
+#: status 1 and no word of ours (``RAY_gcs_rpc_server_reconnect_timeout_s``, Ray's default 60)
+RAY_GCS_TIMEOUT_VAR = "RAY_gcs_rpc_server_reconnect_timeout_s"
+RAY_GCS_TIMEOUT_S = 60.0
+#: the head watch stops the run this many seconds before Ray would end the process
+HEAD_WATCH_MARGIN_S = 15.0
+#: exit status of a run stopped because the head went away (the CLI's status for a one-line error)
+HEAD_LOST_EXIT = 2
+
+
+def ray_gcs_timeout_s() -> float:
+    """Seconds Ray gives a lost head before it ends the driver (the variable, else Ray's default)."""
+    try:
+        value = float(os.environ.get(RAY_GCS_TIMEOUT_VAR, RAY_GCS_TIMEOUT_S))
+    except ValueError:
+        return RAY_GCS_TIMEOUT_S
+    return value if value > 0 else RAY_GCS_TIMEOUT_S
+
+
+def _tcp_probe(address: str, timeout_s: float) -> bool:
+    """The GCS port takes a TCP connection (no gRPC call: nothing to authenticate)."""
+    host = address_host(address)
+    port = address.rsplit(":", 1)[-1]
+    try:
+        import socket
+
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+class HeadWatch:
+    """Stops the run with one line when the cluster's head (its GCS) is gone, before Ray does.
+
+    Ray ends a driver whose GCS has not answered for ``RAY_gcs_rpc_server_reconnect_timeout_s``
+    (60 s) with ``quick_exit``: status 1, nothing said, no cleanup. While a run holds its output,
+    this thread opens a TCP connection to the GCS port every ``interval_s``; once none was taken
+    for ``give_up_s`` (Ray's timeout less :data:`HEAD_WATCH_MARGIN_S`), it releases the run's
+    lease (``cleanup``, given ``cleanup_timeout_s``), writes one line on stderr and ends the process with
+    :data:`HEAD_LOST_EXIT`. A head that comes back sooner (a restarted GCS with fault tolerance)
+    resets the count and the run goes on. Work committed so far is kept; the same command
+    resumes once the cluster is back. The driver does one connection per interval, whatever the
+    cluster's size.
+
+    ``start(address)`` begins watching (a driver joined to a cluster by address; nothing for a
+    local instance or a ``ray://`` client); ``stop()`` ends it. ``probe``, ``clock``, ``sleep``
+    and ``exit`` are the test's seams.
+    """
+
+    def __init__(self, *, cleanup=None, interval_s: float = 2.0, give_up_s: float | None = None,
+                 probe=None, clock=time.monotonic, exit=os._exit, stream=None, cleanup_timeout_s: float = 5.0):
+        self.cleanup = cleanup
+        self.cleanup_timeout_s = cleanup_timeout_s
+        self.interval_s = interval_s
+        self.give_up_s = give_up_s if give_up_s is not None else max(5.0, ray_gcs_timeout_s() - HEAD_WATCH_MARGIN_S)
+        self.probe = probe or (lambda address: _tcp_probe(address, timeout_s=min(2.0, max(0.2, interval_s))))
+        self.clock = clock
+        self.exit = exit
+        self.stream = stream
+        self.address: str | None = None
+        #: when the head stopped answering (None: it answers)
+        self.down_since: float | None = None
+        #: probes that found the head unreachable, and whether the watch gave up
+        self.misses = 0
+        self.gave_up = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "HeadWatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, address: str | None) -> bool:
+        """Watch the GCS at ``address`` ("host:port"); False when there is nothing to watch."""
+        if not address or "://" in address or ":" not in address or self._thread is not None:
+            return False
+        self.address = address
+        self._thread = threading.Thread(target=self._loop, name="laionbuild-head-watch", daemon=True)
+        self._thread.start()
+        log.debug("watching the cluster head at %s (the run stops %.0f s after it stops answering)",
+                  address, self.give_up_s)
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if self.step():
+                return
+
+    def step(self) -> bool:
+        """One probe; True once the watch gave up (the process is then ending)."""
+        if self.gave_up or self.address is None:
+            return self.gave_up
+        up = self.probe(self.address)
+        if self._stop.is_set():
+            return False
+        now = self.clock()
+        if up:
+            if self.down_since is not None:
+                log.info("the cluster head at %s answers again after %.0f s", self.address, now - self.down_since)
+            self.down_since = None
+            return False
+        self.misses += 1
+        if self.down_since is None:
+            self.down_since = now
+            log.warning("the cluster head at %s does not answer; the run stops if it stays away %.0f s",
+                        self.address, self.give_up_s)
+            return False
+        if now - self.down_since < self.give_up_s:
+            return False
+        self.gave_up = True
+        self._give_up(now - self.down_since)
+        return True
+
+    def _give_up(self, waited_s: float) -> None:
+        if self.cleanup is not None:  # the lease: a rerun need not wait for it to expire
+            done = threading.Thread(target=self._cleanup_quietly, daemon=True)
+            done.start()
+            done.join(timeout=self.cleanup_timeout_s)
+        line = (f"laionbuild: error: the Ray cluster's head at {self.address} has not answered for "
+                f"{waited_s:.0f} s (Ray ends its drivers at {ray_gcs_timeout_s():.0f} s): the run stops; the work "
+                "committed so far is kept: once the cluster is back, rerun the same command to resume\n")
+        stream = self.stream or sys.stderr
+        with contextlib.suppress(Exception):
+            stream.write(line)
+            stream.flush()
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        self.exit(HEAD_LOST_EXIT)
+
+    def _cleanup_quietly(self) -> None:
+        try:
+            self.cleanup()
+        except Exception as exc:  # noqa: BLE001 - the process is ending; a lease left behind expires
+            log.debug("releasing the lease after the head was lost: %s", exc)
+
+
 def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 0,
             verbose: bool = False) -> dict[str, Any]:
     """Connect this process to Ray (see the module docstring); returns the cluster summary.
@@ -516,5 +661,6 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     return summary
 
 
-__all__ = ["MODES", "choose_address", "cluster_summary", "connect", "join_failure", "running_cluster_address",
+__all__ = ["HEAD_LOST_EXIT", "HeadWatch", "MODES", "choose_address",
+           "cluster_summary", "connect", "join_failure", "running_cluster_address",
            "match_authentication", "probe_authentication", "read_token", "route_engine_notices", "token_source"]

@@ -27,6 +27,7 @@ from ..stages import registry, shards
 from ..stats import FileResult, RunStats
 from ..output.layout import CANDIDATES, OutputLayout
 from ..output.lease import RunLease
+from .connect import HeadWatch
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,9 @@ def run(cfg: Config, command: str = "run") -> RunResult:
     files = preflight(local, need_clip=scoring)  # a bad invocation leaves no output folder behind
     layout = OutputLayout(cfg.run.output)
     # one run per output folder: a second one stops here, before it logs or writes anything
-    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease:
-        return _run_holding(cfg, command, layout, lease, files, local, t0, given)
+    with RunLease(layout, cfg.run.lease_expiry_s, cfg.run.lease_heartbeat_s) as lease, \
+            HeadWatch(cleanup=lease.release) as watch:
+        return _run_holding(cfg, command, layout, lease, files, local, t0, given, watch)
 
 
 def _check_gpus(cfg: Config, mode: str, gpus: float) -> None:
@@ -227,9 +229,10 @@ def _check_gpus(cfg: Config, mode: str, gpus: float) -> None:
 
 
 def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLease, files: list[str],
-                 local: Config, t0: float, given: Config) -> RunResult:
+                 local: Config, t0: float, given: Config, watch: HeadWatch | None = None) -> RunResult:
     """The phases, while this run holds the output folder's lease. ``given``: the config as the
-    user gave it (recorded in the folder); ``cfg``: the same with local paths made absolute."""
+    user gave it (recorded in the folder); ``cfg``: the same with local paths made absolute;
+    ``watch``: stops the run with one line if the cluster's head goes away."""
     from .connect import connect
     from .resources import cluster_shape
 
@@ -261,6 +264,8 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     summary = connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
                       verbose=log.isEnabledFor(logging.DEBUG))
     cluster = summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1
+    if watch is not None and summary["mode"] in ("explicit", "env", "auto"):
+        watch.start(summary["address"])  # a head that goes away: one line, before Ray ends the process
     checked: set[str] = set()
 
     def shape_now(phase: str):
