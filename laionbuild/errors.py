@@ -14,6 +14,8 @@
   was committed is kept and a rerun resumes.
 * A worker process that died on the same work more than ``ray.max_task_retries`` times stops
   the run (:func:`worker_died`): the CLI says so in one line; a rerun resumes.
+* A cluster head (GCS) that stops answering stops the run before Ray would end the driver
+  without a word (``runner.connect.HeadWatch``): one line, exit status 2; a rerun resumes.
 """
 
 from __future__ import annotations
