@@ -4,7 +4,8 @@ Exit status (see :data:`EXIT_CODES`): 0 a clean run; 1 the run finished but some
 input files failed (they are listed in ``stats.json``); 2 a bad invocation or a
 problem found before any work started (bad config, bad option value, missing or
 unreadable input, output folder that cannot be written, unreachable model host,
-missing model file), printed as one line; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+missing model file), or a run stopped by full storage, a worker that died each
+time or a lost cluster head, printed as one line; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ EXIT_TERMINATED = 128 + signal.SIGTERM
 EXIT_CODES = {
     EXIT_OK: "clean run",
     EXIT_FILES_FAILED: "the run finished but some input files failed or were read only in part",
-    EXIT_BAD_INVOCATION: "bad invocation or setup problem, printed as one line; nothing was run",
+    EXIT_BAD_INVOCATION: "bad invocation or setup problem, or a run stopped by a full storage, a worker that "
+                         "died each time or a lost cluster head (committed work kept), printed as one line",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); rerun the same command to resume",
     EXIT_TERMINATED: "terminated (SIGTERM: kill, timeout, a scheduler); rerun the same command to resume",
 }
@@ -58,8 +60,10 @@ exit status:
   OUTPUT/stats.json; the other files were processed),
   2 bad invocation: bad config or option value, missing or unreadable input,
     output folder that cannot be written, unreachable model host or missing
-    model file (one line on stderr; nothing was run); an unexpected error is
-    one line too (--verbose shows its traceback),
+    model file (one line on stderr; nothing was run); a run stopped by full
+    storage, a worker that died each time or a lost cluster head (one line;
+    the work committed is kept, the same command resumes); an unexpected
+    error is one line too (--verbose shows its traceback),
   130 interrupted (Ctrl-C; a second Ctrl-C stops at once),
   143 terminated (SIGTERM: kill, timeout, a scheduler; stops as Ctrl-C does).
 """
