@@ -432,6 +432,14 @@ def cluster_summary() -> dict[str, Any]:
     }
 
 
+def _gcs_address(ray: Any) -> str | None:
+    """The head's GCS as this driver reaches it ("ip:port", names resolved by Ray), or None."""
+    try:
+        return ray.get_runtime_context().gcs_address or None
+    except Exception:  # noqa: BLE001 - a client (ray://) connection has none to give
+        return None
+
+
 def _keep_python_handler(signum: int, handler: Any) -> None:
     """``ray.init`` installs a native crash handler for SIGTERM in the driver (it prints a stack
     dump and ends the process): give the signal back to the Python handler set before it."""
@@ -656,7 +664,7 @@ def connect(address: str | None = None, *, local: bool = False, num_cpus: int = 
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = False
-    summary = {"mode": mode, "address": target or "local", **cluster_summary()}
+    summary = {"mode": mode, "address": target or "local", "gcs_address": _gcs_address(ray), **cluster_summary()}
     log.info("Ray cluster: %d node(s), %g CPUs, %g GPUs", summary["nodes"], summary["cpus"], summary["gpus"])
     return summary
 

@@ -265,7 +265,8 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
                       verbose=log.isEnabledFor(logging.DEBUG))
     cluster = summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1
     if watch is not None and summary["mode"] in ("explicit", "env", "auto"):
-        watch.start(summary["address"])  # a head that goes away: one line, before Ray ends the process
+        # a head that goes away: one line, before Ray ends the process
+        watch.start(summary.get("gcs_address") or summary["address"])
     checked: set[str] = set()
 
     def shape_now(phase: str):
