@@ -13,7 +13,8 @@
   in a worker (whose error reaches the driver as text), so the CLI says it in one line; what
   was committed is kept and a rerun resumes.
 * A worker process that died on the same work more than ``ray.max_task_retries`` times stops
-  the run (:func:`worker_died`): the CLI says so in one line; a rerun resumes.
+  the run (:func:`worker_died`; in phase 3 counted by the actors themselves, which raise
+  :class:`WorkerDiedEachTime`): the CLI says so in one line; a rerun resumes.
 """
 
 from __future__ import annotations
