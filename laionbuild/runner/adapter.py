@@ -105,6 +105,7 @@ class ProcessDeaths:
         #: deaths of this actor's process since its last finished call (lost nodes not counted)
         self.crashes = 0
         self.key = ""
+        #: the node of this life; "" outside a Ray actor
         self.node = ""
         try:
             import ray
@@ -136,7 +137,7 @@ class ProcessDeaths:
     def begin(self) -> str:
         """At the start of a call: raises :class:`WorkerDiedEachTime` when the call's work killed this
         actor's process more than ``limit`` times; returns what :meth:`end` takes."""
-        if not self.after_crash or self.limit < 0:
+        if not self.after_crash or self.limit < 0 or not self.node:  # (not in a Ray actor)
             return ""
         import ray
 
