@@ -13,7 +13,8 @@
   in a worker (whose error reaches the driver as text), so the CLI says it in one line; what
   was committed is kept and a rerun resumes.
 * A worker process that died on the same work more than ``ray.max_task_retries`` times stops
-  the run (:func:`worker_died`): the CLI says so in one line; a rerun resumes.
+  the run (:func:`worker_died`; in phase 3 counted by the actors themselves, which raise
+  :class:`WorkerDiedEachTime`): the CLI says so in one line; a rerun resumes.
 * A cluster head (GCS) that stops answering stops the run before Ray would end the driver
   without a word (``runner.connect.HeadWatch``): one line, exit status 2; a rerun resumes.
 """
@@ -43,6 +44,12 @@ class ClusterJoinError(SetupError):
 
 class ModelMissingError(SetupError):
     """Model weights or tokenizer files are not available locally."""
+
+
+class WorkerDiedEachTime(RuntimeError):
+    """Raised in a Ray actor (see :mod:`laionbuild.runner.adapter`) when the work it got again had
+    killed its process more than ``ray.max_task_retries`` times on nodes that stayed alive.
+    Not a :class:`LaionBuildError`: it stops the run as a worker death (:func:`worker_died`)."""
 
 
 def first_line(text: object) -> str:
@@ -172,7 +179,15 @@ def own_error_in(exc: BaseException) -> str | None:
         if isinstance(e, LaionBuildError) and not type(e).__module__.startswith("ray."):
             return str(e)
     found = _printed_in_worker(exc, _PRINTED_OWN_ERROR)
-    return found.group(2).strip() if found else None
+    if found is None or not _is_own_error_name(found.group(1)):
+        return None
+    return found.group(2).strip()
+
+
+def _is_own_error_name(name: str) -> bool:
+    """Whether ``name`` (printed as ``laionbuild.errors.<name>``) is a :class:`LaionBuildError`."""
+    cls = globals().get(name)
+    return isinstance(cls, type) and issubclass(cls, LaionBuildError)
 
 
 #: Ray's errors for work whose process died (or whose actor cannot be reached any more)
@@ -184,8 +199,12 @@ def worker_died(exc: BaseException) -> str | None:
     """The name of Ray's error when ``exc`` is, or wraps, work whose worker process died more
     often than it is run again (``ray.max_task_retries``); None otherwise."""
     for e in _chain(exc):
+        if isinstance(e, WorkerDiedEachTime):  # counted by the actor itself: its process died each time
+            return "ActorDiedError"
         if type(e).__module__.startswith("ray.") and any(c.__name__ in _WORKER_DEATHS for c in type(e).__mro__):
             return type(e).__name__
+        if type(e).__module__.startswith("ray.") and _COUNTED_DEATH_IN_TEXT.search(str(e)):
+            return "ActorDiedError"  # raised in a worker: Ray passes it on as its traceback's text
         if type(e).__name__ == "UnserializableException":  # Ray's error it could not rebuild: its text
             found = _DEATH_IN_TEXT.search(str(e))
             if found:
@@ -195,3 +214,5 @@ def worker_died(exc: BaseException) -> str | None:
 
 #: one of :data:`_WORKER_DEATHS` named in a traceback's text
 _DEATH_IN_TEXT = re.compile(r"\bray\.exceptions\.(" + "|".join(_WORKER_DEATHS) + r")\b")
+#: :class:`WorkerDiedEachTime` named in a traceback's text
+_COUNTED_DEATH_IN_TEXT = re.compile(r"\blaionbuild\.errors\.WorkerDiedEachTime\b")

@@ -493,6 +493,27 @@ def test_raylet_notices_go_to_the_log_not_to_standard_output(monkeypatch, capsys
     assert "hello from a worker" in capsys.readouterr().out
 
 
+def test_a_stage_actors_retry_without_end_is_one_throttled_line(monkeypatch, capsys, caplog):
+    """A stage actor's calls run again without end (its actor counts the deaths, see
+    adapter.ProcessDeaths): Ray says "infinite retries" for each, a burst when a node is lost."""
+    import logging
+
+    from ray._private import worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    # Ray's own printer (an earlier connect may have put a hook in place, with its throttles' clocks)
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", getattr(printer, "_laionbuild_original", printer))
+    assert C.route_engine_notices()
+    retried = ("Task MapWorker(MapBatches(StreamStageActor)).submit failed. There are infinite retries remaining, so "
+               "the task will be retried. Error: The actor is temporarily unavailable: RpcError: Socket closed")
+    with caplog.at_level(logging.INFO, logger=C.log.name):
+        ray_worker.print_to_stdstream({"lines": [retried] * 7, "pid": "raylet", "is_err": False},
+                                      ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == [
+        "Ray runs a failed task again (the work of a lost node or of a worker whose process died)"]
+
+
 @pytest.mark.ray
 def test_nodes_checked_by_an_earlier_phase_are_not_checked_again(tmp_path):
     """Each phase checks the nodes that joined since the last one (models, versions); a node

@@ -324,3 +324,14 @@ def test_a_stage_actor_watches_in_its_first_life_and_isolates_after_a_restart(mo
     for restarted, told in ((False, ["watch"]), (True, ["isolate"])):
         monkeypatch.setattr(adapter, "actor_restarted", lambda r=restarted: r)
         assert adapter.StageActor(Stage, Config()).stage.told == told
+
+
+def test_a_stage_actor_outside_ray_counts_nothing(monkeypatch):
+    """Called outside a Ray actor (a restart made up by the test), a stage actor reads no attempt
+    number and writes no count."""
+    from laionbuild.runner import adapter
+
+    monkeypatch.setattr(adapter, "actor_restarted", lambda: True)
+    actor = adapter.StageActor(lambda cfg: (lambda batch: batch), Config())
+    assert actor.deaths.after_crash and actor.deaths.begin() == ""
+    assert actor({"x": np.arange(3)})["x"].tolist() == [0, 1, 2]

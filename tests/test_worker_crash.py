@@ -148,3 +148,58 @@ def test_a_lost_worker_that_ray_could_not_rebuild_is_named():
     assert worker_died(lost) == "ActorDiedError"
     assert worker_died(RayTaskError("ListFiles", "tb", lost)) == "ActorDiedError"
     assert worker_died(UnserializableException("Traceback ...\nValueError: bad value")) is None
+
+
+def _dies_on_row3(folder: str):
+    """A stage factory (for :class:`~laionbuild.runner.adapter.StageActor`) whose stage kills its
+    process on row 3 whatever it does, and leaves a file in ``folder`` for each death."""
+    def factory(cfg):
+        def stage(batch):
+            if 3 in list(batch["id"]):
+                open(os.path.join(folder, f"death-{os.getpid()}"), "w").close()
+                os._exit(1)
+            return batch
+        return stage
+    return factory
+
+
+@pytest.mark.parametrize("limit", [0, 2])
+def test_a_stage_that_kills_its_worker_every_time_dies_exactly_max_task_retries_plus_one_times(
+        ray_session, capsys, tmp_path, limit):
+    """A stage actor's pool runs Ray's retries without end (a lost node must not use them up); the
+    actor itself counts the deaths of its process on a live node, and the work stops after the
+    first run and ``ray.max_task_retries`` runs again, as Ray's own count did, with the same line."""
+    import argparse
+
+    from laionbuild import cli
+    from laionbuild.config import Config, RayConfig
+    from laionbuild.errors import worker_died
+    from laionbuild.runner.adapter import StageActor, actor_pool, stage_retries
+
+    cfg = Config(ray=RayConfig(max_task_retries=limit))
+    assert stage_retries(cfg) == {"max_task_retries": -1}
+    ds = ray_session.data.range(6, override_num_blocks=6).map_batches(
+        StageActor, fn_constructor_args=(_dies_on_row3(str(tmp_path)), cfg), batch_size=1, batch_format="numpy",
+        compute=actor_pool(1), **stage_retries(cfg))
+    with pytest.raises(Exception) as raised:
+        ds.take_all()
+    assert len(list(tmp_path.glob("death-*"))) == limit + 1
+    assert worker_died(raised.value) == "ActorDiedError"
+    assert cli._report_error(raised.value, argparse.Namespace(command="run", verbose=False)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a worker process died each time it ran the same work" in err[0], err
+
+
+def test_the_actors_own_count_is_named_as_a_worker_death():
+    """The count's error, raised in an actor, reaches the driver as a Ray error that carries its
+    traceback's text (or as itself): a worker death, never "this package's own error"."""
+    from ray.exceptions import RayTaskError, UnserializableException
+
+    from laionbuild.errors import WorkerDiedEachTime, own_error_in, worker_died
+
+    text = ("Traceback (most recent call last):\n  ...\nlaionbuild.errors.WorkerDiedEachTime: the process running "
+            "this work died 5 times on nodes that stayed alive (ray.max_task_retries=4)")
+    for exc in (WorkerDiedEachTime("died 5 times"), RayTaskError("submit", text, RuntimeError("x")),
+                UnserializableException(text)):
+        assert worker_died(exc) == "ActorDiedError", exc
+        assert own_error_in(exc) is None, exc

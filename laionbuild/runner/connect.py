@@ -185,8 +185,9 @@ def _accepts_connections(address: str, timeout_s: float = 2.0) -> bool:
 
 #: the start of Ray's notice that a worker process died (sent to the driver by a node's raylet)
 _WORKER_DIED_NOTICE = "a worker died or was killed"
-#: Ray's notice that a task failed and runs again
-_RETRY_NOTICE = re.compile(r"There are (\d+) retries remaining")
+#: Ray's notice that a task failed and runs again ("infinite": a stage actor's call, whose actor
+#: bounds the runs itself, see :class:`.adapter.ProcessDeaths`)
+_RETRY_NOTICE = re.compile(r"There are (\d+|infinite) retries remaining")
 
 
 def route_engine_notices() -> bool:
@@ -204,7 +205,7 @@ def route_engine_notices() -> bool:
     if getattr(printer, "_laionbuild_original", None) is not None:
         return True
 
-    retries = _Throttled(log.info, "Ray runs a failed task again (%s more tries left%s)")
+    retries = _Throttled(log.info, "Ray runs a failed task again (%s%s)")
     deaths = _Throttled(log.warning, "a worker process died; Ray runs its work again, at most "
                                      "ray.max_task_retries times%s%s (-v shows Ray's report)")
 
@@ -220,7 +221,9 @@ def route_engine_notices() -> bool:
             if text.lower().startswith(_WORKER_DIED_NOTICE):
                 deaths.note("")
             elif retried:
-                retries.note(retried.group(1))
+                left = retried.group(1)
+                retries.note(f"{left} more tries left" if left.isdigit() else
+                             "the work of a lost node or of a worker whose process died")
             else:
                 log.warning("Ray: %s (-v shows the whole report)", _first_sentence(text))
         return None

@@ -29,7 +29,8 @@ from ..output.fs import open_fs
 from ..output.layout import OutputLayout
 from ..stages import registry, shards
 from ..stats import StageCounters
-from .adapter import StageActor, StreamStageActor, actor_pool, node_id, nodes_of, retries, streaming_blocks, task_pool
+from .adapter import (StageActor, StreamStageActor, actor_pool, clear_deaths, node_id, nodes_of, retries, stage_retries,
+                      streaming_blocks, task_pool)
 from .commit import (FATES, SHARD_ID, SHARD_ROW, Compactor, ShardTracker, compact_shard, part_name, recover_parts,
                      with_part_meta)
 from .progress import Progress
@@ -288,14 +289,14 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     ds = ds.map_batches(StreamStageActor, fn_constructor_args=(FetchStage, cfg, "fetch"), batch_format="numpy",
                         batch_size=cfg.fetch.batch_size,
                         compute=actor_pool(plan.fetch_actors, concurrent_calls=cfg.fetch.batches_in_flight),
-                        num_cpus=plan.fetch_cpus, **plan.cpu_resources, **retries(cfg))
+                        num_cpus=plan.fetch_cpus, **plan.cpu_resources, **stage_retries(cfg))
     if plan.tokenize_upstream:
         ds = ds.map_batches(StageActor, fn_constructor_args=(tokenize_stage, cfg, "tokenize"), batch_format="numpy",
                             batch_size=cfg.clip.batch_size, compute=actor_pool(plan.tokenize_actors),
-                            num_cpus=plan.tokenize_cpus, **plan.cpu_resources, **retries(cfg))
+                            num_cpus=plan.tokenize_cpus, **plan.cpu_resources, **stage_retries(cfg))
     ds = ds.map_batches(StageActor, fn_constructor_args=(clip_stage, cfg, "clip"), batch_format="numpy",
                         batch_size=cfg.clip.batch_size, compute=actor_pool(plan.clip_actors),
-                        **plan.clip_resources, **retries(cfg))
+                        **plan.clip_resources, **stage_retries(cfg))
     # one part per ``part_rows`` rows of a shard (the scored rows carry no pixels: small batches)
     ds = ds.map_batches(ShardPartWriter(cfg, layout.url), batch_format="numpy", batch_size=part_rows(cfg),
                         compute=task_pool(plan.write_tasks), num_cpus=plan.write_cpus, **plan.cpu_resources,
@@ -308,6 +309,7 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
     finally:
         tracker.close()  # every marker written, every compaction done
         progress.close()
+        clear_deaths()
     log.info("fetch and score: %d work shards committed, %d of them compacted into one part",
              tracker.committed, tracker.compacted)
     for sid in tracker.pending:
