@@ -81,6 +81,9 @@ class RunConfig:
     lease_expiry_s: float = 300.0
     #: seconds between two renewals of the run's lease on an object store (at most half ``lease_expiry_s``)
     lease_heartbeat_s: float = 30.0
+    #: phase 3 warns when no row has finished for this many seconds (actors of a lost node waiting
+    #: for room, GPU actors waiting for a GPU node), again as long as it lasts; 0: never
+    stall_warning_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -915,6 +918,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         raise ConfigError(f"{source}: 'clip.tokenize_upstream' must be auto, always or never")
     if cfg.clip.precision not in ("auto", "fp32", "fp16", "bf16"):
         raise ConfigError(f"{source}: 'clip.precision' must be auto, fp32, fp16 or bf16")
+    if cfg.run.stall_warning_s < 0:
+        raise ConfigError(f"{source}: 'run.stall_warning_s' must be 0 (off) or positive")
     if not 0 < cfg.run.lease_heartbeat_s <= cfg.run.lease_expiry_s / 2:
         raise ConfigError(f"{source}: 'run' needs 0 < lease_heartbeat_s <= lease_expiry_s / 2 (a lease not renewed "
                           "within 90 % of its expiry counts as lost)")
@@ -1060,7 +1065,8 @@ def with_absolute_paths(cfg: "Config") -> "Config":
 #: settings that change how a run is executed or which inputs it reads, not its rows
 IGNORED_IN_HASH: tuple[str, ...] = (
     "run.progress", "run.force", "run.inputs", "run.output", "run.limit", "run.shard",
-    "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s", "ray",
+    "run.paths_base_url", "run.file_retries", "run.lease_expiry_s", "run.lease_heartbeat_s",
+    "run.stall_warning_s", "ray",
     "models", "output.part_rows")
 
 

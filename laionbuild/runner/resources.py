@@ -75,6 +75,19 @@ def cluster_shape(cpu_node_resource: str = "") -> ClusterShape:
                         cpu_node_cpus=cpu_node_cpus, gpu_node_cpus=gpu_node_cpus, placement=bool(cpu_nodes))
 
 
+def cluster_room() -> str:
+    """The cluster's free room now, in words (for a warning that work is waiting)."""
+    import ray
+
+    total, free = ray.cluster_resources(), ray.available_resources()
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    gpus = (f", {free.get('GPU', 0.0):g} of {total.get('GPU', 0.0):g} GPUs free" if total.get("GPU")
+            else ", no GPU")
+    return (f"the cluster has {alive} node(s), {free.get('CPU', 0.0):g} of {total.get('CPU', 0.0):g} CPUs free{gpus}: "
+            "work that needs more room than that (the actors of a lost node, GPU actors) starts when a node "
+            "with room joins")
+
+
 def cpu_stage_resources(cfg: Config, shape: ClusterShape) -> dict:
     """``map_batches`` / remote arguments that keep a CPU stage on the CPU nodes (none when
     every node is one)."""

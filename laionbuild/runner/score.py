@@ -33,8 +33,8 @@ from .adapter import (StageActor, StreamStageActor, actor_pool, clear_deaths, no
                       streaming_blocks, task_pool)
 from .commit import (FATES, SHARD_ID, SHARD_ROW, Compactor, ShardTracker, compact_shard, part_name, recover_parts,
                      with_part_meta)
-from .progress import Progress
-from .resources import ClusterShape, score_plan
+from .progress import Progress, StallWatch
+from .resources import ClusterShape, cluster_room, score_plan
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,10 @@ def run_score_phase(cfg: Config, layout: OutputLayout, pending: dict[str, int],
                         compute=task_pool(plan.write_tasks), num_cpus=plan.write_cpus, **plan.cpu_resources,
                         **retries(cfg, actors=False))
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            tracker.add(batch)
+        with StallWatch(lambda: progress.rows, cfg.run.stall_warning_s, "phase 3/4 fetch+score",
+                        describe=cluster_room):
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                tracker.add(batch)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("Ray Data execution stats:\n%s", ds.stats())
     finally:
