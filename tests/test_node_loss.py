@@ -1,6 +1,7 @@
 """A worker node lost during phase 3 costs only the rows it had in flight: the run goes on, Ray
 Data runs those rows again on the node that is left, and the run publishes the same pairs as a
-run without the loss.
+run without the loss. A node lost during phase 1 costs the inputs it was reading, read again on the
+node that is left.
 
 A loopback cluster shaped like a small real one (a head without CPUs, two worker nodes) runs
 ``laionbuild run`` on a synthetic crawl. The image server answers the first images, then holds
@@ -120,10 +121,10 @@ def _actors_on(node) -> tuple[int, int]:
             sum("MapBatches(StageActor)" in k for k in kids))
 
 
-def _command(crawl, address: str, out: Path) -> list[str]:
+def _command(crawl, address: str, out: Path, inputs: list[str] | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "laionbuild", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
            "--output", str(out), "--no-progress", "--address", address]
-    for path in crawl.warc_paths:
+    for path in inputs or crawl.warc_paths:
         cmd += ["--input", path]
     # several work shards, two fetch actors (one per node) of two calls of 4 rows each; a long
     # fetch time limit: a held request must not time out on a loaded machine
@@ -192,4 +193,54 @@ def test_a_node_lost_in_phase_3_costs_only_its_rows_in_flight(two_worker_cluster
     assert stats["stages"]["fetch"]["kept"] == plain["stages"]["fetch"]["kept"] == n_images
     assert stats["kept_per_subset"] == plain["kept_per_subset"] and sum(plain["kept_per_subset"].values()) > 0
     assert _published(lost) == _published(whole)
+    assert (lost / "_SUCCESS").is_file()
+
+
+def test_a_node_lost_in_phase_1_costs_only_the_inputs_it_was_reading(two_worker_cluster, tmp_path):
+    """The inputs are read over HTTP from a server that holds every request until the node is gone:
+    both candidates actors wait on it, and the node whose raylet runs one is killed."""
+    cluster, workers = two_worker_cluster
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    with LoopbackServer("127.0.0.1") as images, HoldingServer(0) as inputs:
+        crawl = build_crawl(str(tmp_path / "inputs"), n_files=2, pages_per_file=3, images_per_page=4,
+                            image_base=f"http://images.crawl.test:{images.port}")
+        crawl.register(images)
+        urls = []
+        for path in crawl.warc_paths:
+            urls.append(inputs.add(f"/warc/{Path(path).name}", Path(path).read_bytes(),
+                                   content_type="application/warc"))
+        lost = tmp_path / "lost"
+        cmd = [*_command(crawl, cluster.address, lost, urls), "--set", "ray.extract_actors=2",
+               "--set", "extract.input_timeout_s=300"]
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        output: list[str] = []
+        readers = [threading.Thread(target=lambda s=s: output.extend(s), daemon=True)
+                   for s in (proc.stdout, proc.stderr)]
+        for reader in readers:
+            reader.start()
+        try:
+            with inputs.changed:  # both inputs are being read, each by a candidates actor
+                inputs.changed.wait_for(lambda: inputs.held >= 2 or proc.poll() is not None, timeout=600)
+            assert inputs.held >= 2, (proc.poll(), "".join(output)[-3000:])
+            readers_on = {id(node): sum("MapBatches(CandidatesWorker)" in k
+                                        for k in _children(node.all_processes["raylet"][0].process.pid))
+                          for node in workers}
+            victim = max(workers, key=lambda node: readers_on[id(node)])
+            assert readers_on[id(victim)] >= 1, readers_on
+            cluster.remove_node(victim, allow_graceful=False)
+        finally:
+            inputs.release()
+            try:
+                code = proc.wait(timeout=900)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        for reader in readers:
+            reader.join(timeout=10)
+        log = "".join(output)
+        assert code == 0, log[-4000:]
+        assert "laionbuild: error" not in log, log[-4000:]
+    stats = json.loads((lost / "stats.json").read_text())
+    assert stats["files"]["total"] == 2 and stats["files"]["failed"] == 0, stats["files"]
+    assert stats["stages"]["fetch"]["kept"] == len(crawl.images) == stats["stages"]["dedup"]["kept"]
     assert (lost / "_SUCCESS").is_file()

@@ -28,7 +28,7 @@ from .. import schema as S
 from ..config import Config
 from ..stages import shards
 from ..stats import FileResult, StageCounters
-from .adapter import actor_pool, actor_restarted, node_id, retries
+from .adapter import ProcessDeaths, actor_pool, actor_restarted, clear_deaths, node_id, stage_retries
 from .dedupkeys import encode_keys
 from ..output.layout import OutputLayout
 from .progress import Progress
@@ -80,8 +80,11 @@ class CandidatesWorker:
         self.cfg = cfg
         self.layout = OutputLayout(output)
         self.router = LanguageRouter(localize_models(cfg).langid)  # this node's copy of the model cache
-        #: restarted after its process died: the input it gets again may be what killed it
-        self.isolated = actor_restarted()
+        # restarted after its process died on a node still alive: the input it gets again may be
+        # what killed it (a lost node's inputs run again without isolation, and are not counted)
+        restarted = actor_restarted()
+        self.deaths = ProcessDeaths(cfg.ray.max_task_retries, restarted)
+        self.isolated = restarted and self.deaths.after_crash
         if self.isolated:
             log.warning("this candidates worker was restarted after its process died: it extracts each "
                         "input in a child process from now on")
@@ -119,8 +122,12 @@ class CandidatesWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
-        markers = [self.process(str(p), str(f), int(o))
-                   for p, f, o in zip(batch["path"], batch["file_id"], batch["ordinal"])]
+        token = self.deaths.begin()  # an input that killed this worker more than ray.max_task_retries times
+        try:
+            markers = [self.process(str(p), str(f), int(o))
+                       for p, f, o in zip(batch["path"], batch["file_id"], batch["ordinal"])]
+        finally:
+            self.deaths.end(token)
         return {"file_id": np.array([m["file_id"] for m in markers], dtype=object),
                 "marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 
@@ -156,7 +163,7 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(CandidatesWorker, fn_constructor_args=(cfg, layout.url), batch_size=1,
                         batch_format="numpy", compute=actor_pool(actors, in_flight=1), num_cpus=cpus,
-                        **cpu_stage_resources(cfg, shape), **retries(cfg))
+                        **cpu_stage_resources(cfg, shape), **stage_retries(cfg))
     done: dict[str, dict] = {}
     failed: dict[str, dict] = {}
     progress = Progress(len(items), cfg.run.progress, label, "file")
@@ -173,4 +180,5 @@ def run_candidates_phase(cfg: Config, layout: OutputLayout, pending: dict[str, s
                     done[marker["file_id"]] = marker
     finally:
         progress.close()
+        clear_deaths()
     return done, failed
