@@ -589,9 +589,9 @@ class RayConfig:
     #: concurrent reads per de-dup task (key-file slices of every input, winners of every range)
     dedup_read_threads: int = 8
     #: times one batch or input is run again after the process running it died (a crash, the
-    #: out-of-memory killer; in phase 1 a lost node too); past this the run stops, keeping what it
-    #: committed. Phase 3's actors count the deaths themselves, so a node lost there costs only its
-    #: rows in flight. Restarted workers decode and parse in child processes, so one bad image or
+    #: out-of-memory killer); past this the run stops, keeping what it committed. The actors of
+    #: phases 1 and 3 count the deaths themselves, so a node lost there costs only its work in
+    #: flight. Restarted workers decode and parse in child processes, so one bad image or
     #: input never uses these up (it becomes a row or a file with a reason); -1: without end (Ray's
     #: default)
     max_task_retries: int = 4

@@ -13,7 +13,7 @@
   in a worker (whose error reaches the driver as text), so the CLI says it in one line; what
   was committed is kept and a rerun resumes.
 * A worker process that died on the same work more than ``ray.max_task_retries`` times stops
-  the run (:func:`worker_died`; in phase 3 counted by the actors themselves, which raise
+  the run (:func:`worker_died`; in phases 1 and 3 counted by the actors themselves, which raise
   :class:`WorkerDiedEachTime`): the CLI says so in one line; a rerun resumes.
 * A cluster head (GCS) that stops answering stops the run before Ray would end the driver
   without a word (``runner.connect.HeadWatch``): one line, exit status 2; a rerun resumes.
