@@ -37,7 +37,9 @@ class StageActor:
 
     def __init__(self, factory: Callable[[Config], Callable[[Batch], Batch]], cfg: Config, name: str = ""):
         restarted = actor_restarted()
-        self.deaths = ProcessDeaths(cfg.ray.max_task_retries, restarted)
+        # a stage built without a config (``factory`` ignores it) runs under the default bound
+        limit = (cfg if cfg is not None else Config()).ray.max_task_retries
+        self.deaths = ProcessDeaths(limit, restarted)
         self.stage = factory(cfg)
         self.name = name
         self.node = node_id()
