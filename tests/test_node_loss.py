@@ -28,6 +28,7 @@ import pytest
 
 from laionbuild.demo.crawl import build_crawl
 from laionbuild.demo.image_server import LoopbackServer
+from helpers.clusters import start_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -37,9 +38,6 @@ ANSWERED_FIRST = 24
 #: rows one fetch actor has in flight at most: its calls at once times the rows of a call
 FETCH_BATCH, FETCH_CALLS = 4, 2
 PER_ACTOR = FETCH_BATCH * FETCH_CALLS
-#: attempts at starting the test cluster: Ray gives a node 30 s to register, which a loaded
-#: machine can exceed; such a start is retried from scratch
-CLUSTER_STARTS = 3
 
 
 class HoldingServer(LoopbackServer):
@@ -68,22 +66,7 @@ class HoldingServer(LoopbackServer):
 
 
 def _start_cluster():
-    from ray.cluster_utils import Cluster
-
-    for attempt in range(CLUSTER_STARTS):
-        cluster = None
-        try:
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-            workers = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
-            cluster.wait_for_nodes()
-            return cluster, workers
-        except Exception as exc:  # noqa: BLE001
-            if "timed out during startup" not in str(exc) or attempt + 1 == CLUSTER_STARTS:
-                raise
-            if cluster is not None:
-                cluster.shutdown()
-    raise AssertionError("unreachable")
+    return start_cluster({"num_cpus": 2}, {"num_cpus": 2})
 
 
 @pytest.fixture()
@@ -140,6 +123,33 @@ def _published(out: Path) -> set[tuple[str, str, str]]:
             for f in sorted((out / subset).glob("*.parquet")) for r in pq.read_table(f).to_pylist()}
 
 
+def _run_and_kill(cmd: list[str], cluster, server: HoldingServer, enough, victim_of) -> tuple[int, str]:
+    """Runs ``cmd``; once ``enough(server)`` holds (the requests it holds), kills the node that
+    ``victim_of()`` picks (raylet and workers, without warning), then lets the server answer.
+    Returns the run's exit status and output."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    output: list[str] = []
+    readers = [threading.Thread(target=lambda s=s: output.extend(s), daemon=True) for s in (proc.stdout, proc.stderr)]
+    for reader in readers:
+        reader.start()
+    try:
+        with server.changed:
+            server.changed.wait_for(lambda: enough(server) or proc.poll() is not None, timeout=600)
+        assert enough(server), ("the run never reached the moment of the kill", proc.poll(), "".join(output)[-3000:])
+        cluster.remove_node(victim_of(), allow_graceful=False)
+    finally:
+        server.release()
+        try:
+            code = proc.wait(timeout=900)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    for reader in readers:
+        reader.join(timeout=10)
+    return code, "".join(output)
+
+
 def test_a_node_lost_in_phase_3_costs_only_its_rows_in_flight(two_worker_cluster, tmp_path):
     cluster, workers = two_worker_cluster
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -150,34 +160,17 @@ def test_a_node_lost_in_phase_3_costs_only_its_rows_in_flight(two_worker_cluster
         n_images = len(crawl.images)
         assert n_images > ANSWERED_FIRST + 2 * PER_ACTOR
         lost = tmp_path / "lost"
-        proc = subprocess.Popen(_command(crawl, cluster.address, lost), cwd=REPO, env=env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        output: list[str] = []
-        readers = [threading.Thread(target=lambda s=s: output.extend(s), daemon=True)
-                   for s in (proc.stdout, proc.stderr)]
-        for reader in readers:
-            reader.start()
-        try:
-            # more requests held than one fetch actor can have in flight: both nodes' fetch actors
-            # wait on the server, each with rows in flight
-            with server.changed:
-                server.changed.wait_for(lambda: server.held > PER_ACTOR or proc.poll() is not None, timeout=600)
-            assert server.held > PER_ACTOR, ("the run never had both fetch actors waiting", proc.poll(),
-                                             "".join(output)[-3000:])
+
+        def victim():
             actors = {id(node): _actors_on(node) for node in workers}
-            victim = max(workers, key=lambda node: actors[id(node)])  # a fetch actor, and CLIP's when it can
-            assert actors[id(victim)][0] >= 1, actors
-            cluster.remove_node(victim, allow_graceful=False)  # raylet and workers, without warning
-        finally:
-            server.release()
-            try:
-                code = proc.wait(timeout=900)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-        for reader in readers:
-            reader.join(timeout=10)
-        log = "".join(output)
+            node = max(workers, key=lambda n: actors[id(n)])  # a fetch actor, and CLIP's when it can
+            assert actors[id(node)][0] >= 1, actors
+            return node
+
+        # more requests held than one fetch actor can have in flight: both nodes' fetch actors wait
+        # on the server, each with rows in flight
+        code, log = _run_and_kill(_command(crawl, cluster.address, lost), cluster, server,
+                                  lambda srv: srv.held > PER_ACTOR, victim)
         assert code == 0, log[-4000:]
         # the lost node's rows in flight were fetched again on the node that is left
         assert server.request_count() > n_images, (server.request_count(), n_images)
@@ -200,7 +193,6 @@ def test_a_node_lost_in_phase_1_costs_only_the_inputs_it_was_reading(two_worker_
     """The inputs are read over HTTP from a server that holds every request until the node is gone:
     both candidates actors wait on it, and the node whose raylet runs one is killed."""
     cluster, workers = two_worker_cluster
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     with LoopbackServer("127.0.0.1") as images, HoldingServer(0) as inputs:
         crawl = build_crawl(str(tmp_path / "inputs"), n_files=2, pages_per_file=3, images_per_page=4,
                             image_base=f"http://images.crawl.test:{images.port}")
@@ -212,32 +204,17 @@ def test_a_node_lost_in_phase_1_costs_only_the_inputs_it_was_reading(two_worker_
         lost = tmp_path / "lost"
         cmd = [*_command(crawl, cluster.address, lost, urls), "--set", "ray.extract_actors=2",
                "--set", "extract.input_timeout_s=300"]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        output: list[str] = []
-        readers = [threading.Thread(target=lambda s=s: output.extend(s), daemon=True)
-                   for s in (proc.stdout, proc.stderr)]
-        for reader in readers:
-            reader.start()
-        try:
-            with inputs.changed:  # both inputs are being read, each by a candidates actor
-                inputs.changed.wait_for(lambda: inputs.held >= 2 or proc.poll() is not None, timeout=600)
-            assert inputs.held >= 2, (proc.poll(), "".join(output)[-3000:])
+
+        def victim():
             readers_on = {id(node): sum("MapBatches(CandidatesWorker)" in k
                                         for k in _children(node.all_processes["raylet"][0].process.pid))
                           for node in workers}
-            victim = max(workers, key=lambda node: readers_on[id(node)])
-            assert readers_on[id(victim)] >= 1, readers_on
-            cluster.remove_node(victim, allow_graceful=False)
-        finally:
-            inputs.release()
-            try:
-                code = proc.wait(timeout=900)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-        for reader in readers:
-            reader.join(timeout=10)
-        log = "".join(output)
+            node = max(workers, key=lambda n: readers_on[id(n)])
+            assert readers_on[id(node)] >= 1, readers_on
+            return node
+
+        # both inputs are being read, each by a candidates actor
+        code, log = _run_and_kill(cmd, cluster, inputs, lambda srv: srv.held >= 2, victim)
         assert code == 0, log[-4000:]
         assert "laionbuild: error" not in log, log[-4000:]
     stats = json.loads((lost / "stats.json").read_text())

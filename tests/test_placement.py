@@ -15,6 +15,7 @@ from PIL import Image
 from laionbuild import schema as S
 from laionbuild.config import load_config
 from laionbuild.demo.image_server import LoopbackServer
+from helpers.clusters import start_cluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -23,29 +24,10 @@ N_ROWS = 96
 FETCH_ACTORS = 6
 
 
-#: attempts at starting the test cluster: Ray gives a node 30 s to register, which a loaded
-#: machine can exceed; such a start is retried from scratch
-CLUSTER_STARTS = 3
-
-
 def _start_cluster():
-    from ray.cluster_utils import Cluster
-
-    for attempt in range(CLUSTER_STARTS):
-        cluster = None
-        try:
-            cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False})
-            cluster.add_node(num_cpus=2, resources={CPU_NODE_RESOURCE: 1000}, node_ip_address="127.0.0.1")
-            cluster.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
-            cluster.wait_for_nodes()
-            return cluster
-        except Exception as exc:  # noqa: BLE001
-            if "timed out during startup" not in str(exc) or attempt + 1 == CLUSTER_STARTS:
-                raise
-            if cluster is not None:
-                cluster.shutdown()
-    raise AssertionError("unreachable")
+    cluster, _ = start_cluster({"num_cpus": 2, "resources": {CPU_NODE_RESOURCE: 1000}},
+                               {"num_cpus": 1, "num_gpus": 1})
+    return cluster
 
 
 @pytest.fixture()
