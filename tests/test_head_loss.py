@@ -113,8 +113,8 @@ def test_the_probe_tells_a_listening_port_from_a_closed_one():
         srv.bind(("127.0.0.1", 0))
         srv.listen()
         address = f"127.0.0.1:{srv.getsockname()[1]}"
-        assert C._tcp_probe(address, timeout_s=2.0) is True
-    assert C._tcp_probe(address, timeout_s=2.0) is False
+        assert C._accepts_connections(address, timeout_s=2.0) is True
+    assert C._accepts_connections(address, timeout_s=2.0) is False
 
 
 def test_the_watch_thread_probes_a_real_port_and_stops_cleanly():
@@ -125,7 +125,7 @@ def test_the_watch_thread_probes_a_real_port_and_stops_cleanly():
         seen = threading.Semaphore(0)
 
         def probe(addr):
-            up = C._tcp_probe(addr, timeout_s=2.0)
+            up = C._accepts_connections(addr, timeout_s=2.0)
             seen.release()
             return up
 

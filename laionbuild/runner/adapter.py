@@ -36,24 +36,19 @@ class StageActor:
     :func:`stage_retries`: the actor, not Ray, bounds how often its work is run again."""
 
     def __init__(self, factory: Callable[[Config], Callable[[Batch], Batch]], cfg: Config, name: str = ""):
-        restarted = actor_restarted()
         # a stage built without a config (``factory`` ignores it) runs under the default bound
-        limit = (cfg if cfg is not None else Config()).ray.max_task_retries
-        self.deaths = ProcessDeaths(limit, restarted)
+        self.deaths = ProcessDeaths((cfg if cfg is not None else Config()).ray.max_task_retries)
         self.stage = factory(cfg)
         self.name = name
         self.node = node_id()
-        if restarted and self.deaths.after_crash and hasattr(self.stage, "isolate"):
+        if self.deaths.after_crash and hasattr(self.stage, "isolate"):
             self.stage.isolate()
         elif hasattr(self.stage, "watch"):
             self.stage.watch()
 
     def __call__(self, batch: Batch) -> Batch:
-        token = self.deaths.begin()
-        try:
+        with self.deaths.call():
             out = self.stage(batch)
-        finally:
-            self.deaths.end(token)
         if self.name:
             out[NODE_COLUMN + self.name] = np.full(len(next(iter(out.values()))), self.node, dtype=object)
         return out
@@ -66,14 +61,11 @@ class StreamStageActor(StageActor):
     batches at once (the stage must be thread-safe)."""
 
     def __call__(self, batch: Batch):
-        token = self.deaths.begin()
-        try:
+        with self.deaths.call():
             for out in self.stage.stream(batch):
                 if self.name:
                     out[NODE_COLUMN + self.name] = np.full(len(next(iter(out.values()))), self.node, dtype=object)
                 yield out
-        finally:
-            self.deaths.end(token)
 
 
 #: the GCS key-value namespace in which actors count the deaths of their processes
@@ -100,9 +92,11 @@ class ProcessDeaths:
     actor while it starts). Nothing is read or written per call in a life that follows no crash.
     Without Ray's key-value store, Ray's attempt number is the count (a lost node counts again)."""
 
-    def __init__(self, limit: int, restarted: bool):
+    def __init__(self, limit: int):
         self.limit = int(limit)
-        #: this life follows a death of the process on a node that is still alive
+        restarted = actor_restarted()
+        #: this life follows a death of the process on a node that is still alive (or, outside
+        #: Ray's key-value store, any restart)
         self.after_crash = restarted
         #: deaths of this actor's process since its last finished call (lost nodes not counted)
         self.crashes = 0
@@ -128,7 +122,6 @@ class ProcessDeaths:
             self.key = key
         except Exception:  # noqa: BLE001 - without the store: Ray's attempt numbers count
             log.debug("actor deaths are counted by Ray's attempt numbers", exc_info=True)
-            self.key = ""
         if self.limit >= 0 and self.crashes > self.limit:
             raise WorkerDiedEachTime(f"this actor's process died {self.crashes} times in a row on a live node "
                                      f"without finishing any work (ray.max_task_retries={self.limit})")
@@ -164,6 +157,15 @@ class ProcessDeaths:
         if self.crashes and self.key:
             self.crashes = 0
             _kv_put(self.key, f"{self.node} 0")
+
+    @contextlib.contextmanager
+    def call(self):
+        """``with deaths.call():`` around one call of the actor: :meth:`begin`, then :meth:`end`."""
+        key = self.begin()
+        try:
+            yield
+        finally:
+            self.end(key)
 
 
 def clear_deaths() -> None:

@@ -28,7 +28,7 @@ from .. import schema as S
 from ..config import Config
 from ..stages import shards
 from ..stats import FileResult, StageCounters
-from .adapter import ProcessDeaths, actor_pool, actor_restarted, clear_deaths, node_id, stage_retries
+from .adapter import ProcessDeaths, actor_pool, clear_deaths, node_id, stage_retries
 from .dedupkeys import encode_keys
 from ..output.layout import OutputLayout
 from .progress import Progress
@@ -82,9 +82,8 @@ class CandidatesWorker:
         self.router = LanguageRouter(localize_models(cfg).langid)  # this node's copy of the model cache
         # restarted after its process died on a node still alive: the input it gets again may be
         # what killed it (a lost node's inputs run again without isolation, and are not counted)
-        restarted = actor_restarted()
-        self.deaths = ProcessDeaths(cfg.ray.max_task_retries, restarted)
-        self.isolated = restarted and self.deaths.after_crash
+        self.deaths = ProcessDeaths(cfg.ray.max_task_retries)
+        self.isolated = self.deaths.after_crash
         if self.isolated:
             log.warning("this candidates worker was restarted after its process died: it extracts each "
                         "input in a child process from now on")
@@ -122,12 +121,9 @@ class CandidatesWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import json
 
-        token = self.deaths.begin()  # an input that killed this worker more than ray.max_task_retries times
-        try:
+        with self.deaths.call():  # an input that killed this worker more than ray.max_task_retries times
             markers = [self.process(str(p), str(f), int(o))
                        for p, f, o in zip(batch["path"], batch["file_id"], batch["ordinal"])]
-        finally:
-            self.deaths.end(token)
         return {"file_id": np.array([m["file_id"] for m in markers], dtype=object),
                 "marker": np.array([json.dumps(m) for m in markers], dtype=object)}
 

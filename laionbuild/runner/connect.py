@@ -469,19 +469,6 @@ def ray_gcs_timeout_s() -> float:
     return value if value > 0 else RAY_GCS_TIMEOUT_S
 
 
-def _tcp_probe(address: str, timeout_s: float) -> bool:
-    """The GCS port takes a TCP connection (no gRPC call: nothing to authenticate)."""
-    host = address_host(address)
-    port = address.rsplit(":", 1)[-1]
-    try:
-        import socket
-
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 class HeadWatch:
     """Stops the run with one line when the cluster's head (its GCS) is gone, before Ray does.
 
@@ -496,8 +483,8 @@ class HeadWatch:
     cluster's size.
 
     ``start(address)`` begins watching (a driver joined to a cluster by address; nothing for a
-    local instance or a ``ray://`` client); ``stop()`` ends it. ``probe``, ``clock``, ``sleep``
-    and ``exit`` are the test's seams.
+    local instance or a ``ray://`` client); ``stop()`` ends it. ``probe``, ``clock``, ``exit``
+    and ``stream`` are the test's seams.
     """
 
     def __init__(self, *, cleanup=None, interval_s: float = 2.0, give_up_s: float | None = None,
@@ -506,7 +493,7 @@ class HeadWatch:
         self.cleanup_timeout_s = cleanup_timeout_s
         self.interval_s = interval_s
         self.give_up_s = give_up_s if give_up_s is not None else max(5.0, ray_gcs_timeout_s() - HEAD_WATCH_MARGIN_S)
-        self.probe = probe or (lambda address: _tcp_probe(address, timeout_s=min(2.0, max(0.2, interval_s))))
+        self.probe = probe or (lambda address: _accepts_connections(address, timeout_s=min(2.0, max(0.2, interval_s))))
         self.clock = clock
         self.exit = exit
         self.stream = stream

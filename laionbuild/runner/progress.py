@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from typing import TextIO
 
@@ -60,9 +62,6 @@ class StallWatch:
 
     def __init__(self, rows, after_s: float, phase: str, *, describe=None, emit=None, check_s: float | None = None,
                  clock=time.monotonic):
-        import logging
-        import threading
-
         self.rows = rows
         self.after_s = float(after_s)
         self.phase = phase
@@ -93,8 +92,6 @@ class StallWatch:
             try:
                 self.step()
             except Exception:  # noqa: BLE001 - a warning that cannot be given never stops the phase
-                import logging
-
                 logging.getLogger(__name__).debug("stall check failed", exc_info=True)
 
     def step(self) -> None:

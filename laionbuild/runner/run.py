@@ -263,8 +263,9 @@ def _run_holding(cfg: Config, command: str, layout: OutputLayout, lease: RunLeas
     _clean_uncommitted_candidates(layout, set(on_disk))
     summary = connect(cfg.ray.address or None, local=cfg.ray.local, num_cpus=cfg.ray.num_cpus,
                       verbose=log.isEnabledFor(logging.DEBUG))
-    cluster = summary["mode"] in ("explicit", "env", "auto") or summary["nodes"] > 1
-    if watch is not None and summary["mode"] in ("explicit", "env", "auto"):
+    joined = summary["mode"] in ("explicit", "env", "auto")  # a cluster this run did not start
+    cluster = joined or summary["nodes"] > 1
+    if watch is not None and joined:
         # a head that goes away: one line, before Ray ends the process
         watch.start(summary.get("gcs_address") or summary["address"])
     checked: set[str] = set()
